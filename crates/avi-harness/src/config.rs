@@ -1,0 +1,233 @@
+//! The `avi fit` configuration file (JSON, unknown fields rejected).
+//!
+//! ```json
+//! { "model":  {"kind": "linear", "tau": 1.155, "sigma": 2.43},
+//!   "data":   {"simulate": {"n": 10000, "seed": 7}},
+//!   "method": {"kind": "avi", "fn": {"kind": "poly", "degree": 1}},
+//!   "steps": 5000, "lr": 0.01, "draws": 100, "seed": 1954, "eval_draws": 1000 }
+//! ```
+//!
+//! `data` is either `{"file": "x.json"}` (a relative path is resolved
+//! against the config file's folder; the file holds `{"x": [...]}`) or
+//! `{"simulate": {"n": N, "seed": S, "theta": [..]}}` (`theta` optional).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use avi_inference::{Dtype, Entropy, FitOptions, MethodConfig};
+use serde::{Deserialize, Serialize};
+
+/// A model and its fixed parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelConfig {
+    /// The linear model of Eq. 8.
+    Linear {
+        /// Loading τ > 0.
+        tau: f64,
+        /// Noise sd σ > 0.
+        sigma: f64,
+        /// Treat θ as known (no q(θ)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fixed_theta: Option<Vec<f64>>,
+    },
+}
+
+impl ModelConfig {
+    /// The fixed θ, if any.
+    pub fn fixed_theta(&self) -> Option<&[f64]> {
+        match self {
+            Self::Linear { fixed_theta, .. } => fixed_theta.as_deref(),
+        }
+    }
+}
+
+/// Where the observations come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// A JSON file `{"x": [...]}`.
+    File(PathBuf),
+    /// Simulate from the model with a seed.
+    Simulate(SimulateConfig),
+}
+
+/// Settings of a simulated data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateConfig {
+    /// Number of observations.
+    pub n: usize,
+    /// Seed of the simulator.
+    pub seed: u64,
+    /// θ to simulate with (drawn from its prior when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub theta: Option<Vec<f64>>,
+}
+
+fn default_steps() -> usize {
+    FitOptions::default().steps
+}
+fn default_lr() -> f64 {
+    FitOptions::default().lr
+}
+fn default_draws() -> usize {
+    FitOptions::default().draws
+}
+fn default_seed() -> u64 {
+    FitOptions::default().seed
+}
+fn default_eval_draws() -> usize {
+    FitOptions::default().eval_draws
+}
+
+/// A whole `avi fit` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FitConfig {
+    /// The model.
+    pub model: ModelConfig,
+    /// The data.
+    pub data: DataConfig,
+    /// The variational family.
+    pub method: MethodConfig,
+    /// Adam steps (default 5000).
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// Adam learning rate (default 0.01).
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// Monte Carlo draws per step (default 100).
+    #[serde(default = "default_draws")]
+    pub draws: usize,
+    /// Seed of initialisation and draws (default 1954).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Fresh draws for the final ELBO (default 1000).
+    #[serde(default = "default_eval_draws")]
+    pub eval_draws: usize,
+    /// `"mc"` (default) or `"analytic"`.
+    #[serde(default)]
+    pub entropy: Entropy,
+    /// `"f32"` (default) or `"f64"`.
+    #[serde(default)]
+    pub dtype: Dtype,
+}
+
+impl FitConfig {
+    /// Read and validate a config file. Errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parse and validate config text.
+    pub fn parse(text: &str) -> Result<Self> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." || path.is_empty() {
+                anyhow::anyhow!("{inner}")
+            } else {
+                anyhow::anyhow!("field `{path}`: {inner}")
+            }
+        })?;
+        cfg.options().check()?;
+        Ok(cfg)
+    }
+
+    /// The fit options of this config.
+    pub fn options(&self) -> FitOptions {
+        FitOptions {
+            steps: self.steps,
+            lr: self.lr,
+            draws: self.draws,
+            seed: self.seed,
+            eval_draws: self.eval_draws,
+            entropy: self.entropy,
+            dtype: self.dtype,
+            check_every: 100,
+        }
+    }
+}
+
+/// The contents of a data file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataFile {
+    x: Vec<f64>,
+}
+
+/// Read observations `{"x": [...]}` from `path`; rejects an empty list and
+/// non-finite values.
+pub fn load_data_file(path: &Path) -> Result<Vec<f64>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read data file {}", path.display()))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let data: DataFile = serde_path_to_error::deserialize(de)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("field `{path}`: {}", e.into_inner())
+        })
+        .with_context(|| format!("data file {}", path.display()))?;
+    if data.x.is_empty() {
+        bail!("data file {}: `x` is empty", path.display());
+    }
+    if let Some(i) = data.x.iter().position(|v| !v.is_finite()) {
+        bail!("data file {}: x[{i}] is not finite", path.display());
+    }
+    Ok(data.x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{ "model": {"kind": "linear", "tau": 1.155, "sigma": 2.43},
+        "data": {"simulate": {"n": 100, "seed": 7}},
+        "method": {"kind": "avi", "fn": {"kind": "poly", "degree": 1}},
+        "steps": 10, "lr": 0.01, "draws": 4, "seed": 1, "eval_draws": 10 }"#;
+
+    #[test]
+    fn parses_the_contract_example() {
+        let c = FitConfig::parse(GOOD).unwrap();
+        assert_eq!(c.steps, 10);
+        assert!(matches!(
+            c.method,
+            MethodConfig::Avi {
+                standardize: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            c.data,
+            DataConfig::Simulate(SimulateConfig { n: 100, .. })
+        ));
+        let f = FitConfig::parse(
+            r#"{"model": {"kind": "linear", "tau": 1, "sigma": 1}, "data": {"file": "x.json"},
+                "method": {"kind": "fvi"}}"#,
+        )
+        .unwrap();
+        assert_eq!(f.data, DataConfig::File("x.json".into()));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_everywhere() {
+        for bad in [
+            GOOD.replace("\"steps\"", "\"stepz\""),
+            GOOD.replace("\"tau\"", "\"tua\""),
+            GOOD.replace("\"degree\"", "\"deg\""),
+            GOOD.replace("\"seed\": 7", "\"seed\": 7, \"x\": 1"),
+            GOOD.replace("\"kind\": \"avi\"", "\"kind\": \"avi\", \"extra\": 1"),
+            GOOD.replace("\"kind\": \"linear\"", "\"kind\": \"quadratic\""),
+        ] {
+            assert!(FitConfig::parse(&bad).is_err(), "accepted: {bad}");
+        }
+        let e = FitConfig::parse(&GOOD.replace("\"steps\": 10", "\"steps\": -1")).unwrap_err();
+        assert!(format!("{e:#}").contains("steps"), "{e:#}");
+        let e = FitConfig::parse(&GOOD.replace("\"lr\": 0.01", "\"lr\": 0")).unwrap_err();
+        assert!(format!("{e:#}").contains("lr"), "{e:#}");
+    }
+}

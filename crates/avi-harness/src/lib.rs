@@ -1,0 +1,33 @@
+//! # avi-harness
+//!
+//! The `avi` command line and the pieces behind it: JSON fit configurations
+//! ([`config`]), running them on a chosen device ([`run`]), reports written
+//! atomically ([`report`]) and the linear-model demo ([`demo`]).
+//!
+//! ```text
+//! avi fit --config CFG.json --out REPORT.json [--device auto|cpu|cuda]
+//! avi demo --out DIR [--device auto|cpu|cuda]
+//! ```
+//!
+//! Exit codes: 0 success, 2 bad input (one line on stderr, nothing written),
+//! 3 the fit diverged (the report is written with `"status": "diverged"`).
+//!
+//! The same steps from Rust:
+//!
+//! ```no_run
+//! use avi_harness::{config::FitConfig, run};
+//! # fn main() -> anyhow::Result<()> {
+//! let cfg = FitConfig::parse(r#"{"model": {"kind": "linear", "tau": 1.155, "sigma": 2.43},
+//!     "data": {"simulate": {"n": 1000, "seed": 7}}, "method": {"kind": "fvi"}}"#)?;
+//! let prepared = run::prepare(&cfg, std::path::Path::new("."))?;
+//! let (fit, report) = run::run_prepared(&cfg, &prepared, tch::Device::Cpu, &mut avi_inference::Silent)?;
+//! println!("{} {}", fit.elbo, report["reference"]["gap"]);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod demo;
+pub mod report;
+pub mod run;

@@ -1,0 +1,122 @@
+//! The `avi fit` report (JSON) and atomic file writing.
+//!
+//! JSON has no NaN or infinity: every non-finite number is written as
+//! `null`.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use avi_inference::{Fit, FitStatus, GaussianSummary};
+use serde_json::{json, Value};
+
+use crate::config::FitConfig;
+
+/// A float as JSON, `null` when not finite.
+pub fn num(v: f64) -> Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        Value::Null
+    }
+}
+
+/// A float slice as a JSON array (non-finite values become `null`).
+pub fn nums(v: &[f64]) -> Value {
+    Value::Array(v.iter().copied().map(num).collect())
+}
+
+fn gaussian(s: &GaussianSummary) -> Value {
+    json!({ "mean": nums(&s.mean), "sd": nums(&s.sd) })
+}
+
+/// Exact reference quantities reported next to the fit (when the model has
+/// a closed-form optimum).
+#[derive(Debug, Clone, Copy)]
+pub struct Reference {
+    /// The optimal mean-field ELBO.
+    pub elbo: f64,
+}
+
+/// Build the report object of one fit.
+pub fn fit_report(
+    cfg: &FitConfig,
+    n: usize,
+    device: &str,
+    fit: &Fit,
+    reference: Option<Reference>,
+) -> Value {
+    let mut r = json!({
+        "model": cfg.model,
+        "method": cfg.method,
+        "n": n,
+        "device": device,
+        "elbo": num(fit.elbo),
+        "elbo_se": num(fit.elbo_se),
+        "q_theta": fit.q_theta.as_ref().map(gaussian),
+        "q_z": gaussian(&fit.q_z),
+        "trace": {
+            "iteration": fit.trace.iteration,
+            "elbo": nums(&fit.trace.elbo),
+            "seconds": nums(&fit.trace.seconds),
+        },
+        "iterations": fit.iterations,
+        "seconds": num(fit.seconds),
+        "num_parameters": fit.num_parameters,
+        "config": cfg,
+        "status": "ok",
+    });
+    if let Some(reference) = reference {
+        r["reference"] = json!({
+            "elbo": num(reference.elbo),
+            "gap": num(reference.elbo - fit.elbo),
+        });
+    }
+    if let FitStatus::Diverged { at } = fit.status {
+        r["status"] = json!("diverged");
+        r["diverged_at"] = json!(at);
+    }
+    r
+}
+
+/// Write `value` as pretty JSON to `path` atomically: a temporary file in the
+/// same folder is written, flushed and renamed over `path`, so readers never
+/// see a half-written report.
+pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    serde_json::to_writer_pretty(&mut tmp, value)?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_becomes_null() {
+        assert_eq!(
+            nums(&[1.0, f64::NAN, f64::INFINITY]),
+            json!([1.0, null, null])
+        );
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.json");
+        write_json_atomic(&p, &json!({"a": 1})).unwrap();
+        write_json_atomic(&p, &json!({"a": 2})).unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        assert_eq!(v["a"], 2);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

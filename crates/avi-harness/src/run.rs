@@ -1,0 +1,202 @@
+//! Running a configuration: device choice, model and data construction, the
+//! fit itself and its report.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use avi_inference::{fit, Fit, FitStatus, Observer};
+use avi_models::{GaussianReference, LinearModel, Model};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{load_data_file, DataConfig, FitConfig, ModelConfig};
+use crate::report::{fit_report, Reference};
+
+/// The `--device` choice of the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// CUDA when available, else CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The first CUDA device; an error when there is none.
+    Cuda,
+}
+
+/// Resolve a device choice. `cuda` without a CUDA device is an error, never a
+/// silent fallback.
+pub fn resolve_device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+        DeviceChoice::Cuda => {
+            if tch::Cuda::is_available() {
+                Ok(Device::Cuda(0))
+            } else {
+                bail!("--device cuda: no CUDA device is available (use --device cpu or auto)")
+            }
+        }
+    }
+}
+
+/// `"cpu"` or `"cuda:K"`.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(k) => format!("cuda:{k}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// A model built from its config, with its exact references where they exist.
+#[derive(Debug, Clone)]
+pub enum BuiltModel {
+    /// The linear model.
+    Linear(LinearModel),
+}
+
+impl BuiltModel {
+    /// Build and validate the model of a config.
+    pub fn new(cfg: &ModelConfig) -> Result<Self> {
+        match cfg {
+            ModelConfig::Linear { tau, sigma, .. } => Ok(Self::Linear(
+                LinearModel::new(*tau, *sigma).context("model")?,
+            )),
+        }
+    }
+
+    /// The model as a trait object.
+    pub fn as_model(&self) -> &dyn Model {
+        match self {
+            Self::Linear(m) => m,
+        }
+    }
+
+    /// Simulate a data set.
+    pub fn simulate(&self, n: usize, seed: u64, theta: Option<&[f64]>) -> Result<Vec<f64>> {
+        match self {
+            Self::Linear(m) => {
+                let theta = match theta {
+                    None => None,
+                    Some([t]) => Some(*t),
+                    Some(t) => bail!(
+                        "data.simulate.theta: the linear model's θ has 1 value, got {}",
+                        t.len()
+                    ),
+                };
+                Ok(m.simulate(n, seed, theta)?)
+            }
+        }
+    }
+
+    /// The exact F-VI optimum, when the model has one in closed form (and θ is
+    /// not fixed).
+    pub fn reference(
+        &self,
+        x: &[f64],
+        fixed_theta: Option<&[f64]>,
+    ) -> Result<Option<GaussianReference>> {
+        match (self, fixed_theta) {
+            (Self::Linear(m), None) => Ok(Some(m.fvi_optimum(x)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A config turned into a model and data, ready to fit.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The model.
+    pub model: BuiltModel,
+    /// The observations.
+    pub x: Vec<f64>,
+    /// The closed-form optimum, when there is one.
+    pub reference: Option<GaussianReference>,
+}
+
+/// Build the model and load or simulate the data of `cfg`; relative data
+/// paths are resolved against `config_dir`.
+pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
+    let model = BuiltModel::new(&cfg.model)?;
+    let x = match &cfg.data {
+        DataConfig::File(p) => {
+            let path = if p.is_absolute() {
+                p.clone()
+            } else {
+                config_dir.join(p)
+            };
+            load_data_file(&path)?
+        }
+        DataConfig::Simulate(s) => {
+            if s.n == 0 {
+                bail!("data.simulate.n must be at least 1");
+            }
+            model.simulate(s.n, s.seed, s.theta.as_deref())?
+        }
+    };
+    if let Some(t) = cfg.model.fixed_theta() {
+        let d = model.as_model().theta_dim();
+        if t.len() != d {
+            bail!(
+                "model.fixed_theta has {} values, the model's θ has {d}",
+                t.len()
+            );
+        }
+        if t.iter().any(|v| !v.is_finite()) {
+            bail!("model.fixed_theta has a non-finite value");
+        }
+    }
+    let reference = model.reference(&x, cfg.model.fixed_theta())?;
+    Ok(Prepared {
+        model,
+        x,
+        reference,
+    })
+}
+
+/// Fit a prepared config on `device`; returns the fit and its report.
+pub fn run_prepared(
+    cfg: &FitConfig,
+    prepared: &Prepared,
+    device: Device,
+    observer: &mut dyn Observer,
+) -> Result<(Fit, Value)> {
+    let x = Tensor::from_slice(&prepared.x).to_kind(Kind::Double);
+    let result = fit(
+        prepared.model.as_model(),
+        &x,
+        &cfg.method,
+        cfg.model.fixed_theta(),
+        &cfg.options(),
+        device,
+        observer,
+    )?;
+    let reference = prepared
+        .reference
+        .as_ref()
+        .map(|r| Reference { elbo: r.elbo });
+    let mut report = fit_report(
+        cfg,
+        prepared.x.len(),
+        &device_name(device),
+        &result,
+        reference,
+    );
+    if let (BuiltModel::Linear(m), Some(q_theta), FitStatus::Ok) =
+        (&prepared.model, &result.q_theta, result.status)
+    {
+        // The linear model's ELBO is closed form for any Gaussian q: report the
+        // fitted q's exact ELBO too (no Monte Carlo error).
+        let exact = m.exact_elbo(
+            &prepared.x,
+            q_theta.mean[0],
+            q_theta.sd[0],
+            &result.q_z.mean,
+            &result.q_z.sd,
+        )?;
+        report["reference"]["exact_elbo"] = crate::report::num(exact);
+        if let Some(r) = &prepared.reference {
+            report["reference"]["exact_gap"] = crate::report::num(r.elbo - exact);
+        }
+    }
+    Ok((result, report))
+}

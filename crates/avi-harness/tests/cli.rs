@@ -1,0 +1,334 @@
+//! End-to-end tests of the `avi fit` contract through the real binary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const AVI: &str = env!("CARGO_BIN_EXE_avi");
+
+fn avi(args: &[&str], cwd: &Path) -> Output {
+    Command::new(AVI)
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("avi runs")
+}
+
+fn config(method: &str, data: &str, extra: &str) -> String {
+    format!(
+        r#"{{ "model": {{"kind": "linear", "tau": 1.155, "sigma": 2.43}},
+             "data": {data}, "method": {method},
+             "steps": 300, "lr": 0.05, "draws": 20, "seed": 3, "eval_draws": 200{extra} }}"#
+    )
+}
+
+fn read(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn fit_writes_the_contract_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.json");
+    for (method, n_params) in [
+        (r#"{"kind": "fvi"}"#, 2 + 2 * 50),
+        (r#"{"kind": "const"}"#, 4),
+        (
+            r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 2}}"#,
+            2 + 4,
+        ),
+    ] {
+        std::fs::write(
+            &cfg,
+            config(method, r#"{"simulate": {"n": 50, "seed": 7}}"#, ""),
+        )
+        .unwrap();
+        let out = dir.path().join("r.json");
+        let o = avi(
+            &[
+                "fit", "--config", "c.json", "--out", "r.json", "--device", "cpu",
+            ],
+            dir.path(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = read(&out);
+        for key in [
+            "model",
+            "method",
+            "n",
+            "device",
+            "elbo",
+            "elbo_se",
+            "q_theta",
+            "q_z",
+            "trace",
+            "iterations",
+            "seconds",
+            "status",
+        ] {
+            assert!(r.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["n"], 50);
+        assert_eq!(r["device"], "cpu");
+        assert_eq!(r["iterations"], 300);
+        assert_eq!(r["num_parameters"], n_params);
+        assert_eq!(r["model"]["kind"], "linear");
+        assert_eq!(r["q_z"]["mean"].as_array().unwrap().len(), 50);
+        assert_eq!(r["q_z"]["sd"].as_array().unwrap().len(), 50);
+        assert_eq!(r["q_theta"]["mean"].as_array().unwrap().len(), 1);
+        assert!(r["elbo"].as_f64().unwrap().is_finite());
+        assert!(r["elbo_se"].as_f64().unwrap() > 0.0);
+        // The trace has at least one entry every 10 iterations, with times.
+        let it: Vec<u64> = r["trace"]["iteration"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert!(it.windows(2).all(|w| w[1] > w[0] && w[1] - w[0] <= 10));
+        assert!(*it.last().unwrap() == 300 && it[0] <= 10);
+        assert_eq!(r["trace"]["elbo"].as_array().unwrap().len(), it.len());
+        assert_eq!(r["trace"]["seconds"].as_array().unwrap().len(), it.len());
+        // The linear model reports its closed-form optimum and the gap.
+        let opt = r["reference"]["elbo"].as_f64().unwrap();
+        assert!(r["elbo"].as_f64().unwrap() <= opt + 4.0 * r["elbo_se"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn same_seed_same_report() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.json"),
+        config(
+            r#"{"kind": "fvi"}"#,
+            r#"{"simulate": {"n": 30, "seed": 1}}"#,
+            "",
+        ),
+    )
+    .unwrap();
+    let mut reports = Vec::new();
+    for name in ["a.json", "b.json"] {
+        let o = avi(
+            &[
+                "fit", "--config", "c.json", "--out", name, "--device", "cpu",
+            ],
+            dir.path(),
+        );
+        assert!(o.status.success());
+        let mut r = read(&dir.path().join(name));
+        r["seconds"] = Value::Null;
+        r["trace"]["seconds"] = Value::Null;
+        reports.push(r);
+    }
+    assert_eq!(reports[0], reports[1]);
+}
+
+#[test]
+fn data_file_is_resolved_against_the_config_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("exp");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("x.json"), r#"{"x": [0.5, -1.0, 2.0, 0.1, 3.3]}"#).unwrap();
+    std::fs::write(
+        sub.join("c.json"),
+        config(r#"{"kind": "fvi"}"#, r#"{"file": "x.json"}"#, ""),
+    )
+    .unwrap();
+    let o = avi(
+        &[
+            "fit",
+            "--config",
+            "exp/c.json",
+            "--out",
+            "r.json",
+            "--device",
+            "cpu",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read(&dir.path().join("r.json"))["n"], 5);
+}
+
+/// Every bad input: exit code 2, exactly one line on stderr that says what
+/// is wrong, and no report file.
+#[test]
+fn bad_input_exits_2_with_one_line_and_writes_nothing() {
+    let sim = r#"{"simulate": {"n": 20, "seed": 1}}"#;
+    let fvi = r#"{"kind": "fvi"}"#;
+    let cases: Vec<(&str, String, Option<&str>, &str)> = vec![
+        ("missing config", String::new(), None, "cannot read config"),
+        ("malformed json", "{ not json".into(), None, "config"),
+        (
+            "unknown field",
+            config(fvi, sim, r#", "stepz": 3"#),
+            None,
+            "stepz",
+        ),
+        (
+            "unknown model kind",
+            config(fvi, sim, "").replace("linear", "cubic"),
+            None,
+            "cubic",
+        ),
+        (
+            "unknown method kind",
+            config(r#"{"kind": "magic"}"#, sim, ""),
+            None,
+            "magic",
+        ),
+        (
+            "tau <= 0",
+            config(fvi, sim, "").replace("1.155", "0"),
+            None,
+            "tau",
+        ),
+        (
+            "sigma <= 0",
+            config(fvi, sim, "").replace("2.43", "-1"),
+            None,
+            "sigma",
+        ),
+        (
+            "negative steps",
+            config(fvi, sim, "").replace("\"steps\": 300", "\"steps\": -5"),
+            None,
+            "steps",
+        ),
+        (
+            "zero draws",
+            config(fvi, sim, "").replace("\"draws\": 20", "\"draws\": 0"),
+            None,
+            "draws",
+        ),
+        (
+            "missing data file",
+            config(fvi, r#"{"file": "nope.json"}"#, ""),
+            None,
+            "nope.json",
+        ),
+        (
+            "empty data",
+            config(fvi, r#"{"file": "x.json"}"#, ""),
+            Some(r#"{"x": []}"#),
+            "empty",
+        ),
+        (
+            "non-finite data",
+            config(fvi, r#"{"file": "x.json"}"#, ""),
+            Some(r#"{"x": [1, 1e999]}"#),
+            "x.json",
+        ),
+        (
+            "non-numeric data",
+            config(fvi, r#"{"file": "x.json"}"#, ""),
+            Some(r#"{"x": [1, "a"]}"#),
+            "x.json",
+        ),
+        (
+            "empty simulation",
+            config(fvi, r#"{"simulate": {"n": 0, "seed": 1}}"#, ""),
+            None,
+            "n",
+        ),
+        (
+            "fixed_theta of the wrong length",
+            config(fvi, sim, "").replace(
+                "\"sigma\": 2.43",
+                "\"sigma\": 2.43, \"fixed_theta\": [1, 2]",
+            ),
+            None,
+            "fixed_theta",
+        ),
+    ];
+    for (what, cfg, data, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        if !cfg.is_empty() {
+            std::fs::write(dir.path().join("c.json"), &cfg).unwrap();
+        }
+        if let Some(d) = data {
+            std::fs::write(dir.path().join("x.json"), d).unwrap();
+        }
+        let o = avi(
+            &[
+                "fit", "--config", "c.json", "--out", "r.json", "--device", "cpu",
+            ],
+            dir.path(),
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{what}: {err}");
+        assert!(err.contains(needle), "{what}: `{needle}` not in: {err}");
+        assert!(
+            !dir.path().join("r.json").exists(),
+            "{what}: a report was written"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.len() <= 2, "{what}: stray files {left:?}");
+    }
+}
+
+#[test]
+fn cuda_without_a_device_is_an_error() {
+    if tch::Cuda::is_available() {
+        return; // covered on GPU machines by `just bench-gpu`
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.json"),
+        config(
+            r#"{"kind": "fvi"}"#,
+            r#"{"simulate": {"n": 10, "seed": 1}}"#,
+            "",
+        ),
+    )
+    .unwrap();
+    let o = avi(
+        &[
+            "fit", "--config", "c.json", "--out", "r.json", "--device", "cuda",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("CUDA"));
+    assert!(!dir.path().join("r.json").exists());
+}
+
+#[test]
+fn divergence_is_reported_with_exit_3() {
+    let dir = tempfile::tempdir().unwrap();
+    // An absurd learning rate sends the log-sds to ±1e30: exp overflows.
+    let cfg = config(
+        r#"{"kind": "fvi"}"#,
+        r#"{"simulate": {"n": 20, "seed": 1}}"#,
+        "",
+    )
+    .replace("\"lr\": 0.05", "\"lr\": 1e30");
+    std::fs::write(dir.path().join("c.json"), cfg).unwrap();
+    let o = avi(
+        &[
+            "fit", "--config", "c.json", "--out", "r.json", "--device", "cpu",
+        ],
+        dir.path(),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = read(&dir.path().join("r.json"));
+    assert_eq!(r["status"], "diverged");
+    let at = r["diverged_at"].as_u64().unwrap();
+    assert!((1..=100).contains(&at), "diverged_at = {at}");
+    assert_eq!(r["iterations"].as_u64(), Some(at));
+    assert!(
+        r["elbo"].is_null(),
+        "a non-finite ELBO must be null, got {}",
+        r["elbo"]
+    );
+    assert_eq!(r["trace"]["iteration"].as_array().unwrap().len() as u64, at);
+}

@@ -1,0 +1,34 @@
+//! The error type of `avi-inference`.
+
+use avi_models::ModelError;
+
+/// Everything that can go wrong when configuring or running a fit.
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    /// A fit option or method setting is invalid.
+    #[error("invalid setting `{field}`: {reason}")]
+    InvalidConfig {
+        /// The config field at fault.
+        field: &'static str,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// The model rejected its input.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// An error raised by libtorch.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+impl InferenceError {
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `Result` with [`InferenceError`].
+pub type Result<T> = std::result::Result<T, InferenceError>;

@@ -1,0 +1,476 @@
+//! The optimisation loop: reparameterised Monte Carlo ELBO gradients and Adam
+//! (digest §4.1, §5.2), with an on-device trace, periodic non-finite checks
+//! and a final ELBO evaluation on fresh draws.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use avi_models::{Model, HALF_LN_2PI};
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use crate::family::GaussianParams;
+use crate::method::{MethodConfig, ThetaFactor, Variational};
+use crate::{InferenceError, Result};
+
+/// How the entropy term `−E_q[log q]` of the ELBO is estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entropy {
+    /// `−log q` at the same draws as `log p` (the paper's estimator).
+    #[default]
+    Mc,
+    /// The closed-form Gaussian entropy `Σ (log s + ½ + ½ log 2π)`.
+    Analytic,
+}
+
+/// Floating-point precision of a fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    /// 32-bit floats (default, as in the authors' code for most models).
+    #[default]
+    F32,
+    /// 64-bit floats.
+    F64,
+}
+
+impl Dtype {
+    /// The libtorch kind.
+    pub fn kind(self) -> Kind {
+        match self {
+            Self::F32 => Kind::Float,
+            Self::F64 => Kind::Double,
+        }
+    }
+}
+
+/// Settings of one fit, validated by [`FitOptions::check`] before anything
+/// runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FitOptions {
+    /// Number of Adam steps.
+    pub steps: usize,
+    /// Adam learning rate (β = (0.9, 0.999), ε = 1e-8, no weight decay).
+    pub lr: f64,
+    /// Monte Carlo draws per gradient step.
+    pub draws: usize,
+    /// Seed of libtorch's generator (initialisation and draws).
+    pub seed: u64,
+    /// Fresh draws for the final ELBO estimate.
+    pub eval_draws: usize,
+    /// Entropy estimator.
+    pub entropy: Entropy,
+    /// Precision.
+    pub dtype: Dtype,
+    /// Read the trace back and test for non-finite values every this many
+    /// steps (at most 100, so a divergence is caught within 100 steps).
+    pub check_every: usize,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            steps: 5000,
+            lr: 0.01,
+            draws: 100,
+            seed: 1954,
+            eval_draws: 1000,
+            entropy: Entropy::Mc,
+            dtype: Dtype::F32,
+            check_every: 100,
+        }
+    }
+}
+
+impl FitOptions {
+    /// Check every setting; the error names the field.
+    pub fn check(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(InferenceError::config(
+                "lr",
+                format!("{} must be finite and > 0", self.lr),
+            ));
+        }
+        if self.draws == 0 {
+            return Err(InferenceError::config("draws", "must be at least 1"));
+        }
+        if self.eval_draws == 0 {
+            return Err(InferenceError::config("eval_draws", "must be at least 1"));
+        }
+        if self.check_every == 0 || self.check_every > 100 {
+            return Err(InferenceError::config(
+                "check_every",
+                format!("{} must be in 1..=100", self.check_every),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a fit finished normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitStatus {
+    /// Every step produced finite values.
+    Ok,
+    /// The ELBO or a parameter became non-finite at this (1-based) step; the
+    /// optimisation stopped there.
+    Diverged {
+        /// The first step whose ELBO estimate (or, failing that, the check
+        /// step whose parameters) was not finite.
+        at: usize,
+    },
+}
+
+/// The ELBO estimate of every step and the wall-clock time at its end.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Trace {
+    /// 1-based step numbers.
+    pub iteration: Vec<usize>,
+    /// The Monte Carlo ELBO estimate of that step, computed before its Adam
+    /// update (as the authors record their loss).
+    pub elbo: Vec<f64>,
+    /// Seconds since the optimisation started, at the end of the step (on
+    /// CUDA: when the step was queued; the clock is re-synchronised with the
+    /// device at every check).
+    pub seconds: Vec<f64>,
+}
+
+/// Summary of a diagonal Gaussian family on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GaussianSummary {
+    /// Means, row-major.
+    pub mean: Vec<f64>,
+    /// Standard deviations, row-major.
+    pub sd: Vec<f64>,
+    /// Shape of the arrays (`[D]` or `[N, L]`).
+    pub shape: Vec<usize>,
+}
+
+/// The result of [`fit`].
+#[derive(Debug)]
+pub struct Fit {
+    /// q(θ), or `None` when θ was fixed.
+    pub q_theta: Option<GaussianSummary>,
+    /// q(z_n) for every n, as given by the fitted family.
+    pub q_z: GaussianSummary,
+    /// Per-step trace.
+    pub trace: Trace,
+    /// ELBO at the final parameters from `eval_draws` fresh draws, every
+    /// normalising constant included.
+    pub elbo: f64,
+    /// Monte Carlo standard error of [`Fit::elbo`].
+    pub elbo_se: f64,
+    /// Steps taken.
+    pub iterations: usize,
+    /// Wall time of the optimisation loop in seconds.
+    pub seconds: f64,
+    /// Ok or diverged.
+    pub status: FitStatus,
+    /// Number of learned scalars.
+    pub num_parameters: usize,
+    /// The fitted variational parameters (for further work, e.g. F-VI steps
+    /// started from an A-VI solution).
+    pub variational: Variational,
+}
+
+/// Hooks called by [`fit`]; every method has a no-op default.
+pub trait Observer {
+    /// Called at every check, after `done` of `total` steps, with the last
+    /// step's ELBO estimate.
+    fn on_check(&mut self, _done: usize, _total: usize, _elbo: f64) {}
+}
+
+/// An [`Observer`] that does nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Observer for Silent {}
+
+/// Draw-wise ELBO terms for one step: `elbo[m] = log p(θ_m, z_m, x) −
+/// log q(θ_m, z_m)` (or the analytic entropy in place of `−log q`), shape
+/// `[M]`.
+pub fn elbo_draws(
+    model: &dyn Model,
+    var: &Variational,
+    x: &Tensor,
+    draws: usize,
+    entropy: Entropy,
+) -> Result<Tensor> {
+    let local = var.local_params();
+    let kind = local.mean.kind();
+    let device = local.mean.device();
+    let m = draws as i64;
+    let (theta, theta_log_q, theta_dims) = match &var.theta {
+        ThetaFactor::Free(q) => {
+            let eps = Tensor::randn([m, q.mean.size()[0]], (kind, device));
+            let theta = q.sample(&eps);
+            (theta, Some((q, eps)), q.numel())
+        }
+        ThetaFactor::Fixed(t) => (t.unsqueeze(0).expand([m, t.size()[0]], false), None, 0),
+    };
+    let eps_z = Tensor::randn([m, var.n as i64, var.local_dim as i64], (kind, device));
+    let z = local.sample(&eps_z);
+    let log_p = model.log_joint(&theta, &z, x)?;
+    let dims = (theta_dims + var.n * var.local_dim) as f64;
+    let sum_log_sd = match &theta_log_q {
+        Some((q, _)) => q.sum_log_sd() + local.sum_log_sd(),
+        None => local.sum_log_sd(),
+    };
+    let neg_log_q = match entropy {
+        Entropy::Analytic => sum_log_sd + dims * (0.5 + HALF_LN_2PI),
+        Entropy::Mc => {
+            // −log q = Σ log s + ½ Σ ε² + (d/2) log 2π, with ε = (v − m)/s.
+            let mut sq = eps_z
+                .square()
+                .sum_dim_intlist([1i64, 2].as_slice(), false, kind);
+            if let Some((_, eps)) = &theta_log_q {
+                sq += eps.square().sum_dim_intlist(1, false, kind);
+            }
+            sq.multiply_scalar(0.5) + sum_log_sd + dims * HALF_LN_2PI
+        }
+    };
+    Ok(log_p + neg_log_q)
+}
+
+/// Estimate the ELBO of the current parameters from `draws` fresh draws
+/// without gradients, in chunks that bound memory. Returns (mean, standard
+/// error).
+pub fn evaluate_elbo(
+    model: &dyn Model,
+    var: &Variational,
+    x: &Tensor,
+    draws: usize,
+    entropy: Entropy,
+) -> Result<(f64, f64)> {
+    let per_draw = (var.n * var.local_dim).max(1);
+    let chunk = (4_000_000 / per_draw).clamp(1, draws);
+    let mut values = Vec::with_capacity(draws);
+    tch::no_grad(|| -> Result<()> {
+        let mut left = draws;
+        while left > 0 {
+            let m = left.min(chunk);
+            let e = elbo_draws(model, var, x, m, entropy)?;
+            values.extend(Vec::<f64>::try_from(
+                e.to_kind(Kind::Double).to_device(Device::Cpu),
+            )?);
+            left -= m;
+        }
+        Ok(())
+    })?;
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        f64::NAN
+    };
+    Ok((mean, (var / n).sqrt()))
+}
+
+fn summarize(p: &GaussianParams) -> Result<GaussianSummary> {
+    let shape = p.mean.size().iter().map(|&s| s as usize).collect();
+    let host = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(Vec::<f64>::try_from(
+            t.detach()
+                .to_kind(Kind::Double)
+                .to_device(Device::Cpu)
+                .contiguous()
+                .view([-1]),
+        )?)
+    };
+    Ok(GaussianSummary {
+        mean: host(&p.mean)?,
+        sd: host(&p.log_sd.exp())?,
+        shape,
+    })
+}
+
+fn params_finite(vs: &nn::VarStore) -> bool {
+    let vars = vs.trainable_variables();
+    if vars.is_empty() {
+        return true;
+    }
+    let bad: Vec<Tensor> = vars
+        .iter()
+        .map(|v| {
+            v.detach()
+                .isfinite()
+                .logical_not()
+                .any()
+                .to_kind(Kind::Int64)
+        })
+        .collect();
+    Tensor::stack(&bad, 0).sum(Kind::Int64).int64_value(&[]) == 0
+}
+
+/// libtorch has one global random generator; fits hold this lock while they
+/// draw from it, so that concurrent fits in one process stay reproducible
+/// (they run one after the other).
+static GENERATOR: Mutex<()> = Mutex::new(());
+
+/// One optimisation problem: a model, its data on the device, the
+/// variational parameters and their Adam state. [`Trainer::step`] performs
+/// one iteration; [`fit`] drives it with checks and a trace.
+pub struct Trainer<'a> {
+    model: &'a dyn Model,
+    x: Tensor,
+    var: Variational,
+    optimizer: nn::Optimizer,
+    opts: FitOptions,
+}
+
+impl std::fmt::Debug for Trainer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("model", &self.model.name())
+            .field("var", &self.var)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl<'a> Trainer<'a> {
+    /// Validate the options and data, seed libtorch's generator with
+    /// `opts.seed` and initialise the variational parameters of `method`.
+    pub fn new(
+        model: &'a dyn Model,
+        x: &Tensor,
+        method: &MethodConfig,
+        fixed_theta: Option<&[f64]>,
+        opts: &FitOptions,
+        device: Device,
+    ) -> Result<Self> {
+        opts.check()?;
+        let kind = opts.dtype.kind();
+        let x = x.to_device(device).to_kind(kind);
+        model.check_data(&x)?;
+        tch::manual_seed(opts.seed as i64);
+        let var = Variational::new(
+            method,
+            &x,
+            model.theta_dim(),
+            model.local_dim(),
+            fixed_theta,
+            kind,
+            device,
+        )?;
+        let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
+        Ok(Self {
+            model,
+            x,
+            var,
+            optimizer,
+            opts: opts.clone(),
+        })
+    }
+
+    /// One iteration: draw, estimate the ELBO, back-propagate, Adam step.
+    /// Returns the ELBO estimate (computed before the update) as a detached
+    /// scalar on the device; nothing is read back to the host.
+    pub fn step(&mut self) -> Result<Tensor> {
+        let elbo = elbo_draws(
+            self.model,
+            &self.var,
+            &self.x,
+            self.opts.draws,
+            self.opts.entropy,
+        )?
+        .mean(self.opts.dtype.kind());
+        self.optimizer.zero_grad();
+        elbo.neg().backward();
+        self.optimizer.step();
+        Ok(elbo.detach())
+    }
+
+    /// The current variational parameters.
+    pub fn variational(&self) -> &Variational {
+        &self.var
+    }
+
+    /// The data on the device, in the fit's dtype.
+    pub fn data(&self) -> &Tensor {
+        &self.x
+    }
+}
+
+/// Fit `method` to data `x` under `model` by stochastic-gradient VI.
+///
+/// `x` may live on any device; it is moved to `device` and converted to the
+/// fit's dtype. Seeds libtorch's global generator with `opts.seed`; fits in
+/// one process are serialised on a lock so that each is reproducible from its
+/// seed whatever runs beside it. Non-finite ELBO estimates or parameters stop
+/// the fit with [`FitStatus::Diverged`]; the result is still returned.
+pub fn fit(
+    model: &dyn Model,
+    x: &Tensor,
+    method: &MethodConfig,
+    fixed_theta: Option<&[f64]>,
+    opts: &FitOptions,
+    device: Device,
+    observer: &mut dyn Observer,
+) -> Result<Fit> {
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let mut trainer = Trainer::new(model, x, method, fixed_theta, opts, device)?;
+    let mut trace = Trace::default();
+    let mut status = FitStatus::Ok;
+    let mut block: Vec<Tensor> = Vec::with_capacity(opts.check_every);
+    let start = Instant::now();
+    for step in 1..=opts.steps {
+        block.push(trainer.step()?);
+        trace.seconds.push(start.elapsed().as_secs_f64());
+        if block.len() == opts.check_every || step == opts.steps {
+            let values = Vec::<f64>::try_from(
+                Tensor::stack(&block, 0)
+                    .to_kind(Kind::Double)
+                    .to_device(Device::Cpu),
+            )?;
+            block.clear();
+            let first = step + 1 - values.len();
+            let bad = values.iter().position(|v| !v.is_finite());
+            trace.iteration.extend(first..=step);
+            trace.elbo.extend(&values);
+            if let Some(i) = bad {
+                status = FitStatus::Diverged { at: first + i };
+            } else if !params_finite(&trainer.var.vs) {
+                status = FitStatus::Diverged { at: step };
+            }
+            // Re-anchor the last time stamp now that the device has caught up.
+            if let Some(t) = trace.seconds.last_mut() {
+                *t = start.elapsed().as_secs_f64();
+            }
+            observer.on_check(step, opts.steps, *values.last().unwrap_or(&f64::NAN));
+            if let FitStatus::Diverged { at } = status {
+                trace.iteration.truncate(at);
+                trace.elbo.truncate(at);
+                trace.seconds.truncate(at);
+                break;
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let iterations = match status {
+        FitStatus::Ok => opts.steps,
+        FitStatus::Diverged { at } => at,
+    };
+    let Trainer { var, x, .. } = trainer;
+    let (elbo, elbo_se) = evaluate_elbo(model, &var, &x, opts.eval_draws, opts.entropy)?;
+    let q_theta = match &var.theta {
+        ThetaFactor::Free(q) => Some(summarize(q)?),
+        ThetaFactor::Fixed(_) => None,
+    };
+    let q_z = summarize(&var.local_params().detach())?;
+    Ok(Fit {
+        q_theta,
+        q_z,
+        trace,
+        elbo,
+        elbo_se,
+        iterations,
+        seconds,
+        status,
+        num_parameters: var.num_parameters(),
+        variational: var,
+    })
+}

@@ -1,0 +1,44 @@
+//! # avi-inference
+//!
+//! Variational inference for any [`avi_models::Model`]: the factorized family
+//! (F-VI), the constant family (Const) and amortized families (A-VI) whose
+//! inference function maps each observation to the parameters of its local
+//! factor, fitted by reparameterised Monte Carlo ELBO gradients and Adam on
+//! libtorch, on the device the caller chooses.
+//!
+//! ```no_run
+//! use avi_inference::{fit, FitOptions, FunctionConfig, MethodConfig, Silent};
+//! use avi_models::LinearModel;
+//! use tch::{Device, Tensor};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let model = LinearModel::new(1.155, 2.43)?;
+//! let x = model.simulate(1_000, 7, None)?;
+//! let method = MethodConfig::Avi {
+//!     function: FunctionConfig::Poly { degree: 1 },
+//!     standardize: true,
+//! };
+//! let opts = FitOptions { steps: 2_000, lr: 0.01, ..FitOptions::default() };
+//! let result = fit(&model, &Tensor::from_slice(&x), &method, None, &opts, Device::Cpu, &mut Silent)?;
+//! let optimum = model.fvi_optimum(&x)?.elbo;
+//! println!("ELBO {:.2} ± {:.2}, optimum {optimum:.2}", result.elbo, result.elbo_se);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod convergence;
+pub mod error;
+pub mod family;
+pub mod fit;
+pub mod function;
+pub mod method;
+
+pub use error::{InferenceError, Result};
+pub use family::GaussianParams;
+pub use fit::{
+    elbo_draws, evaluate_elbo, fit, Dtype, Entropy, Fit, FitOptions, FitStatus, GaussianSummary,
+    Observer, Silent, Trace, Trainer,
+};
+pub use function::{FunctionConfig, InferenceFunction, Polynomial};
+pub use method::{LocalFactor, MethodConfig, ThetaFactor, Variational};

@@ -1,0 +1,115 @@
+//! # avi-models
+//!
+//! Probabilistic latent variable models for amortized variational inference
+//! research, written on libtorch tensors ([`tch`]). A model has a global
+//! latent θ and one local latent `z_n` per observation `x_n`; it knows its
+//! log joint density `log p(θ, z, x)` (all normalising constants included,
+//! batched over Monte Carlo draws), how to simulate data from itself with a
+//! seed, and, where one exists, its exact reference solution (the closed-form
+//! optimum of mean-field Gaussian VI).
+//!
+//! This crate knows nothing about variational families; `avi-inference` fits
+//! any [`Model`].
+//!
+//! ```no_run
+//! use avi_models::{LinearModel, Model};
+//! use tch::{Device, Kind, Tensor};
+//!
+//! # fn main() -> avi_models::Result<()> {
+//! let model = LinearModel::new(1.155, 2.43)?;
+//! let x = model.simulate(1_000, 7, None)?;              // Vec<f64>, seeded
+//! let reference = model.fvi_optimum(&x)?;               // closed form, f64
+//! println!("optimal ELBO = {:.3}", reference.elbo);
+//!
+//! // Evaluate the log joint at the optimum's means (one "draw").
+//! let xt = Tensor::from_slice(&x).to_device(Device::Cpu);
+//! let theta = Tensor::from_slice(&reference.theta_mean).view([1, 1]);
+//! let z = Tensor::from_slice(&reference.z_mean).view([1, -1, 1]);
+//! let lp = model.log_joint(&theta, &z, &xt)?;          // shape [1]
+//! # let _ = (lp, Kind::Double);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod gaussian;
+pub mod linear;
+
+pub use error::{ModelError, Result};
+pub use gaussian::GaussianReference;
+pub use linear::LinearModel;
+
+use tch::Tensor;
+
+/// ½ log(2π), the normalising constant of a standard normal density.
+pub const HALF_LN_2PI: f64 = 0.918_938_533_204_672_7;
+
+/// A latent variable model `p(θ, z, x) = p(θ) p(z | θ, x) p(x | z, θ)` with a
+/// global latent θ ∈ ℝ^D and local latents z_n ∈ ℝ^L, n = 1..N.
+///
+/// Shape contract of [`Model::log_joint`]: `theta` is `[M, D]`, `z` is
+/// `[M, N, L]` (M Monte Carlo draws), `x` is `[N]` for scalar observations
+/// (or `[N, d_x]` for vector observations); the result is `[M]`, one log
+/// joint per draw, on the device and in the dtype of the inputs. The result
+/// is differentiable with respect to `theta` and `z`.
+pub trait Model {
+    /// A short identifier (`"linear"`, ...), as used in configs.
+    fn name(&self) -> &'static str;
+
+    /// D, the number of global latent dimensions.
+    fn theta_dim(&self) -> usize;
+
+    /// L, the dimension of each local latent z_n.
+    fn local_dim(&self) -> usize;
+
+    /// Check that `x` (shape `[N]` or `[N, d_x]`) is a valid data set for this
+    /// model: non-empty, finite and of the right dimension.
+    fn check_data(&self, x: &Tensor) -> Result<()>;
+
+    /// `log p(θ, z, x)` for each of M draws, normalising constants included.
+    fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor>;
+}
+
+/// Check the `[M, D]` / `[M, N, L]` shape contract of [`Model::log_joint`].
+pub(crate) fn check_draw_shapes(
+    theta: &Tensor,
+    z: &Tensor,
+    x: &Tensor,
+    theta_dim: usize,
+    local_dim: usize,
+) -> Result<()> {
+    let ts = theta.size();
+    let zs = z.size();
+    let n = x.size().first().copied().unwrap_or(0);
+    if ts.len() != 2 || ts[1] != theta_dim as i64 {
+        return Err(ModelError::Shape {
+            what: "theta",
+            expected: format!("[M, {theta_dim}]"),
+            got: ts,
+        });
+    }
+    if zs.len() != 3 || zs[0] != ts[0] || zs[1] != n || zs[2] != local_dim as i64 {
+        return Err(ModelError::Shape {
+            what: "z",
+            expected: format!("[{}, {n}, {local_dim}]", ts[0]),
+            got: zs,
+        });
+    }
+    Ok(())
+}
+
+/// Check that every value of a host-side data vector is finite and that it is
+/// not empty.
+pub fn check_finite_data(x: &[f64]) -> Result<()> {
+    if x.is_empty() {
+        return Err(ModelError::InvalidData("the data set is empty".into()));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(ModelError::InvalidData(format!(
+            "x[{i}] = {} is not finite",
+            x[i]
+        )));
+    }
+    Ok(())
+}

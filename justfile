@@ -1,0 +1,68 @@
+# avi — amortized variational inference on libtorch.
+# `just --list` shows every recipe. libtorch comes from PyPI (torch==2.11.0,
+# the version tch 0.24 is built against) in a project-local .venv, unless
+# LIBTORCH points at an existing libtorch.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+torch_version := "2.11.0"
+venv := justfile_directory() / ".venv"
+# The environment every cargo invocation runs in: the .venv's python is the one
+# torch-sys asks for the libtorch paths (LIBTORCH_USE_PYTORCH=1).
+torch_env := if env_var_or_default("LIBTORCH", "") != "" { "" } else { "export VIRTUAL_ENV=" + venv + " PATH=" + venv + "/bin:$PATH LIBTORCH_USE_PYTORCH=1;" }
+
+# list the recipes
+default:
+    @just --list
+
+# install libtorch (torch==2.11.0 from PyPI) into .venv; does nothing when present or when LIBTORCH is set
+[group('setup')]
+bootstrap:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ -n "${LIBTORCH:-}" ]; then echo "LIBTORCH=$LIBTORCH is set: using it"; exit 0; fi
+    if [ -x "{{venv}}/bin/python" ] && "{{venv}}/bin/python" -c 'import torch,sys; sys.exit(0 if torch.__version__.split("+")[0]=="{{torch_version}}" else 1)' 2>/dev/null; then
+        exit 0
+    fi
+    py=$(command -v python3 || command -v python || true)
+    if [ -z "$py" ]; then echo "error: python3 (>= 3.10, with pip) is needed to install libtorch" >&2; exit 2; fi
+    "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || { echo "error: python >= 3.10 is needed, found $("$py" --version)" >&2; exit 2; }
+    echo "installing torch=={{torch_version}} into {{venv}} (a few GB, once)"
+    "$py" -m venv "{{venv}}"
+    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check "torch=={{torch_version}}"
+
+# build the `avi` binary (release)
+[group('build')]
+build: bootstrap
+    {{torch_env}} cargo build --release --workspace --bins
+
+# run the whole test suite (what CI runs)
+[group('test')]
+test: bootstrap
+    {{torch_env}} cargo test --workspace
+
+# fit the linear model (N = 10,000) with F-VI, Const and A-VI (d = 1, 2); writes out/demo/
+[group('run')]
+demo *ARGS: build
+    ./target/release/avi demo --out out/demo {{ARGS}}
+
+# rustfmt check and clippy -D warnings on every target
+[group('test')]
+check: bootstrap
+    cargo fmt --all --check
+    {{torch_env}} cargo clippy --workspace --all-targets -- -D warnings
+
+# format the code
+[group('build')]
+fmt:
+    cargo fmt --all
+
+# criterion benchmarks on CPU
+[group('bench')]
+bench: bootstrap
+    {{torch_env}} AVI_BENCH_DEVICE=cpu cargo bench -p avi-benches
+
+# the same benchmarks on CUDA (says so and exits 0 when there is no CUDA device)
+[group('bench')]
+bench-gpu: bootstrap
+    {{torch_env}} AVI_BENCH_DEVICE=cuda cargo bench -p avi-benches
