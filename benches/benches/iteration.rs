@@ -18,6 +18,8 @@ fn methods() -> Vec<(&'static str, MethodConfig)> {
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },
         standardize: true,
+        window: [0, 0],
+        edges: Default::default(),
     };
     vec![
         ("fvi", MethodConfig::Fvi),

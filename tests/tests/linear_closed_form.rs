@@ -18,6 +18,8 @@ fn avi(degree: usize) -> MethodConfig {
     MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },
         standardize: true,
+        window: [0, 0],
+        edges: Default::default(),
     }
 }
 

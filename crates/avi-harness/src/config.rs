@@ -31,13 +31,61 @@ pub enum ModelConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fixed_theta: Option<Vec<f64>>,
     },
+    /// The nonlinear model of Eq. 15.
+    Nonlinear {
+        /// Simulator: `"model"` (default) or `"authors"` (z ~ N(0, 25)).
+        #[serde(default)]
+        sim: NonlinearSimConfig,
+        /// Treat θ as known (no q(θ)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fixed_theta: Option<Vec<f64>>,
+    },
+    /// The saw time series of Eq. 17.
+    Saw {
+        /// Slope α ≠ 0.
+        alpha: f64,
+        /// Known x_0 (default 0).
+        #[serde(default)]
+        x0: f64,
+        /// Treat θ as known (no q(θ)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fixed_theta: Option<Vec<f64>>,
+    },
+    /// The Gaussian HMM of Prop. 3.8 (corrected).
+    GaussianHmm {
+        /// Autoregression ρ.
+        rho: f64,
+        /// Transition sd q > 0.
+        q: f64,
+        /// Emission sd r > 0.
+        r: f64,
+        /// Initial sd s0 > 0.
+        s0: f64,
+        /// Treat θ as known (no q(θ)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fixed_theta: Option<Vec<f64>>,
+    },
+}
+
+/// The nonlinear model's simulator choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonlinearSimConfig {
+    /// z ~ N(0, 1), the model itself.
+    #[default]
+    Model,
+    /// z ~ N(0, 25), the authors' code.
+    Authors,
 }
 
 impl ModelConfig {
     /// The fixed θ, if any.
     pub fn fixed_theta(&self) -> Option<&[f64]> {
         match self {
-            Self::Linear { fixed_theta, .. } => fixed_theta.as_deref(),
+            Self::Linear { fixed_theta, .. }
+            | Self::Nonlinear { fixed_theta, .. }
+            | Self::Saw { fixed_theta, .. }
+            | Self::GaussianHmm { fixed_theta, .. } => fixed_theta.as_deref(),
         }
     }
 }

@@ -43,6 +43,8 @@ pub fn demo_configs(n: usize, steps: usize) -> Vec<(&'static str, FitConfig)> {
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },
         standardize: true,
+        window: [0, 0],
+        edges: Default::default(),
     };
     vec![
         ("fvi", base(MethodConfig::Fvi, 1e-3)),

@@ -3,13 +3,15 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use avi_inference::{fit, Fit, FitStatus, Observer};
-use avi_models::{GaussianReference, LinearModel, Model};
+use avi_models::{
+    GaussianHmm, GaussianReference, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel,
+};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{load_data_file, DataConfig, FitConfig, ModelConfig};
+use crate::config::{load_data_file, DataConfig, FitConfig, ModelConfig, NonlinearSimConfig};
 use crate::report::{fit_report, Reference};
 
 /// The `--device` choice of the command line.
@@ -52,53 +54,73 @@ pub fn device_name(device: Device) -> String {
 pub enum BuiltModel {
     /// The linear model.
     Linear(LinearModel),
+    /// The nonlinear model.
+    Nonlinear(NonlinearModel),
+    /// The saw time series.
+    Saw(SawModel),
+    /// The Gaussian HMM.
+    GaussianHmm(GaussianHmm),
 }
 
 impl BuiltModel {
     /// Build and validate the model of a config.
     pub fn new(cfg: &ModelConfig) -> Result<Self> {
-        match cfg {
-            ModelConfig::Linear { tau, sigma, .. } => Ok(Self::Linear(
-                LinearModel::new(*tau, *sigma).context("model")?,
-            )),
-        }
+        let built = match cfg {
+            ModelConfig::Linear { tau, sigma, .. } => Self::Linear(LinearModel::new(*tau, *sigma)?),
+            ModelConfig::Nonlinear { sim, .. } => Self::Nonlinear(NonlinearModel::new(match sim {
+                NonlinearSimConfig::Model => NonlinearSim::Model,
+                NonlinearSimConfig::Authors => NonlinearSim::Authors,
+            })),
+            ModelConfig::Saw { alpha, x0, .. } => Self::Saw(SawModel::new(*alpha, *x0)?),
+            ModelConfig::GaussianHmm { rho, q, r, s0, .. } => {
+                Self::GaussianHmm(GaussianHmm::new(*rho, *q, *r, *s0)?)
+            }
+        };
+        Ok(built)
     }
 
     /// The model as a trait object.
     pub fn as_model(&self) -> &dyn Model {
         match self {
             Self::Linear(m) => m,
+            Self::Nonlinear(m) => m,
+            Self::Saw(m) => m,
+            Self::GaussianHmm(m) => m,
         }
     }
 
-    /// Simulate a data set.
+    /// Simulate a data set (θ drawn from its prior unless given).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<&[f64]>) -> Result<Vec<f64>> {
-        match self {
-            Self::Linear(m) => {
-                let theta = match theta {
-                    None => None,
-                    Some([t]) => Some(*t),
-                    Some(t) => bail!(
-                        "data.simulate.theta: the linear model's θ has 1 value, got {}",
-                        t.len()
-                    ),
-                };
-                Ok(m.simulate(n, seed, theta)?)
-            }
-        }
+        let theta = match theta {
+            None => None,
+            Some([t]) => Some(*t),
+            Some(t) => bail!(
+                "data.simulate.theta: the {} model's θ has 1 value, got {}",
+                self.as_model().name(),
+                t.len()
+            ),
+        };
+        Ok(match self {
+            Self::Linear(m) => m.simulate(n, seed, theta)?,
+            Self::Nonlinear(m) => m.simulate(n, seed, theta)?,
+            Self::Saw(m) => m.simulate(n, seed, theta)?,
+            Self::GaussianHmm(m) => m.simulate(n, seed, theta)?,
+        })
     }
 
-    /// The exact F-VI optimum, when the model has one in closed form (and θ is
-    /// not fixed).
+    /// The exact F-VI optimum, when the model has one in closed form.
     pub fn reference(
         &self,
         x: &[f64],
         fixed_theta: Option<&[f64]>,
     ) -> Result<Option<GaussianReference>> {
-        match (self, fixed_theta) {
-            (Self::Linear(m), None) => Ok(Some(m.fvi_optimum(x)?)),
-            _ => Ok(None),
-        }
+        let fixed = fixed_theta.and_then(|t| t.first().copied());
+        Ok(match self {
+            Self::Linear(m) if fixed.is_none() => Some(m.fvi_optimum(x)?),
+            Self::Saw(m) => Some(m.fvi_optimum(x, fixed)?),
+            Self::GaussianHmm(m) => Some(m.fvi_optimum(x, fixed)?),
+            _ => None,
+        })
     }
 }
 

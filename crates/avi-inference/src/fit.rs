@@ -350,6 +350,7 @@ impl<'a> Trainer<'a> {
         let var = Variational::new(
             method,
             &x,
+            model.pad_value(),
             model.theta_dim(),
             model.local_dim(),
             fixed_theta,

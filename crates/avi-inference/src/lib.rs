@@ -17,6 +17,8 @@
 //! let method = MethodConfig::Avi {
 //!     function: FunctionConfig::Poly { degree: 1 },
 //!     standardize: true,
+//!     window: [0, 0],
+//!     edges: Default::default(),
 //! };
 //! let opts = FitOptions { steps: 2_000, lr: 0.01, ..FitOptions::default() };
 //! let result = fit(&model, &Tensor::from_slice(&x), &method, None, &opts, Device::Cpu, &mut Silent)?;
@@ -40,5 +42,5 @@ pub use fit::{
     elbo_draws, evaluate_elbo, fit, Dtype, Entropy, Fit, FitOptions, FitStatus, GaussianSummary,
     Observer, Silent, Trace, Trainer,
 };
-pub use function::{FunctionConfig, InferenceFunction, Polynomial};
-pub use method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
+pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Polynomial};
+pub use method::{amortization_inputs, Edges, LocalFactor, MethodConfig, ThetaFactor, Variational};

@@ -30,7 +30,26 @@ pub enum MethodConfig {
         /// reproduces the authors' raw inputs.
         #[serde(default = "yes")]
         standardize: bool,
+        /// Expanded domain (Remark 3.7): `[before, after]` feeds
+        /// `x_{n−before} … x_{n+after}` to the function. Default `[0, 0]`.
+        #[serde(default)]
+        window: [usize; 2],
+        /// What indices without a full window get.
+        #[serde(default)]
+        edges: Edges,
     },
+}
+
+/// Treatment of the indices whose window runs past the data (Remark 3.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Edges {
+    /// Pad the series with the model's pad value (`x0` for the saw model,
+    /// else 0), the authors' choice.
+    #[default]
+    Pad,
+    /// Give those indices their own free (mean, log-sd), as Remark 3.7 says.
+    Free,
 }
 
 impl MethodConfig {
@@ -39,9 +58,15 @@ impl MethodConfig {
         match self {
             Self::Fvi => "fvi".into(),
             Self::Const => "const".into(),
-            Self::Avi { function, .. } => match function {
-                FunctionConfig::Poly { degree } => format!("avi-poly{degree}"),
-            },
+            Self::Avi {
+                function, window, ..
+            } => {
+                if *window == [0, 0] {
+                    format!("avi-{}", function.label())
+                } else {
+                    format!("avi-{}-w{}-{}", function.label(), window[0], window[1])
+                }
+            }
         }
     }
 }
@@ -67,6 +92,9 @@ pub enum LocalFactor {
         function: Box<dyn InferenceFunction>,
         /// The function's inputs, one row per observation.
         inputs: Tensor,
+        /// With `edges: free`, the free factors of the first `before` and the
+        /// last `after` indices.
+        edges: Option<(GaussianParams, GaussianParams)>,
     },
 }
 
@@ -108,10 +136,13 @@ impl Variational {
     /// m_z, log s_z ~ U[0, 1); Const mean, log-sd ~ N(0, 1).
     ///
     /// `x` is the `[N]` or `[N, d_x]` data on the device (used to build A-VI
-    /// inputs); `fixed_theta`, when given, replaces q(θ).
+    /// inputs, padded with `pad` where a window runs past the data);
+    /// `fixed_theta`, when given, replaces q(θ).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         method: &MethodConfig,
         x: &Tensor,
+        pad: f64,
         theta_dim: usize,
         local_dim: usize,
         fixed_theta: Option<&[f64]>,
@@ -119,7 +150,7 @@ impl Variational {
         device: Device,
     ) -> Result<Self> {
         let n = x.size()[0] as usize;
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
         let root = vs.root();
         let opts = (kind, device);
         let theta = match fixed_theta {
@@ -162,13 +193,47 @@ impl Variational {
             MethodConfig::Avi {
                 function,
                 standardize,
+                window,
+                edges,
             } => {
-                let inputs = amortization_inputs(x, *standardize, kind)?;
+                let [before, after] = *window;
+                if before + after >= n {
+                    return Err(InferenceError::config(
+                        "method.window",
+                        format!("[{before}, {after}] is as long as the data (N = {n})"),
+                    ));
+                }
+                let inputs = amortization_inputs(x, *window, pad, *standardize, kind)?;
                 let input_dim = inputs.size()[1] as usize;
                 let function = function.build(&root.sub("fn"), input_dim, local_dim, kind)?;
-                LocalFactor::Amortized { function, inputs }
+                let edges = match edges {
+                    Edges::Pad => None,
+                    Edges::Free => {
+                        let free = |name: &str, rows: usize| GaussianParams {
+                            mean: root.add(
+                                &format!("{name}_mean"),
+                                Tensor::rand([rows as i64, local_dim as i64], opts),
+                                true,
+                            ),
+                            log_sd: root.add(
+                                &format!("{name}_log_sd"),
+                                Tensor::rand([rows as i64, local_dim as i64], opts),
+                                true,
+                            ),
+                        };
+                        Some((free("edge_head", before), free("edge_tail", after)))
+                    }
+                };
+                LocalFactor::Amortized {
+                    function,
+                    inputs,
+                    edges,
+                }
             }
         };
+        // Layers built by tch are created in f32; bring everything to `kind`
+        // (in place, so the handles above stay valid).
+        vs.set_kind(kind);
         Ok(Self {
             vs,
             theta,
@@ -191,7 +256,24 @@ impl Variational {
                 mean: p.mean.expand(shape, false),
                 log_sd: p.log_sd.expand(shape, false),
             },
-            LocalFactor::Amortized { function, inputs } => function.forward(inputs),
+            LocalFactor::Amortized {
+                function,
+                inputs,
+                edges,
+            } => {
+                let p = function.forward(inputs);
+                match edges {
+                    None => p,
+                    Some((head, tail)) => {
+                        let (b, a) = (head.mean.size()[0], tail.mean.size()[0]);
+                        let mid = |t: &Tensor| t.narrow(0, b, self.n as i64 - b - a);
+                        GaussianParams {
+                            mean: Tensor::cat(&[&head.mean, &mid(&p.mean), &tail.mean], 0),
+                            log_sd: Tensor::cat(&[&head.log_sd, &mid(&p.log_sd), &tail.log_sd], 0),
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -205,17 +287,45 @@ impl Variational {
     }
 }
 
-/// The `[N, I]` inputs of the inference function: x itself (one column per
-/// observation dimension), standardised per column when asked.
-fn amortization_inputs(x: &Tensor, standardize: bool, kind: Kind) -> Result<Tensor> {
+/// The `[N, I]` inputs of the inference function: row n holds
+/// `x_{n−before}, …, x_{n+after}` (each `d_x` values, so I = d_x·(before +
+/// after + 1)), the series padded with `pad` beyond its ends. With
+/// `standardize`, every value (padding included) goes through the fixed
+/// affine map `(v − mean(x)) / sd(x)`, per observation dimension, where mean
+/// and sd are the data's (population sd; a constant dimension is centred
+/// only).
+pub fn amortization_inputs(
+    x: &Tensor,
+    window: [usize; 2],
+    pad: f64,
+    standardize: bool,
+    kind: Kind,
+) -> Result<Tensor> {
     let x = x.to_kind(kind);
     let x = if x.dim() == 1 { x.unsqueeze(1) } else { x };
-    if !standardize {
-        return Ok(x);
-    }
-    let mean = x.mean_dim(0, true, kind);
-    // Population sd; a constant column is left centred but unscaled.
-    let sd = x.var_dim(0, false, true).sqrt();
-    let sd = sd.where_self(&sd.gt(0.0), &sd.ones_like());
-    Ok((x - mean) / sd)
+    let (n, d) = (x.size()[0], x.size()[1]);
+    let [before, after] = window;
+    let padded = Tensor::cat(
+        &[
+            Tensor::full([before as i64, d], pad, (kind, x.device())),
+            x.shallow_clone(),
+            Tensor::full([after as i64, d], pad, (kind, x.device())),
+        ],
+        0,
+    );
+    let padded = if standardize {
+        let mean = x.mean_dim(0, true, kind);
+        let sd = x.var_dim(0, false, true).sqrt();
+        let sd = sd.where_self(&sd.gt(0.0), &sd.ones_like());
+        (padded - mean) / sd
+    } else {
+        padded
+    };
+    let w = (before + after + 1) as i64;
+    // unfold: [N, d, w] windows; order the columns by time, then dimension.
+    Ok(padded
+        .unfold(0, w, 1)
+        .permute([0, 2, 1])
+        .contiguous()
+        .view([n, w * d]))
 }

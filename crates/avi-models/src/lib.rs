@@ -33,12 +33,21 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod fashion_mnist;
 pub mod gaussian;
+pub mod gaussian_hmm;
+pub mod hmm_reference;
 pub mod linear;
+pub mod mixture_reference;
+pub mod nonlinear;
+pub mod saw;
 
 pub use error::{ModelError, Result};
 pub use gaussian::GaussianReference;
+pub use gaussian_hmm::GaussianHmm;
 pub use linear::LinearModel;
+pub use nonlinear::{NonlinearModel, NonlinearSim};
+pub use saw::SawModel;
 
 use tch::Tensor;
 
@@ -69,6 +78,13 @@ pub trait Model {
 
     /// `log p(θ, z, x)` for each of M draws, normalising constants included.
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor>;
+
+    /// The value that stands for observations before the first and after the
+    /// last when an expanded-domain inference function looks past the data
+    /// (the saw model's known `x_0`; 0 by default).
+    fn pad_value(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Check the `[M, D]` / `[M, N, L]` shape contract of [`Model::log_joint`].
@@ -97,6 +113,19 @@ pub(crate) fn check_draw_shapes(
         });
     }
     Ok(())
+}
+
+/// Check that `x` is a non-empty `[N]` tensor of finite values (the data of
+/// a model with scalar observations).
+pub fn check_scalar_tensor(model: &str, x: &Tensor) -> Result<()> {
+    if x.dim() != 1 {
+        return Err(ModelError::InvalidData(format!(
+            "the {model} model takes scalar observations (a list of numbers), got shape {:?}",
+            x.size()
+        )));
+    }
+    let host = Vec::<f64>::try_from(x.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu))?;
+    check_finite_data(&host)
 }
 
 /// Check that every value of a host-side data vector is finite and that it is

@@ -6,7 +6,10 @@ use rand_distr::{Distribution, StandardNormal};
 use tch::Tensor;
 
 use crate::gaussian::{gaussian_entropy, optimal_elbo, GaussianReference};
-use crate::{check_draw_shapes, check_finite_data, Model, ModelError, Result, HALF_LN_2PI};
+use crate::{
+    check_draw_shapes, check_finite_data, check_scalar_tensor, Model, ModelError, Result,
+    HALF_LN_2PI,
+};
 
 /// The linear probabilistic model (paper Eq. 8, digest §3.1):
 ///
@@ -170,14 +173,7 @@ impl Model for LinearModel {
     }
 
     fn check_data(&self, x: &Tensor) -> Result<()> {
-        if x.dim() != 1 {
-            return Err(ModelError::InvalidData(format!(
-                "the linear model takes scalar observations, got shape {:?}",
-                x.size()
-            )));
-        }
-        let host = Vec::<f64>::try_from(x.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu))?;
-        check_finite_data(&host)
+        check_scalar_tensor("linear", x)
     }
 
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor> {

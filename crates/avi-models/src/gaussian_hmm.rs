@@ -1,0 +1,277 @@
+//! The Gaussian hidden Markov model of Prop. 3.8, corrected (digest §3.3,
+//! §3.5, §7 row 15).
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use tch::Tensor;
+
+use crate::gaussian::{ArrowTridiagonal, GaussianReference};
+use crate::saw::gaussian_reference;
+use crate::{
+    check_draw_shapes, check_finite_data, check_scalar_tensor, Model, ModelError, Result,
+    HALF_LN_2PI,
+};
+
+/// A Gaussian HMM (an AR(1) latent chain observed in noise, with a global
+/// offset θ):
+///
+/// ```text
+/// θ ~ N(0, 1)
+/// z_1 ~ N(0, s0²)
+/// z_n | z_{n−1} ~ N(ρ z_{n−1}, q²)       n = 2..N
+/// x_n | z_n, θ ~ N(θ + z_n, r²)
+/// ```
+///
+/// θ and z_n are scalars. The initial prior is proper (s0 > 0): the paper's
+/// App. A.5 uses a flat p(z_0) and an indefinite precision matrix, whose
+/// Fig. 8 is wrong; with a flat prior and x ≡ 1 the F-VI means are constant
+/// and prove nothing (digest §3.3). With a proper p(z_1) the F-VI optimum
+/// `ν_n*` depends on every observation and on n, so no inference function on
+/// a strict window of the data is ideal (Prop. 3.8). The posterior is
+/// Gaussian with tridiagonal-plus-arrow precision, so the F-VI optimum is
+/// exact in O(N) ([`GaussianHmm::fvi_optimum`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GaussianHmm {
+    rho: f64,
+    q: f64,
+    r: f64,
+    s0: f64,
+}
+
+impl GaussianHmm {
+    /// A Gaussian HMM with autoregression `rho` (finite), transition sd `q`,
+    /// emission sd `r` and initial sd `s0` (all finite and > 0).
+    pub fn new(rho: f64, q: f64, r: f64, s0: f64) -> Result<Self> {
+        if !rho.is_finite() {
+            return Err(ModelError::InvalidParameter {
+                name: "rho",
+                value: rho,
+                reason: "must be finite",
+            });
+        }
+        for (name, v) in [("q", q), ("r", r), ("s0", s0)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ModelError::InvalidParameter {
+                    name,
+                    value: v,
+                    reason: "must be finite and > 0",
+                });
+            }
+        }
+        Ok(Self { rho, q, r, s0 })
+    }
+
+    /// Simulate x_1..x_N with a seeded ChaCha8 generator; θ ~ N(0, 1) unless
+    /// given.
+    pub fn simulate(&self, n: usize, seed: u64, theta: Option<f64>) -> Result<Vec<f64>> {
+        if n == 0 {
+            return Err(ModelError::InvalidData(
+                "cannot simulate an empty data set (n = 0)".into(),
+            ));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let theta = theta.unwrap_or_else(|| StandardNormal.sample(&mut rng));
+        let mut z = 0.0;
+        Ok((0..n)
+            .map(|i| {
+                let e: f64 = StandardNormal.sample(&mut rng);
+                z = if i == 0 {
+                    self.s0 * e
+                } else {
+                    self.rho * z + self.q * e
+                };
+                let eps: f64 = StandardNormal.sample(&mut rng);
+                theta + z + self.r * eps
+            })
+            .collect())
+    }
+
+    /// `log p(θ, z, x)` in f64 on the host (independent evaluation).
+    pub fn log_joint_f64(&self, theta: f64, z: &[f64], x: &[f64]) -> f64 {
+        let norm = |v: f64, sd: f64| -0.5 * (v / sd).powi(2) - sd.ln() - HALF_LN_2PI;
+        let mut lp = norm(theta, 1.0);
+        for i in 0..z.len() {
+            lp += if i == 0 {
+                norm(z[0], self.s0)
+            } else {
+                norm(z[i] - self.rho * z[i - 1], self.q)
+            };
+            lp += norm(x[i] - theta - z[i], self.r);
+        }
+        lp
+    }
+
+    /// The exact ELBO (no Monte Carlo error) of a mean-field Gaussian q with
+    /// the given moments; `theta` is `None` when θ is fixed at `fixed_theta`.
+    pub fn exact_elbo(
+        &self,
+        x: &[f64],
+        theta: Option<(f64, f64)>,
+        fixed_theta: Option<f64>,
+        z_mean: &[f64],
+        z_sd: &[f64],
+    ) -> Result<f64> {
+        check_finite_data(x)?;
+        if z_mean.len() != x.len() || z_sd.len() != x.len() {
+            return Err(ModelError::InvalidData(format!(
+                "q(z) has {} means and {} sds for {} observations",
+                z_mean.len(),
+                z_sd.len(),
+                x.len()
+            )));
+        }
+        let (phi, _, _) = self.precision(x);
+        let (theta_mean, mut prec, mut sd) = match (theta, fixed_theta) {
+            (Some((m, s)), _) => (m, vec![phi.a], vec![s]),
+            (None, Some(t)) => (t, vec![], vec![]),
+            (None, None) => {
+                return Err(ModelError::InvalidData(
+                    "q(θ) or a fixed θ is needed".into(),
+                ))
+            }
+        };
+        prec.extend(&phi.t);
+        sd.extend(z_sd);
+        let lj = self.log_joint_f64(theta_mean, z_mean, x);
+        Ok(crate::gaussian::mean_field_elbo(lj, &prec, &sd))
+    }
+
+    /// The posterior precision and `Φ μ = b` right-hand side.
+    fn precision(&self, x: &[f64]) -> (ArrowTridiagonal, f64, Vec<f64>) {
+        let n = x.len();
+        let (iq2, ir2) = (self.q.powi(-2), self.r.powi(-2));
+        let rho2 = self.rho * self.rho;
+        let t = (0..n)
+            .map(|i| {
+                let prior = if i == 0 { self.s0.powi(-2) } else { iq2 };
+                let next = if i + 1 < n { rho2 * iq2 } else { 0.0 };
+                prior + next + ir2
+            })
+            .collect();
+        let phi = ArrowTridiagonal {
+            a: 1.0 + n as f64 * ir2,
+            c: vec![ir2; n],
+            t,
+            e: vec![-self.rho * iq2; n.saturating_sub(1)],
+        };
+        let b_theta = ir2 * x.iter().sum::<f64>();
+        let b_z: Vec<f64> = x.iter().map(|v| ir2 * v).collect();
+        (phi, b_theta, b_z)
+    }
+
+    /// The exact F-VI optimum for data `x` (θ known when `fixed_theta`).
+    pub fn fvi_optimum(&self, x: &[f64], fixed_theta: Option<f64>) -> Result<GaussianReference> {
+        check_finite_data(x)?;
+        let (phi, b_theta, b_z) = self.precision(x);
+        gaussian_reference(&phi, b_theta, &b_z, fixed_theta, |th, z| {
+            self.log_joint_f64(th, z, x)
+        })
+    }
+}
+
+impl Model for GaussianHmm {
+    fn name(&self) -> &'static str {
+        "gaussian_hmm"
+    }
+
+    fn theta_dim(&self) -> usize {
+        1
+    }
+
+    fn local_dim(&self) -> usize {
+        1
+    }
+
+    fn check_data(&self, x: &Tensor) -> Result<()> {
+        check_scalar_tensor("gaussian_hmm", x)
+    }
+
+    fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor> {
+        check_draw_shapes(theta, z, x, 1, 1)?;
+        let n = x.size()[0];
+        let z = z.squeeze_dim(2); // [M, N]
+        let first = z
+            .narrow(1, 0, 1)
+            .squeeze_dim(1)
+            .divide_scalar(self.s0)
+            .square();
+        let trans = (z.narrow(1, 1, n - 1) - z.narrow(1, 0, n - 1).multiply_scalar(self.rho))
+            .divide_scalar(self.q)
+            .square()
+            .sum_dim_intlist(1, false, None);
+        let emit = ((x.unsqueeze(0) - theta - &z).divide_scalar(self.r))
+            .square()
+            .sum_dim_intlist(1, false, None);
+        let quad = theta.squeeze_dim(1).square() + first + trans + emit;
+        let nf = n as f64;
+        let constant = (2.0 * nf + 1.0) * HALF_LN_2PI
+            + self.s0.ln()
+            + (nf - 1.0) * self.q.ln()
+            + nf * self.r.ln();
+        Ok(quad.multiply_scalar(-0.5) - constant)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensor log joint vs f64 host evaluation (1e-9 relative).
+    #[test]
+    fn tensor_log_joint_matches_f64() {
+        let m = GaussianHmm::new(0.8, 0.5, 0.7, 1.3).unwrap();
+        let x = m.simulate(25, 4, None).unwrap();
+        let z: Vec<f64> = (0..25).map(|i| (i as f64 * 0.3).sin()).collect();
+        let want = m.log_joint_f64(-0.2, &z, &x);
+        let got = m
+            .log_joint(
+                &Tensor::from_slice(&[-0.2f64]).view([1, 1]),
+                &Tensor::from_slice(&z).view([1, 25, 1]),
+                &Tensor::from_slice(&x),
+            )
+            .unwrap()
+            .double_value(&[0]);
+        assert!((got - want).abs() < 1e-9 * want.abs());
+    }
+
+    /// The corrected App. A.5 example: ρ = 1, q = r = 1, θ fixed at 0, x ≡ 1,
+    /// with a proper p(z_1) = N(0, 1): the optimal means are not constant
+    /// (they rise from the prior mean 0 toward 1), so windows of x cannot
+    /// determine them. Checked against a dense solve (1e-10).
+    #[test]
+    fn counterexample_means_are_not_constant() {
+        let m = GaussianHmm::new(1.0, 1.0, 1.0, 1.0).unwrap();
+        let x = vec![1.0; 100];
+        let r = m.fvi_optimum(&x, Some(0.0)).unwrap();
+        let spread = r.z_mean.iter().cloned().fold(f64::MIN, f64::max)
+            - r.z_mean.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(spread > 0.3, "spread {spread}");
+        assert!(r.z_mean[0] < r.z_mean[50]);
+        // Dense check of the first 100-dim system: Ψ μ = x with Ψ tridiagonal.
+        let n = 100;
+        let mut dense = vec![0.0; n * n];
+        for i in 0..n {
+            dense[i * n + i] = if i + 1 < n { 3.0 } else { 2.0 };
+            if i + 1 < n {
+                dense[i * n + i + 1] = -1.0;
+                dense[(i + 1) * n + i] = -1.0;
+            }
+        }
+        let a = Tensor::from_slice(&dense).view([n as i64, n as i64]);
+        let mu = Vec::<f64>::try_from(
+            Tensor::linalg_solve(&a, &Tensor::from_slice(&x).view([n as i64, 1]), true).view([-1]),
+        )
+        .unwrap();
+        for (m, z) in mu.iter().zip(&r.z_mean) {
+            assert!((m - z).abs() < 1e-10);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_parameters() {
+        assert!(GaussianHmm::new(0.5, 0.0, 1.0, 1.0).is_err());
+        assert!(GaussianHmm::new(0.5, 1.0, -1.0, 1.0).is_err());
+        assert!(GaussianHmm::new(f64::NAN, 1.0, 1.0, 1.0).is_err());
+    }
+}
