@@ -19,6 +19,42 @@ pub fn fit_cpu(model: &dyn Model, x: &[f64], method: &MethodConfig, opts: &FitOp
     .expect("fit runs")
 }
 
+/// An A-VI method with a two-layer ReLU MLP of width `width` (shared trunk)
+/// on the window `[before, after]`, edges padded.
+pub fn mlp(width: usize, window: [usize; 2]) -> MethodConfig {
+    MethodConfig::Avi {
+        function: avi_inference::FunctionConfig::Mlp {
+            width,
+            depth: 2,
+            activation: avi_inference::Activation::Relu,
+            heads: avi_inference::Heads::Shared,
+        },
+        standardize: true,
+        window,
+        edges: avi_inference::Edges::Pad,
+    }
+}
+
+/// Fit on CPU with θ fixed at `theta`.
+pub fn fit_cpu_fixed(
+    model: &dyn Model,
+    x: &[f64],
+    method: &MethodConfig,
+    theta: &[f64],
+    opts: &FitOptions,
+) -> Fit {
+    fit(
+        model,
+        &Tensor::from_slice(x),
+        method,
+        Some(theta),
+        opts,
+        Device::Cpu,
+        &mut Silent,
+    )
+    .expect("fit runs")
+}
+
 /// The largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");

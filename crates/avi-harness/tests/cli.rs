@@ -332,3 +332,29 @@ fn divergence_is_reported_with_exit_3() {
     );
     assert_eq!(r["trace"]["iteration"].as_array().unwrap().len() as u64, at);
 }
+
+#[test]
+fn saw_with_an_expanded_domain_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = r#"{ "model": {"kind": "saw", "alpha": 0.75, "x0": 0},
+        "data": {"simulate": {"n": 60, "seed": 2012, "theta": [3.4159]}},
+        "method": {"kind": "avi", "fn": {"kind": "mlp", "width": 4, "depth": 2,
+                   "activation": "relu", "heads": "shared"},
+                   "window": [1, 0], "edges": "free", "standardize": true},
+        "steps": 200, "lr": 0.03, "draws": 10, "seed": 2013, "eval_draws": 100,
+        "entropy": "analytic", "dtype": "f64" }"#;
+    std::fs::write(dir.path().join("c.json"), cfg).unwrap();
+    let o = avi(
+        &[
+            "fit", "--config", "c.json", "--out", "r.json", "--device", "cpu",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = read(&dir.path().join("r.json"));
+    assert_eq!(r["model"]["kind"], "saw");
+    assert_eq!(r["method"]["window"], serde_json::json!([1, 0]));
+    // MLP 2→4→4→(1,1) = 12 + 20 + 10 parameters, q(θ) 2, one free edge factor 2.
+    assert_eq!(r["num_parameters"], 12 + 20 + 10 + 2 + 2);
+    assert!(r["reference"]["elbo"].as_f64().is_some());
+}
