@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use crate::family::GaussianParams;
+use crate::function::Output;
 use crate::method::{MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
 
@@ -153,8 +154,11 @@ pub struct GaussianSummary {
 pub struct Fit {
     /// q(θ), or `None` when θ was fixed.
     pub q_theta: Option<GaussianSummary>,
-    /// q(z_n) for every n, as given by the fitted family.
+    /// q(z_n) for every n, as given by the fitted family (Gaussian local
+    /// factors; empty arrays for categorical ones).
     pub q_z: GaussianSummary,
+    /// For categorical local factors: the `[N, K]` probabilities, row-major.
+    pub q_z_probs: Option<Vec<f64>>,
     /// Per-step trace.
     pub trace: Trace,
     /// ELBO at the final parameters from `eval_draws` fresh draws, every
@@ -190,7 +194,9 @@ impl Observer for Silent {}
 
 /// Draw-wise ELBO terms for one step: `elbo[m] = log p(θ_m, z_m, x) −
 /// log q(θ_m, z_m)` (or the analytic entropy in place of `−log q`), shape
-/// `[M]`.
+/// `[M]`. For discrete local latents the expectation over q(z) is exact
+/// (enumeration inside [`Model::expected_log_joint`]) and the entropy of q(z)
+/// is exact; only θ is drawn.
 pub fn elbo_draws(
     model: &dyn Model,
     var: &Variational,
@@ -198,40 +204,62 @@ pub fn elbo_draws(
     draws: usize,
     entropy: Entropy,
 ) -> Result<Tensor> {
-    let local = var.local_params();
-    let kind = local.mean.kind();
-    let device = local.mean.device();
+    let kind = x.kind();
+    let device = x.device();
     let m = draws as i64;
-    let (theta, theta_log_q, theta_dims) = match &var.theta {
+    let (theta, theta_q) = match &var.theta {
         ThetaFactor::Free(q) => {
             let eps = Tensor::randn([m, q.mean.size()[0]], (kind, device));
-            let theta = q.sample(&eps);
-            (theta, Some((q, eps)), q.numel())
+            (q.sample(&eps), Some((q, eps)))
         }
-        ThetaFactor::Fixed(t) => (t.unsqueeze(0).expand([m, t.size()[0]], false), None, 0),
+        ThetaFactor::Fixed(t) => (t.unsqueeze(0).expand([m, t.size()[0]], false), None),
     };
-    let eps_z = Tensor::randn([m, var.n as i64, var.local_dim as i64], (kind, device));
-    let z = local.sample(&eps_z);
-    let log_p = model.log_joint(&theta, &z, x)?;
-    let dims = (theta_dims + var.n * var.local_dim) as f64;
-    let sum_log_sd = match &theta_log_q {
-        Some((q, _)) => q.sum_log_sd() + local.sum_log_sd(),
-        None => local.sum_log_sd(),
-    };
-    let neg_log_q = match entropy {
-        Entropy::Analytic => sum_log_sd + dims * (0.5 + HALF_LN_2PI),
-        Entropy::Mc => {
-            // −log q = Σ log s + ½ Σ ε² + (d/2) log 2π, with ε = (v − m)/s.
-            let mut sq = eps_z
-                .square()
-                .sum_dim_intlist([1i64, 2].as_slice(), false, kind);
-            if let Some((_, eps)) = &theta_log_q {
-                sq += eps.square().sum_dim_intlist(1, false, kind);
+    // −log q(θ) per draw (or its analytic expectation).
+    let theta_neg_log_q = theta_q.map(|(q, eps)| {
+        let dims = q.numel() as f64;
+        match entropy {
+            Entropy::Analytic => q.sum_log_sd() + dims * (0.5 + HALF_LN_2PI),
+            Entropy::Mc => {
+                eps.square()
+                    .sum_dim_intlist(1, false, kind)
+                    .multiply_scalar(0.5)
+                    + q.sum_log_sd()
+                    + dims * HALF_LN_2PI
             }
-            sq.multiply_scalar(0.5) + sum_log_sd + dims * HALF_LN_2PI
+        }
+    });
+    let local = match var.output {
+        Output::Categorical { .. } => {
+            let log_probs = var.local_log_probs();
+            let expected = model.expected_log_joint(&theta, &log_probs, x)?;
+            let h_z = -(log_probs.exp() * &log_probs).sum(kind);
+            expected + h_z
+        }
+        Output::Gaussian { .. } => {
+            let local = var.local_params();
+            let eps_z = Tensor::randn([m, var.n as i64, var.local_dim as i64], (kind, device));
+            let z = local.sample(&eps_z);
+            let log_p = model.log_joint(&theta, &z, x)?;
+            let dims = (var.n * var.local_dim) as f64;
+            let neg_log_q = match entropy {
+                Entropy::Analytic => local.sum_log_sd() + dims * (0.5 + HALF_LN_2PI),
+                // −log q = Σ log s + ½ Σ ε² + (d/2) log 2π, with ε = (v − m)/s.
+                Entropy::Mc => {
+                    eps_z
+                        .square()
+                        .sum_dim_intlist([1i64, 2].as_slice(), false, kind)
+                        .multiply_scalar(0.5)
+                        + local.sum_log_sd()
+                        + dims * HALF_LN_2PI
+                }
+            };
+            log_p + neg_log_q
         }
     };
-    Ok(log_p + neg_log_q)
+    Ok(match theta_neg_log_q {
+        Some(t) => local + t,
+        None => local,
+    })
 }
 
 /// Estimate the ELBO of the current parameters from `draws` fresh draws
@@ -244,7 +272,10 @@ pub fn evaluate_elbo(
     draws: usize,
     entropy: Entropy,
 ) -> Result<(f64, f64)> {
-    let per_draw = (var.n * var.local_dim).max(1);
+    let per_draw = match var.output {
+        Output::Gaussian { .. } => (var.n * var.local_dim).max(1),
+        Output::Categorical { .. } => 1,
+    };
     let chunk = (4_000_000 / per_draw).clamp(1, draws);
     let mut values = Vec::with_capacity(draws);
     tch::no_grad(|| -> Result<()> {
@@ -269,21 +300,21 @@ pub fn evaluate_elbo(
     Ok((mean, (var / n).sqrt()))
 }
 
+fn host_vec(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(Vec::<f64>::try_from(
+        t.detach()
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .contiguous()
+            .view([-1]),
+    )?)
+}
+
 fn summarize(p: &GaussianParams) -> Result<GaussianSummary> {
-    let shape = p.mean.size().iter().map(|&s| s as usize).collect();
-    let host = |t: &Tensor| -> Result<Vec<f64>> {
-        Ok(Vec::<f64>::try_from(
-            t.detach()
-                .to_kind(Kind::Double)
-                .to_device(Device::Cpu)
-                .contiguous()
-                .view([-1]),
-        )?)
-    };
     Ok(GaussianSummary {
-        mean: host(&p.mean)?,
-        sd: host(&p.log_sd.exp())?,
-        shape,
+        mean: host_vec(&p.mean)?,
+        sd: host_vec(&p.log_sd.exp())?,
+        shape: p.mean.size().iter().map(|&s| s as usize).collect(),
     })
 }
 
@@ -352,7 +383,12 @@ impl<'a> Trainer<'a> {
             &x,
             model.pad_value(),
             model.theta_dim(),
-            model.local_dim(),
+            match model.local_states() {
+                Some(states) => Output::Categorical { states },
+                None => Output::Gaussian {
+                    dim: model.local_dim(),
+                },
+            },
             fixed_theta,
             kind,
             device,
@@ -461,10 +497,21 @@ pub fn fit(
         ThetaFactor::Free(q) => Some(summarize(q)?),
         ThetaFactor::Fixed(_) => None,
     };
-    let q_z = summarize(&var.local_params().detach())?;
+    let (q_z, q_z_probs) = match var.output {
+        Output::Gaussian { .. } => (summarize(&var.local_params().detach())?, None),
+        Output::Categorical { .. } => (
+            GaussianSummary {
+                mean: vec![],
+                sd: vec![],
+                shape: vec![var.n, 0],
+            },
+            Some(host_vec(&var.local_log_probs().exp())?),
+        ),
+    };
     Ok(Fit {
         q_theta,
         q_z,
+        q_z_probs,
         trace,
         elbo,
         elbo_se,

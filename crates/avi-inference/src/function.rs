@@ -65,10 +65,19 @@ pub enum Heads {
 }
 
 impl FunctionConfig {
-    /// Validate the settings against the input width and local dimension.
-    pub fn check(&self, input_dim: usize, local_dim: usize) -> Result<()> {
+    /// Validate the settings against the input width and the output.
+    pub fn check(&self, input_dim: usize, output: Output) -> Result<()> {
         match self {
             Self::Poly { degree } => {
+                let local_dim = match output {
+                    Output::Gaussian { dim } => dim,
+                    Output::Categorical { .. } => {
+                        return Err(InferenceError::config(
+                            "fn.kind",
+                            "a polynomial gives Gaussian factors; use an MLP for discrete z",
+                        ))
+                    }
+                };
                 if *degree > 10 {
                     return Err(InferenceError::config(
                         "fn.degree",
@@ -86,7 +95,18 @@ impl FunctionConfig {
                 }
                 Ok(())
             }
-            Self::Mlp { width, depth, .. } => {
+            Self::Mlp {
+                width,
+                depth,
+                heads,
+                ..
+            } => {
+                if *heads == Heads::Separate && matches!(output, Output::Categorical { .. }) {
+                    return Err(InferenceError::config(
+                        "fn.heads",
+                        "\"separate\" needs Gaussian factors (mean and log-sd networks); use \"shared\"",
+                    ));
+                }
                 if *width == 0 || *width > 1 << 16 {
                     return Err(InferenceError::config(
                         "fn.width",
@@ -110,10 +130,10 @@ impl FunctionConfig {
         &self,
         path: &nn::Path,
         input_dim: usize,
-        local_dim: usize,
+        output: Output,
         kind: Kind,
     ) -> Result<Box<dyn InferenceFunction>> {
-        self.check(input_dim, local_dim)?;
+        self.check(input_dim, output)?;
         match self {
             Self::Poly { degree } => Ok(Box::new(Polynomial::new(path, *degree, kind))),
             Self::Mlp {
@@ -124,7 +144,7 @@ impl FunctionConfig {
             } => Ok(Box::new(Mlp::new(
                 path,
                 input_dim,
-                local_dim,
+                output,
                 *width,
                 *depth,
                 *activation,
@@ -145,10 +165,46 @@ impl FunctionConfig {
     }
 }
 
-/// A learned map from per-observation inputs to Gaussian factor parameters.
+/// What a local factor's parameter vector holds, per observation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// A diagonal Gaussian over ℝ^L: L means then L log-sds (2L values).
+    Gaussian {
+        /// L.
+        dim: usize,
+    },
+    /// A categorical over K states: K logits.
+    Categorical {
+        /// K.
+        states: usize,
+    },
+}
+
+impl Output {
+    /// Number of values per observation.
+    pub fn width(self) -> usize {
+        match self {
+            Self::Gaussian { dim } => 2 * dim,
+            Self::Categorical { states } => states,
+        }
+    }
+
+    /// Split `[N, 2L]` raw Gaussian parameters into mean and log-sd.
+    pub fn gaussian(self, raw: &Tensor) -> GaussianParams {
+        let l = (self.width() / 2) as i64;
+        GaussianParams {
+            mean: raw.narrow(1, 0, l),
+            log_sd: raw.narrow(1, l, l),
+        }
+    }
+}
+
+/// A learned map from per-observation inputs to local factor parameters.
 pub trait InferenceFunction: Send {
-    /// `inputs` is `[N, I]`; returns `mean` and `log_sd`, each `[N, L]`.
-    fn forward(&self, inputs: &Tensor) -> GaussianParams;
+    /// `inputs` is `[N, I]`; returns the `[N, W]` raw parameters laid out as
+    /// the [`Output`] the function was built for (Gaussian: means then
+    /// log-sds; categorical: logits).
+    fn forward(&self, inputs: &Tensor) -> Tensor;
 
     /// Number of learned scalars φ (independent of N).
     fn num_parameters(&self) -> usize;
@@ -187,14 +243,14 @@ impl Polynomial {
 }
 
 impl InferenceFunction for Polynomial {
-    fn forward(&self, inputs: &Tensor) -> GaussianParams {
+    fn forward(&self, inputs: &Tensor) -> Tensor {
         // Horner's scheme on the [N, 1] input column.
         let mut mean = self.coefficients.get(self.degree as i64).expand_as(inputs);
         for k in (0..self.degree).rev() {
             mean = mean * inputs + self.coefficients.get(k as i64);
         }
         let log_sd = self.log_sd.expand_as(inputs);
-        GaussianParams { mean, log_sd }
+        Tensor::cat(&[mean, log_sd], 1)
     }
 
     fn num_parameters(&self) -> usize {
@@ -242,65 +298,66 @@ impl Trunk {
 }
 
 /// MLP inference function (digest §4.3–4.5, §7 row 19): PyTorch's default
-/// initialisation (Kaiming-uniform weights, uniform biases); hidden layers of
-/// width k; linear heads for mean and log-sd, either on one shared trunk or
-/// on two separate trunks.
+/// initialisation (Kaiming-uniform weights, uniform biases); `depth` hidden
+/// layers of width k. With shared heads one trunk feeds a linear head of all
+/// outputs (for Gaussian factors: means and log-sds, i.e. two heads); with
+/// separate heads (Gaussian only) the mean and the log-sd each have their own
+/// trunk and head, as in the authors' nonlinear experiment.
 #[derive(Debug)]
 pub struct Mlp {
-    mean_trunk: Trunk,
-    log_sd_trunk: Option<Trunk>,
-    mean_head: nn::Linear,
-    log_sd_head: nn::Linear,
+    trunk: Trunk,
+    head: nn::Linear,
+    /// Separate heads: the log-sd trunk and head.
+    log_sd: Option<(Trunk, nn::Linear)>,
     num_parameters: usize,
 }
 
 impl Mlp {
-    /// An MLP from `input_dim` inputs to `local_dim` means and log-sds.
+    /// An MLP from `input_dim` inputs to the parameters of `output`.
     pub fn new(
         path: &nn::Path,
         input_dim: usize,
-        local_dim: usize,
+        output: Output,
         width: usize,
         depth: usize,
         activation: Activation,
         heads: Heads,
     ) -> Self {
-        let (i, k, l) = (input_dim, width, local_dim);
+        let (i, k) = (input_dim, width);
         let trunk_params = (i * k + k) + (depth - 1) * (k * k + k);
-        let head_params = k * l + l;
-        let mean_trunk = Trunk::new(&(path / "trunk"), i, k, depth, activation);
-        let log_sd_trunk = match heads {
-            Heads::Shared => None,
-            Heads::Separate => Some(Trunk::new(
-                &(path / "log_sd_trunk"),
-                i,
-                k,
-                depth,
-                activation,
-            )),
-        };
-        let mean_head = nn::linear(path / "mean", k as i64, l as i64, Default::default());
-        let log_sd_head = nn::linear(path / "log_sd", k as i64, l as i64, Default::default());
-        let trunks = if log_sd_trunk.is_some() { 2 } else { 1 };
+        let trunk = Trunk::new(&(path / "trunk"), i, k, depth, activation);
+        let separate = heads == Heads::Separate && matches!(output, Output::Gaussian { .. });
+        let out = output.width();
+        let head_out = if separate { out / 2 } else { out };
+        let head = nn::linear(path / "head", k as i64, head_out as i64, Default::default());
+        let log_sd = separate.then(|| {
+            (
+                Trunk::new(&(path / "log_sd_trunk"), i, k, depth, activation),
+                nn::linear(
+                    path / "log_sd_head",
+                    k as i64,
+                    head_out as i64,
+                    Default::default(),
+                ),
+            )
+        });
+        let trunks = if separate { 2 } else { 1 };
         Self {
-            mean_trunk,
-            log_sd_trunk,
-            mean_head,
-            log_sd_head,
-            num_parameters: trunks * trunk_params + 2 * head_params,
+            trunk,
+            head,
+            log_sd,
+            num_parameters: trunks * trunk_params + out * k + out,
         }
     }
 }
 
 impl InferenceFunction for Mlp {
-    fn forward(&self, inputs: &Tensor) -> GaussianParams {
-        let h = self.mean_trunk.forward(inputs);
-        let mean = self.mean_head.forward(&h);
-        let log_sd = match &self.log_sd_trunk {
-            None => self.log_sd_head.forward(&h),
-            Some(t) => self.log_sd_head.forward(&t.forward(inputs)),
-        };
-        GaussianParams { mean, log_sd }
+    fn forward(&self, inputs: &Tensor) -> Tensor {
+        let main = self.head.forward(&self.trunk.forward(inputs));
+        match &self.log_sd {
+            None => main,
+            Some((trunk, head)) => Tensor::cat(&[main, head.forward(&trunk.forward(inputs))], 1),
+        }
     }
 
     fn num_parameters(&self) -> usize {

@@ -42,5 +42,5 @@ pub use fit::{
     elbo_draws, evaluate_elbo, fit, Dtype, Entropy, Fit, FitOptions, FitStatus, GaussianSummary,
     Observer, Silent, Trace, Trainer,
 };
-pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Polynomial};
+pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use method::{amortization_inputs, Edges, LocalFactor, MethodConfig, ThetaFactor, Variational};

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::family::GaussianParams;
-use crate::function::{FunctionConfig, InferenceFunction};
+use crate::function::{FunctionConfig, InferenceFunction, Output};
 use crate::{InferenceError, Result};
 
 fn yes() -> bool {
@@ -80,21 +80,23 @@ pub enum ThetaFactor {
     Fixed(Tensor),
 }
 
-/// The local factors q(z_1..z_N).
+/// The local factors q(z_1..z_N), stored as raw parameter rows laid out as
+/// their [`Output`] says (Gaussian: L means then L log-sds; categorical: K
+/// logits).
 pub enum LocalFactor {
-    /// F-VI: free `[N, L]` means and log-sds.
-    Free(GaussianParams),
-    /// Const: one `[1, L]` mean and log-sd broadcast to every n.
-    Shared(GaussianParams),
+    /// F-VI: a free `[N, W]` row for every observation.
+    Free(Tensor),
+    /// Const: one `[1, W]` row broadcast to every n.
+    Shared(Tensor),
     /// A-VI: an inference function applied to fixed `[N, I]` inputs.
     Amortized {
         /// f_φ.
         function: Box<dyn InferenceFunction>,
         /// The function's inputs, one row per observation.
         inputs: Tensor,
-        /// With `edges: free`, the free factors of the first `before` and the
+        /// With `edges: free`, the free rows of the first `before` and the
         /// last `after` indices.
-        edges: Option<(GaussianParams, GaussianParams)>,
+        edges: Option<(Tensor, Tensor)>,
     },
 }
 
@@ -122,6 +124,8 @@ pub struct Variational {
     pub theta: ThetaFactor,
     /// q(z_n), n = 1..N.
     pub local: LocalFactor,
+    /// What each local parameter row holds.
+    pub output: Output,
     /// N.
     pub n: usize,
     /// L.
@@ -144,15 +148,25 @@ impl Variational {
         x: &Tensor,
         pad: f64,
         theta_dim: usize,
-        local_dim: usize,
+        output: Output,
         fixed_theta: Option<&[f64]>,
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
+        let local_dim = match output {
+            Output::Gaussian { dim } => dim,
+            Output::Categorical { states } => states,
+        };
+        let width = output.width() as i64;
+        // Initial local rows: Gaussian F-VI rows ~ U[0, 1) (authors' code);
+        // everything else ~ N(0, 1).
+        let init = |rows: i64, free: bool| match (output, free) {
+            (Output::Gaussian { .. }, true) => Tensor::rand([rows, width], (kind, device)),
+            _ => Tensor::randn([rows, width], (kind, device)),
+        };
         let n = x.size()[0] as usize;
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
-        let opts = (kind, device);
         let theta = match fixed_theta {
             Some(values) => {
                 if values.len() != theta_dim {
@@ -164,32 +178,17 @@ impl Variational {
                 ThetaFactor::Fixed(Tensor::from_slice(values).to_kind(kind).to_device(device))
             }
             None => {
-                let mean = Tensor::randn([theta_dim as i64], opts);
-                let log_sd = Tensor::randn([theta_dim as i64], opts);
+                let mean = Tensor::randn([theta_dim as i64], (kind, device));
+                let log_sd = Tensor::randn([theta_dim as i64], (kind, device));
                 ThetaFactor::Free(GaussianParams {
                     mean: root.add("theta_mean", mean, true),
                     log_sd: root.add("theta_log_sd", log_sd, true),
                 })
             }
         };
-        let shape = [n as i64, local_dim as i64];
         let local = match method {
-            MethodConfig::Fvi => {
-                let mean = Tensor::rand(shape, opts);
-                let log_sd = Tensor::rand(shape, opts);
-                LocalFactor::Free(GaussianParams {
-                    mean: root.add("z_mean", mean, true),
-                    log_sd: root.add("z_log_sd", log_sd, true),
-                })
-            }
-            MethodConfig::Const => {
-                let mean = Tensor::randn([1, local_dim as i64], opts);
-                let log_sd = Tensor::randn([1, local_dim as i64], opts);
-                LocalFactor::Shared(GaussianParams {
-                    mean: root.add("z_mean", mean, true),
-                    log_sd: root.add("z_log_sd", log_sd, true),
-                })
-            }
+            MethodConfig::Fvi => LocalFactor::Free(root.add("z", init(n as i64, true), true)),
+            MethodConfig::Const => LocalFactor::Shared(root.add("z", init(1, false), true)),
             MethodConfig::Avi {
                 function,
                 standardize,
@@ -205,24 +204,13 @@ impl Variational {
                 }
                 let inputs = amortization_inputs(x, *window, pad, *standardize, kind)?;
                 let input_dim = inputs.size()[1] as usize;
-                let function = function.build(&root.sub("fn"), input_dim, local_dim, kind)?;
+                let function = function.build(&root.sub("fn"), input_dim, output, kind)?;
                 let edges = match edges {
                     Edges::Pad => None,
-                    Edges::Free => {
-                        let free = |name: &str, rows: usize| GaussianParams {
-                            mean: root.add(
-                                &format!("{name}_mean"),
-                                Tensor::rand([rows as i64, local_dim as i64], opts),
-                                true,
-                            ),
-                            log_sd: root.add(
-                                &format!("{name}_log_sd"),
-                                Tensor::rand([rows as i64, local_dim as i64], opts),
-                                true,
-                            ),
-                        };
-                        Some((free("edge_head", before), free("edge_tail", after)))
-                    }
+                    Edges::Free => Some((
+                        root.add("edge_head", init(before as i64, true), true),
+                        root.add("edge_tail", init(after as i64, true), true),
+                    )),
                 };
                 LocalFactor::Amortized {
                     function,
@@ -238,24 +226,18 @@ impl Variational {
             vs,
             theta,
             local,
+            output,
             n,
             local_dim,
         })
     }
 
-    /// The `[N, L]` parameters of every q(z_n) (broadcast for Const, computed
-    /// by f_φ for A-VI); differentiable.
-    pub fn local_params(&self) -> GaussianParams {
-        let shape = [self.n as i64, self.local_dim as i64];
+    /// The raw `[N, W]` parameter rows of every q(z_n) (broadcast for Const,
+    /// computed by f_φ for A-VI); differentiable.
+    pub fn local_raw(&self) -> Tensor {
         match &self.local {
-            LocalFactor::Free(p) => GaussianParams {
-                mean: p.mean.shallow_clone(),
-                log_sd: p.log_sd.shallow_clone(),
-            },
-            LocalFactor::Shared(p) => GaussianParams {
-                mean: p.mean.expand(shape, false),
-                log_sd: p.log_sd.expand(shape, false),
-            },
+            LocalFactor::Free(p) => p.shallow_clone(),
+            LocalFactor::Shared(p) => p.expand([self.n as i64, p.size()[1]], false),
             LocalFactor::Amortized {
                 function,
                 inputs,
@@ -265,16 +247,24 @@ impl Variational {
                 match edges {
                     None => p,
                     Some((head, tail)) => {
-                        let (b, a) = (head.mean.size()[0], tail.mean.size()[0]);
-                        let mid = |t: &Tensor| t.narrow(0, b, self.n as i64 - b - a);
-                        GaussianParams {
-                            mean: Tensor::cat(&[&head.mean, &mid(&p.mean), &tail.mean], 0),
-                            log_sd: Tensor::cat(&[&head.log_sd, &mid(&p.log_sd), &tail.log_sd], 0),
-                        }
+                        let (b, a) = (head.size()[0], tail.size()[0]);
+                        let mid = p.narrow(0, b, self.n as i64 - b - a);
+                        Tensor::cat(&[head, &mid, tail], 0)
                     }
                 }
             }
         }
+    }
+
+    /// The `[N, L]` means and log-sds of Gaussian local factors.
+    pub fn local_params(&self) -> GaussianParams {
+        self.output.gaussian(&self.local_raw())
+    }
+
+    /// The `[N, K]` log-probabilities of categorical local factors.
+    pub fn local_log_probs(&self) -> Tensor {
+        let raw = self.local_raw();
+        raw.log_softmax(1, raw.kind())
     }
 
     /// Number of learned scalars: q(θ) plus the local family's parameters.

@@ -91,7 +91,7 @@ fn log_sum_exp(v: &[f64]) -> f64 {
 
 /// Check that `p` is a probability vector: finite, in [0, 1], summing to 1
 /// within [`PROB_SUM_TOL`].
-fn check_probabilities(name: &'static str, p: &[f64]) -> Result<()> {
+pub(crate) fn check_probabilities(name: &'static str, p: &[f64]) -> Result<()> {
     if let Some(&v) = p.iter().find(|v| !v.is_finite() || **v < 0.0 || **v > 1.0) {
         return Err(ModelError::InvalidParameter {
             name,

@@ -32,20 +32,24 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod discrete_hmm;
 pub mod error;
 pub mod fashion_mnist;
 pub mod gaussian;
 pub mod gaussian_hmm;
 pub mod hmm_reference;
 pub mod linear;
+pub mod mixture;
 pub mod mixture_reference;
 pub mod nonlinear;
 pub mod saw;
 
+pub use discrete_hmm::DiscreteHmm;
 pub use error::{ModelError, Result};
 pub use gaussian::GaussianReference;
 pub use gaussian_hmm::GaussianHmm;
 pub use linear::LinearModel;
+pub use mixture::MixtureModel;
 pub use nonlinear::{NonlinearModel, NonlinearSim};
 pub use saw::SawModel;
 
@@ -78,6 +82,29 @@ pub trait Model {
 
     /// `log p(θ, z, x)` for each of M draws, normalising constants included.
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor>;
+
+    /// For models with discrete local latents: the number K of states of each
+    /// z_n (`local_dim` is then K, the number of logits per observation).
+    /// `None` (the default) for continuous local latents.
+    fn local_states(&self) -> Option<usize> {
+        None
+    }
+
+    /// For models with discrete local latents: `E_{q(z)}[log p(θ, z, x)]` for
+    /// each of M draws of θ (`theta` is `[M, D]`), computed exactly by
+    /// enumeration under the factorised `q(z) = ∏_n Cat(z_n; exp(log_probs_n))`
+    /// (`log_probs` is `[N, K]`); returns `[M]`, differentiable in both.
+    fn expected_log_joint(
+        &self,
+        _theta: &Tensor,
+        _log_probs: &Tensor,
+        _x: &Tensor,
+    ) -> Result<Tensor> {
+        Err(ModelError::InvalidData(format!(
+            "the {} model has continuous local latents: use log_joint",
+            self.name()
+        )))
+    }
 
     /// The value that stands for observations before the first and after the
     /// last when an expanded-domain inference function looks past the data

@@ -104,7 +104,7 @@ fn check_sd(name: &'static str, v: f64) -> Result<()> {
 
 /// Check the mixture weights (K ≥ 1 entries in [0, 1] summing to 1) and
 /// return their logs.
-fn check_weights(weights: &[f64]) -> Result<Vec<f64>> {
+pub(crate) fn check_weights(weights: &[f64]) -> Result<Vec<f64>> {
     if weights.is_empty() {
         return Err(ModelError::InvalidData(
             "the mixture needs at least one component (weights is empty)".into(),
