@@ -5,18 +5,27 @@ use avi_inference::{fit, Fit, FitOptions, MethodConfig, Silent};
 use avi_models::Model;
 use tch::{Device, Tensor};
 
-/// Fit `method` on CPU with the given options.
+/// Fit `method` on CPU with the given options (scalar observations).
 pub fn fit_cpu(model: &dyn Model, x: &[f64], method: &MethodConfig, opts: &FitOptions) -> Fit {
-    fit(
-        model,
-        &Tensor::from_slice(x),
-        method,
-        None,
-        opts,
-        Device::Cpu,
-        &mut Silent,
-    )
-    .expect("fit runs")
+    fit_cpu_general(model, x, None, method, None, opts)
+}
+
+/// Fit on CPU: `x` holds N observations of `dim` values each (row-major) or
+/// N scalars (`dim` = None); θ fixed when `theta` is given.
+pub fn fit_cpu_general(
+    model: &dyn Model,
+    x: &[f64],
+    dim: Option<usize>,
+    method: &MethodConfig,
+    theta: Option<&[f64]>,
+    opts: &FitOptions,
+) -> Fit {
+    let xt = Tensor::from_slice(x);
+    let xt = match dim {
+        Some(d) => xt.view([-1, d as i64]),
+        None => xt,
+    };
+    fit(model, &xt, method, theta, opts, Device::Cpu, &mut Silent).expect("fit runs")
 }
 
 /// An A-VI method with a two-layer ReLU MLP of width `width` (shared trunk)
@@ -43,16 +52,7 @@ pub fn fit_cpu_fixed(
     theta: &[f64],
     opts: &FitOptions,
 ) -> Fit {
-    fit(
-        model,
-        &Tensor::from_slice(x),
-        method,
-        Some(theta),
-        opts,
-        Device::Cpu,
-        &mut Silent,
-    )
-    .expect("fit runs")
+    fit_cpu_general(model, x, None, method, Some(theta), opts)
 }
 
 /// The largest absolute difference between two equally long slices.

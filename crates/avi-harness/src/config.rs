@@ -51,6 +51,35 @@ pub enum ModelConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fixed_theta: Option<Vec<f64>>,
     },
+    /// The Bayesian Gaussian mixture (θ = μ_1 … μ_K, each D values).
+    Mixture {
+        /// Number of components K ≥ 1.
+        k: usize,
+        /// Prior sd σ0 of the means.
+        prior_sd: f64,
+        /// Observation noise sd s.
+        noise_sd: f64,
+        /// Mixture weights (default uniform).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weights: Option<Vec<f64>>,
+        /// Treat θ as known (no q(θ)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fixed_theta: Option<Vec<f64>>,
+    },
+    /// Discrete HMM with Gaussian emissions (θ = μ_1 … μ_K).
+    DiscreteHmm {
+        /// Initial probabilities π (K values).
+        init: Vec<f64>,
+        /// Transition matrix A, K rows of K probabilities.
+        transition: Vec<Vec<f64>>,
+        /// Emission sd s.
+        emission_sd: f64,
+        /// Prior sd of the state means.
+        prior_sd: f64,
+        /// Treat θ as known (no q(θ)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fixed_theta: Option<Vec<f64>>,
+    },
     /// The Gaussian HMM of Prop. 3.8 (corrected).
     GaussianHmm {
         /// Autoregression ρ.
@@ -85,7 +114,9 @@ impl ModelConfig {
             Self::Linear { fixed_theta, .. }
             | Self::Nonlinear { fixed_theta, .. }
             | Self::Saw { fixed_theta, .. }
-            | Self::GaussianHmm { fixed_theta, .. } => fixed_theta.as_deref(),
+            | Self::GaussianHmm { fixed_theta, .. }
+            | Self::Mixture { fixed_theta, .. }
+            | Self::DiscreteHmm { fixed_theta, .. } => fixed_theta.as_deref(),
         }
     }
 }
@@ -111,6 +142,10 @@ pub struct SimulateConfig {
     /// θ to simulate with (drawn from its prior when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub theta: Option<Vec<f64>>,
+    /// Dimension D of each observation, for models with vector observations
+    /// (mixture; default: θ's length / K when θ is given, else 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dim: Option<usize>,
 }
 
 fn default_steps() -> usize {
@@ -160,6 +195,13 @@ pub struct FitConfig {
     /// `"f32"` (default) or `"f64"`.
     #[serde(default)]
     pub dtype: Dtype,
+    /// Write q(z) into the report (default true; large for big N).
+    #[serde(default = "yes")]
+    pub report_q_z: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl FitConfig {
@@ -201,16 +243,46 @@ impl FitConfig {
     }
 }
 
+/// Observations on the host: N scalars (`dim` = None) or N vectors of
+/// `dim` values, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Data {
+    /// The values, row-major.
+    pub values: Vec<f64>,
+    /// The dimension of vector observations; `None` for scalars.
+    pub dim: Option<usize>,
+}
+
+impl Data {
+    /// Number of observations.
+    pub fn len(&self) -> usize {
+        self.values.len() / self.dim.unwrap_or(1).max(1)
+    }
+
+    /// Whether there is no observation.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Observations {
+    Scalars(Vec<f64>),
+    Vectors(Vec<Vec<f64>>),
+}
+
 /// The contents of a data file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DataFile {
-    x: Vec<f64>,
+    x: Observations,
 }
 
-/// Read observations `{"x": [...]}` from `path`; rejects an empty list and
-/// non-finite values.
-pub fn load_data_file(path: &Path) -> Result<Vec<f64>> {
+/// Read observations `{"x": [...]}` (numbers, or arrays of numbers of one
+/// length) from `path`; rejects an empty list, ragged arrays and non-finite
+/// values.
+pub fn load_data_file(path: &Path) -> Result<Data> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read data file {}", path.display()))?;
     let de = &mut serde_json::Deserializer::from_str(&text);
@@ -220,13 +292,33 @@ pub fn load_data_file(path: &Path) -> Result<Vec<f64>> {
             anyhow::anyhow!("field `{path}`: {}", e.into_inner())
         })
         .with_context(|| format!("data file {}", path.display()))?;
-    if data.x.is_empty() {
+    let data = match data.x {
+        Observations::Scalars(values) => Data { values, dim: None },
+        Observations::Vectors(rows) => {
+            let d = rows.first().map_or(0, Vec::len);
+            if d == 0 {
+                bail!("data file {}: `x` holds empty arrays", path.display());
+            }
+            if let Some(i) = rows.iter().position(|r| r.len() != d) {
+                bail!(
+                    "data file {}: x[{i}] has {} values, x[0] has {d}",
+                    path.display(),
+                    rows[i].len()
+                );
+            }
+            Data {
+                values: rows.concat(),
+                dim: Some(d),
+            }
+        }
+    };
+    if data.values.is_empty() {
         bail!("data file {}: `x` is empty", path.display());
     }
-    if let Some(i) = data.x.iter().position(|v| !v.is_finite()) {
-        bail!("data file {}: x[{i}] is not finite", path.display());
+    if let Some(i) = data.values.iter().position(|v| !v.is_finite()) {
+        bail!("data file {}: value {i} of x is not finite", path.display());
     }
-    Ok(data.x)
+    Ok(data)
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub fn demo_configs(n: usize, steps: usize) -> Vec<(&'static str, FitConfig)> {
             n,
             seed: 7,
             theta: None,
+            dim: None,
         }),
         method,
         steps,
@@ -39,6 +40,7 @@ pub fn demo_configs(n: usize, steps: usize) -> Vec<(&'static str, FitConfig)> {
         eval_draws: 1000,
         entropy: Entropy::Mc,
         dtype: Dtype::F32,
+        report_q_z: true,
     };
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },
@@ -75,9 +77,7 @@ pub fn run_demo(out: &Path, device: Device, n: usize, steps: usize) -> Result<Va
         )?;
         let prepared = prepare(&cfg, out)?;
         let reference = prepared
-            .reference
-            .as_ref()
-            .map(|r| r.elbo)
+            .reference_elbo
             .context("the linear model has a closed-form optimum")?;
         optimum = reference;
         let (fit, report) = run_prepared(&cfg, &prepared, device, &mut Silent)?;

@@ -54,7 +54,10 @@ pub fn fit_report(
         "elbo": num(fit.elbo),
         "elbo_se": num(fit.elbo_se),
         "q_theta": fit.q_theta.as_ref().map(gaussian),
-        "q_z": gaussian(&fit.q_z),
+        "q_z": match &fit.q_z_probs {
+            Some(p) => json!({ "probs": nums(p) }),
+            None => gaussian(&fit.q_z),
+        },
         "trace": {
             "iteration": fit.trace.iteration,
             "elbo": nums(&fit.trace.elbo),
@@ -66,6 +69,9 @@ pub fn fit_report(
         "config": cfg,
         "status": "ok",
     });
+    if !cfg.report_q_z {
+        r["q_z"] = Value::Null;
+    }
     if let Some(reference) = reference {
         r["reference"] = json!({
             "elbo": num(reference.elbo),

@@ -5,13 +5,15 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use avi_inference::{fit, Fit, FitStatus, Observer};
+use avi_models::mixture_reference::log_marginal_given_means;
 use avi_models::{
-    GaussianHmm, GaussianReference, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel,
+    DiscreteHmm, GaussianHmm, GaussianReference, LinearModel, MixtureModel, Model, NonlinearModel,
+    NonlinearSim, SawModel,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{load_data_file, DataConfig, FitConfig, ModelConfig, NonlinearSimConfig};
+use crate::config::{load_data_file, Data, DataConfig, FitConfig, ModelConfig, NonlinearSimConfig};
 use crate::report::{fit_report, Reference};
 
 /// The `--device` choice of the command line.
@@ -60,11 +62,16 @@ pub enum BuiltModel {
     Saw(SawModel),
     /// The Gaussian HMM.
     GaussianHmm(GaussianHmm),
+    /// The Bayesian Gaussian mixture.
+    Mixture(MixtureModel),
+    /// The discrete HMM.
+    DiscreteHmm(DiscreteHmm),
 }
 
 impl BuiltModel {
-    /// Build and validate the model of a config.
-    pub fn new(cfg: &ModelConfig) -> Result<Self> {
+    /// Build and validate the model of a config; `dim` is the dimension of
+    /// one observation (used by models with vector observations).
+    pub fn new(cfg: &ModelConfig, dim: usize) -> Result<Self> {
         let built = match cfg {
             ModelConfig::Linear { tau, sigma, .. } => Self::Linear(LinearModel::new(*tau, *sigma)?),
             ModelConfig::Nonlinear { sim, .. } => Self::Nonlinear(NonlinearModel::new(match sim {
@@ -74,6 +81,40 @@ impl BuiltModel {
             ModelConfig::Saw { alpha, x0, .. } => Self::Saw(SawModel::new(*alpha, *x0)?),
             ModelConfig::GaussianHmm { rho, q, r, s0, .. } => {
                 Self::GaussianHmm(GaussianHmm::new(*rho, *q, *r, *s0)?)
+            }
+            ModelConfig::Mixture {
+                k,
+                prior_sd,
+                noise_sd,
+                weights,
+                ..
+            } => Self::Mixture(MixtureModel::new(
+                *k,
+                dim,
+                *prior_sd,
+                *noise_sd,
+                weights.as_deref(),
+            )?),
+            ModelConfig::DiscreteHmm {
+                init,
+                transition,
+                emission_sd,
+                prior_sd,
+                ..
+            } => {
+                if transition.len() != init.len() {
+                    bail!(
+                        "model.transition has {} rows, init has {} states",
+                        transition.len(),
+                        init.len()
+                    );
+                }
+                Self::DiscreteHmm(DiscreteHmm::new(
+                    init,
+                    &transition.concat(),
+                    *emission_sd,
+                    *prior_sd,
+                )?)
             }
         };
         Ok(built)
@@ -86,11 +127,26 @@ impl BuiltModel {
             Self::Nonlinear(m) => m,
             Self::Saw(m) => m,
             Self::GaussianHmm(m) => m,
+            Self::Mixture(m) => m,
+            Self::DiscreteHmm(m) => m,
+        }
+    }
+
+    /// The observation dimension for models with vector observations.
+    pub fn vector_dim(&self) -> Option<usize> {
+        match self {
+            Self::Mixture(m) => Some(m.dim()),
+            _ => None,
         }
     }
 
     /// Simulate a data set (θ drawn from its prior unless given).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<&[f64]>) -> Result<Vec<f64>> {
+        match self {
+            Self::Mixture(m) => return Ok(m.simulate(n, seed, theta)?),
+            Self::DiscreteHmm(m) => return Ok(m.simulate(n, seed, theta)?),
+            _ => {}
+        }
         let theta = match theta {
             None => None,
             Some([t]) => Some(*t),
@@ -105,7 +161,24 @@ impl BuiltModel {
             Self::Nonlinear(m) => m.simulate(n, seed, theta)?,
             Self::Saw(m) => m.simulate(n, seed, theta)?,
             Self::GaussianHmm(m) => m.simulate(n, seed, theta)?,
+            Self::Mixture(_) | Self::DiscreteHmm(_) => unreachable!("handled above"),
         })
+    }
+
+    /// The optimal F-VI ELBO when it is known exactly without fitting: the
+    /// closed form of Gaussian models, and `log p(x | θ)` for the mixture with
+    /// θ fixed (the exact posterior is in the factorised family).
+    pub fn reference_elbo(&self, data: &Data, fixed_theta: Option<&[f64]>) -> Result<Option<f64>> {
+        if let (Self::Mixture(m), Some(mu)) = (self, fixed_theta) {
+            return Ok(Some(log_marginal_given_means(
+                &data.values,
+                m.dim(),
+                mu,
+                m.noise_sd(),
+                &m.weights(),
+            )?));
+        }
+        Ok(self.reference(&data.values, fixed_theta)?.map(|r| r.elbo))
     }
 
     /// The exact F-VI optimum, when the model has one in closed form.
@@ -130,29 +203,43 @@ pub struct Prepared {
     /// The model.
     pub model: BuiltModel,
     /// The observations.
-    pub x: Vec<f64>,
+    pub x: Data,
     /// The closed-form optimum, when there is one.
     pub reference: Option<GaussianReference>,
+    /// The optimal ELBO when known exactly (closed form or exact posterior).
+    pub reference_elbo: Option<f64>,
 }
 
 /// Build the model and load or simulate the data of `cfg`; relative data
 /// paths are resolved against `config_dir`.
 pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
-    let model = BuiltModel::new(&cfg.model)?;
-    let x = match &cfg.data {
+    let (model, x) = match &cfg.data {
         DataConfig::File(p) => {
             let path = if p.is_absolute() {
                 p.clone()
             } else {
                 config_dir.join(p)
             };
-            load_data_file(&path)?
+            let data = load_data_file(&path)?;
+            let model = BuiltModel::new(&cfg.model, data.dim.unwrap_or(1))?;
+            (model, data)
         }
         DataConfig::Simulate(s) => {
             if s.n == 0 {
                 bail!("data.simulate.n must be at least 1");
             }
-            model.simulate(s.n, s.seed, s.theta.as_deref())?
+            let k = match &cfg.model {
+                ModelConfig::Mixture { k, .. } => (*k).max(1),
+                _ => 1,
+            };
+            let dim = s
+                .dim
+                .or_else(|| s.theta.as_ref().map(|t| (t.len() / k).max(1)))
+                .unwrap_or(1);
+            let model = BuiltModel::new(&cfg.model, dim)?;
+            let values = model.simulate(s.n, s.seed, s.theta.as_deref())?;
+            let dim = model.vector_dim();
+            (model, Data { values, dim })
         }
     };
     if let Some(t) = cfg.model.fixed_theta() {
@@ -167,11 +254,13 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             bail!("model.fixed_theta has a non-finite value");
         }
     }
-    let reference = model.reference(&x, cfg.model.fixed_theta())?;
+    let reference = model.reference(&x.values, cfg.model.fixed_theta())?;
+    let reference_elbo = model.reference_elbo(&x, cfg.model.fixed_theta())?;
     Ok(Prepared {
         model,
         x,
         reference,
+        reference_elbo,
     })
 }
 
@@ -182,7 +271,11 @@ pub fn run_prepared(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<(Fit, Value)> {
-    let x = Tensor::from_slice(&prepared.x).to_kind(Kind::Double);
+    let x = Tensor::from_slice(&prepared.x.values).to_kind(Kind::Double);
+    let x = match prepared.x.dim {
+        Some(d) => x.view([-1, d as i64]),
+        None => x,
+    };
     let result = fit(
         prepared.model.as_model(),
         &x,
@@ -209,7 +302,7 @@ pub fn run_prepared(
         // The linear model's ELBO is closed form for any Gaussian q: report the
         // fitted q's exact ELBO too (no Monte Carlo error).
         let exact = m.exact_elbo(
-            &prepared.x,
+            &prepared.x.values,
             q_theta.mean[0],
             q_theta.sd[0],
             &result.q_z.mean,

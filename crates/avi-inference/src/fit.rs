@@ -258,7 +258,9 @@ pub fn elbo_draws(
     };
     Ok(match theta_neg_log_q {
         Some(t) => local + t,
-        None => local,
+        // θ known: the target is p(z, x | θ), so log p(θ) is left out and the
+        // ELBO bounds log p(x | θ).
+        None => local - model.log_prior(&theta)?,
     })
 }
 

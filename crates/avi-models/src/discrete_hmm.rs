@@ -167,6 +167,10 @@ impl Model for DiscreteHmm {
         check_scalar_tensor("discrete_hmm", x)
     }
 
+    fn log_prior(&self, theta: &Tensor) -> Result<Tensor> {
+        Ok(crate::normal_log_prior(theta, self.prior_sd))
+    }
+
     fn log_joint(&self, _theta: &Tensor, _z: &Tensor, _x: &Tensor) -> Result<Tensor> {
         Err(ModelError::InvalidData(
             "the discrete HMM has discrete z: use expected_log_joint".into(),

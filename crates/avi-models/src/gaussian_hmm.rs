@@ -133,7 +133,8 @@ impl GaussianHmm {
         };
         prec.extend(&phi.t);
         sd.extend(z_sd);
-        let lj = self.log_joint_f64(theta_mean, z_mean, x);
+        let lj = self.log_joint_f64(theta_mean, z_mean, x)
+            - fixed_theta.map_or(0.0, crate::std_normal_log_pdf);
         Ok(crate::gaussian::mean_field_elbo(lj, &prec, &sd))
     }
 
@@ -185,6 +186,10 @@ impl Model for GaussianHmm {
 
     fn check_data(&self, x: &Tensor) -> Result<()> {
         check_scalar_tensor("gaussian_hmm", x)
+    }
+
+    fn log_prior(&self, theta: &Tensor) -> Result<Tensor> {
+        Ok(crate::normal_log_prior(theta, 1.0))
     }
 
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor> {

@@ -83,6 +83,11 @@ pub trait Model {
     /// `log p(θ, z, x)` for each of M draws, normalising constants included.
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor>;
 
+    /// `log p(θ)` for each of M draws (`theta` is `[M, D]`), returning `[M]`;
+    /// it is one of the terms of [`Model::log_joint`]. A fit with θ fixed
+    /// subtracts it, so that its ELBO bounds `log p(x | θ)`.
+    fn log_prior(&self, theta: &Tensor) -> Result<Tensor>;
+
     /// For models with discrete local latents: the number K of states of each
     /// z_n (`local_dim` is then K, the number of logits per observation).
     /// `None` (the default) for continuous local latents.
@@ -140,6 +145,21 @@ pub(crate) fn check_draw_shapes(
         });
     }
     Ok(())
+}
+
+/// `Σ_d log N(θ_d; 0, sd²)` for each row of an `[M, D]` tensor.
+pub fn normal_log_prior(theta: &Tensor, sd: f64) -> Tensor {
+    let d = theta.size().get(1).copied().unwrap_or(1) as f64;
+    theta
+        .square()
+        .sum_dim_intlist(1, false, theta.kind())
+        .divide_scalar(-2.0 * sd * sd)
+        - d * (sd.ln() + HALF_LN_2PI)
+}
+
+/// `log N(t; 0, 1)`.
+pub fn std_normal_log_pdf(t: f64) -> f64 {
+    -0.5 * t * t - HALF_LN_2PI
 }
 
 /// Check that `x` is a non-empty `[N]` tensor of finite values (the data of

@@ -176,6 +176,11 @@ impl Model for LinearModel {
         check_scalar_tensor("linear", x)
     }
 
+    fn log_prior(&self, theta: &Tensor) -> Result<Tensor> {
+        // Flat prior: log p(θ) = 0 (improper; the posterior is proper).
+        Ok(theta.zeros_like().sum_dim_intlist(1, false, theta.kind()))
+    }
+
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor> {
         check_draw_shapes(theta, z, x, 1, 1)?;
         let n = x.size()[0] as f64;

@@ -89,6 +89,26 @@ impl MixtureModel {
         })
     }
 
+    /// The observation noise sd s.
+    pub fn noise_sd(&self) -> f64 {
+        self.noise_sd
+    }
+
+    /// The prior sd σ0 of the means.
+    pub fn prior_sd(&self) -> f64 {
+        self.prior_sd
+    }
+
+    /// The observation dimension D.
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+
+    /// The number of components K.
+    pub fn components(&self) -> usize {
+        self.k
+    }
+
     /// The mixture weights.
     pub fn weights(&self) -> Vec<f64> {
         self.log_w.iter().map(|l| l.exp()).collect()
@@ -175,6 +195,10 @@ impl Model for MixtureModel {
                 .view([-1]),
         )?;
         crate::check_finite_data(&host)
+    }
+
+    fn log_prior(&self, theta: &Tensor) -> Result<Tensor> {
+        Ok(crate::normal_log_prior(theta, self.prior_sd))
     }
 
     fn log_joint(&self, _theta: &Tensor, _z: &Tensor, _x: &Tensor) -> Result<Tensor> {

@@ -94,6 +94,10 @@ impl Model for NonlinearModel {
         check_scalar_tensor("nonlinear", x)
     }
 
+    fn log_prior(&self, theta: &Tensor) -> Result<Tensor> {
+        Ok(crate::normal_log_prior(theta, 1.0))
+    }
+
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor> {
         check_draw_shapes(theta, z, x, 1, 1)?;
         let n = x.size()[0] as f64;

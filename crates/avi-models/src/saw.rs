@@ -146,7 +146,8 @@ impl SawModel {
         };
         prec.extend(&phi.t);
         sd.extend(z_sd);
-        let lj = self.log_joint_f64(theta_mean, z_mean, x);
+        let lj = self.log_joint_f64(theta_mean, z_mean, x)
+            - fixed_theta.map_or(0.0, crate::std_normal_log_pdf);
         Ok(crate::gaussian::mean_field_elbo(lj, &prec, &sd))
     }
 
@@ -171,7 +172,9 @@ pub(crate) fn gaussian_reference(
     log_joint: impl Fn(f64, &[f64]) -> f64,
 ) -> Result<GaussianReference> {
     let (theta, z) = phi.solve(b_theta, b_z, fixed_theta);
-    let lj = log_joint(theta, &z);
+    // With θ fixed the ELBO bounds log p(x | θ): the prior term is left out
+    // (every model here has θ ~ N(0, 1)).
+    let lj = log_joint(theta, &z) - fixed_theta.map_or(0.0, crate::std_normal_log_pdf);
     let theta_prec: Vec<f64> = if fixed_theta.is_some() {
         vec![]
     } else {
@@ -211,6 +214,10 @@ impl Model for SawModel {
 
     fn check_data(&self, x: &Tensor) -> Result<()> {
         check_scalar_tensor("saw", x)
+    }
+
+    fn log_prior(&self, theta: &Tensor) -> Result<Tensor> {
+        Ok(crate::normal_log_prior(theta, 1.0))
     }
 
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor> {
