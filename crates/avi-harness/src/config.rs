@@ -80,6 +80,19 @@ pub enum ModelConfig {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fixed_theta: Option<Vec<f64>>,
     },
+    /// The Bayesian neural network decoder of Eq. 16 (θ: 283,920 weights
+    /// and biases at the paper's sizes).
+    Bnn {
+        /// Latent dimension (default 64).
+        #[serde(default = "default_latent")]
+        latent: usize,
+        /// Hidden width of the decoder (default 256).
+        #[serde(default = "default_hidden")]
+        hidden: usize,
+        /// Treat θ as known (no q(θ)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fixed_theta: Option<Vec<f64>>,
+    },
     /// The Gaussian HMM of Prop. 3.8 (corrected).
     GaussianHmm {
         /// Autoregression ρ.
@@ -116,9 +129,17 @@ impl ModelConfig {
             | Self::Saw { fixed_theta, .. }
             | Self::GaussianHmm { fixed_theta, .. }
             | Self::Mixture { fixed_theta, .. }
+            | Self::Bnn { fixed_theta, .. }
             | Self::DiscreteHmm { fixed_theta, .. } => fixed_theta.as_deref(),
         }
     }
+}
+
+fn default_latent() -> usize {
+    64
+}
+fn default_hidden() -> usize {
+    256
 }
 
 /// Where the observations come from.
@@ -129,6 +150,33 @@ pub enum DataConfig {
     File(PathBuf),
     /// Simulate from the model with a seed.
     Simulate(SimulateConfig),
+    /// The first `n` images of a Fashion-MNIST split, pixels in [0, 1].
+    FashionMnist(FashionMnistConfig),
+}
+
+/// Which Fashion-MNIST images to use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FashionMnistConfig {
+    /// `"train"` or `"test"`.
+    pub split: FashionMnistSplit,
+    /// Number of images (the first n of the split).
+    pub n: usize,
+    /// Folder with the four official files (default: the project's
+    /// `data/fashion-mnist`); relative paths are resolved against the config
+    /// file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+}
+
+/// A Fashion-MNIST split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FashionMnistSplit {
+    /// 60,000 training images.
+    Train,
+    /// 10,000 test images.
+    Test,
 }
 
 /// Settings of a simulated data set.
@@ -198,6 +246,14 @@ pub struct FitConfig {
     /// Write q(z) into the report (default true; large for big N).
     #[serde(default = "yes")]
     pub report_q_z: bool,
+    /// Mini-batch size (default: all observations); the likelihood is scaled
+    /// by N/B.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Reshuffle the mini-batch order every epoch (default false: fixed
+    /// contiguous batches, as in the authors' code).
+    #[serde(default)]
+    pub shuffle: bool,
 }
 
 fn yes() -> bool {
@@ -239,6 +295,8 @@ impl FitConfig {
             entropy: self.entropy,
             dtype: self.dtype,
             check_every: 100,
+            batch_size: self.batch_size,
+            shuffle: self.shuffle,
         }
     }
 }

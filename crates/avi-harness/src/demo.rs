@@ -41,6 +41,8 @@ pub fn demo_configs(n: usize, steps: usize) -> Vec<(&'static str, FitConfig)> {
         entropy: Entropy::Mc,
         dtype: Dtype::F32,
         report_q_z: true,
+        batch_size: None,
+        shuffle: false,
     };
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },

@@ -5,15 +5,18 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use avi_inference::{fit, Fit, FitStatus, Observer};
+use avi_models::fashion_mnist;
 use avi_models::mixture_reference::log_marginal_given_means;
 use avi_models::{
-    DiscreteHmm, GaussianHmm, GaussianReference, LinearModel, MixtureModel, Model, NonlinearModel,
-    NonlinearSim, SawModel,
+    BnnModel, DiscreteHmm, GaussianHmm, GaussianReference, LinearModel, MixtureModel, Model,
+    NonlinearModel, NonlinearSim, SawModel,
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{load_data_file, Data, DataConfig, FitConfig, ModelConfig, NonlinearSimConfig};
+use crate::config::{
+    load_data_file, Data, DataConfig, FashionMnistSplit, FitConfig, ModelConfig, NonlinearSimConfig,
+};
 use crate::report::{fit_report, Reference};
 
 /// The `--device` choice of the command line.
@@ -66,6 +69,8 @@ pub enum BuiltModel {
     Mixture(MixtureModel),
     /// The discrete HMM.
     DiscreteHmm(DiscreteHmm),
+    /// The Bayesian neural network.
+    Bnn(BnnModel),
 }
 
 impl BuiltModel {
@@ -95,6 +100,9 @@ impl BuiltModel {
                 *noise_sd,
                 weights.as_deref(),
             )?),
+            ModelConfig::Bnn { latent, hidden, .. } => {
+                Self::Bnn(BnnModel::new(*latent, *hidden, dim)?)
+            }
             ModelConfig::DiscreteHmm {
                 init,
                 transition,
@@ -129,6 +137,7 @@ impl BuiltModel {
             Self::GaussianHmm(m) => m,
             Self::Mixture(m) => m,
             Self::DiscreteHmm(m) => m,
+            Self::Bnn(m) => m,
         }
     }
 
@@ -136,6 +145,7 @@ impl BuiltModel {
     pub fn vector_dim(&self) -> Option<usize> {
         match self {
             Self::Mixture(m) => Some(m.dim()),
+            Self::Bnn(m) => Some(m.pixels()),
             _ => None,
         }
     }
@@ -145,6 +155,7 @@ impl BuiltModel {
         match self {
             Self::Mixture(m) => return Ok(m.simulate(n, seed, theta)?),
             Self::DiscreteHmm(m) => return Ok(m.simulate(n, seed, theta)?),
+            Self::Bnn(m) => return Ok(m.simulate(n, seed, theta)?),
             _ => {}
         }
         let theta = match theta {
@@ -161,7 +172,9 @@ impl BuiltModel {
             Self::Nonlinear(m) => m.simulate(n, seed, theta)?,
             Self::Saw(m) => m.simulate(n, seed, theta)?,
             Self::GaussianHmm(m) => m.simulate(n, seed, theta)?,
-            Self::Mixture(_) | Self::DiscreteHmm(_) => unreachable!("handled above"),
+            Self::Mixture(_) | Self::DiscreteHmm(_) | Self::Bnn(_) => {
+                unreachable!("handled above")
+            }
         })
     }
 
@@ -224,6 +237,29 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             let model = BuiltModel::new(&cfg.model, data.dim.unwrap_or(1))?;
             (model, data)
         }
+        DataConfig::FashionMnist(f) => {
+            let dir = match &f.dir {
+                Some(d) if d.is_absolute() => d.clone(),
+                Some(d) => config_dir.join(d),
+                None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist"),
+            };
+            let split = match f.split {
+                FashionMnistSplit::Train => fashion_mnist::Split::Train,
+                FashionMnistSplit::Test => fashion_mnist::Split::Test,
+            };
+            if f.n == 0 {
+                bail!("data.fashion_mnist.n must be at least 1");
+            }
+            let images = fashion_mnist::load(&dir, split, f.n)?;
+            let model = BuiltModel::new(&cfg.model, fashion_mnist::PIXELS)?;
+            (
+                model,
+                Data {
+                    values: images.images,
+                    dim: Some(fashion_mnist::PIXELS),
+                },
+            )
+        }
         DataConfig::Simulate(s) => {
             if s.n == 0 {
                 bail!("data.simulate.n must be at least 1");
@@ -232,10 +268,17 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
                 ModelConfig::Mixture { k, .. } => (*k).max(1),
                 _ => 1,
             };
-            let dim = s
-                .dim
-                .or_else(|| s.theta.as_ref().map(|t| (t.len() / k).max(1)))
-                .unwrap_or(1);
+            let default_dim = match &cfg.model {
+                ModelConfig::Bnn { .. } => fashion_mnist::PIXELS,
+                _ => 1,
+            };
+            let dim = match &cfg.model {
+                ModelConfig::Mixture { .. } => s
+                    .dim
+                    .or_else(|| s.theta.as_ref().map(|t| (t.len() / k).max(1))),
+                _ => s.dim,
+            }
+            .unwrap_or(default_dim);
             let model = BuiltModel::new(&cfg.model, dim)?;
             let values = model.simulate(s.n, s.seed, s.theta.as_deref())?;
             let dim = model.vector_dim();

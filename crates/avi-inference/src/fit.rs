@@ -68,6 +68,12 @@ pub struct FitOptions {
     /// Read the trace back and test for non-finite values every this many
     /// steps (at most 100, so a divergence is caught within 100 steps).
     pub check_every: usize,
+    /// Mini-batch size B (digest §4.4): the likelihood of B observations per
+    /// step, scaled by N/B; `None` uses all N. Batches are consecutive slices
+    /// of a fixed order (the data order unless `shuffle`).
+    pub batch_size: Option<usize>,
+    /// Draw a new random order of the observations at every epoch.
+    pub shuffle: bool,
 }
 
 impl Default for FitOptions {
@@ -81,6 +87,8 @@ impl Default for FitOptions {
             entropy: Entropy::Mc,
             dtype: Dtype::F32,
             check_every: 100,
+            batch_size: None,
+            shuffle: false,
         }
     }
 }
@@ -99,6 +107,9 @@ impl FitOptions {
         }
         if self.eval_draws == 0 {
             return Err(InferenceError::config("eval_draws", "must be at least 1"));
+        }
+        if self.batch_size == Some(0) {
+            return Err(InferenceError::config("batch_size", "must be at least 1"));
         }
         if self.check_every == 0 || self.check_every > 100 {
             return Err(InferenceError::config(
@@ -204,6 +215,19 @@ pub fn elbo_draws(
     draws: usize,
     entropy: Entropy,
 ) -> Result<Tensor> {
+    elbo_draws_batch(model, var, x, draws, entropy, None)
+}
+
+/// [`elbo_draws`] with the likelihood restricted to a mini-batch `(indices,
+/// scale)` (see [`Model::log_joint_batch`]); `None` uses all observations.
+pub fn elbo_draws_batch(
+    model: &dyn Model,
+    var: &Variational,
+    x: &Tensor,
+    draws: usize,
+    entropy: Entropy,
+    batch: Option<(&Tensor, f64)>,
+) -> Result<Tensor> {
     let kind = x.kind();
     let device = x.device();
     let m = draws as i64;
@@ -239,7 +263,10 @@ pub fn elbo_draws(
             let local = var.local_params();
             let eps_z = Tensor::randn([m, var.n as i64, var.local_dim as i64], (kind, device));
             let z = local.sample(&eps_z);
-            let log_p = model.log_joint(&theta, &z, x)?;
+            let log_p = match batch {
+                None => model.log_joint(&theta, &z, x)?,
+                Some((idx, scale)) => model.log_joint_batch(&theta, &z, x, idx, scale)?,
+            };
             let dims = (var.n * var.local_dim) as f64;
             let neg_log_q = match entropy {
                 Entropy::Analytic => local.sum_log_sd() + dims * (0.5 + HALF_LN_2PI),
@@ -352,6 +379,9 @@ pub struct Trainer<'a> {
     var: Variational,
     optimizer: nn::Optimizer,
     opts: FitOptions,
+    /// Mini-batching: the order of the observations and the next position.
+    order: Option<Tensor>,
+    position: i64,
 }
 
 impl std::fmt::Debug for Trainer<'_> {
@@ -379,6 +409,12 @@ impl<'a> Trainer<'a> {
         let kind = opts.dtype.kind();
         let x = x.to_device(device).to_kind(kind);
         model.check_data(&x)?;
+        if opts.batch_size.is_some() && !model.supports_batches() {
+            return Err(InferenceError::config(
+                "batch_size",
+                format!("the {} model does not support mini-batches", model.name()),
+            ));
+        }
         tch::manual_seed(opts.seed as i64);
         let var = Variational::new(
             method,
@@ -392,16 +428,27 @@ impl<'a> Trainer<'a> {
                 },
             },
             fixed_theta,
+            model.init(),
             kind,
             device,
         )?;
         let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
+        let n = x.size()[0];
+        let order = opts.batch_size.map(|_| {
+            if opts.shuffle {
+                Tensor::randperm(n, (Kind::Int64, device))
+            } else {
+                Tensor::arange(n, (Kind::Int64, device))
+            }
+        });
         Ok(Self {
             model,
             x,
             var,
             optimizer,
             opts: opts.clone(),
+            order,
+            position: 0,
         })
     }
 
@@ -409,12 +456,29 @@ impl<'a> Trainer<'a> {
     /// Returns the ELBO estimate (computed before the update) as a detached
     /// scalar on the device; nothing is read back to the host.
     pub fn step(&mut self) -> Result<Tensor> {
-        let elbo = elbo_draws(
+        let batch = match (&self.order, self.opts.batch_size) {
+            (Some(order), Some(b)) => {
+                let n = order.size()[0];
+                let len = (b as i64).min(n - self.position);
+                let idx = order.narrow(0, self.position, len);
+                self.position += len;
+                if self.position >= n {
+                    self.position = 0;
+                    if self.opts.shuffle {
+                        self.order = Some(Tensor::randperm(n, (Kind::Int64, order.device())));
+                    }
+                }
+                Some((idx, n as f64 / len as f64))
+            }
+            _ => None,
+        };
+        let elbo = elbo_draws_batch(
             self.model,
             &self.var,
             &self.x,
             self.opts.draws,
             self.opts.entropy,
+            batch.as_ref().map(|(i, s)| (i, *s)),
         )?
         .mean(self.opts.dtype.kind());
         self.optimizer.zero_grad();

@@ -39,8 +39,8 @@ pub mod method;
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{
-    elbo_draws, evaluate_elbo, fit, Dtype, Entropy, Fit, FitOptions, FitStatus, GaussianSummary,
-    Observer, Silent, Trace, Trainer,
+    elbo_draws, elbo_draws_batch, evaluate_elbo, fit, Dtype, Entropy, Fit, FitOptions, FitStatus,
+    GaussianSummary, Observer, Silent, Trace, Trainer,
 };
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use method::{amortization_inputs, Edges, LocalFactor, MethodConfig, ThetaFactor, Variational};

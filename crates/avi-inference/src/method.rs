@@ -150,6 +150,7 @@ impl Variational {
         theta_dim: usize,
         output: Output,
         fixed_theta: Option<&[f64]>,
+        init_hint: avi_models::Init,
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
@@ -160,8 +161,13 @@ impl Variational {
         let width = output.width() as i64;
         // Initial local rows: Gaussian F-VI rows ~ U[0, 1) (authors' code);
         // everything else ~ N(0, 1).
-        let init = |rows: i64, free: bool| match (output, free) {
-            (Output::Gaussian { .. }, true) => Tensor::rand([rows, width], (kind, device)),
+        let init = |rows: i64, free: bool| match (output, free, init_hint.local_normal_shift) {
+            (Output::Gaussian { dim }, true, Some(shift)) => {
+                let t = Tensor::randn([rows, width], (kind, device));
+                let _ = t.narrow(1, dim as i64, dim as i64).g_add_scalar_(shift);
+                t
+            }
+            (Output::Gaussian { .. }, true, None) => Tensor::rand([rows, width], (kind, device)),
             _ => Tensor::randn([rows, width], (kind, device)),
         };
         let n = x.size()[0] as usize;
@@ -178,8 +184,16 @@ impl Variational {
                 ThetaFactor::Fixed(Tensor::from_slice(values).to_kind(kind).to_device(device))
             }
             None => {
-                let mean = Tensor::randn([theta_dim as i64], (kind, device));
-                let log_sd = Tensor::randn([theta_dim as i64], (kind, device));
+                let (mean, log_sd) = match init_hint.theta {
+                    Some((m, s)) => (
+                        Tensor::full([theta_dim as i64], m, (kind, device)),
+                        Tensor::full([theta_dim as i64], s, (kind, device)),
+                    ),
+                    None => (
+                        Tensor::randn([theta_dim as i64], (kind, device)),
+                        Tensor::randn([theta_dim as i64], (kind, device)),
+                    ),
+                };
                 ThetaFactor::Free(GaussianParams {
                     mean: root.add("theta_mean", mean, true),
                     log_sd: root.add("theta_log_sd", log_sd, true),

@@ -32,6 +32,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bnn;
 pub mod discrete_hmm;
 pub mod error;
 pub mod fashion_mnist;
@@ -44,6 +45,7 @@ pub mod mixture_reference;
 pub mod nonlinear;
 pub mod saw;
 
+pub use bnn::BnnModel;
 pub use discrete_hmm::DiscreteHmm;
 pub use error::{ModelError, Result};
 pub use gaussian::GaussianReference;
@@ -54,6 +56,18 @@ pub use nonlinear::{NonlinearModel, NonlinearSim};
 pub use saw::SawModel;
 
 use tch::Tensor;
+
+/// Initialisation of the variational parameters a model asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Init {
+    /// q(θ): `Some((mean, log_sd))` for constant values in every coordinate;
+    /// `None` draws both from N(0, 1).
+    pub theta: Option<(f64, f64)>,
+    /// F-VI's free Gaussian factors: `None` draws means and log-sds from
+    /// U[0, 1); `Some(shift)` draws both from N(0, 1) and adds `shift` to the
+    /// log-sds.
+    pub local_normal_shift: Option<f64>,
+}
 
 /// ½ log(2π), the normalising constant of a standard normal density.
 pub const HALF_LN_2PI: f64 = 0.918_938_533_204_672_7;
@@ -87,6 +101,36 @@ pub trait Model {
     /// it is one of the terms of [`Model::log_joint`]. A fit with θ fixed
     /// subtracts it, so that its ELBO bounds `log p(x | θ)`.
     fn log_prior(&self, theta: &Tensor) -> Result<Tensor>;
+
+    /// How variational parameters start for this model (the authors'
+    /// per-experiment initialisation, digest §4.2–4.5).
+    fn init(&self) -> Init {
+        Init::default()
+    }
+
+    /// Whether [`Model::log_joint_batch`] is implemented (mini-batching).
+    fn supports_batches(&self) -> bool {
+        false
+    }
+
+    /// The log joint with the likelihood restricted to the observations
+    /// `batch` (an int64 index tensor) and multiplied by `scale` (N/B for an
+    /// unbiased estimate): `log p(θ) + Σ_{all n} log p(z_n | θ) +
+    /// scale · Σ_{n ∈ batch} log p(x_n | z_n, θ)` (digest §7 row 10: the prior
+    /// of z covers every n each step, as in the authors' code). `[M]`.
+    fn log_joint_batch(
+        &self,
+        _theta: &Tensor,
+        _z: &Tensor,
+        _x: &Tensor,
+        _batch: &Tensor,
+        _scale: f64,
+    ) -> Result<Tensor> {
+        Err(ModelError::InvalidData(format!(
+            "the {} model does not support mini-batches",
+            self.name()
+        )))
+    }
 
     /// For models with discrete local latents: the number K of states of each
     /// z_n (`local_dim` is then K, the number of logits per observation).
