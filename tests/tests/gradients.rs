@@ -3,25 +3,32 @@
 //! (the generator is re-seeded before each evaluation).
 
 use avi_inference::{elbo_draws, Dtype, Entropy, FitOptions, MethodConfig, Trainer};
-use avi_models::{GaussianHmm, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+use avi_models::{
+    BnnModel, DiscreteHmm, GaussianHmm, LinearModel, MixtureModel, Model, NonlinearModel,
+    NonlinearSim, SawModel,
+};
 use avi_tests::mlp;
 use tch::{Device, Kind, Tensor};
 
-fn check(model: &dyn Model, x: &[f64], method: &MethodConfig, entropy: Entropy, what: &str) {
+fn check(
+    model: &dyn Model,
+    x: &[f64],
+    dim: Option<usize>,
+    method: &MethodConfig,
+    entropy: Entropy,
+    what: &str,
+) {
     let opts = FitOptions {
         dtype: Dtype::F64,
         entropy,
         ..FitOptions::default()
     };
-    let trainer = Trainer::new(
-        model,
-        &Tensor::from_slice(x),
-        method,
-        None,
-        &opts,
-        Device::Cpu,
-    )
-    .expect("trainer");
+    let xt = Tensor::from_slice(x);
+    let xt = match dim {
+        Some(d) => xt.view([-1, d as i64]),
+        None => xt,
+    };
+    let trainer = Trainer::new(model, &xt, method, None, &opts, Device::Cpu).expect("trainer");
     let var = trainer.variational();
     let data = trainer.data();
     let elbo = || {
@@ -73,30 +80,52 @@ fn elbo_gradients_match_finite_differences() {
     let nonlinear = NonlinearModel::new(NonlinearSim::Model);
     let saw = SawModel::new(0.75, 0.5).unwrap();
     let hmm = GaussianHmm::new(0.9, 0.5, 0.7, 1.2).unwrap();
-    let cases: Vec<(&str, &dyn Model, Vec<f64>)> = vec![
-        ("linear", &linear, linear.simulate(12, 1, None).unwrap()),
+    let mixture = MixtureModel::new(3, 2, 3.0, 0.8, Some(&[0.2, 0.3, 0.5])).unwrap();
+    let dhmm = DiscreteHmm::new(&[0.3, 0.7], &[0.8, 0.2, 0.4, 0.6], 0.6, 2.0).unwrap();
+    let bnn = BnnModel::new(2, 3, 4).unwrap();
+    let cases: Vec<(&str, &dyn Model, Vec<f64>, Option<usize>)> = vec![
+        (
+            "linear",
+            &linear,
+            linear.simulate(12, 1, None).unwrap(),
+            None,
+        ),
         (
             "nonlinear",
             &nonlinear,
             nonlinear.simulate(12, 2, None).unwrap(),
+            None,
         ),
-        ("saw", &saw, saw.simulate(12, 3, None).unwrap()),
-        ("gaussian_hmm", &hmm, hmm.simulate(12, 4, None).unwrap()),
+        ("saw", &saw, saw.simulate(12, 3, None).unwrap(), None),
+        (
+            "gaussian_hmm",
+            &hmm,
+            hmm.simulate(12, 4, None).unwrap(),
+            None,
+        ),
+        (
+            "mixture",
+            &mixture,
+            mixture.simulate(12, 5, None).unwrap(),
+            Some(2),
+        ),
+        (
+            "discrete_hmm",
+            &dhmm,
+            dhmm.simulate(12, 6, None).unwrap(),
+            None,
+        ),
+        ("bnn", &bnn, bnn.simulate(6, 7, None).unwrap(), Some(4)),
     ];
-    for (name, model, x) in cases {
+    for (name, model, x, dim) in cases {
         for (label, method) in [
             ("fvi", MethodConfig::Fvi),
             ("const", MethodConfig::Const),
             ("mlp window [1, 1]", mlp(5, [1, 1])),
         ] {
             for entropy in [Entropy::Mc, Entropy::Analytic] {
-                check(
-                    model,
-                    &x,
-                    &method,
-                    entropy,
-                    &format!("{name} {label} {entropy:?}"),
-                );
+                let what = format!("{name} {label} {entropy:?}");
+                check(model, &x, dim, &method, entropy, &what);
             }
         }
     }

@@ -328,10 +328,7 @@ pub fn run_prepared(
         device,
         observer,
     )?;
-    let reference = prepared
-        .reference
-        .as_ref()
-        .map(|r| Reference { elbo: r.elbo });
+    let reference = prepared.reference_elbo.map(|elbo| Reference { elbo });
     let mut report = fit_report(
         cfg,
         prepared.x.len(),
