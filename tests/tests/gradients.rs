@@ -74,6 +74,9 @@ fn check(
     }
 }
 
+/// (name, model, data, observation dimension for vector data).
+type Case<'a> = (&'static str, &'a dyn Model, Vec<f64>, Option<usize>);
+
 #[test]
 fn elbo_gradients_match_finite_differences() {
     let linear = LinearModel::new(1.155, 2.43).unwrap();
@@ -83,7 +86,7 @@ fn elbo_gradients_match_finite_differences() {
     let mixture = MixtureModel::new(3, 2, 3.0, 0.8, Some(&[0.2, 0.3, 0.5])).unwrap();
     let dhmm = DiscreteHmm::new(&[0.3, 0.7], &[0.8, 0.2, 0.4, 0.6], 0.6, 2.0).unwrap();
     let bnn = BnnModel::new(2, 3, 4).unwrap();
-    let cases: Vec<(&str, &dyn Model, Vec<f64>, Option<usize>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "linear",
             &linear,
