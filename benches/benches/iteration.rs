@@ -9,10 +9,10 @@
 use std::time::{Duration, Instant};
 
 use avi_benches::{bench_device, synchronize};
-use avi_inference::{FitOptions, FunctionConfig, MethodConfig, Trainer};
-use avi_models::LinearModel;
+use avi_inference::{Activation, Edges, FitOptions, FunctionConfig, Heads, MethodConfig, Trainer};
+use avi_models::{GaussianHmm, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 fn methods() -> Vec<(&'static str, MethodConfig)> {
     let avi = |degree| MethodConfig::Avi {
@@ -29,13 +29,63 @@ fn methods() -> Vec<(&'static str, MethodConfig)> {
     ]
 }
 
+/// F-VI and the paper's A-VI MLP (width 10, depth 2, ReLU, shared heads).
+fn mlp_methods(window: [usize; 2]) -> Vec<(&'static str, MethodConfig)> {
+    vec![
+        ("fvi", MethodConfig::Fvi),
+        (
+            "avi-mlp10",
+            MethodConfig::Avi {
+                function: FunctionConfig::Mlp {
+                    width: 10,
+                    depth: 2,
+                    activation: Activation::Relu,
+                    heads: Heads::Shared,
+                },
+                standardize: true,
+                window,
+                edges: Edges::Pad,
+            },
+        ),
+    ]
+}
+
+fn opts() -> FitOptions {
+    FitOptions {
+        draws: 100,
+        ..FitOptions::default()
+    }
+}
+
+/// Benchmark `Trainer::step` for one model, data set and method as
+/// `BenchmarkId::new(label, n)`.
+fn bench_step(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    model: &dyn Model,
+    x: &Tensor,
+    label: &str,
+    method: &MethodConfig,
+    device: Device,
+) {
+    let n = x.size()[0];
+    let mut trainer = Trainer::new(model, x, method, None, &opts(), device).expect("trainer");
+    group.bench_function(BenchmarkId::new(label, n), |b| {
+        b.iter_custom(|iters| {
+            synchronize(device);
+            let start = Instant::now();
+            for _ in 0..iters {
+                let _elbo = trainer.step().expect("step");
+            }
+            synchronize(device);
+            start.elapsed()
+        })
+    });
+}
+
 fn linear(c: &mut Criterion) {
     let Some(device) = bench_device() else { return };
     let model = LinearModel::new(1.155, 2.43).expect("valid model");
-    let opts = FitOptions {
-        draws: 100,
-        ..FitOptions::default()
-    };
+    let draws = opts().draws;
     let mut group = c.benchmark_group("iteration/linear");
     group.sample_size(20);
     let sizes: &[usize] = if std::env::var("AVI_BENCH_SWEEP").is_ok() {
@@ -45,27 +95,48 @@ fn linear(c: &mut Criterion) {
     };
     for &n in sizes {
         let x = Tensor::from_slice(&model.simulate(n, 7, None).expect("simulate"));
-        group.throughput(Throughput::Elements((n * opts.draws) as u64));
-        for (label, method) in methods() {
+        group.throughput(Throughput::Elements((n * draws) as u64));
+        let mut all = methods();
+        all.extend(mlp_methods([0, 0]).into_iter().skip(1));
+        for (label, method) in all {
             if n > 10_000 && label != "fvi" && label != "avi-poly1" {
                 continue;
             }
-            let mut trainer =
-                Trainer::new(&model, &x, &method, None, &opts, device).expect("trainer");
-            group.bench_function(BenchmarkId::new(label, n), |b| {
-                b.iter_custom(|iters| {
-                    synchronize(device);
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        let _elbo = trainer.step().expect("step");
-                    }
-                    synchronize(device);
-                    start.elapsed()
-                })
-            });
+            bench_step(&mut group, &model, &x, label, &method, device);
         }
     }
     group.finish();
+}
+
+/// One group `iteration/{name}` with F-VI and the A-VI MLP on `x`.
+fn model_group(c: &mut Criterion, name: &str, model: &dyn Model, xs: Vec<f64>, window: [usize; 2]) {
+    let Some(device) = bench_device() else { return };
+    let x = Tensor::from_slice(&xs);
+    let mut group = c.benchmark_group(format!("iteration/{name}"));
+    group.sample_size(20);
+    group.throughput(Throughput::Elements((xs.len() * opts().draws) as u64));
+    for (label, method) in mlp_methods(window) {
+        bench_step(&mut group, model, &x, label, &method, device);
+    }
+    group.finish();
+}
+
+fn saw(c: &mut Criterion) {
+    let model = SawModel::new(0.75, 0.0).expect("valid model");
+    let x = model.simulate(1_000, 2012, Some(3.4159)).expect("simulate");
+    model_group(c, "saw", &model, x, [1, 0]);
+}
+
+fn gaussian_hmm(c: &mut Criterion) {
+    let model = GaussianHmm::new(0.9, 0.5, 0.7, 1.0).expect("valid model");
+    let x = model.simulate(1_000, 7, None).expect("simulate");
+    model_group(c, "gaussian_hmm", &model, x, [0, 0]);
+}
+
+fn nonlinear(c: &mut Criterion) {
+    let model = NonlinearModel::new(NonlinearSim::Model);
+    let x = model.simulate(10_000, 1789, None).expect("simulate");
+    model_group(c, "nonlinear", &model, x, [0, 0]);
 }
 
 fn config() -> Criterion {
@@ -77,6 +148,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = linear
+    targets = linear, saw, gaussian_hmm, nonlinear
 }
 criterion_main!(benches);

@@ -43,12 +43,22 @@ fn bnn_fvi_and_avi_improve_the_elbo() {
         let f = fit(&model, &x, &method, None, &opts, Device::Cpu, &mut Silent).unwrap();
         let start = f.trace.elbo[..20].iter().sum::<f64>() / 20.0;
         let end = f.trace.elbo[f.trace.elbo.len() - 20..].iter().sum::<f64>() / 20.0;
-        println!("{label}: start {start:.0}, end {end:.0}, final {:.0} ± {:.0}", f.elbo, f.elbo_se);
+        println!(
+            "{label}: start {start:.0}, end {end:.0}, final {:.0} ± {:.0}",
+            f.elbo, f.elbo_se
+        );
         // Mini-batch ELBO estimates (one draw) are noisy, so windows of 20
         // steps are compared; the improvement must dwarf the final estimate's
         // standard error (measured: improvements of ~1e5–1e6 nats).
-        assert!(end > start + 10.0 * f.elbo_se.max(1.0), "{label}: {start} → {end}");
-        assert!(f.elbo.is_finite() && f.elbo > start, "{label}: final {}", f.elbo);
+        assert!(
+            end > start + 10.0 * f.elbo_se.max(1.0),
+            "{label}: {start} → {end}"
+        );
+        assert!(
+            f.elbo.is_finite() && f.elbo > start,
+            "{label}: final {}",
+            f.elbo
+        );
         assert_eq!(f.q_z.shape, vec![200, 64]);
     }
 }
