@@ -126,7 +126,7 @@ pub fn run_demo(out: &Path, device: Device, n: usize, steps: usize) -> Result<Va
         println!(
             "{:<10} {:>7} {:>22} {:>10} {:>10} {:>10} {:>9} {:>7}",
             r["method"].as_str().unwrap_or(""),
-            r["num_parameters"],
+            r["num_parameters"].as_u64().unwrap_or(0),
             format!("{} ± {}", f(&r["elbo"], 2), f(&r["elbo_se"], 2)),
             f(&r["gap"], 2),
             r["iterations_to_1pct"]
