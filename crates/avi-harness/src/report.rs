@@ -26,8 +26,20 @@ pub fn nums(v: &[f64]) -> Value {
     Value::Array(v.iter().copied().map(num).collect())
 }
 
+/// A row-major array as JSON: flat when each row has one value, else an
+/// array of rows of `width` values.
+pub fn rows(v: &[f64], width: usize) -> Value {
+    if width <= 1 {
+        nums(v)
+    } else {
+        Value::Array(v.chunks(width).map(nums).collect())
+    }
+}
+
 fn gaussian(s: &GaussianSummary) -> Value {
-    json!({ "mean": nums(&s.mean), "sd": nums(&s.sd) })
+    // [D] for q(θ), [N, L] for q(z): N values when L = 1, else N rows of L.
+    let width = if s.shape.len() == 2 { s.shape[1] } else { 1 };
+    json!({ "mean": rows(&s.mean, width), "sd": rows(&s.sd, width) })
 }
 
 /// Exact reference quantities reported next to the fit (when the model has
@@ -55,7 +67,7 @@ pub fn fit_report(
         "elbo_se": num(fit.elbo_se),
         "q_theta": fit.q_theta.as_ref().map(gaussian),
         "q_z": match &fit.q_z_probs {
-            Some(p) => json!({ "probs": nums(p) }),
+            Some(p) => json!({ "probs": rows(p, p.len() / n.max(1)) }),
             None => gaussian(&fit.q_z),
         },
         "trace": {
