@@ -33,6 +33,25 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
     },
+    /// Fit a config, then run F-VI from its solution (the paper's §5
+    /// diagnostic): the report gains a `diagnosis` section.
+    Diagnose {
+        /// The JSON config (an A-VI or Const method).
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to write the JSON report (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// F-VI steps from the amortized solution.
+        #[arg(long, default_value_t = 1000)]
+        fvi_steps: usize,
+        /// Monte Carlo draws for the F-VI gradient norm.
+        #[arg(long, default_value_t = 1000)]
+        gradient_draws: usize,
+        /// Device: auto, cpu or cuda.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+    },
     /// The linear model (N = 10,000) with F-VI, Const and A-VI (d = 1, 2).
     Demo {
         /// Output folder for configs, reports and the summary.
@@ -81,6 +100,67 @@ fn fit_command(config: &Path, out: &Path, device: DeviceChoice) -> Result<Outcom
     })
 }
 
+fn diagnose_command(
+    config: &Path,
+    out: &Path,
+    fvi_steps: usize,
+    gradient_draws: usize,
+    device: DeviceChoice,
+) -> Result<Outcome> {
+    let cfg = FitConfig::load(config)?;
+    if matches!(cfg.method, avi_inference::MethodConfig::Fvi) {
+        anyhow::bail!(
+            "config {}: the diagnostic starts from an amortized (avi or const) solution, not fvi",
+            config.display()
+        );
+    }
+    if cfg.batch_size.is_some() {
+        anyhow::bail!(
+            "config {}: the diagnostic needs full batches (remove batch_size)",
+            config.display()
+        );
+    }
+    if gradient_draws == 0 {
+        anyhow::bail!("--gradient-draws must be at least 1");
+    }
+    let device = resolve_device(device)?;
+    check_out_dir(out)?;
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
+    let (fit, mut report) = run_prepared(&cfg, &prepared, device, &mut Silent)?;
+    if let FitStatus::Diverged { at } = fit.status {
+        write_json_atomic(out, &report)?;
+        return Ok(Outcome::Diverged(at, out.to_path_buf()));
+    }
+    let x = avi_harness::run::data_tensor(&prepared);
+    let d = avi_inference::diagnose(
+        prepared.model.as_model(),
+        &fit,
+        &x,
+        &cfg.options(),
+        fvi_steps,
+        gradient_draws,
+    )?;
+    let num = avi_harness::report::num;
+    report["diagnosis"] = serde_json::json!({
+        "fvi_steps": d.fvi_steps,
+        "amortized_elbo": num(d.amortized_elbo),
+        "amortized_se": num(d.amortized_se),
+        "refined_elbo": num(d.refined_elbo),
+        "refined_se": num(d.refined_se),
+        "gain": num(d.gain),
+        "gain_se": num(d.gain_se),
+        "gradient_norm": num(d.gradient_norm),
+        "gradient_draws": gradient_draws,
+    });
+    write_json_atomic(out, &report)?;
+    println!(
+        "amortized ELBO {:.3} ± {:.3}; after {} F-VI steps {:.3} ± {:.3}; gain {:.3} ± {:.3}; F-VI gradient norm {:.4}",
+        d.amortized_elbo, d.amortized_se, d.fvi_steps, d.refined_elbo, d.refined_se, d.gain, d.gain_se, d.gradient_norm
+    );
+    Ok(Outcome::Done)
+}
+
 fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Fit {
@@ -88,6 +168,13 @@ fn run(cli: Cli) -> Result<Outcome> {
             out,
             device,
         } => fit_command(&config, &out, device),
+        Command::Diagnose {
+            config,
+            out,
+            fvi_steps,
+            gradient_draws,
+            device,
+        } => diagnose_command(&config, &out, fvi_steps, gradient_draws, device),
         Command::Demo {
             out,
             device,

@@ -307,6 +307,16 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
     })
 }
 
+/// The prepared data as a tensor: `[N]` for scalar observations, `[N, D]`
+/// for vectors (f64 on the CPU; fits move and convert it).
+pub fn data_tensor(prepared: &Prepared) -> Tensor {
+    let x = Tensor::from_slice(&prepared.x.values).to_kind(Kind::Double);
+    match prepared.x.dim {
+        Some(d) => x.view([-1, d as i64]),
+        None => x,
+    }
+}
+
 /// Fit a prepared config on `device`; returns the fit and its report.
 pub fn run_prepared(
     cfg: &FitConfig,
@@ -314,11 +324,7 @@ pub fn run_prepared(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<(Fit, Value)> {
-    let x = Tensor::from_slice(&prepared.x.values).to_kind(Kind::Double);
-    let x = match prepared.x.dim {
-        Some(d) => x.view([-1, d as i64]),
-        None => x,
-    };
+    let x = data_tensor(prepared);
     let result = fit(
         prepared.model.as_model(),
         &x,

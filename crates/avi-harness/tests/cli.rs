@@ -481,3 +481,58 @@ fn mixture_and_bnn_through_the_cli() {
         6 + 9 + 15 + 11
     );
 }
+
+#[test]
+fn diagnose_adds_a_diagnosis() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}}"#,
+        r#"{"simulate": {"n": 50, "seed": 7}}"#,
+        "",
+    );
+    std::fs::write(dir.path().join("c.json"), cfg).unwrap();
+    let o = avi(
+        &[
+            "diagnose",
+            "--config",
+            "c.json",
+            "--out",
+            "r.json",
+            "--fvi-steps",
+            "50",
+            "--gradient-draws",
+            "100",
+            "--device",
+            "cpu",
+        ],
+        dir.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = read(&dir.path().join("r.json"));
+    for key in [
+        "amortized_elbo",
+        "refined_elbo",
+        "gain",
+        "gain_se",
+        "gradient_norm",
+    ] {
+        assert!(r["diagnosis"][key].as_f64().is_some(), "missing {key}");
+    }
+    assert_eq!(r["diagnosis"]["fvi_steps"], 50);
+    // An F-VI config is refused: there is nothing amortized to diagnose.
+    std::fs::write(
+        dir.path().join("f.json"),
+        config(
+            r#"{"kind": "fvi"}"#,
+            r#"{"simulate": {"n": 50, "seed": 7}}"#,
+            "",
+        ),
+    )
+    .unwrap();
+    let o = avi(
+        &["diagnose", "--config", "f.json", "--out", "f-r.json"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!dir.path().join("f-r.json").exists());
+}

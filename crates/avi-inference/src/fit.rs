@@ -452,6 +452,35 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Continue from given variational parameters (for instance
+    /// [`Variational::to_free`] of a fitted A-VI solution) with a fresh Adam
+    /// state; `x` must already be on the parameters' device, in `opts.dtype`.
+    /// The generator is not re-seeded: the draws continue its stream.
+    pub fn from_variational(
+        model: &'a dyn Model,
+        x: &Tensor,
+        var: Variational,
+        opts: &FitOptions,
+    ) -> Result<Self> {
+        opts.check()?;
+        if opts.batch_size.is_some() {
+            return Err(InferenceError::config(
+                "batch_size",
+                "continuing from given parameters supports full batches only",
+            ));
+        }
+        let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
+        Ok(Self {
+            model,
+            x: x.shallow_clone(),
+            var,
+            optimizer,
+            opts: opts.clone(),
+            order: None,
+            position: 0,
+        })
+    }
+
     /// One iteration: draw, estimate the ELBO, back-propagate, Adam step.
     /// Returns the ELBO estimate (computed before the update) as a detached
     /// scalar on the device; nothing is read back to the host.
@@ -490,6 +519,11 @@ impl<'a> Trainer<'a> {
     /// The current variational parameters.
     pub fn variational(&self) -> &Variational {
         &self.var
+    }
+
+    /// Take the variational parameters out of the trainer.
+    pub fn into_variational(self) -> Variational {
+        self.var
     }
 
     /// The data on the device, in the fit's dtype.

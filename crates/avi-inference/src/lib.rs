@@ -30,12 +30,14 @@
 #![warn(missing_docs)]
 
 pub mod convergence;
+pub mod diagnose;
 pub mod error;
 pub mod family;
 pub mod fit;
 pub mod function;
 pub mod method;
 
+pub use diagnose::{diagnose, Diagnosis};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{

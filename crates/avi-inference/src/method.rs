@@ -281,6 +281,31 @@ impl Variational {
         raw.log_softmax(1, raw.kind())
     }
 
+    /// F-VI parameters started at the current q of `self`, whatever its
+    /// family: q(θ) is copied and every observation gets its own free local
+    /// row equal to its current factor. This is the starting point of the
+    /// paper's §5 diagnostic (F-VI steps from the A-VI solution).
+    pub fn to_free(&self) -> Self {
+        let vs = nn::VarStore::new(self.vs.device());
+        let root = vs.root();
+        let theta = match &self.theta {
+            ThetaFactor::Free(q) => ThetaFactor::Free(GaussianParams {
+                mean: root.add("theta_mean", q.mean.detach().copy(), true),
+                log_sd: root.add("theta_log_sd", q.log_sd.detach().copy(), true),
+            }),
+            ThetaFactor::Fixed(t) => ThetaFactor::Fixed(t.shallow_clone()),
+        };
+        let local = LocalFactor::Free(root.add("z", self.local_raw().detach().copy(), true));
+        Self {
+            vs,
+            theta,
+            local,
+            output: self.output,
+            n: self.n,
+            local_dim: self.local_dim,
+        }
+    }
+
     /// Number of learned scalars: q(θ) plus the local family's parameters.
     pub fn num_parameters(&self) -> usize {
         self.vs
