@@ -44,6 +44,8 @@ pub mod mixture;
 pub mod mixture_reference;
 pub mod nonlinear;
 pub mod saw;
+#[cfg(test)]
+mod test_util;
 
 pub use bnn::BnnModel;
 pub use discrete_hmm::DiscreteHmm;

@@ -216,6 +216,7 @@ impl Model for LinearModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{compare, rel_err, value_and_grads};
 
     /// The direct formula: Σ_n log N(z_n; 0, 1) + log N(x_n; θ + τ z_n, σ²).
     fn direct(m: &LinearModel, theta: &Tensor, z: &Tensor, x: &Tensor) -> Tensor {
@@ -224,39 +225,6 @@ mod tests {
         let per_n = (z.square() + resid.square()).multiply_scalar(-0.5)
             - (m.sigma().ln() + 2.0 * HALF_LN_2PI);
         per_n.sum_dim_intlist(1, false, None)
-    }
-
-    /// `f(θ, z, x)` summed over draws, and its gradients w.r.t. θ and z.
-    fn value_and_grads(
-        f: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
-        theta: &Tensor,
-        z: &Tensor,
-        x: &Tensor,
-    ) -> (Tensor, Tensor, Tensor) {
-        let theta = theta.detach().set_requires_grad(true);
-        let z = z.detach().set_requires_grad(true);
-        let v = f(&theta, &z, x);
-        v.sum(v.kind()).backward();
-        (v.detach(), theta.grad(), z.grad())
-    }
-
-    /// Largest |a − b| over largest |b|.
-    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[])
-    }
-
-    /// Relative errors of the value and of the θ and z gradients of
-    /// `log_joint` against `direct`.
-    fn compare(
-        m: &impl Model,
-        direct: impl Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
-        theta: &Tensor,
-        z: &Tensor,
-        x: &Tensor,
-    ) -> [f64; 3] {
-        let (v1, t1, z1) = value_and_grads(|t, z, x| m.log_joint(t, z, x).unwrap(), theta, z, x);
-        let (v0, t0, z0) = value_and_grads(direct, theta, z, x);
-        [rel_err(&v1, &v0), rel_err(&t1, &t0), rel_err(&z1, &z0)]
     }
 
     /// The completed-square `log_joint` and its gradients equal the direct
