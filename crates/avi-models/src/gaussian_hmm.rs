@@ -7,7 +7,7 @@ use rand_distr::{Distribution, StandardNormal};
 use tch::Tensor;
 
 use crate::gaussian::{ArrowTridiagonal, GaussianReference};
-use crate::saw::gaussian_reference;
+use crate::saw::{gaussian_exact_elbo, gaussian_reference};
 use crate::{
     check_draw_shapes, check_finite_data, check_scalar_tensor, Model, ModelError, Result,
     HALF_LN_2PI,
@@ -113,29 +113,10 @@ impl GaussianHmm {
         z_sd: &[f64],
     ) -> Result<f64> {
         check_finite_data(x)?;
-        if z_mean.len() != x.len() || z_sd.len() != x.len() {
-            return Err(ModelError::InvalidData(format!(
-                "q(z) has {} means and {} sds for {} observations",
-                z_mean.len(),
-                z_sd.len(),
-                x.len()
-            )));
-        }
         let (phi, _, _) = self.precision(x);
-        let (theta_mean, mut prec, mut sd) = match (theta, fixed_theta) {
-            (Some((m, s)), _) => (m, vec![phi.a], vec![s]),
-            (None, Some(t)) => (t, vec![], vec![]),
-            (None, None) => {
-                return Err(ModelError::InvalidData(
-                    "q(θ) or a fixed θ is needed".into(),
-                ))
-            }
-        };
-        prec.extend(&phi.t);
-        sd.extend(z_sd);
-        let lj = self.log_joint_f64(theta_mean, z_mean, x)
-            - fixed_theta.map_or(0.0, crate::std_normal_log_pdf);
-        Ok(crate::gaussian::mean_field_elbo(lj, &prec, &sd))
+        gaussian_exact_elbo(&phi, theta, fixed_theta, z_mean, z_sd, |t, z| {
+            self.log_joint_f64(t, z, x)
+        })
     }
 
     /// The posterior precision and `Φ μ = b` right-hand side.

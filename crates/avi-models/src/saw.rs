@@ -126,29 +126,10 @@ impl SawModel {
         z_sd: &[f64],
     ) -> Result<f64> {
         check_finite_data(x)?;
-        if z_mean.len() != x.len() || z_sd.len() != x.len() {
-            return Err(ModelError::InvalidData(format!(
-                "q(z) has {} means and {} sds for {} observations",
-                z_mean.len(),
-                z_sd.len(),
-                x.len()
-            )));
-        }
         let (phi, _, _) = self.precision(x);
-        let (theta_mean, mut prec, mut sd) = match (theta, fixed_theta) {
-            (Some((m, s)), _) => (m, vec![phi.a], vec![s]),
-            (None, Some(t)) => (t, vec![], vec![]),
-            (None, None) => {
-                return Err(ModelError::InvalidData(
-                    "q(θ) or a fixed θ is needed".into(),
-                ))
-            }
-        };
-        prec.extend(&phi.t);
-        sd.extend(z_sd);
-        let lj = self.log_joint_f64(theta_mean, z_mean, x)
-            - fixed_theta.map_or(0.0, crate::std_normal_log_pdf);
-        Ok(crate::gaussian::mean_field_elbo(lj, &prec, &sd))
+        gaussian_exact_elbo(&phi, theta, fixed_theta, z_mean, z_sd, |t, z| {
+            self.log_joint_f64(t, z, x)
+        })
     }
 
     /// The exact F-VI optimum for data `x` (θ known when `fixed_theta`).
@@ -197,6 +178,41 @@ pub(crate) fn gaussian_reference(
         z_sd: phi.t.iter().map(|p| p.sqrt().recip()).collect(),
         elbo,
     })
+}
+
+/// The exact ELBO of a mean-field Gaussian q (`theta` = q(θ)'s mean and sd,
+/// or θ fixed) under a Gaussian target with arrow-tridiagonal precision
+/// `phi`; `log_joint(θ, z)` evaluates the log joint (θ ~ N(0, 1), whose
+/// prior term is left out when θ is fixed).
+pub(crate) fn gaussian_exact_elbo(
+    phi: &ArrowTridiagonal,
+    theta: Option<(f64, f64)>,
+    fixed_theta: Option<f64>,
+    z_mean: &[f64],
+    z_sd: &[f64],
+    log_joint: impl Fn(f64, &[f64]) -> f64,
+) -> Result<f64> {
+    let n = phi.t.len();
+    if z_mean.len() != n || z_sd.len() != n {
+        return Err(ModelError::InvalidData(format!(
+            "q(z) has {} means and {} sds for {n} observations",
+            z_mean.len(),
+            z_sd.len()
+        )));
+    }
+    let (theta_mean, mut prec, mut sd) = match (theta, fixed_theta) {
+        (Some((m, s)), _) => (m, vec![phi.a], vec![s]),
+        (None, Some(t)) => (t, vec![], vec![]),
+        (None, None) => {
+            return Err(ModelError::InvalidData(
+                "q(θ) or a fixed θ is needed".into(),
+            ))
+        }
+    };
+    prec.extend(&phi.t);
+    sd.extend(z_sd);
+    let lj = log_joint(theta_mean, z_mean) - fixed_theta.map_or(0.0, crate::std_normal_log_pdf);
+    Ok(crate::gaussian::mean_field_elbo(lj, &prec, &sd))
 }
 
 impl Model for SawModel {
