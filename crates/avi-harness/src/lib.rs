@@ -30,4 +30,5 @@
 pub mod config;
 pub mod demo;
 pub mod report;
+pub mod reproduce;
 pub mod run;

@@ -52,6 +52,30 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
     },
+    /// Run a paper experiment from data/experiments/ (linear, saw; the
+    /// others are not implemented yet).
+    Reproduce {
+        /// linear | saw | all
+        experiment: String,
+        /// Only the first N seeds of the experiment.
+        #[arg(long)]
+        seeds: Option<usize>,
+        /// Smaller N, fewer steps and seeds (about a minute on 2 CPU cores).
+        #[arg(long)]
+        quick: bool,
+        /// Device: auto, cpu or cuda.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Output folder; results go to OUT/EXPERIMENT/.
+        #[arg(long, default_value = "out/reproduce")]
+        out: PathBuf,
+        /// Folder of the experiment definitions.
+        #[arg(long)]
+        experiments: Option<PathBuf>,
+        /// No per-run lines.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// The linear model (N = 10,000) with F-VI, Const and A-VI (d = 1, 2).
     Demo {
         /// Output folder for configs, reports and the summary.
@@ -175,6 +199,43 @@ fn run(cli: Cli) -> Result<Outcome> {
             gradient_draws,
             device,
         } => diagnose_command(&config, &out, fvi_steps, gradient_draws, device),
+        Command::Reproduce {
+            experiment,
+            seeds,
+            quick,
+            device,
+            out,
+            experiments,
+            quiet,
+        } => {
+            use avi_harness::reproduce::{
+                default_experiments_dir, load_experiment, reproduce, ReproduceOptions, EXPERIMENTS,
+            };
+            let names: Vec<&str> = if experiment == "all" {
+                EXPERIMENTS.to_vec()
+            } else if EXPERIMENTS.contains(&experiment.as_str()) {
+                vec![experiment.as_str()]
+            } else {
+                anyhow::bail!(
+                    "unknown or not yet implemented experiment `{experiment}` (available: {}, all)",
+                    EXPERIMENTS.join(", ")
+                );
+            };
+            let dir = experiments.unwrap_or_else(default_experiments_dir);
+            let device = resolve_device(device)?;
+            let opts = ReproduceOptions {
+                quick,
+                seeds,
+                out,
+                device,
+                quiet,
+            };
+            for name in names {
+                let exp = load_experiment(&dir, name)?;
+                reproduce(&exp, &opts)?;
+            }
+            Ok(Outcome::Done)
+        }
         Command::Demo {
             out,
             device,
