@@ -254,6 +254,24 @@ pub struct FitConfig {
     /// contiguous batches, as in the authors' code).
     #[serde(default)]
     pub shuffle: bool,
+    /// Reconstruction error monitoring (BNN only; digest §4.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mse: Option<MseConfig>,
+}
+
+/// Reconstruction MSE of the BNN, recorded during the fit at the variational
+/// means (the Bayes estimators E(θ | x), E(z | x); digest §4.4):
+/// `mean((Ω(E z; E θ) − x)²)` over pixels and images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MseConfig {
+    /// Steps between records (the paper: once per epoch, N / batch_size).
+    pub every: usize,
+    /// Held-out images for the test MSE (App. B): the inference function
+    /// is applied to them and the decoder evaluated at E θ. F-VI has no test
+    /// MSE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<DataConfig>,
 }
 
 fn yes() -> bool {
@@ -281,6 +299,14 @@ impl FitConfig {
             }
         })?;
         cfg.options().check()?;
+        if let Some(m) = &cfg.mse {
+            if !matches!(cfg.model, ModelConfig::Bnn { .. }) {
+                bail!("field `mse`: reconstruction error is defined for the bnn model only");
+            }
+            if m.every == 0 {
+                bail!("field `mse.every` must be at least 1");
+            }
+        }
         Ok(cfg)
     }
 

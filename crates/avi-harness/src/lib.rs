@@ -29,6 +29,8 @@
 
 pub mod config;
 pub mod demo;
+pub mod figures;
 pub mod report;
 pub mod reproduce;
 pub mod run;
+pub mod summary;

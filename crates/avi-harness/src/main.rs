@@ -17,6 +17,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// libtorch CPU threads (default: libtorch's choice, one per core). One
+    /// thread is often fastest at the paper's sizes and on a loaded machine.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,10 +56,11 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
     },
-    /// Run a paper experiment from data/experiments/ (linear, saw; the
-    /// others are not implemented yet).
+    /// Run an experiment from data/experiments/ and write its runs,
+    /// summary.json, figures and REPORT.md under OUT/EXPERIMENT/.
     Reproduce {
-        /// linear | saw | all
+        /// linear | nonlinear | bnn | saw | hmm-window | mixture |
+        /// hmm-counterexample | all, or the path of a definition file.
         experiment: String,
         /// Only the first N seeds of the experiment.
         #[arg(long)]
@@ -72,9 +77,24 @@ enum Command {
         /// Folder of the experiment definitions.
         #[arg(long)]
         experiments: Option<PathBuf>,
-        /// No per-run lines.
+        /// No progress bars and no per-run lines.
         #[arg(long)]
         quiet: bool,
+        /// Runs at once (child processes sharing the CPU threads; results
+        /// do not depend on it).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Keep the run reports already in OUT/EXPERIMENT/runs/ and run only
+        /// the missing ones.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Rebuild summary.json, the figures and REPORT.md from stored runs
+    /// (no refitting): DIR is an `avi reproduce --out` folder or one
+    /// experiment's folder in it.
+    Report {
+        /// The folder.
+        dir: PathBuf,
     },
     /// The linear model (N = 10,000) with F-VI, Const and A-VI (d = 1, 2).
     Demo {
@@ -156,36 +176,25 @@ fn diagnose_command(
         write_json_atomic(out, &report)?;
         return Ok(Outcome::Diverged(at, out.to_path_buf()));
     }
-    let x = avi_harness::run::data_tensor(&prepared);
-    let d = avi_inference::diagnose(
-        prepared.model.as_model(),
-        &fit,
-        &x,
-        &cfg.options(),
-        fvi_steps,
-        gradient_draws,
-    )?;
-    let num = avi_harness::report::num;
-    report["diagnosis"] = serde_json::json!({
-        "fvi_steps": d.fvi_steps,
-        "amortized_elbo": num(d.amortized_elbo),
-        "amortized_se": num(d.amortized_se),
-        "refined_elbo": num(d.refined_elbo),
-        "refined_se": num(d.refined_se),
-        "gain": num(d.gain),
-        "gain_se": num(d.gain_se),
-        "gradient_norm": num(d.gradient_norm),
-        "gradient_draws": gradient_draws,
-    });
+    report["diagnosis"] =
+        avi_harness::run::diagnosis_section(&cfg, &prepared, &fit, fvi_steps, gradient_draws)?;
+    let d = &report["diagnosis"];
+    let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
     write_json_atomic(out, &report)?;
     println!(
         "amortized ELBO {:.3} ± {:.3}; after {} F-VI steps {:.3} ± {:.3}; gain {:.3} ± {:.3}; F-VI gradient norm {:.4}",
-        d.amortized_elbo, d.amortized_se, d.fvi_steps, d.refined_elbo, d.refined_se, d.gain, d.gain_se, d.gradient_norm
+        f("amortized_elbo"), f("amortized_se"), fvi_steps, f("refined_elbo"), f("refined_se"), f("gain"), f("gain_se"), f("gradient_norm")
     );
     Ok(Outcome::Done)
 }
 
 fn run(cli: Cli) -> Result<Outcome> {
+    if let Some(t) = cli.threads {
+        if t == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        tch::set_num_threads(i32::try_from(t).unwrap_or(i32::MAX));
+    }
     match cli.command {
         Command::Fit {
             config,
@@ -207,32 +216,54 @@ fn run(cli: Cli) -> Result<Outcome> {
             out,
             experiments,
             quiet,
+            jobs,
+            resume,
         } => {
             use avi_harness::reproduce::{
-                default_experiments_dir, load_experiment, reproduce, ReproduceOptions, EXPERIMENTS,
+                default_experiments_dir, load_experiment, load_experiment_file, reproduce,
+                ReproduceOptions, EXPERIMENTS,
             };
-            let names: Vec<&str> = if experiment == "all" {
-                EXPERIMENTS.to_vec()
+            let dir = experiments.unwrap_or_else(default_experiments_dir);
+            let defs = if experiment == "all" {
+                EXPERIMENTS
+                    .iter()
+                    .map(|name| load_experiment(&dir, name))
+                    .collect::<Result<Vec<_>>>()?
             } else if EXPERIMENTS.contains(&experiment.as_str()) {
-                vec![experiment.as_str()]
+                vec![load_experiment(&dir, &experiment)?]
+            } else if experiment.ends_with(".json") {
+                vec![load_experiment_file(Path::new(&experiment))?]
             } else {
                 anyhow::bail!(
-                    "unknown or not yet implemented experiment `{experiment}` (available: {}, all)",
+                    "unknown experiment `{experiment}` (one of {}, all, or a definition file NAME.json)",
                     EXPERIMENTS.join(", ")
                 );
             };
-            let dir = experiments.unwrap_or_else(default_experiments_dir);
+            if jobs == 0 {
+                anyhow::bail!("--jobs must be at least 1");
+            }
             let device = resolve_device(device)?;
             let opts = ReproduceOptions {
                 quick,
                 seeds,
-                out,
+                out: out.clone(),
                 device,
                 quiet,
+                jobs,
+                resume,
             };
-            for name in names {
-                let exp = load_experiment(&dir, name)?;
-                reproduce(&exp, &opts)?;
+            for exp in &defs {
+                reproduce(exp, &opts)?;
+            }
+            if defs.len() > 1 {
+                avi_harness::summary::report_all(&out)?;
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Report { dir } => {
+            let folders = avi_harness::summary::report_all(&dir)?;
+            for f in folders {
+                println!("rebuilt {}", f.join("REPORT.md").display());
             }
             Ok(Outcome::Done)
         }

@@ -1,67 +1,279 @@
 //! `avi reproduce`: the paper's experiments from their JSON definitions in
-//! `data/experiments/` (digest §4, §8).
+//! `data/experiments/` (digest §4, §8), and the experiments the paper only
+//! argues for (HMM windows, mixtures).
 //!
 //! An experiment lists a model, data, run length, draws, seeds and the
-//! methods to compare (each with its learning rate). Every method × seed is
-//! fitted through the same path as `avi fit`; each run's report goes to
-//! `DIR/EXPERIMENT/runs/`, and `summary.json` aggregates over seeds:
-//! final ELBO (mean of the last `final_window` step estimates, digest
-//! §4.1.1), the gap to the closed-form optimum where one exists, and the
-//! iterations and wall time to come within `rel_tol` of the target (the
-//! paper's windowed metric with the NaN bug fixed: a non-finite window never
-//! counts; a diverged run never converges). The target is the closed-form
-//! optimal ELBO when the model has one, else the final-window ELBO of the
-//! F-VI run with the same seed (the authors' oracle).
+//! methods to compare (each with its learning rate, and optionally its own
+//! model and data). Every method × seed is fitted through the same path as
+//! `avi fit`, in this process or (with `--jobs K`) in K child `avi fit`
+//! processes; each run's report goes to `DIR/EXPERIMENT/runs/`. The
+//! effective definition (after `--quick` and `--seeds`) is stored as
+//! `DIR/EXPERIMENT/experiment.json`, so that [`crate::summary`] can rebuild
+//! `summary.json`, the figures and `REPORT.md` from the stored runs alone
+//! (`avi report DIR`).
 //!
 //! `--quick` applies the experiment's `quick` block (smaller N, fewer steps
 //! and seeds, optionally one learning rate and a subset of methods) so that
 //! the conclusions show in about a minute on 2 CPU cores.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use avi_inference::convergence::first_within;
-use avi_inference::{Dtype, MethodConfig, Silent};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use avi_inference::{Dtype, Entropy, MethodConfig, Observer};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tch::Device;
 
-use crate::config::{DataConfig, FitConfig, ModelConfig};
-use crate::report::{num, write_json_atomic};
-use crate::run::{device_name, prepare, run_prepared};
+use crate::config::{DataConfig, FitConfig, ModelConfig, MseConfig};
+use crate::report::write_json_atomic;
+use crate::run::{diagnosis_section, prepare, run_prepared, Prepared};
 
 /// One method of an experiment.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MethodEntry {
-    /// Label used in tables and file names.
+    /// Label used in tables, figures and file names.
     pub label: String,
     /// The variational family.
     pub method: MethodConfig,
     /// Its learning rate.
     pub lr: f64,
+    /// A model of its own (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelConfig>,
+    /// Data of its own (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataConfig>,
+    /// The group it is plotted and compared in (default: none; runs
+    /// with their own model usually name it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// The `quick` block of an experiment.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuickEntry {
-    /// Number of observations.
+    /// Number of observations (simulated or images).
     pub n: usize,
     /// Steps per run.
     pub steps: usize,
     /// Number of seeds (the first ones of the list).
     pub seeds: usize,
     /// One learning rate for every method (default: each method's own).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
     /// The labels of the methods to run (default: all).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub methods: Option<Vec<String>>,
+    /// Mini-batch size (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Steps between MSE records (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mse_every: Option<usize>,
+    /// Number of held-out images for the test MSE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_n: Option<usize>,
+    /// Steps averaged for the final ELBO.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_window: Option<usize>,
+}
+
+/// The BNN's reconstruction-error criterion (digest §4.4).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MseEntry {
+    /// Steps between records (one epoch: N / batch size).
+    pub every: usize,
+    /// Held-out images for the test MSE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<DataConfig>,
+    /// A run converges when its training MSE first falls below this (0.03
+    /// in the paper).
+    pub threshold: f64,
+}
+
+/// What the figures show.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FigureEntry {
+    /// The seed of the single-seed figures (Fig. 3, 5, 6; default: the
+    /// first seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// The methods of the single-seed figures (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Plot the gap against `"window"` (window length) or `"width"` (MLP
+    /// width), one curve per width or window, one figure per group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap_vs: Option<GapAxis>,
+    /// Draw Fig. 8 (the HMM counterexample's F-VI means, corrected, beside
+    /// the paper's erroneous curve).
+    #[serde(default)]
+    pub fig8: bool,
+}
+
+/// The horizontal axis of a gap figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapAxis {
+    /// Window length (before + after + 1).
+    Window,
+    /// MLP width k.
+    Width,
+}
+
+/// A published value to show beside ours in `REPORT.md`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaperRow {
+    /// The method's label.
+    pub label: String,
+    /// The paper's (recomputed) final −ELBO, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_neg_elbo: Option<String>,
+    /// The paper's iterations (or epochs) to convergence, as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<String>,
+    /// Anything else (final MSE, time read from a figure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A paper claim and the check that decides whether our runs show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "check", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Claim {
+    /// Every run of each method converges.
+    Converge {
+        /// The claim in words.
+        text: String,
+        /// The methods.
+        labels: Vec<String>,
+    },
+    /// No run of any of these methods converges.
+    Never {
+        /// The claim in words.
+        text: String,
+        /// The methods.
+        labels: Vec<String>,
+    },
+    /// Each method's median iterations to converge is below `than`'s.
+    Faster {
+        /// The claim in words.
+        text: String,
+        /// The methods.
+        labels: Vec<String>,
+        /// The reference method.
+        than: String,
+    },
+    /// Each method's largest gap is at most `max` nats.
+    GapBelow {
+        /// The claim in words.
+        text: String,
+        /// The methods.
+        labels: Vec<String>,
+        /// Largest allowed gap (nats).
+        max: f64,
+    },
+    /// Each method's smallest gap is at least `min` nats, or `min` nats
+    /// above the largest gap of `than`.
+    GapAbove {
+        /// The claim in words.
+        text: String,
+        /// The methods.
+        labels: Vec<String>,
+        /// Smallest allowed gap (nats), or margin over `than`.
+        min: f64,
+        /// The reference method.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        than: Option<String>,
+    },
+    /// Each method's median final training MSE divided by `than`'s is at
+    /// most `max` and at least `min` (BNN).
+    MseRatio {
+        /// The claim in words.
+        text: String,
+        /// The methods.
+        labels: Vec<String>,
+        /// The reference method.
+        than: String,
+        /// Largest allowed ratio.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<f64>,
+        /// Smallest allowed ratio.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min: Option<f64>,
+    },
+    /// The exact gap of the best possible inference function on each
+    /// method's window is positive and shrinks along the list (HMM
+    /// counterexample).
+    WindowBound {
+        /// The claim in words.
+        text: String,
+        /// A-VI methods in order of growing window.
+        labels: Vec<String>,
+    },
+    /// Along each list, the median gap never grows by more than `slack`
+    /// nats and the last is below the first.
+    GapShrinks {
+        /// The claim in words.
+        text: String,
+        /// Lists of methods in order of growing window or width.
+        series: Vec<Vec<String>>,
+        /// Monte Carlo and optimisation slack (nats).
+        slack: f64,
+    },
+}
+
+impl Claim {
+    /// Every method the claim names.
+    pub fn labels(&self) -> Vec<&String> {
+        match self {
+            Self::Converge { labels, .. }
+            | Self::Never { labels, .. }
+            | Self::WindowBound { labels, .. }
+            | Self::GapBelow { labels, .. }
+            | Self::GapAbove {
+                labels, than: None, ..
+            } => labels.iter().collect(),
+            Self::GapAbove {
+                labels,
+                than: Some(than),
+                ..
+            }
+            | Self::Faster { labels, than, .. }
+            | Self::MseRatio { labels, than, .. } => {
+                labels.iter().chain(std::iter::once(than)).collect()
+            }
+            Self::GapShrinks { series, .. } => series.iter().flatten().collect(),
+        }
+    }
+
+    /// The claim in words.
+    pub fn text(&self) -> &str {
+        match self {
+            Self::Converge { text, .. }
+            | Self::Never { text, .. }
+            | Self::Faster { text, .. }
+            | Self::GapBelow { text, .. }
+            | Self::GapAbove { text, .. }
+            | Self::MseRatio { text, .. }
+            | Self::WindowBound { text, .. }
+            | Self::GapShrinks { text, .. } => text,
+        }
+    }
 }
 
 /// An experiment definition (`data/experiments/NAME.json`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
     /// Its name.
@@ -70,7 +282,7 @@ pub struct Experiment {
     pub description: String,
     /// The model.
     pub model: ModelConfig,
-    /// The data (simulated in the paper's experiments).
+    /// The data (simulated in most of the paper's experiments).
     pub data: DataConfig,
     /// Steps per run.
     pub steps: usize,
@@ -80,6 +292,15 @@ pub struct Experiment {
     pub eval_draws: usize,
     /// Precision.
     pub dtype: Dtype,
+    /// `"mc"` (default, the authors') or `"analytic"` entropy.
+    #[serde(default)]
+    pub entropy: Entropy,
+    /// Mini-batch size (default: all observations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    /// Reshuffle the mini-batches every epoch.
+    #[serde(default)]
+    pub shuffle: bool,
     /// The seeds (the paper's lists).
     pub seeds: Vec<u64>,
     /// Relative tolerance of the convergence metric (0.01 in the paper).
@@ -87,34 +308,228 @@ pub struct Experiment {
     /// Steps averaged for the final ELBO (the paper: the last 1,000, i.e.
     /// a window of half-width 500).
     pub final_window: usize,
+    /// BNN: record the reconstruction MSE and converge on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mse: Option<MseEntry>,
+    /// Run the §5 diagnostic after every amortized run.
+    #[serde(default)]
+    pub diagnose: bool,
     /// The methods compared.
     pub methods: Vec<MethodEntry>,
     /// The reduced setting of `--quick`.
     pub quick: QuickEntry,
+    /// What the figures show.
+    #[serde(default)]
+    pub figures: FigureEntry,
+    /// The paper's published values (digest §4.2–4.5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paper: Vec<PaperRow>,
+    /// The paper's claims and how to check them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<Claim>,
+    /// Whether this is the `--quick` version (set by `avi reproduce`).
+    #[serde(default)]
+    pub quick_run: bool,
 }
 
-/// The experiments `avi reproduce` knows.
-pub const EXPERIMENTS: [&str; 2] = ["linear", "saw"];
+/// The experiments `avi reproduce` knows, in the order of `all`.
+pub const EXPERIMENTS: [&str; 7] = [
+    "linear",
+    "nonlinear",
+    "bnn",
+    "saw",
+    "hmm-window",
+    "mixture",
+    "hmm-counterexample",
+];
 
 /// The project's experiment folder.
 pub fn default_experiments_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/experiments")
 }
 
-/// Read an experiment definition.
+/// Read and check an experiment definition (a file path, or `NAME.json` in
+/// `dir`). Relative data files are resolved against the definition's folder.
 pub fn load_experiment(dir: &Path, name: &str) -> Result<Experiment> {
-    let path = dir.join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path)
+    load_experiment_file(&dir.join(format!("{name}.json")))
+}
+
+/// Read and check an experiment definition file.
+pub fn load_experiment_file(path: &Path) -> Result<Experiment> {
+    let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read experiment {}", path.display()))?;
     let de = &mut serde_json::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut exp: Experiment = serde_path_to_error::deserialize(de).map_err(|e| {
         let field = e.path().to_string();
         anyhow::anyhow!(
             "experiment {}: field `{field}`: {}",
             path.display(),
             e.into_inner()
         )
-    })
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let absolute = |d: &mut DataConfig| {
+        if let DataConfig::File(p) = d {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    };
+    absolute(&mut exp.data);
+    for m in &mut exp.methods {
+        if let Some(d) = &mut m.data {
+            absolute(d);
+        }
+    }
+    if let Some(MseEntry { test: Some(d), .. }) = &mut exp.mse {
+        absolute(d);
+    }
+    check_experiment(&exp).with_context(|| format!("experiment {}", path.display()))?;
+    Ok(exp)
+}
+
+fn check_experiment(exp: &Experiment) -> Result<()> {
+    if exp.methods.is_empty() || exp.seeds.is_empty() {
+        bail!("needs at least one method and one seed");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for m in &exp.methods {
+        if !seen.insert(file_stem(&m.label)) {
+            bail!("two methods share the label `{}`", m.label);
+        }
+    }
+    let known = |l: &String| exp.methods.iter().any(|m| &m.label == l);
+    let mut labels: Vec<&String> = exp.quick.methods.iter().flatten().collect();
+    for c in &exp.claims {
+        labels.extend(c.labels());
+    }
+    if let Some(l) = labels.into_iter().find(|l| !known(l)) {
+        bail!("names the unknown method `{l}`");
+    }
+    if !(exp.rel_tol > 0.0 && exp.rel_tol.is_finite()) {
+        bail!("rel_tol must be > 0");
+    }
+    Ok(())
+}
+
+/// The file stem of a method's runs (`i=2 k=4` → `i_2_k_4`).
+pub fn file_stem(label: &str) -> String {
+    label.replace([' ', '=', '/'], "_")
+}
+
+/// The experiment as it runs with `--quick` and `--seeds`: N, steps, seeds,
+/// learning rates and methods reduced as asked.
+pub fn effective(exp: &Experiment, quick: bool, seeds: Option<usize>) -> Result<Experiment> {
+    let mut e = exp.clone();
+    if quick {
+        let q = &exp.quick;
+        let shrink = |d: &mut DataConfig| match d {
+            DataConfig::Simulate(s) => s.n = q.n,
+            DataConfig::FashionMnist(f) => f.n = q.n,
+            DataConfig::File(_) => {}
+        };
+        shrink(&mut e.data);
+        for m in &mut e.methods {
+            if let Some(d) = &mut m.data {
+                shrink(d);
+            }
+            if let Some(lr) = q.lr {
+                m.lr = lr;
+            }
+        }
+        e.steps = q.steps;
+        e.seeds.truncate(q.seeds);
+        if let Some(keep) = &q.methods {
+            e.methods.retain(|m| keep.contains(&m.label));
+        }
+        if q.batch_size.is_some() {
+            e.batch_size = q.batch_size;
+        }
+        if let Some(w) = q.final_window {
+            e.final_window = w;
+        }
+        if let Some(mse) = &mut e.mse {
+            if let Some(every) = q.mse_every {
+                mse.every = every;
+            }
+            if let (Some(n), Some(DataConfig::FashionMnist(f))) = (q.test_n, &mut mse.test) {
+                f.n = n;
+            }
+        }
+        // Claims about methods that do not run are dropped.
+        let kept: Vec<String> = e.methods.iter().map(|m| m.label.clone()).collect();
+        let has = |l: &String| kept.contains(l);
+        e.claims.retain(|c| c.labels().into_iter().all(has));
+        e.quick_run = true;
+    }
+    if let Some(k) = seeds {
+        if k == 0 || k > exp.seeds.len() {
+            bail!(
+                "--seeds {k}: the experiment lists {} seeds",
+                exp.seeds.len()
+            );
+        }
+        e.seeds = exp.seeds[..k].to_vec();
+    }
+    if e.methods.is_empty() || e.seeds.is_empty() {
+        bail!("experiment {}: no method or no seed to run", exp.name);
+    }
+    Ok(e)
+}
+
+/// One fit of an experiment.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The method's label.
+    pub label: String,
+    /// The seed.
+    pub seed: u64,
+    /// The full configuration.
+    pub config: FitConfig,
+    /// The report's file name in `runs/`.
+    pub file: String,
+}
+
+/// The fit configuration of one method × seed.
+pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfig {
+    FitConfig {
+        model: method.model.clone().unwrap_or_else(|| exp.model.clone()),
+        data: method.data.clone().unwrap_or_else(|| exp.data.clone()),
+        method: method.method.clone(),
+        steps: exp.steps,
+        lr: method.lr,
+        draws: exp.draws,
+        seed,
+        eval_draws: exp.eval_draws,
+        entropy: exp.entropy,
+        dtype: exp.dtype,
+        report_q_z: false,
+        batch_size: exp.batch_size,
+        shuffle: exp.shuffle,
+        mse: exp.mse.as_ref().map(|m| MseConfig {
+            every: m.every,
+            test: m.test.clone(),
+        }),
+    }
+}
+
+/// Every run of an experiment, F-VI first (its runs are the target of the
+/// others when there is no exact reference).
+pub fn plan(exp: &Experiment) -> Vec<RunSpec> {
+    let mut order: Vec<&MethodEntry> = exp.methods.iter().collect();
+    order.sort_by_key(|m| !matches!(m.method, MethodConfig::Fvi));
+    let mut runs = Vec::new();
+    for &seed in &exp.seeds {
+        for m in &order {
+            runs.push(RunSpec {
+                label: m.label.clone(),
+                seed,
+                config: run_config(exp, m, seed),
+                file: format!("{}-{seed}.json", file_stem(&m.label)),
+            });
+        }
+    }
+    runs
 }
 
 /// Settings of one `avi reproduce` invocation.
@@ -128,194 +543,259 @@ pub struct ReproduceOptions {
     pub out: PathBuf,
     /// Device.
     pub device: Device,
-    /// No per-run lines.
+    /// No progress bars and no per-run lines.
     pub quiet: bool,
+    /// Runs at once: 1 fits in this process; K > 1 runs K child `avi fit`
+    /// processes (each seeded by its config, so results do not depend on
+    /// K), each with `cores / K` libtorch threads (at least 1).
+    pub jobs: usize,
+    /// Keep existing run reports (resume an interrupted experiment).
+    pub resume: bool,
 }
 
-fn stats(values: &[f64]) -> Value {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return Value::Null;
-    }
-    v.sort_by(f64::total_cmp);
-    let median = if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        0.5 * (v[v.len() / 2 - 1] + v[v.len() / 2])
-    };
-    json!({ "median": median, "min": v[0], "max": v[v.len() - 1] })
+/// Progress of the runs: an overall bar with ETA and, in this process, a
+/// bar per run; hidden with `--quiet` or when stderr is not a terminal.
+struct Progress {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    quiet: bool,
 }
 
-/// Median of optional values where `None` ("never") counts as +∞; `None`
-/// when more than half never converged.
-fn median_never(values: &[Option<f64>]) -> Option<f64> {
-    let mut v: Vec<f64> = values.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect();
-    v.sort_by(f64::total_cmp);
-    let m = if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        0.5 * (v[v.len() / 2 - 1] + v[v.len() / 2])
-    };
-    m.is_finite().then_some(m)
-}
-
-/// Run an experiment; writes `runs/*.json` and `summary.json` and returns
-/// the summary.
-pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
-    let mut data = exp.data.clone();
-    let mut steps = exp.steps;
-    let mut seeds = exp.seeds.clone();
-    let mut methods = exp.methods.clone();
-    if opts.quick {
-        let q = &exp.quick;
-        if let DataConfig::Simulate(s) = &mut data {
-            s.n = q.n;
+impl Progress {
+    fn new(total: usize, name: &str, quiet: bool) -> Self {
+        let multi = MultiProgress::with_draw_target(if quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        });
+        let overall = multi.add(ProgressBar::new(total as u64));
+        overall.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} runs, {elapsed} elapsed, ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        overall.set_prefix(name.to_string());
+        Self {
+            multi,
+            overall,
+            quiet,
         }
-        steps = q.steps;
-        seeds.truncate(q.seeds);
-        if let Some(lr) = q.lr {
-            for m in &mut methods {
-                m.lr = lr;
+    }
+
+    fn run_bar(&self, steps: usize, label: &str) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(steps as u64));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "  {prefix:>16} [{bar:30}] {pos}/{len} steps, ETA {eta}, ELBO {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(label.to_string());
+        bar
+    }
+
+    fn line(&self, text: String) {
+        if !self.quiet {
+            // Printed above the bars (or plainly when they are hidden).
+            if self.multi.is_hidden() {
+                println!("{text}");
+            } else {
+                let _ = self.multi.println(text);
             }
         }
-        if let Some(keep) = &q.methods {
-            methods.retain(|m| keep.contains(&m.label));
-        }
     }
-    if let Some(k) = opts.seeds {
-        if k == 0 || k > exp.seeds.len() {
-            bail!(
-                "--seeds {k}: the experiment lists {} seeds",
-                exp.seeds.len()
-            );
-        }
-        seeds = exp.seeds[..k].to_vec();
+}
+
+struct BarObserver(ProgressBar);
+
+impl Observer for BarObserver {
+    fn on_check(&mut self, done: usize, _total: usize, elbo: f64) {
+        self.0.set_position(done as u64);
+        self.0.set_message(format!("{elbo:.2}"));
     }
-    if methods.is_empty() || seeds.is_empty() {
-        bail!("experiment {}: no method or no seed to run", exp.name);
-    }
+}
+
+/// Run an experiment: writes `experiment.json`, `runs/*.json`, and then
+/// `summary.json`, the figures and `REPORT.md` (see [`crate::summary`]).
+/// Returns the summary.
+pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
+    let exp = effective(exp, opts.quick, opts.seeds)?;
     let dir = opts.out.join(&exp.name);
     let runs_dir = dir.join("runs");
     std::fs::create_dir_all(&runs_dir)
         .with_context(|| format!("cannot create {}", runs_dir.display()))?;
-    let base = |method: &MethodEntry, seed: u64| FitConfig {
-        model: exp.model.clone(),
-        data: data.clone(),
-        method: method.method.clone(),
-        steps,
-        lr: method.lr,
-        draws: exp.draws,
-        seed,
-        eval_draws: exp.eval_draws,
-        entropy: Default::default(),
-        dtype: exp.dtype,
-        report_q_z: false,
-        batch_size: None,
-        shuffle: false,
-    };
-    let prepared = prepare(&base(&methods[0], seeds[0]), &opts.out)?;
-    let optimum = prepared.reference_elbo;
-    let half = exp.final_window;
-    let final_elbo = |trace: &[f64]| -> f64 {
-        let k = trace.len().min(2 * half).max(1);
-        let tail = &trace[trace.len().saturating_sub(k)..];
-        tail.iter().sum::<f64>() / tail.len() as f64
-    };
-    // F-VI's final window per seed: the target when there is no closed form.
-    let mut fvi_target: Vec<Option<f64>> = vec![None; seeds.len()];
-    let mut rows = Vec::new();
-    let total = methods.len() * seeds.len();
-    let mut done = 0;
-    // Run F-VI first so that its targets exist.
-    let mut order: Vec<&MethodEntry> = methods.iter().collect();
-    order.sort_by_key(|m| !matches!(m.method, MethodConfig::Fvi));
-    for method in order {
-        let mut per_seed = Vec::new();
-        for (si, &seed) in seeds.iter().enumerate() {
-            let cfg = base(method, seed);
-            let (fit, report) = run_prepared(&cfg, &prepared, opts.device, &mut Silent)?;
-            let file = format!("{}-{seed}.json", method.label.replace([' ', '='], "_"));
-            write_json_atomic(&runs_dir.join(&file), &report)?;
-            let fin = final_elbo(&fit.trace.elbo);
-            let diverged = !matches!(fit.status, avi_inference::FitStatus::Ok);
-            if matches!(method.method, MethodConfig::Fvi) && !diverged {
-                fvi_target[si] = Some(fin);
+    write_json_atomic(&dir.join("experiment.json"), &serde_json::to_value(&exp)?)?;
+    let mut runs = plan(&exp);
+    if opts.resume {
+        runs.retain(|r| !runs_dir.join(&r.file).is_file());
+    } else {
+        // Stale reports of an earlier run of this experiment would be mixed
+        // into the summary: start from an empty folder.
+        for entry in std::fs::read_dir(&runs_dir)? {
+            let p = entry?.path();
+            if p.extension().is_some_and(|e| e == "json") {
+                std::fs::remove_file(&p)?;
             }
-            let target = optimum.or(fvi_target[si]);
-            let conv = match (target, diverged) {
-                (Some(t), false) => first_within(&fit.trace.elbo, t, exp.rel_tol, 10),
-                _ => None,
-            };
-            let secs = conv.map(|c| fit.trace.seconds[c.min(fit.trace.seconds.len() - 1)]);
-            done += 1;
-            if !opts.quiet {
-                println!(
-                    "[{done}/{total}] {} {} seed {seed}: final ELBO {fin:.2}, converged at {}, {:.1} s",
-                    exp.name,
-                    method.label,
-                    conv.map_or("never".to_string(), |c| c.to_string()),
-                    fit.seconds
-                );
-            }
-            per_seed.push(json!({
-                "seed": seed,
-                "final_elbo": num(fin),
-                "elbo": num(fit.elbo),
-                "elbo_se": num(fit.elbo_se),
-                "gap": optimum.map(|o| num(o - fit.elbo)),
-                "iterations_to_converge": conv,
-                "seconds_to_converge": secs.map(num),
-                "seconds": num(fit.seconds),
-                "ms_per_iteration": num(1e3 * fit.seconds / fit.iterations.max(1) as f64),
-                "status": report["status"],
-                "run": format!("runs/{file}"),
-            }));
         }
-        let get = |k: &str| -> Vec<f64> {
-            per_seed
-                .iter()
-                .map(|r| r[k].as_f64().unwrap_or(f64::NAN))
-                .collect()
-        };
-        let iters: Vec<Option<f64>> = per_seed
-            .iter()
-            .map(|r| r["iterations_to_converge"].as_f64())
-            .collect();
-        let secs: Vec<Option<f64>> = per_seed
-            .iter()
-            .map(|r| r["seconds_to_converge"].as_f64())
-            .collect();
-        rows.push(json!({
-            "label": method.label,
-            "method": method.method,
-            "lr": method.lr,
-            "converged": iters.iter().filter(|i| i.is_some()).count(),
-            "runs": per_seed.len(),
-            "final_elbo": stats(&get("final_elbo")),
-            "gap": if optimum.is_some() { stats(&get("gap")) } else { Value::Null },
-            "iterations_to_converge": { "median": median_never(&iters), "converged": stats(&iters.iter().flatten().copied().collect::<Vec<_>>()) },
-            "seconds_to_converge": { "median": median_never(&secs), "converged": stats(&secs.iter().flatten().copied().collect::<Vec<_>>()) },
-            "ms_per_iteration": stats(&get("ms_per_iteration")),
-            "seeds": per_seed,
-        }));
     }
-    let summary = json!({
-        "experiment": exp.name,
-        "description": exp.description,
-        "quick": opts.quick,
-        "device": device_name(opts.device),
-        "n": prepared.x.len(),
-        "steps": steps,
-        "draws": exp.draws,
-        "seeds": seeds,
-        "rel_tol": exp.rel_tol,
-        "target": if optimum.is_some() { "closed-form optimal ELBO" } else { "final-window ELBO of the F-VI run with the same seed" },
-        "optimal_elbo": optimum.map(num),
-        "methods": rows,
-    });
-    write_json_atomic(&dir.join("summary.json"), &summary)?;
-    if !opts.quiet {
-        println!("wrote {}", dir.join("summary.json").display());
+    let progress = Progress::new(runs.len(), &exp.name, opts.quiet);
+    if opts.jobs <= 1 {
+        run_here(&exp, &runs, &runs_dir, opts, &progress)?;
+    } else {
+        run_children(&exp, &runs, &dir, opts, &progress)?;
     }
+    progress.overall.finish_and_clear();
+    let summary = crate::summary::rebuild(&dir)?;
+    progress.line(format!("wrote {}", dir.join("summary.json").display()));
     Ok(summary)
+}
+
+fn done_line(exp: &str, run: &RunSpec, report: &Value) -> String {
+    format!(
+        "{exp} {} seed {}: ELBO {:.2} ± {:.2}, {} steps in {:.1} s{}",
+        run.label,
+        run.seed,
+        report["elbo"].as_f64().unwrap_or(f64::NAN),
+        report["elbo_se"].as_f64().unwrap_or(f64::NAN),
+        report["iterations"],
+        report["seconds"].as_f64().unwrap_or(f64::NAN),
+        if report["status"] == "ok" {
+            String::new()
+        } else {
+            format!(", {}", report["status"].as_str().unwrap_or("?"))
+        }
+    )
+}
+
+/// The experiment's diagnostic settings: F-VI steps and gradient draws.
+const DIAGNOSE_STEPS: usize = 1000;
+const DIAGNOSE_DRAWS: usize = 1000;
+
+fn run_here(
+    exp: &Experiment,
+    runs: &[RunSpec],
+    runs_dir: &Path,
+    opts: &ReproduceOptions,
+    progress: &Progress,
+) -> Result<()> {
+    // Model and data are built once per distinct (model, data, mse).
+    let mut prepared: BTreeMap<String, Prepared> = BTreeMap::new();
+    for run in runs {
+        let key = serde_json::to_string(&(&run.config.model, &run.config.data, &run.config.mse))?;
+        if !prepared.contains_key(&key) {
+            let p = prepare(&run.config, Path::new("."))
+                .with_context(|| format!("experiment {}, method {}", exp.name, run.label))?;
+            prepared.insert(key.clone(), p);
+        }
+        let p = &prepared[&key];
+        let bar = progress.run_bar(run.config.steps, &format!("{} {}", run.label, run.seed));
+        let mut observer = BarObserver(bar.clone());
+        let (fit, mut report) = run_prepared(&run.config, p, opts.device, &mut observer)?;
+        bar.finish_and_clear();
+        progress.multi.remove(&bar);
+        if exp.diagnose
+            && !matches!(run.config.method, MethodConfig::Fvi)
+            && report["status"] == "ok"
+        {
+            report["diagnosis"] =
+                diagnosis_section(&run.config, p, &fit, DIAGNOSE_STEPS, DIAGNOSE_DRAWS)?;
+        }
+        write_json_atomic(&runs_dir.join(&run.file), &report)?;
+        progress.overall.inc(1);
+        progress.line(done_line(&exp.name, run, &report));
+    }
+    Ok(())
+}
+
+fn run_children(
+    exp: &Experiment,
+    runs: &[RunSpec],
+    dir: &Path,
+    opts: &ReproduceOptions,
+    progress: &Progress,
+) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the avi executable")?;
+    let configs = dir.join("configs");
+    std::fs::create_dir_all(&configs)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / opts.jobs).max(1);
+    let device = match opts.device {
+        Device::Cuda(_) => "cuda",
+        _ => "cpu",
+    };
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.min(runs.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= runs.len() || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    break;
+                }
+                let run = &runs[i];
+                if let Err(e) = run_child(exp, run, dir, &configs, &exe, device, threads, progress)
+                {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert(format!("{e:#}"));
+                    }
+                    break;
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or(None) {
+        bail!(e);
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_child(
+    exp: &Experiment,
+    run: &RunSpec,
+    dir: &Path,
+    configs: &Path,
+    exe: &Path,
+    device: &str,
+    threads: usize,
+    progress: &Progress,
+) -> Result<()> {
+    let cfg_path = configs.join(&run.file);
+    write_json_atomic(&cfg_path, &serde_json::to_value(&run.config)?)?;
+    let out = dir.join("runs").join(&run.file);
+    let diagnose = exp.diagnose && !matches!(run.config.method, MethodConfig::Fvi);
+    let mut cmd = Command::new(exe);
+    cmd.arg(if diagnose { "diagnose" } else { "fit" })
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("--out")
+        .arg(&out)
+        .args(["--device", device, "--threads", &threads.to_string()])
+        .env("OMP_NUM_THREADS", threads.to_string());
+    if diagnose {
+        cmd.args([
+            "--fvi-steps",
+            &DIAGNOSE_STEPS.to_string(),
+            "--gradient-draws",
+            &DIAGNOSE_DRAWS.to_string(),
+        ]);
+    }
+    let output = cmd
+        .output()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    // Exit 3 is a diverged fit: its report is written and counts as a run.
+    if !(output.status.success() || output.status.code() == Some(3)) {
+        bail!(
+            "{} {} seed {}: {}",
+            exp.name,
+            run.label,
+            run.seed,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    progress.overall.inc(1);
+    progress.line(done_line(&exp.name, run, &report));
+    Ok(())
 }

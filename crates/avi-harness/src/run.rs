@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use avi_inference::{fit, Fit, FitStatus, Observer};
+use avi_inference::{fit, Fit, FitStatus, Observer, ThetaFactor, Variational};
 use avi_models::fashion_mnist;
 use avi_models::mixture_reference::log_marginal_given_means;
 use avi_models::{
@@ -221,6 +221,8 @@ pub struct Prepared {
     pub reference: Option<GaussianReference>,
     /// The optimal ELBO when known exactly (closed form or exact posterior).
     pub reference_elbo: Option<f64>,
+    /// Held-out observations for the BNN's test MSE (`mse.test`).
+    pub test_x: Option<Data>,
 }
 
 /// Build the model and load or simulate the data of `cfg`; relative data
@@ -238,27 +240,8 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             (model, data)
         }
         DataConfig::FashionMnist(f) => {
-            let dir = match &f.dir {
-                Some(d) if d.is_absolute() => d.clone(),
-                Some(d) => config_dir.join(d),
-                None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist"),
-            };
-            let split = match f.split {
-                FashionMnistSplit::Train => fashion_mnist::Split::Train,
-                FashionMnistSplit::Test => fashion_mnist::Split::Test,
-            };
-            if f.n == 0 {
-                bail!("data.fashion_mnist.n must be at least 1");
-            }
-            let images = fashion_mnist::load(&dir, split, f.n)?;
             let model = BuiltModel::new(&cfg.model, fashion_mnist::PIXELS)?;
-            (
-                model,
-                Data {
-                    values: images.images,
-                    dim: Some(fashion_mnist::PIXELS),
-                },
-            )
+            (model, load_fashion_mnist(f, config_dir, "data")?)
         }
         DataConfig::Simulate(s) => {
             if s.n == 0 {
@@ -299,21 +282,128 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
     }
     let reference = model.reference(&x.values, cfg.model.fixed_theta())?;
     let reference_elbo = model.reference_elbo(&x, cfg.model.fixed_theta())?;
+    let test_x = match cfg.mse.as_ref().and_then(|m| m.test.as_ref()) {
+        None => None,
+        Some(DataConfig::FashionMnist(f)) => Some(load_fashion_mnist(f, config_dir, "mse.test")?),
+        Some(DataConfig::File(p)) => {
+            let path = if p.is_absolute() {
+                p.clone()
+            } else {
+                config_dir.join(p)
+            };
+            Some(load_data_file(&path)?)
+        }
+        Some(DataConfig::Simulate(_)) => {
+            bail!("field `mse.test`: give a file or fashion_mnist images, not a simulation")
+        }
+    };
+    if let (Some(t), Some(d)) = (&test_x, x.dim) {
+        if t.dim != Some(d) {
+            bail!(
+                "field `mse.test`: test observations have {} values, the data {d}",
+                t.dim.unwrap_or(1)
+            );
+        }
+    }
     Ok(Prepared {
         model,
         x,
         reference,
         reference_elbo,
+        test_x,
+    })
+}
+
+fn load_fashion_mnist(
+    f: &crate::config::FashionMnistConfig,
+    config_dir: &Path,
+    field: &str,
+) -> Result<Data> {
+    let dir = match &f.dir {
+        Some(d) if d.is_absolute() => d.clone(),
+        Some(d) => config_dir.join(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist"),
+    };
+    let split = match f.split {
+        FashionMnistSplit::Train => fashion_mnist::Split::Train,
+        FashionMnistSplit::Test => fashion_mnist::Split::Test,
+    };
+    if f.n == 0 {
+        bail!("{field}.fashion_mnist.n must be at least 1");
+    }
+    let images = fashion_mnist::load(&dir, split, f.n)?;
+    Ok(Data {
+        values: images.images,
+        dim: Some(fashion_mnist::PIXELS),
     })
 }
 
 /// The prepared data as a tensor: `[N]` for scalar observations, `[N, D]`
 /// for vectors (f64 on the CPU; fits move and convert it).
 pub fn data_tensor(prepared: &Prepared) -> Tensor {
-    let x = Tensor::from_slice(&prepared.x.values).to_kind(Kind::Double);
-    match prepared.x.dim {
+    to_tensor(&prepared.x)
+}
+
+fn to_tensor(data: &Data) -> Tensor {
+    let x = Tensor::from_slice(&data.values).to_kind(Kind::Double);
+    match data.dim {
         Some(d) => x.view([-1, d as i64]),
         None => x,
+    }
+}
+
+/// The BNN's reconstruction MSE per record (digest §4.4), wrapped around
+/// the caller's observer.
+struct MseMonitor<'a> {
+    inner: &'a mut dyn Observer,
+    model: &'a BnnModel,
+    every: usize,
+    x: Tensor,
+    test: Option<Tensor>,
+    steps: Vec<usize>,
+    seconds: Vec<f64>,
+    train: Vec<f64>,
+    test_mse: Vec<Option<f64>>,
+}
+
+impl Observer for MseMonitor<'_> {
+    fn on_check(&mut self, done: usize, total: usize, elbo: f64) {
+        self.inner.on_check(done, total, elbo);
+    }
+
+    fn monitor_every(&self) -> usize {
+        self.every
+    }
+
+    fn on_monitor(
+        &mut self,
+        done: usize,
+        seconds: f64,
+        var: &Variational,
+    ) -> avi_inference::Result<()> {
+        let theta = match &var.theta {
+            ThetaFactor::Free(q) => q.mean.detach(),
+            ThetaFactor::Fixed(t) => t.shallow_clone(),
+        };
+        let z = var.local_params().mean.detach();
+        let kind = z.kind();
+        let x = self.x.to_kind(kind);
+        let train = self.model.reconstruction_mse(&theta, &z, &x)?;
+        let test = match &self.test {
+            None => None,
+            Some(t) => {
+                let t = t.to_kind(kind);
+                match var.predict_local(&t)? {
+                    None => None,
+                    Some(q) => Some(self.model.reconstruction_mse(&theta, &q.mean, &t)?),
+                }
+            }
+        };
+        self.steps.push(done);
+        self.seconds.push(seconds);
+        self.train.push(train);
+        self.test_mse.push(test);
+        Ok(())
     }
 }
 
@@ -325,15 +415,38 @@ pub fn run_prepared(
     observer: &mut dyn Observer,
 ) -> Result<(Fit, Value)> {
     let x = data_tensor(prepared);
-    let result = fit(
-        prepared.model.as_model(),
-        &x,
-        &cfg.method,
-        cfg.model.fixed_theta(),
-        &cfg.options(),
-        device,
-        observer,
-    )?;
+    let run = |observer: &mut dyn Observer| {
+        fit(
+            prepared.model.as_model(),
+            &x,
+            &cfg.method,
+            cfg.model.fixed_theta(),
+            &cfg.options(),
+            device,
+            observer,
+        )
+    };
+    let (result, monitor) = match (&prepared.model, &cfg.mse) {
+        (BuiltModel::Bnn(model), Some(m)) => {
+            let mut monitor = MseMonitor {
+                inner: observer,
+                model,
+                every: m.every,
+                x: x.to_device(device),
+                test: prepared
+                    .test_x
+                    .as_ref()
+                    .map(|t| to_tensor(t).to_device(device)),
+                steps: vec![],
+                seconds: vec![],
+                train: vec![],
+                test_mse: vec![],
+            };
+            let result = run(&mut monitor)?;
+            (result, Some(monitor))
+        }
+        _ => (run(observer)?, None),
+    };
     let reference = prepared.reference_elbo.map(|elbo| Reference { elbo });
     let mut report = fit_report(
         cfg,
@@ -342,6 +455,16 @@ pub fn run_prepared(
         &result,
         reference,
     );
+    if let Some(m) = monitor {
+        let num = crate::report::num;
+        report["mse"] = serde_json::json!({
+            "every": m.every,
+            "iteration": m.steps,
+            "seconds": m.seconds.iter().map(|v| num(*v)).collect::<Vec<_>>(),
+            "train": m.train.iter().map(|v| num(*v)).collect::<Vec<_>>(),
+            "test": m.test_mse.iter().map(|v| v.map(num)).collect::<Vec<_>>(),
+        });
+    }
     if let (BuiltModel::Linear(m), Some(q_theta), FitStatus::Ok) =
         (&prepared.model, &result.q_theta, result.status)
     {
@@ -360,4 +483,45 @@ pub fn run_prepared(
         }
     }
     Ok((result, report))
+}
+
+/// Run the paper's §5 diagnostic after a fit (F-VI steps from the amortized
+/// solution) and return its report section.
+pub fn diagnosis_section(
+    cfg: &FitConfig,
+    prepared: &Prepared,
+    fit: &Fit,
+    fvi_steps: usize,
+    gradient_draws: usize,
+) -> Result<Value> {
+    if matches!(cfg.method, avi_inference::MethodConfig::Fvi) {
+        bail!("the diagnostic starts from an amortized (avi or const) solution, not fvi");
+    }
+    if cfg.batch_size.is_some() {
+        bail!("the diagnostic needs full batches (remove batch_size)");
+    }
+    if gradient_draws == 0 {
+        bail!("the diagnostic needs at least one gradient draw");
+    }
+    let x = data_tensor(prepared);
+    let d = avi_inference::diagnose(
+        prepared.model.as_model(),
+        fit,
+        &x,
+        &cfg.options(),
+        fvi_steps,
+        gradient_draws,
+    )?;
+    let num = crate::report::num;
+    Ok(serde_json::json!({
+        "fvi_steps": d.fvi_steps,
+        "amortized_elbo": num(d.amortized_elbo),
+        "amortized_se": num(d.amortized_se),
+        "refined_elbo": num(d.refined_elbo),
+        "refined_se": num(d.refined_se),
+        "gain": num(d.gain),
+        "gain_se": num(d.gain_se),
+        "gradient_norm": num(d.gradient_norm),
+        "gradient_draws": gradient_draws,
+    }))
 }

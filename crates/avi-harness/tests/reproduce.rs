@@ -83,4 +83,106 @@ fn quick_reproductions_show_the_papers_conclusions() {
     assert!(median_iterations(method(&s, "i=2 k=4")).unwrap() < median_iterations(fvi).unwrap());
     // The i = 1 gap is large (paper: ≈ 335 nats at N = 1,000).
     assert!(method(&s, "i=1 k=10")["gap"]["min"].as_f64().unwrap() > 50.0);
+
+    // The report: every claim of the definition is checked and shown, the
+    // figures exist, and `avi report` rebuilds the same summary from the
+    // stored runs alone.
+    for name in ["linear", "saw"] {
+        let folder = dir.path().join(name);
+        let summary = std::fs::read_to_string(folder.join("summary.json")).unwrap();
+        let s: Value = serde_json::from_str(&summary).unwrap();
+        let claims = s["claims"].as_array().unwrap();
+        assert!(claims.len() >= 3, "{name}: {claims:?}");
+        for c in claims {
+            assert_eq!(c["reproduced"], true, "{name}: {c}");
+        }
+        let report = std::fs::read_to_string(folder.join("REPORT.md")).unwrap();
+        assert!(report.contains("Reproduced:") && !report.contains("Not reproduced"));
+        for fig in [
+            "fig3-elbo-vs-time.svg",
+            "fig4-time-to-converge.svg",
+            "fig6-elbo-vs-iteration.svg",
+        ] {
+            let svg = std::fs::read_to_string(folder.join(fig)).unwrap();
+            assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{fig}");
+        }
+        std::fs::remove_file(folder.join("summary.json")).unwrap();
+        std::fs::remove_file(folder.join("REPORT.md")).unwrap();
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_avi"))
+        .arg("report")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in ["linear", "saw"] {
+        let rebuilt: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(name).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(!rebuilt["methods"].as_array().unwrap().is_empty());
+        assert!(dir.path().join(name).join("REPORT.md").is_file());
+    }
+    let index = std::fs::read_to_string(dir.path().join("REPORT.md")).unwrap();
+    assert!(index.contains("## linear") && index.contains("## saw"));
+}
+
+/// The corrected Fig. 8 experiment end to end (N = 100, f64): F-VI reaches
+/// the closed form, no window closes the gap, and the figure shows the
+/// corrected and the erroneous curves.
+#[test]
+fn hmm_counterexample_quick() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = run("hmm-counterexample", dir.path());
+    for c in s["claims"].as_array().unwrap() {
+        assert_eq!(c["reproduced"], true, "{c}");
+    }
+    let svg = std::fs::read_to_string(
+        dir.path()
+            .join("hmm-counterexample/fig8-hmm-counterexample.svg"),
+    )
+    .unwrap();
+    assert!(svg.contains("ERRONEOUS") && svg.contains("corrected"));
+}
+
+/// Bad inputs exit 2 with one line: an unknown experiment, a definition
+/// naming an unknown method in a claim, `--jobs 0`, `avi report` on a folder
+/// without runs.
+#[test]
+fn bad_reproduce_inputs_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    let mut def: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/experiments/linear.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    def["claims"][0]["labels"] = serde_json::json!(["nope"]);
+    std::fs::write(&bad, def.to_string()).unwrap();
+    for args in [
+        vec!["reproduce".to_string(), "nosuch".into()],
+        vec!["reproduce".to_string(), bad.display().to_string()],
+        vec![
+            "reproduce".to_string(),
+            "linear".into(),
+            "--jobs".into(),
+            "0".into(),
+        ],
+        vec!["report".to_string(), dir.path().display().to_string()],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_avi"))
+            .args(&args)
+            .args(
+                ["--device", "cpu"]
+                    .iter()
+                    .filter(|_| args[0] == "reproduce"),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
 }

@@ -195,6 +195,21 @@ pub trait Observer {
     /// Called at every check, after `done` of `total` steps, with the last
     /// step's ELBO estimate.
     fn on_check(&mut self, _done: usize, _total: usize, _elbo: f64) {}
+
+    /// Steps between calls of [`Observer::on_monitor`]; 0 (the default)
+    /// never calls it.
+    fn monitor_every(&self) -> usize {
+        0
+    }
+
+    /// Called before the first step (`done = 0`) and after every
+    /// [`Observer::monitor_every`] steps with the current parameters and the
+    /// optimisation's wall time so far. Time spent here is left out of the
+    /// trace's clock (monitoring is not part of the algorithm). An error
+    /// stops the fit.
+    fn on_monitor(&mut self, _done: usize, _seconds: f64, _var: &Variational) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An [`Observer`] that does nothing.
@@ -553,10 +568,16 @@ pub fn fit(
     let mut trace = Trace::default();
     let mut status = FitStatus::Ok;
     let mut block: Vec<Tensor> = Vec::with_capacity(opts.check_every);
+    let every = observer.monitor_every();
+    if every > 0 {
+        observer.on_monitor(0, 0.0, &trainer.var)?;
+    }
+    let mut paused = std::time::Duration::ZERO;
     let start = Instant::now();
+    let clock = |paused: std::time::Duration| (start.elapsed() - paused).as_secs_f64();
     for step in 1..=opts.steps {
         block.push(trainer.step()?);
-        trace.seconds.push(start.elapsed().as_secs_f64());
+        trace.seconds.push(clock(paused));
         if block.len() == opts.check_every || step == opts.steps {
             let values = Vec::<f64>::try_from(
                 Tensor::stack(&block, 0)
@@ -575,7 +596,7 @@ pub fn fit(
             }
             // Re-anchor the last time stamp now that the device has caught up.
             if let Some(t) = trace.seconds.last_mut() {
-                *t = start.elapsed().as_secs_f64();
+                *t = clock(paused);
             }
             observer.on_check(step, opts.steps, *values.last().unwrap_or(&f64::NAN));
             if let FitStatus::Diverged { at } = status {
@@ -585,8 +606,14 @@ pub fn fit(
                 break;
             }
         }
+        if every > 0 && step % every == 0 {
+            let now = clock(paused);
+            let t0 = Instant::now();
+            observer.on_monitor(step, now, &trainer.var)?;
+            paused += t0.elapsed();
+        }
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = clock(paused);
     let iterations = match status {
         FitStatus::Ok => opts.steps,
         FitStatus::Diverged { at } => at,

@@ -45,4 +45,4 @@ pub use fit::{
     GaussianSummary, Observer, Silent, Trace, Trainer,
 };
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
-pub use method::{amortization_inputs, Edges, LocalFactor, MethodConfig, ThetaFactor, Variational};
+pub use method::{amortization_inputs, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor, Variational};

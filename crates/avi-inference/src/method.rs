@@ -97,7 +97,25 @@ pub enum LocalFactor {
         /// With `edges: free`, the free rows of the first `before` and the
         /// last `after` indices.
         edges: Option<(Tensor, Tensor)>,
+        /// How `inputs` were built from the data, to apply f_φ to new data.
+        map: InputMap,
     },
+}
+
+/// How an inference function's inputs are built from data: the window, the
+/// padding value and the training data's standardisation (kept so that new
+/// data goes through the same fixed affine map).
+#[derive(Debug)]
+pub struct InputMap {
+    /// `[before, after]`.
+    pub window: [usize; 2],
+    /// The value beyond the series' ends.
+    pub pad: f64,
+    /// Values per observation (1 for scalar data).
+    pub dim: usize,
+    /// `(mean, sd)` of the training data per observation dimension, `[1, d]`
+    /// each, when inputs are standardised.
+    pub standardize: Option<(Tensor, Tensor)>,
 }
 
 impl std::fmt::Debug for LocalFactor {
@@ -216,7 +234,8 @@ impl Variational {
                         format!("[{before}, {after}] is as long as the data (N = {n})"),
                     ));
                 }
-                let inputs = amortization_inputs(x, *window, pad, *standardize, kind)?;
+                let stats = standardize.then(|| data_stats(x, kind));
+                let inputs = window_inputs(x, *window, pad, stats.as_ref(), kind)?;
                 let input_dim = inputs.size()[1] as usize;
                 let function = function.build(&root.sub("fn"), input_dim, output, kind)?;
                 let edges = match edges {
@@ -230,6 +249,16 @@ impl Variational {
                     function,
                     inputs,
                     edges,
+                    map: InputMap {
+                        window: *window,
+                        pad,
+                        dim: if x.dim() == 1 {
+                            1
+                        } else {
+                            x.size()[1] as usize
+                        },
+                        standardize: stats,
+                    },
                 }
             }
         };
@@ -256,6 +285,7 @@ impl Variational {
                 function,
                 inputs,
                 edges,
+                ..
             } => {
                 let p = function.forward(inputs);
                 match edges {
@@ -273,6 +303,54 @@ impl Variational {
     /// The `[N, L]` means and log-sds of Gaussian local factors.
     pub fn local_params(&self) -> GaussianParams {
         self.output.gaussian(&self.local_raw())
+    }
+
+    /// The local factors the fitted family gives to new observations
+    /// `x_new` (`[N', …]` like the training data, on the same device): A-VI
+    /// applies f_φ to the windows of `x_new` (standardised with the
+    /// *training* statistics; `edges: free` rows are not transferable, so the
+    /// edges are padded); Const gives every new observation its shared
+    /// factor; F-VI has nothing to say about new data and returns `None`.
+    /// The raw `[N', W]` rows, without gradients.
+    pub fn predict_raw(&self, x_new: &Tensor) -> Result<Option<Tensor>> {
+        let _guard = tch::no_grad_guard();
+        let n_new = x_new.size()[0];
+        Ok(match &self.local {
+            LocalFactor::Free(_) => None,
+            LocalFactor::Shared(p) => Some(p.expand([n_new, p.size()[1]], false).copy()),
+            LocalFactor::Amortized { function, map, .. } => {
+                let kind = self.local_kind();
+                let d = if x_new.dim() == 1 { 1 } else { x_new.size()[1] };
+                if x_new.dim() > 2 || d as usize != map.dim || n_new == 0 {
+                    return Err(InferenceError::config(
+                        "data",
+                        format!(
+                            "new data of shape {:?}: the inference function was fitted on observations of {} values",
+                            x_new.size(),
+                            map.dim
+                        ),
+                    ));
+                }
+                let inputs =
+                    window_inputs(x_new, map.window, map.pad, map.standardize.as_ref(), kind)?;
+                Some(function.forward(&inputs))
+            }
+        })
+    }
+
+    /// [`Variational::predict_raw`] as Gaussian `[N', L]` means and log-sds
+    /// (Gaussian local factors only).
+    pub fn predict_local(&self, x_new: &Tensor) -> Result<Option<GaussianParams>> {
+        Ok(self
+            .predict_raw(x_new)?
+            .map(|raw| self.output.gaussian(&raw)))
+    }
+
+    fn local_kind(&self) -> Kind {
+        self.vs
+            .trainable_variables()
+            .first()
+            .map_or(Kind::Float, Tensor::kind)
     }
 
     /// The `[N, K]` log-probabilities of categorical local factors.
@@ -330,6 +408,29 @@ pub fn amortization_inputs(
     standardize: bool,
     kind: Kind,
 ) -> Result<Tensor> {
+    let stats = standardize.then(|| data_stats(x, kind));
+    window_inputs(x, window, pad, stats.as_ref(), kind)
+}
+
+/// Per-dimension `[1, d]` mean and population sd of `[N]` or `[N, d]` data
+/// (a constant dimension gets sd 1, i.e. is centred only).
+fn data_stats(x: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let x = x.to_kind(kind);
+    let x = if x.dim() == 1 { x.unsqueeze(1) } else { x };
+    let mean = x.mean_dim(0, true, kind);
+    let sd = x.var_dim(0, false, true).sqrt();
+    let sd = sd.where_self(&sd.gt(0.0), &sd.ones_like());
+    (mean, sd)
+}
+
+/// [`amortization_inputs`] with given standardisation statistics.
+fn window_inputs(
+    x: &Tensor,
+    window: [usize; 2],
+    pad: f64,
+    stats: Option<&(Tensor, Tensor)>,
+    kind: Kind,
+) -> Result<Tensor> {
     let x = x.to_kind(kind);
     let x = if x.dim() == 1 { x.unsqueeze(1) } else { x };
     let (n, d) = (x.size()[0], x.size()[1]);
@@ -342,13 +443,9 @@ pub fn amortization_inputs(
         ],
         0,
     );
-    let padded = if standardize {
-        let mean = x.mean_dim(0, true, kind);
-        let sd = x.var_dim(0, false, true).sqrt();
-        let sd = sd.where_self(&sd.gt(0.0), &sd.ones_like());
-        (padded - mean) / sd
-    } else {
-        padded
+    let padded = match stats {
+        Some((mean, sd)) => (padded - mean) / sd,
+        None => padded,
     };
     let w = (before + after + 1) as i64;
     // unfold: [N, d, w] windows; order the columns by time, then dimension.
@@ -357,4 +454,67 @@ pub fn amortization_inputs(
         .permute([0, 2, 1])
         .contiguous()
         .view([n, w * d]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::function::{Activation, Heads};
+
+    fn variational(method: &MethodConfig, x: &Tensor) -> Variational {
+        tch::manual_seed(3);
+        Variational::new(
+            method,
+            x,
+            0.5,
+            1,
+            Output::Gaussian { dim: 1 },
+            None,
+            avi_models::Init::default(),
+            Kind::Double,
+            Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    #[test]
+    fn predictions_on_the_training_data_are_the_fitted_factors() {
+        let x = Tensor::randn([40], (Kind::Double, Device::Cpu)).multiply_scalar(3.0) + 2.0;
+        let avi = MethodConfig::Avi {
+            function: FunctionConfig::Mlp {
+                width: 5,
+                depth: 2,
+                activation: Activation::Relu,
+                heads: Heads::Shared,
+            },
+            standardize: true,
+            window: [1, 1],
+            edges: Edges::Pad,
+        };
+        let var = variational(&avi, &x);
+        let raw = var.local_raw().detach();
+        // The same operations on the same values: equal to rounding (1e-12).
+        let again = var.predict_raw(&x).unwrap().unwrap();
+        assert!(max_abs(&raw, &again) < 1e-12);
+        // New data use the training statistics, not their own: a slice of the
+        // series gets the same factors as inside the whole series away from
+        // the slice's ends.
+        let part = x.narrow(0, 10, 20);
+        let p = var.predict_raw(&part).unwrap().unwrap();
+        assert!(max_abs(&p.narrow(0, 1, 18), &raw.narrow(0, 11, 18)) < 1e-12);
+        // Observations of the wrong shape are an error, not a panic.
+        assert!(var.predict_raw(&x.view([20, 2])).is_err());
+
+        let cst = variational(&MethodConfig::Const, &x);
+        let p = cst.predict_raw(&part).unwrap().unwrap();
+        assert_eq!(p.size(), [20, 2]);
+        assert!(max_abs(&p, &cst.local_raw().detach().narrow(0, 0, 20)) < 1e-15);
+
+        let fvi = variational(&MethodConfig::Fvi, &x);
+        assert!(fvi.predict_raw(&part).unwrap().is_none());
+    }
 }

@@ -198,6 +198,138 @@ impl Model for GaussianHmm {
     }
 }
 
+/// The curve of the paper's Fig. 8, reproduced with its error (digest §3.3):
+/// the authors' `hmm_counter_example.R` builds the N × N matrix Ψ with
+/// diagonal 3 (Ψ₁₁ = 1) and off-diagonals −2, which is indefinite, and
+/// plots `μ = −2 Ψ⁻¹ x` for `x ≡ 1`. The correct F-VI means of the random
+/// walk HMM are those of [`GaussianHmm::fvi_optimum`]; this function exists
+/// only to show the published curve beside them, labelled as erroneous.
+/// Solved by Gaussian elimination with partial pivoting (the matrix is
+/// not positive definite).
+pub fn paper_fig8_erroneous_means(n: usize) -> Vec<f64> {
+    let mut a = vec![vec![0.0; n]; n];
+    for (i, row) in a.iter_mut().enumerate() {
+        row[i] = if i == 0 { 1.0 } else { 3.0 };
+        if i > 0 {
+            row[i - 1] = -2.0;
+        }
+        if i + 1 < n {
+            row[i + 1] = -2.0;
+        }
+    }
+    dense_solve(a, vec![1.0; n])
+        .iter()
+        .map(|m| -2.0 * m)
+        .collect()
+}
+
+/// Solve the dense system `a y = b` by Gaussian elimination with partial
+/// pivoting (small systems only).
+fn dense_solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
+    let n = b.len();
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&r, &s| a[r][col].abs().total_cmp(&a[s][col].abs()))
+            .unwrap_or(col);
+        a.swap(col, pivot);
+        b.swap(col, pivot);
+        let (top, rest) = a.split_at_mut(col + 1);
+        let pivot_row = &top[col];
+        for (k, row) in rest.iter_mut().enumerate() {
+            let f = row[col] / pivot_row[col];
+            for (v, p) in row.iter_mut().zip(pivot_row).skip(col) {
+                *v -= f * p;
+            }
+            b[col + 1 + k] -= f * b[col];
+        }
+    }
+    let mut y = vec![0.0; n];
+    for i in (0..n).rev() {
+        let s: f64 = (i + 1..n).map(|j| a[i][j] * y[j]).sum();
+        y[i] = (b[i] - s) / a[i][i];
+    }
+    y
+}
+
+impl GaussianHmm {
+    /// The best mean-field ELBO (θ fixed at `theta`) over factors that are
+    /// equal within each group of indices: `groups[n]` is the group of
+    /// z_n. This is the A-VI optimum of an inference function that is free
+    /// in every other respect but cannot tell group members apart, e.g. a
+    /// window of the data that is identical for them (Prop. 3.8): any
+    /// function of such a window gives them one factor. The tied means solve
+    /// `(GᵀTG) g = Gᵀ(b − cθ)` and the tied variances are `|g| / Σ_g T_nn`
+    /// (the ELBO separates in means and variances); the value is exact.
+    pub fn tied_optimum_elbo(&self, x: &[f64], theta: f64, groups: &[usize]) -> Result<f64> {
+        check_finite_data(x)?;
+        if groups.len() != x.len() {
+            return Err(ModelError::InvalidData(format!(
+                "{} group labels for {} observations",
+                groups.len(),
+                x.len()
+            )));
+        }
+        let k = groups.iter().max().map_or(0, |g| g + 1);
+        let (phi, _, b_z) = self.precision(x);
+        let mut m = vec![vec![0.0; k]; k];
+        let mut rhs = vec![0.0; k];
+        let mut diag_sum = vec![0.0; k];
+        let mut count = vec![0usize; k];
+        for (i, &g) in groups.iter().enumerate() {
+            m[g][g] += phi.t[i];
+            rhs[g] += b_z[i] - phi.c[i] * theta;
+            diag_sum[g] += phi.t[i];
+            count[g] += 1;
+            if i + 1 < groups.len() {
+                let h = groups[i + 1];
+                m[g][h] += phi.e[i];
+                m[h][g] += phi.e[i];
+            }
+        }
+        if count.contains(&0) {
+            return Err(ModelError::InvalidData(
+                "group labels must be 0..K−1 with every group used".into(),
+            ));
+        }
+        let g = dense_solve(m, rhs);
+        let mean: Vec<f64> = groups.iter().map(|&j| g[j]).collect();
+        let sd: Vec<f64> = groups
+            .iter()
+            .map(|&j| (count[j] as f64 / diag_sum[j]).sqrt())
+            .collect();
+        self.exact_elbo(x, None, Some(theta), &mean, &sd)
+    }
+}
+
+/// Group the indices of a scalar series by the content of their windows
+/// `x_{n−before} … x_{n+after}` (padded with `pad` beyond the ends): indices
+/// with identical windows share a group, numbered in order of appearance.
+pub fn window_groups(x: &[f64], window: [usize; 2], pad: f64) -> Vec<usize> {
+    let n = x.len() as i64;
+    let [before, after] = [window[0] as i64, window[1] as i64];
+    let mut seen: Vec<Vec<u64>> = Vec::new();
+    (0..n)
+        .map(|i| {
+            let key: Vec<u64> = (i - before..=i + after)
+                .map(|j| {
+                    if (0..n).contains(&j) {
+                        x[j as usize].to_bits()
+                    } else {
+                        pad.to_bits()
+                    }
+                })
+                .collect();
+            match seen.iter().position(|s| *s == key) {
+                Some(g) => g,
+                None => {
+                    seen.push(key);
+                    seen.len() - 1
+                }
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +425,62 @@ mod tests {
         assert!(GaussianHmm::new(0.5, 0.0, 1.0, 1.0).is_err());
         assert!(GaussianHmm::new(0.5, 1.0, -1.0, 1.0).is_err());
         assert!(GaussianHmm::new(f64::NAN, 1.0, 1.0, 1.0).is_err());
+    }
+
+    /// Fig. 8: the published (erroneous) curve is what the digest's numpy
+    /// reproduction gives (values printed to 2 decimals there, so 0.005),
+    /// and the corrected means with p(z_1) = N(0, 1) are 0.618, 0.854, 0.944,
+    /// 0.979, 0.992 (3 decimals there, so 0.0005), tending to 1 with ratio
+    /// ≈ 0.382 (2 decimals: 0.005).
+    #[test]
+    fn fig8_erroneous_and_corrected_curves() {
+        let wrong = paper_fig8_erroneous_means(100);
+        for (got, want) in wrong.iter().zip([4.01, 3.01, 1.50, 0.24, -0.14, 0.55]) {
+            assert!((got - want).abs() < 0.005, "{got} vs {want}");
+        }
+        let lo = wrong.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = wrong.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        assert!(
+            (lo + 0.15).abs() < 0.005 && (hi - 4.15).abs() < 0.005,
+            "{lo} {hi}"
+        );
+
+        let m = GaussianHmm::new(1.0, 1.0, 1.0, 1.0).unwrap();
+        let r = m.fvi_optimum(&[1.0; 100], Some(0.0)).unwrap();
+        for (got, want) in r.z_mean.iter().zip([0.618, 0.854, 0.944, 0.979, 0.992]) {
+            assert!((got - want).abs() < 0.0005, "{got} vs {want}");
+        }
+        let ratio = (1.0 - r.z_mean[6]) / (1.0 - r.z_mean[5]);
+        assert!((ratio - 0.382).abs() < 0.005, "{ratio}");
+        // Not constant: indices with identical windows get different means.
+        assert!(r.z_mean[10] - r.z_mean[5] > 1e-3);
+    }
+
+    /// The tied optimum: with every index in its own group it is the F-VI
+    /// optimum (1e-9 relative); with x ≡ 1 and windows of half-width w the
+    /// best possible inference function stays strictly below it, by less
+    /// as w grows (Prop. 3.8 made exact).
+    #[test]
+    fn tied_optimum_bounds_every_window_function() {
+        let m = GaussianHmm::new(1.0, 1.0, 1.0, 1.0).unwrap();
+        let x = [1.0; 100];
+        let opt = m.fvi_optimum(&x, Some(0.0)).unwrap().elbo;
+        let own: Vec<usize> = (0..100).collect();
+        let free = m.tied_optimum_elbo(&x, 0.0, &own).unwrap();
+        assert!((free - opt).abs() <= 1e-9 * opt.abs(), "{free} vs {opt}");
+        let mut last = f64::INFINITY;
+        for w in [0, 1, 2, 4] {
+            let groups = window_groups(&x, [w, w], 0.0);
+            let gap = opt - m.tied_optimum_elbo(&x, 0.0, &groups).unwrap();
+            assert!(
+                gap > 0.0 && gap < last,
+                "w = {w}: gap {gap}, previous {last}"
+            );
+            last = gap;
+        }
+        // A one-group tying is Const: far worse.
+        let one = m.tied_optimum_elbo(&x, 0.0, &[0; 100]).unwrap();
+        assert!(opt - one > opt - (opt - last));
+        assert!(m.tied_optimum_elbo(&x, 0.0, &[0; 99]).is_err());
     }
 }

@@ -1,0 +1,368 @@
+//! `avi-step-time`: the time of one training iteration of avi (draws → ELBO →
+//! backward → Adam step, i.e. [`Trainer::step`]) for one model × method at
+//! the paper's sizes, printed as one JSON object. It is our side of
+//! `just bench-compare` (`benches/compare/run.py` runs it beside the PyTorch,
+//! JAX, Pyro and NumPyro peers).
+//!
+//! Timing: `--warmup` steps, then `--repeats` blocks of `--iters` steps; each
+//! block is timed from a device synchronisation to a device synchronisation,
+//! with no host read inside it. `ms_per_iteration` is the median over the
+//! blocks.
+//!
+//! `--dump FILE` instead writes the problem to FILE: the model settings, the
+//! data as used (f32), the initial variational parameters under their
+//! `VarStore` names, and the parameters after `--check-steps` training steps
+//! with avi's ELBO estimate there from `--check-draws` fresh draws. The peers
+//! load FILE to time the same data from the same initial parameters, and to
+//! check at the later parameters that they compute the same objective.
+//!
+//! ```text
+//! avi-step-time --model saw --method avi --device cpu --threads 2
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use avi_benches::synchronize;
+use avi_inference::{
+    evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, Heads, MethodConfig,
+    Trainer, Variational,
+};
+use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+use clap::{Parser, ValueEnum};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+/// The models of the comparison (the table's `model` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModelName {
+    /// Paper Eq. 8, N = 10,000, τ = 1.155, σ = 2.43 (data/experiments/linear.json).
+    Linear,
+    /// Paper Eq. 15, N = 10,000, the authors' simulator, data seed 1789.
+    Nonlinear,
+    /// Paper Eq. 17, N = 1,000, α = 0.75, θ = 3.4159, data seed 2012.
+    Saw,
+}
+
+/// The methods of the comparison (the table's `method` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MethodName {
+    /// F-VI: a free (mean, log-sd) per z_n.
+    Fvi,
+    /// A-VI with the paper's inference function for the model.
+    Avi,
+}
+
+/// Where the iteration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceName {
+    Cpu,
+    Cuda,
+}
+
+/// Time avi's training iteration for one model × method; prints JSON.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The model.
+    #[arg(long, value_enum)]
+    model: ModelName,
+    /// The method.
+    #[arg(long, value_enum)]
+    method: MethodName,
+    /// The device.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceName,
+    /// libtorch intra-op threads; 0 keeps libtorch's default (all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Untimed steps before the first timed block.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Steps per timed block.
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    /// Timed blocks; the median block gives `ms_per_iteration`.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Monte Carlo draws per step.
+    #[arg(long, default_value_t = 100)]
+    draws: usize,
+    /// Seed of libtorch's generator (initialisation and draws).
+    #[arg(long, default_value_t = 1954)]
+    seed: u64,
+    /// Write the problem and the initial parameters to this JSON file, with
+    /// avi's ELBO estimate there, instead of timing.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// With `--dump`: steps taken from the initial parameters to the
+    /// parameters of the objective check (a region where the ELBO estimate
+    /// has a small variance, unlike the initial point).
+    #[arg(long, default_value_t = 500)]
+    check_steps: usize,
+    /// Draws of the ELBO estimate written by `--dump` (at the check
+    /// parameters).
+    #[arg(long, default_value_t = 10_000)]
+    check_draws: usize,
+}
+
+/// One model × method at the paper's sizes.
+struct Problem {
+    model: Box<dyn Model>,
+    /// The model's settings as the peers read them.
+    settings: Value,
+    x: Vec<f64>,
+    method: MethodConfig,
+    /// Short description of the inference function (table label).
+    function: &'static str,
+    lr: f64,
+}
+
+fn avi(function: FunctionConfig, window: [usize; 2]) -> MethodConfig {
+    MethodConfig::Avi {
+        function,
+        standardize: true,
+        window,
+        edges: Edges::Pad,
+    }
+}
+
+fn mlp(width: usize, heads: Heads) -> FunctionConfig {
+    FunctionConfig::Mlp {
+        width,
+        depth: 2,
+        activation: Activation::Relu,
+        heads,
+    }
+}
+
+/// The configurations of `benches/compare/models.py` (keep in step).
+fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
+    let fvi = method == MethodName::Fvi;
+    Ok(match model {
+        ModelName::Linear => {
+            let (tau, sigma) = (1.155, 2.43);
+            let m = LinearModel::new(tau, sigma)?;
+            Problem {
+                x: m.simulate(10_000, 7, None)?,
+                model: Box::new(m),
+                settings: json!({"tau": tau, "sigma": sigma}),
+                method: if fvi {
+                    MethodConfig::Fvi
+                } else {
+                    avi(FunctionConfig::Poly { degree: 1 }, [0, 0])
+                },
+                function: if fvi { "" } else { "poly1" },
+                lr: if fvi { 1e-3 } else { 1e-2 },
+            }
+        }
+        ModelName::Nonlinear => {
+            let m = NonlinearModel::new(NonlinearSim::Authors);
+            Problem {
+                x: m.simulate(10_000, 1789, None)?,
+                model: Box::new(m),
+                settings: json!({}),
+                method: if fvi {
+                    MethodConfig::Fvi
+                } else {
+                    avi(mlp(16, Heads::Separate), [0, 0])
+                },
+                function: if fvi { "" } else { "mlp16-separate" },
+                lr: 1e-2,
+            }
+        }
+        ModelName::Saw => {
+            let (alpha, x0) = (0.75, 0.0);
+            let m = SawModel::new(alpha, x0)?;
+            Problem {
+                x: m.simulate(1_000, 2012, Some(3.4159))?,
+                model: Box::new(m),
+                settings: json!({"alpha": alpha, "x0": x0}),
+                method: if fvi {
+                    MethodConfig::Fvi
+                } else {
+                    avi(mlp(10, Heads::Shared), [1, 0])
+                },
+                function: if fvi { "" } else { "mlp10-shared-w1-0" },
+                lr: 1e-3,
+            }
+        }
+    })
+}
+
+fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(Vec::<f64>::try_from(
+        t.detach()
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .contiguous()
+            .view([-1]),
+    )?)
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`, the value
+/// `getrusage`'s `ru_maxrss` reports on Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// GPU memory held by this process according to `nvidia-smi` (CUDA context
+/// plus the caching allocator's reserve, which libtorch keeps at its peak),
+/// in MiB. tch exposes no allocator statistics, so this is the GPU figure
+/// avi can report.
+fn gpu_process_mib() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let me = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split(',').map(str::trim);
+        (f.next()? == me).then(|| f.next()?.parse().ok())?
+    })
+}
+
+/// Every variable of the store by name: `{"shape": [...], "values": [...]}`
+/// (values row-major, as f64).
+fn params_json(var: &Variational) -> Result<Value> {
+    let mut vars: Vec<_> = var.vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut params = serde_json::Map::new();
+    for (name, t) in vars {
+        params.insert(name, json!({"shape": t.size(), "values": host_f64(&t)?}));
+    }
+    Ok(Value::Object(params))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let k = s.len();
+    if k % 2 == 1 {
+        s[k / 2]
+    } else {
+        0.5 * (s[k / 2 - 1] + s[k / 2])
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = match args.device {
+        DeviceName::Cpu => Device::Cpu,
+        DeviceName::Cuda => {
+            anyhow::ensure!(
+                tch::Cuda::is_available(),
+                "--device cuda: libtorch sees no CUDA device"
+            );
+            Device::Cuda(0)
+        }
+    };
+    anyhow::ensure!(
+        args.iters > 0 && args.repeats > 0,
+        "--iters and --repeats must be at least 1"
+    );
+    if args.threads > 0 {
+        tch::set_num_threads(args.threads as i32);
+    }
+    let p = problem(args.model, args.method)?;
+    let opts = FitOptions {
+        lr: p.lr,
+        draws: args.draws,
+        seed: args.seed,
+        ..FitOptions::default()
+    };
+    let x = Tensor::from_slice(&p.x);
+    let mut trainer = Trainer::new(p.model.as_ref(), &x, &p.method, None, &opts, device)
+        .context("building the trainer")?;
+    let num_parameters = trainer.variational().num_parameters();
+    let model = format!("{:?}", args.model).to_lowercase();
+    let method = format!("{:?}", args.method).to_lowercase();
+    let mut out = json!({
+        "framework": "avi",
+        "model": model,
+        "method": method,
+        "function": p.function,
+        "n": p.x.len(),
+        "draws": args.draws,
+        "num_parameters": num_parameters,
+        "threads": tch::get_num_threads(),
+        "device": format!("{device:?}").to_lowercase(),
+    });
+
+    if let Some(path) = &args.dump {
+        let init = params_json(trainer.variational())?;
+        for _ in 0..args.check_steps {
+            let _elbo = trainer.step()?;
+        }
+        let var = trainer.variational();
+        let (elbo, se) = evaluate_elbo(
+            p.model.as_ref(),
+            var,
+            trainer.data(),
+            args.check_draws,
+            Entropy::Mc,
+        )?;
+        let estimate = json!({"mean": elbo, "se": se, "draws": args.check_draws});
+        let dump = json!({
+            "model": model,
+            "method": method,
+            "settings": p.settings,
+            "method_config": serde_json::to_value(&p.method)?,
+            "lr": p.lr,
+            "draws": args.draws,
+            "seed": args.seed,
+            "x": host_f64(trainer.data())?,
+            "params": init,
+            "num_parameters": num_parameters,
+            "check": {
+                "steps": args.check_steps,
+                "params": params_json(var)?,
+                "elbo_estimate": estimate,
+            },
+        });
+        std::fs::write(path, serde_json::to_string(&dump)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        out["dump"] = json!(path.display().to_string());
+        out["check_steps"] = json!(args.check_steps);
+        out["elbo_estimate"] = estimate;
+        println!("{out}");
+        return Ok(());
+    }
+
+    for _ in 0..args.warmup {
+        let _elbo = trainer.step()?;
+    }
+    let mut ms = Vec::with_capacity(args.repeats);
+    for _ in 0..args.repeats {
+        synchronize(device);
+        let start = Instant::now();
+        for _ in 0..args.iters {
+            let _elbo = trainer.step()?;
+        }
+        synchronize(device);
+        ms.push(start.elapsed().as_secs_f64() * 1e3 / args.iters as f64);
+    }
+    // One host read after the clock stopped: the run must not have diverged.
+    let last = trainer.step()?.double_value(&[]);
+    out["ms_per_iteration"] = json!(median(&ms));
+    out["ms_repeats"] = json!(ms);
+    out["warmup"] = json!(args.warmup);
+    out["iters"] = json!(args.iters);
+    out["repeats"] = json!(args.repeats);
+    out["final_elbo"] = json!(last);
+    out["peak_rss_mib"] = json!(peak_rss_mib());
+    out["gpu_mib"] = json!(if device.is_cuda() {
+        gpu_process_mib()
+    } else {
+        None
+    });
+    println!("{out}");
+    Ok(())
+}
