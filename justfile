@@ -46,6 +46,16 @@ test: bootstrap
 demo *ARGS: build
     ./target/release/avi demo --out out/demo {{ARGS}}
 
+# run a paper experiment: `just reproduce linear --quick` (see `avi reproduce --help`); writes out/reproduce/
+[group('run')]
+reproduce EXPERIMENT *ARGS: build
+    ./target/release/avi reproduce {{EXPERIMENT}} --out out/reproduce {{ARGS}}
+
+# rebuild summaries, figures and REPORT.md from stored runs
+[group('run')]
+report DIR: build
+    ./target/release/avi report {{DIR}}
+
 # rustfmt check and clippy -D warnings on every target
 [group('test')]
 check: bootstrap
@@ -61,6 +71,35 @@ fmt:
 [group('bench')]
 bench: bootstrap
     {{torch_env}} AVI_BENCH_DEVICE=cpu cargo bench -p avi-benches
+
+# one training iteration of avi vs PyTorch eager, JAX jit, Pyro and NumPyro (same device, threads, data and start); one table in out/bench-compare/. ARGS go to benches/compare/run.py, e.g. --threads 1, --device cuda
+[group('bench')]
+bench-compare *ARGS: bootstrap
+    #!/usr/bin/env bash
+    set -euo pipefail
+    py="{{venv}}/bin/python"
+    if [ ! -x "$py" ] || ! "$py" -c 'import torch' 2>/dev/null; then
+        echo "error: bench-compare runs its peers in {{venv}} (torch=={{torch_version}}); unset LIBTORCH and run 'just bootstrap'" >&2; exit 2
+    fi
+    req=benches/compare/requirements.txt
+    # install the peers once: skipped when every pinned version is already there
+    if ! "$py" - "$req" <<'PY'
+    import importlib.metadata as md, re, sys
+    def have(name, version):
+        try:
+            return md.version(name) == version
+        except md.PackageNotFoundError:
+            return False
+    pins = [re.match(r"([\w.-]+)(\[.*\])?==(\S+)", l.strip()) for l in open(sys.argv[1])]
+    sys.exit(0 if all(have(m[1], m[3]) for m in pins if m) else 1)
+    PY
+    then
+        echo "installing the peers of bench-compare ($req) into {{venv}}"
+        "$py" -m pip install --quiet --disable-pip-version-check -r "$req"
+    fi
+    {{torch_env}}
+    cargo build --release -p avi-benches --bin avi-step-time
+    "$py" benches/compare/run.py --out out/bench-compare --step-time "${CARGO_TARGET_DIR:-target}/release/avi-step-time" {{ARGS}}
 
 # the same benchmarks on CUDA (says so and exits 0 when there is no CUDA device)
 [group('bench')]

@@ -83,6 +83,12 @@ pub struct QuickEntry {
     /// Steps averaged for the final ELBO.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_window: Option<usize>,
+    /// A smaller model for the quick run (e.g. a narrower BNN decoder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelConfig>,
+    /// What the quick run can and cannot show (printed in its REPORT.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The BNN's reconstruction-error criterion (digest §4.4).
@@ -448,6 +454,9 @@ pub fn effective(exp: &Experiment, quick: bool, seeds: Option<usize>) -> Result<
         if let Some(w) = q.final_window {
             e.final_window = w;
         }
+        if let Some(m) = &q.model {
+            e.model = m.clone();
+        }
         if let Some(mse) = &mut e.mse {
             if let Some(every) = q.mse_every {
                 mse.every = every;
@@ -651,6 +660,23 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     Ok(summary)
 }
 
+/// Largest q(θ) kept in an experiment's run reports (the BNN's 283,920
+/// means and sds would make each report ≈ 10 MB).
+const MAX_STORED_THETA: usize = 1000;
+
+/// Drop a large q(θ) from a run report; true when something was dropped.
+fn slim(report: &mut Value) -> bool {
+    let len = report["q_theta"]["mean"].as_array().map_or(0, Vec::len);
+    if len > MAX_STORED_THETA {
+        report["q_theta"] = serde_json::json!({
+            "omitted": format!("{len} values; fit the run's config with avi fit to get them"),
+        });
+        true
+    } else {
+        false
+    }
+}
+
 fn done_line(exp: &str, run: &RunSpec, report: &Value) -> String {
     format!(
         "{exp} {} seed {}: ELBO {:.2} ± {:.2}, {} steps in {:.1} s{}",
@@ -701,6 +727,7 @@ fn run_here(
             report["diagnosis"] =
                 diagnosis_section(&run.config, p, &fit, DIAGNOSE_STEPS, DIAGNOSE_DRAWS)?;
         }
+        slim(&mut report);
         write_json_atomic(&runs_dir.join(&run.file), &report)?;
         progress.overall.inc(1);
         progress.line(done_line(&exp.name, run, &report));
@@ -794,7 +821,10 @@ fn run_child(
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    if slim(&mut report) {
+        write_json_atomic(&out, &report)?;
+    }
     progress.overall.inc(1);
     progress.line(done_line(&exp.name, run, &report));
     Ok(())
