@@ -173,9 +173,9 @@ def simulate(model: str, n: int, s: dict, rng: np.random.Generator) -> np.ndarra
     if model == "linear":
         theta = rng.standard_normal()
         return theta + s["tau"] * rng.standard_normal(n) + s["sigma"] * rng.standard_normal(n)
-    if model == "nonlinear":  # the authors' simulator: z ~ N(0, 25)
+    if model == "nonlinear":  # z ~ N(0, 1), as data/experiments/nonlinear.json
         theta = rng.standard_normal()
-        z = 5.0 * rng.standard_normal(n)
+        z = rng.standard_normal(n)
         return theta + z * (1 + np.sin(z)) + np.exp(np.cos(z)) * rng.standard_normal(n)
     theta, prev, x = 3.4159, s["x0"], np.empty(n)
     for i in range(n):

@@ -33,6 +33,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+# No __pycache__ beside the scripts (here or in the peers run from here).
+sys.dont_write_bytecode = True
+os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
 sys.path.insert(0, str(HERE))
 import models as M  # noqa: E402
 
@@ -207,7 +210,7 @@ def main() -> None:
             print(f"{model} / {method}", file=sys.stderr, flush=True)
             dump = out / "problems" / f"{model}-{method}.json"
             d = run_json([step_time, "--model", model, "--method", method, *common, "--dump", str(dump),
-                          "--check-steps", str(args.check_steps)], args.timeout)
+                          "--check-steps", str(0 if args.no_check else args.check_steps)], args.timeout)
             row = {"model": model, "method": method, "family": M.function_label(model, method),
                    "timings": {}, "checks": {}}
             if "error" in d:

@@ -39,7 +39,7 @@ use tch::{Device, Kind, Tensor};
 enum ModelName {
     /// Paper Eq. 8, N = 10,000, τ = 1.155, σ = 2.43 (data/experiments/linear.json).
     Linear,
-    /// Paper Eq. 15, N = 10,000, the authors' simulator, data seed 1789.
+    /// Paper Eq. 15, N = 10,000, data seed 1789 (data/experiments/nonlinear.json).
     Nonlinear,
     /// Paper Eq. 17, N = 1,000, α = 0.75, θ = 3.4159, data seed 2012.
     Saw,
@@ -153,12 +153,12 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
                 } else {
                     avi(FunctionConfig::Poly { degree: 1 }, [0, 0])
                 },
-                function: if fvi { "" } else { "poly1" },
+                function: if fvi { "free" } else { "poly1" },
                 lr: if fvi { 1e-3 } else { 1e-2 },
             }
         }
         ModelName::Nonlinear => {
-            let m = NonlinearModel::new(NonlinearSim::Authors);
+            let m = NonlinearModel::new(NonlinearSim::Model);
             Problem {
                 x: m.simulate(10_000, 1789, None)?,
                 model: Box::new(m),
@@ -168,7 +168,7 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
                 } else {
                     avi(mlp(16, Heads::Separate), [0, 0])
                 },
-                function: if fvi { "" } else { "mlp16-separate" },
+                function: if fvi { "free" } else { "mlp16-separate" },
                 lr: 1e-2,
             }
         }
@@ -184,7 +184,7 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
                 } else {
                     avi(mlp(10, Heads::Shared), [1, 0])
                 },
-                function: if fvi { "" } else { "mlp10-shared-w1-0" },
+                function: if fvi { "free" } else { "mlp10-shared-w1-0" },
                 lr: 1e-3,
             }
         }
@@ -349,7 +349,8 @@ fn main() -> Result<()> {
         synchronize(device);
         ms.push(start.elapsed().as_secs_f64() * 1e3 / args.iters as f64);
     }
-    // One host read after the clock stopped: the run must not have diverged.
+    // One host read after the clock stopped, reported so that a diverged run
+    // (non-finite ELBO) shows.
     let last = trainer.step()?.double_value(&[]);
     out["ms_per_iteration"] = json!(median(&ms));
     out["ms_repeats"] = json!(ms);
