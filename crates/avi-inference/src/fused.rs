@@ -1,0 +1,841 @@
+//! A fused CPU engine for the scalar models (linear, nonlinear, saw): the
+//! training iteration of [`crate::Trainer::step`] (draws → ELBO estimate →
+//! gradient → Adam) in a few passes of plain Rust over the `[M, N]` draws,
+//! with analytic derivatives of the model ([`FusedModel`]) instead of
+//! libtorch's autograd.
+//!
+//! The objective is the one of [`crate::elbo_draws_batch`] for scalar θ and
+//! scalar z_n under Gaussian factors: for draws m = 1..M with
+//! θ_m = μ_θ + s_θ ε_θm and z_mn = μ_n + s_n ε_mn (s = exp(log_sd)),
+//!
+//! ```text
+//! ELBO ≈ (1/M) Σ_m [ log p(θ_m, z_m, x) + ½ ε_θm² + ½ Σ_n ε_mn² ]
+//!        + log s_θ + Σ_n log s_n + (N + 1) · ½ log 2π          (Entropy::Mc)
+//! ```
+//!
+//! (with `Entropy::Analytic` the ½ ε² terms are replaced by ½ each). With
+//! g_mn = ∂ log p / ∂z_mn and h_m = ∂ log p / ∂θ_m, its exact gradient is
+//!
+//! ```text
+//! ∂/∂μ_n      = (1/M) Σ_m g_mn
+//! ∂/∂log s_n  = (1/M) Σ_m g_mn ε_mn s_n + 1
+//! ∂/∂μ_θ      = (1/M) Σ_m h_m
+//! ∂/∂log s_θ  = (1/M) Σ_m h_m ε_θm s_θ + 1
+//! ```
+//!
+//! (ε is held fixed: the ½ ε² terms of −log q have no reparameterisation
+//! gradient.) F-VI and Const update the flat parameter vector with a Rust
+//! [`Adam`] identical to libtorch's; A-VI evaluates the inference function
+//! with libtorch, reads its `[N, 2]` rows once, and back-propagates the fused
+//! per-row gradients through the function with one backward pass.
+//!
+//! Everything on the host is computed in f64 whatever `opts.dtype` (A-VI's
+//! network stays in `opts.dtype`). The draws come from a seeded
+//! xoshiro256++ generator keyed on (seed, step, draw), so they do not depend
+//! on the number of threads; the threads split the draws, and results are
+//! deterministic for a given (seed, threads) (the thread count changes only
+//! the order of the final sums).
+
+use std::thread;
+
+use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
+use rand::RngCore;
+use rand_distr::{Distribution, StandardNormal};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use crate::fit::{Entropy, FitOptions};
+use crate::function::Output;
+use crate::method::{MethodConfig, ThetaFactor, Variational};
+use crate::{InferenceError, Result};
+
+/// Variational parameters of a scalar model on the host: q(θ) and every
+/// q(z_n) (broadcast for Const, computed by f_φ for A-VI).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusedParams {
+    /// Mean of q(θ).
+    pub theta_mean: f64,
+    /// Log standard deviation of q(θ).
+    pub theta_log_sd: f64,
+    /// Means of q(z_n), length N.
+    pub local_mean: Vec<f64>,
+    /// Log standard deviations of q(z_n), length N.
+    pub local_log_sd: Vec<f64>,
+}
+
+/// A Monte Carlo ELBO estimate and its exact gradient with respect to every
+/// parameter of [`FusedParams`] (per-n local gradients, before any sharing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusedGrad {
+    /// The ELBO estimate (mean over the draws).
+    pub elbo: f64,
+    /// ∂/∂ mean of q(θ).
+    pub theta_mean: f64,
+    /// ∂/∂ log-sd of q(θ).
+    pub theta_log_sd: f64,
+    /// ∂/∂ mean of q(z_n), length N.
+    pub local_mean: Vec<f64>,
+    /// ∂/∂ log-sd of q(z_n), length N.
+    pub local_log_sd: Vec<f64>,
+}
+
+/// The ELBO estimate and its gradient at parameters `q` for given standard
+/// normal draws: `eps_theta` has M values and `eps_z` is `[M, N]` row-major.
+/// The same computation as [`FusedTrainer::step`], on one thread, for tests
+/// and for callers with their own draws.
+pub fn objective_and_grad(
+    model: &FusedModel,
+    x: &[f64],
+    q: &FusedParams,
+    eps_theta: &[f64],
+    eps_z: &[f64],
+    entropy: Entropy,
+) -> Result<FusedGrad> {
+    let (n, m) = (x.len(), eps_theta.len());
+    if q.local_mean.len() != n || q.local_log_sd.len() != n || eps_z.len() != m * n || m == 0 {
+        return Err(InferenceError::config(
+            "draws",
+            format!(
+                "{} θ draws and {} z draws for N = {n} (local parameters: {} and {})",
+                m,
+                eps_z.len(),
+                q.local_mean.len(),
+                q.local_log_sd.len()
+            ),
+        ));
+    }
+    let prev = model.previous(x);
+    let fill = FixedDraws {
+        eps_theta,
+        eps_z,
+        n,
+    };
+    let view = ParamsView {
+        theta_mean: q.theta_mean,
+        theta_log_sd: q.theta_log_sd,
+        mean: &q.local_mean,
+        log_sd: &q.local_log_sd,
+    };
+    Ok(evaluate(model, x, &prev, &view, m, 1, entropy, &fill))
+}
+
+/// Borrowed parameters.
+struct ParamsView<'a> {
+    theta_mean: f64,
+    theta_log_sd: f64,
+    mean: &'a [f64],
+    log_sd: &'a [f64],
+}
+
+/// One thread's sums over its draws.
+struct Partial {
+    elbo: f64,
+    theta_mean: f64,
+    theta_log_sd: f64,
+    mean: Vec<f64>,
+    log_sd: Vec<f64>,
+}
+
+/// A source of standard normal draws: draw m is a stream giving ε_θm first,
+/// then ε_m1, ε_m2, … in order of n.
+pub(crate) trait Draws: Sync {
+    /// The state of one draw's stream.
+    type Stream;
+    /// Open the stream of draw `d`; returns it and ε_θd.
+    fn open(&self, d: usize) -> (Self::Stream, f64);
+    /// Write ε_{d, start..start + out.len()} (the next values of the stream).
+    fn fill(&self, stream: &mut Self::Stream, start: usize, out: &mut [f64]);
+}
+
+/// Given draws: `eps_theta` (M) and `eps_z` (`[M, N]` row-major).
+pub(crate) struct FixedDraws<'a> {
+    pub(crate) eps_theta: &'a [f64],
+    pub(crate) eps_z: &'a [f64],
+    pub(crate) n: usize,
+}
+
+impl Draws for FixedDraws<'_> {
+    type Stream = usize;
+    fn open(&self, d: usize) -> (usize, f64) {
+        (d, self.eps_theta[d])
+    }
+    fn fill(&self, d: &mut usize, start: usize, out: &mut [f64]) {
+        let from = *d * self.n + start;
+        out.copy_from_slice(&self.eps_z[from..from + out.len()]);
+    }
+}
+
+/// Draws of step `step` of a fit seeded `seed`: one xoshiro256++ stream per
+/// draw, standard normals by rand_distr's ziggurat.
+struct RngDraws {
+    seed: u64,
+    step: u64,
+}
+
+impl Draws for RngDraws {
+    type Stream = Xoshiro256pp;
+    fn open(&self, d: usize) -> (Xoshiro256pp, f64) {
+        let mut rng = Xoshiro256pp::for_draw(self.seed, self.step, d as u64);
+        let e: f64 = StandardNormal.sample(&mut rng);
+        (rng, e)
+    }
+    fn fill(&self, rng: &mut Xoshiro256pp, _start: usize, out: &mut [f64]) {
+        for e in out.iter_mut() {
+            *e = StandardNormal.sample(rng);
+        }
+    }
+}
+
+/// Observations per block: the blocks of μ, s, x, x_{n−1}, the two gradient
+/// accumulators and the draws (7 × 512 f64 = 28 KiB) stay in L1 while every
+/// draw of a thread passes over them.
+const BLOCK: usize = 512;
+
+/// The core: draws `0..draws` split over `threads` (contiguous ranges), each
+/// thread going over the observations block by block and, within a block,
+/// draw by draw.
+#[allow(clippy::too_many_arguments)]
+fn evaluate<D: Draws>(
+    model: &FusedModel,
+    x: &[f64],
+    prev: &[f64],
+    q: &ParamsView<'_>,
+    draws: usize,
+    threads: usize,
+    entropy: Entropy,
+    source: &D,
+) -> FusedGrad {
+    let n = x.len();
+    let sd: Vec<f64> = q.log_sd.iter().map(|v| v.exp()).collect();
+    let theta_sd = q.theta_log_sd.exp();
+    let mc = entropy == Entropy::Mc;
+    let work = |range: std::ops::Range<usize>| -> Partial {
+        let mut p = Partial {
+            elbo: 0.0,
+            theta_mean: 0.0,
+            theta_log_sd: 0.0,
+            mean: vec![0.0; n],
+            log_sd: vec![0.0; n],
+        };
+        let (mut streams, mut e_theta) = (Vec::new(), Vec::new());
+        for d in range {
+            let (s, e) = source.open(d);
+            streams.push(s);
+            e_theta.push(e);
+        }
+        let theta: Vec<f64> = e_theta
+            .iter()
+            .map(|e| q.theta_mean + theta_sd * e)
+            .collect();
+        // Per draw: Σ_n ℓ, Σ_n ∂ℓ/∂θ, Σ_n ε².
+        let mut sums = vec![(0.0, 0.0, 0.0); theta.len()];
+        let mut eps = vec![0.0; BLOCK.min(n)];
+        let mut start = 0;
+        while start < n {
+            let end = (start + BLOCK).min(n);
+            let eps = &mut eps[..end - start];
+            let (gm, gs) = (&mut p.mean[start..end], &mut p.log_sd[start..end]);
+            for ((stream, &t), sum) in streams.iter_mut().zip(&theta).zip(&mut sums) {
+                source.fill(stream, start, eps);
+                let mut acc = RowAcc {
+                    eps,
+                    mean: &q.mean[start..end],
+                    sd: &sd[start..end],
+                    x: &x[start..end],
+                    prev: &prev[start..end],
+                    g_mean: gm,
+                    g_log_sd: gs,
+                };
+                let (value, d_theta, sq) = match *model {
+                    FusedModel::Linear { tau, sigma } => {
+                        let inv = sigma.recip();
+                        acc.run(|z, x, _| avi_models::fused::linear_term(tau, inv, t, z, x))
+                    }
+                    FusedModel::Nonlinear => {
+                        acc.run(|z, x, _| avi_models::fused::nonlinear_term(t, z, x))
+                    }
+                    FusedModel::Saw { alpha, .. } => {
+                        acc.run(|z, x, prev| avi_models::fused::saw_term(alpha, t, z, x, prev))
+                    }
+                };
+                sum.0 += value;
+                sum.1 += d_theta;
+                sum.2 += sq;
+            }
+            start = end;
+        }
+        for ((&t, &e), (value, d_theta, sq)) in theta.iter().zip(&e_theta).zip(sums) {
+            let (lp_theta, dlp_theta) = model.log_prior(t);
+            p.elbo += lp_theta + value;
+            if mc {
+                p.elbo += 0.5 * (sq + e * e);
+            }
+            let h = dlp_theta + d_theta;
+            p.theta_mean += h;
+            p.theta_log_sd += h * e;
+        }
+        p
+    };
+    let threads = threads.clamp(1, draws.max(1));
+    let bounds = |t: usize| t * draws / threads;
+    let parts: Vec<Partial> = if threads == 1 {
+        vec![work(0..draws)]
+    } else {
+        thread::scope(|s| {
+            let handles: Vec<_> = (1..threads)
+                .map(|t| {
+                    let work = &work;
+                    s.spawn(move || work(bounds(t)..bounds(t + 1)))
+                })
+                .collect();
+            let mut parts = vec![work(0..bounds(1))];
+            parts.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
+            );
+            parts
+        })
+    };
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().unwrap_or_else(|| Partial {
+        elbo: 0.0,
+        theta_mean: 0.0,
+        theta_log_sd: 0.0,
+        mean: vec![0.0; n],
+        log_sd: vec![0.0; n],
+    });
+    for p in parts {
+        total.elbo += p.elbo;
+        total.theta_mean += p.theta_mean;
+        total.theta_log_sd += p.theta_log_sd;
+        for (a, b) in total.mean.iter_mut().zip(&p.mean) {
+            *a += b;
+        }
+        for (a, b) in total.log_sd.iter_mut().zip(&p.log_sd) {
+            *a += b;
+        }
+    }
+    let inv_m = (draws as f64).recip();
+    let dims = (n + 1) as f64;
+    let entropy_const = match entropy {
+        Entropy::Mc => dims * HALF_LN_2PI,
+        Entropy::Analytic => dims * (0.5 + HALF_LN_2PI),
+    };
+    let sum_log_sd: f64 = q.log_sd.iter().sum();
+    let elbo = total.elbo * inv_m + model.constant(n) + sum_log_sd + q.theta_log_sd + entropy_const;
+    for g in &mut total.mean {
+        *g *= inv_m;
+    }
+    for (g, s) in total.log_sd.iter_mut().zip(&sd) {
+        *g = *g * s * inv_m + 1.0;
+    }
+    FusedGrad {
+        elbo,
+        theta_mean: total.theta_mean * inv_m,
+        theta_log_sd: total.theta_log_sd * theta_sd * inv_m + 1.0,
+        local_mean: total.mean,
+        local_log_sd: total.log_sd,
+    }
+}
+
+/// The inputs and accumulators of one draw's pass over a block of
+/// observations.
+struct RowAcc<'a> {
+    eps: &'a [f64],
+    mean: &'a [f64],
+    sd: &'a [f64],
+    x: &'a [f64],
+    prev: &'a [f64],
+    g_mean: &'a mut [f64],
+    g_log_sd: &'a mut [f64],
+}
+
+/// Independent partial sums per pass (lets the compiler vectorise the
+/// reductions).
+const LANES: usize = 4;
+
+impl RowAcc<'_> {
+    /// z_n = μ_n + s_n ε_n; `term(z, x, prev)` gives (ℓ, ∂ℓ/∂z, ∂ℓ/∂θ).
+    /// Accumulates Σ_m g and Σ_m g ε per n; returns (Σ_n ℓ, Σ_n ∂ℓ/∂θ,
+    /// Σ_n ε²).
+    #[inline(always)]
+    fn run(&mut self, term: impl Fn(f64, f64, f64) -> (f64, f64, f64)) -> (f64, f64, f64) {
+        let n = self.x.len();
+        let (eps, mean, sd, x, prev) = (
+            &self.eps[..n],
+            &self.mean[..n],
+            &self.sd[..n],
+            &self.x[..n],
+            &self.prev[..n],
+        );
+        let (gm, gs) = (&mut self.g_mean[..n], &mut self.g_log_sd[..n]);
+        let mut value = [0.0; LANES];
+        let mut d_theta = [0.0; LANES];
+        let mut sq = [0.0; LANES];
+        let whole = n - n % LANES;
+        for base in (0..whole).step_by(LANES) {
+            for j in 0..LANES {
+                let i = base + j;
+                let e = eps[i];
+                let (v, dz, dt) = term(mean[i] + sd[i] * e, x[i], prev[i]);
+                value[j] += v;
+                d_theta[j] += dt;
+                sq[j] += e * e;
+                gm[i] += dz;
+                gs[i] += dz * e;
+            }
+        }
+        for i in whole..n {
+            let e = eps[i];
+            let (v, dz, dt) = term(mean[i] + sd[i] * e, x[i], prev[i]);
+            value[0] += v;
+            d_theta[0] += dt;
+            sq[0] += e * e;
+            gm[i] += dz;
+            gs[i] += dz * e;
+        }
+        let total = |a: [f64; LANES]| a.iter().sum::<f64>();
+        (total(value), total(d_theta), total(sq))
+    }
+}
+
+/// xoshiro256++ (Blackman & Vigna), seeded through SplitMix64: a small, fast
+/// generator whose output is fixed by its seed on every platform.
+#[derive(Debug, Clone)]
+struct Xoshiro256pp([u64; 4]);
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Xoshiro256pp {
+    /// The stream of draw `draw` of step `step` of a fit seeded `seed`.
+    fn for_draw(seed: u64, step: u64, draw: u64) -> Self {
+        let mut k = seed;
+        let mut k = splitmix64(&mut k) ^ step;
+        let mut k = splitmix64(&mut k) ^ draw;
+        Self([
+            splitmix64(&mut k),
+            splitmix64(&mut k),
+            splitmix64(&mut k),
+            splitmix64(&mut k),
+        ])
+    }
+}
+
+impl RngCore for Xoshiro256pp {
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    #[inline]
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        for chunk in dst.chunks_mut(8) {
+            let bytes = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// Adam exactly as libtorch's `torch::optim::Adam` with tch's defaults
+/// (β = (0.9, 0.999), ε = 1e-8, no weight decay, no AMSGrad), on a flat
+/// f64 vector: `m ← β1 m + (1−β1) g`, `v ← β2 v + (1−β2) g²`,
+/// `p ← p − lr/(1−β1^t) · m / (√v / √(1−β2^t) + ε)`.
+#[derive(Debug, Clone)]
+pub struct Adam {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    t: i32,
+    m: Vec<f64>,
+    v: Vec<f64>,
+}
+
+impl Adam {
+    /// Fresh state for `len` parameters.
+    pub fn new(lr: f64, len: usize) -> Self {
+        Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 0,
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+        }
+    }
+
+    /// One update of `params` from the gradient `grad` of the loss being
+    /// minimised (same length as at [`Adam::new`]).
+    pub fn step(&mut self, params: &mut [f64], grad: &[f64]) {
+        self.t += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let step_size = self.lr / (1.0 - b1.powi(self.t));
+        let bias2_sqrt = (1.0 - b2.powi(self.t)).sqrt();
+        for (((p, g), m), v) in params
+            .iter_mut()
+            .zip(grad)
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+        {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= step_size * *m / (v.sqrt() / bias2_sqrt + self.eps);
+        }
+    }
+}
+
+/// Where the parameters live.
+enum State {
+    /// F-VI (`shared: false`, layout `[μ_θ, log s_θ, μ_1..μ_N, log s_1..
+    /// log s_N]`) or Const (`shared: true`, `[μ_θ, log s_θ, μ, log s]`),
+    /// updated by the Rust [`Adam`].
+    Flat {
+        params: Vec<f64>,
+        adam: Adam,
+        shared: bool,
+    },
+    /// A-VI: the libtorch parameters and tch's Adam.
+    Torch {
+        var: Box<Variational>,
+        optimizer: nn::Optimizer,
+    },
+}
+
+/// The fused training loop of a scalar model: [`FusedTrainer::step`] is one
+/// iteration of [`crate::Trainer::step`] (same initial parameters for the
+/// same seed, same objective, same Adam), with its own random draws.
+pub struct FusedTrainer {
+    model: FusedModel,
+    x: Vec<f64>,
+    prev: Vec<f64>,
+    draws: usize,
+    entropy: Entropy,
+    seed: u64,
+    steps_done: u64,
+    threads: usize,
+    state: State,
+}
+
+impl std::fmt::Debug for FusedTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedTrainer")
+            .field("model", &self.model)
+            .field("n", &self.x.len())
+            .field("draws", &self.draws)
+            .field("threads", &self.threads)
+            .field("steps_done", &self.steps_done)
+            .finish()
+    }
+}
+
+impl FusedTrainer {
+    /// Validate the options and data, seed libtorch's generator with
+    /// `opts.seed` and initialise the parameters of `method` exactly as
+    /// [`crate::Trainer::new`] does. Only full batches, free q(θ) and
+    /// `Device::Cpu` are supported. Threads default to the available
+    /// parallelism (see [`FusedTrainer::with_threads`]).
+    pub fn new(
+        model: &FusedModel,
+        x: &[f64],
+        method: &MethodConfig,
+        opts: &FitOptions,
+        device: Device,
+    ) -> Result<Self> {
+        opts.check()?;
+        check_finite_data(x)?;
+        if device != Device::Cpu {
+            return Err(InferenceError::config(
+                "device",
+                "the fused engine runs on the CPU; use Trainer for other devices",
+            ));
+        }
+        if opts.batch_size.is_some() {
+            return Err(InferenceError::config(
+                "batch_size",
+                "the fused engine supports full batches only",
+            ));
+        }
+        let full = model.model()?;
+        let kind = opts.dtype.kind();
+        let xt = Tensor::from_slice(x).to_kind(kind);
+        tch::manual_seed(opts.seed as i64);
+        let var = Variational::new(
+            method,
+            &xt,
+            full.pad_value(),
+            1,
+            Output::Gaussian { dim: 1 },
+            None,
+            full.init(),
+            kind,
+            Device::Cpu,
+        )?;
+        let state = match method {
+            MethodConfig::Fvi | MethodConfig::Const => {
+                let (tm, tls) = theta_host(&var)?;
+                let rows = host(&var.local_raw())?; // [rows, 2] row-major
+                let mut params = vec![tm, tls];
+                params.extend(rows.iter().step_by(2));
+                params.extend(rows.iter().skip(1).step_by(2));
+                let len = params.len();
+                State::Flat {
+                    params,
+                    adam: Adam::new(opts.lr, len),
+                    shared: *method == MethodConfig::Const,
+                }
+            }
+            MethodConfig::Avi { .. } => {
+                let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
+                State::Torch {
+                    var: Box::new(var),
+                    optimizer,
+                }
+            }
+        };
+        Ok(Self {
+            model: *model,
+            x: x.to_vec(),
+            prev: model.previous(x),
+            draws: opts.draws,
+            entropy: opts.entropy,
+            seed: opts.seed,
+            steps_done: 0,
+            threads: thread::available_parallelism().map_or(1, |n| n.get()),
+            state,
+        })
+    }
+
+    /// Split the draws of each step over `threads` threads (at least 1).
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
+    }
+
+    /// One iteration: draw, estimate the ELBO and its gradient, Adam step.
+    /// Returns the ELBO estimate (before the update).
+    pub fn step(&mut self) -> Result<f64> {
+        let (seed, step, n) = (self.seed, self.steps_done, self.x.len());
+        let fill = RngDraws { seed, step };
+        let elbo = match &mut self.state {
+            State::Flat {
+                params,
+                adam,
+                shared,
+            } => {
+                let (theta, local) = params.split_at(2);
+                let width = local.len() / 2;
+                let (mean, log_sd) = local.split_at(width);
+                let broadcast;
+                let view = if *shared {
+                    broadcast = (vec![mean[0]; n], vec![log_sd[0]; n]);
+                    ParamsView {
+                        theta_mean: theta[0],
+                        theta_log_sd: theta[1],
+                        mean: &broadcast.0,
+                        log_sd: &broadcast.1,
+                    }
+                } else {
+                    ParamsView {
+                        theta_mean: theta[0],
+                        theta_log_sd: theta[1],
+                        mean,
+                        log_sd,
+                    }
+                };
+                let g = evaluate(
+                    &self.model,
+                    &self.x,
+                    &self.prev,
+                    &view,
+                    self.draws,
+                    self.threads,
+                    self.entropy,
+                    &fill,
+                );
+                // Adam minimises −ELBO.
+                let mut grad = Vec::with_capacity(params.len());
+                grad.push(-g.theta_mean);
+                grad.push(-g.theta_log_sd);
+                if *shared {
+                    grad.push(-g.local_mean.iter().sum::<f64>());
+                    grad.push(-g.local_log_sd.iter().sum::<f64>());
+                } else {
+                    grad.extend(g.local_mean.iter().map(|v| -v));
+                    grad.extend(g.local_log_sd.iter().map(|v| -v));
+                }
+                adam.step(params, &grad);
+                g.elbo
+            }
+            State::Torch { var, optimizer } => {
+                optimizer.zero_grad();
+                let elbo = torch_backward(
+                    var,
+                    &self.model,
+                    &self.x,
+                    &self.prev,
+                    self.draws,
+                    self.threads,
+                    self.entropy,
+                    &fill,
+                )?;
+                optimizer.step();
+                elbo
+            }
+        };
+        self.steps_done += 1;
+        Ok(elbo)
+    }
+
+    /// The current parameters: q(θ) and every q(z_n) (Const's shared factor
+    /// repeated N times; A-VI's computed by the inference function).
+    pub fn params(&self) -> Result<FusedParams> {
+        let n = self.x.len();
+        match &self.state {
+            State::Flat { params, shared, .. } => {
+                let local = &params[2..];
+                let width = local.len() / 2;
+                let (mean, log_sd) = local.split_at(width);
+                Ok(FusedParams {
+                    theta_mean: params[0],
+                    theta_log_sd: params[1],
+                    local_mean: if *shared {
+                        vec![mean[0]; n]
+                    } else {
+                        mean.to_vec()
+                    },
+                    local_log_sd: if *shared {
+                        vec![log_sd[0]; n]
+                    } else {
+                        log_sd.to_vec()
+                    },
+                })
+            }
+            State::Torch { var, .. } => {
+                let (theta_mean, theta_log_sd) = theta_host(var)?;
+                let rows = tch::no_grad(|| host(&var.local_raw()))?;
+                Ok(FusedParams {
+                    theta_mean,
+                    theta_log_sd,
+                    local_mean: rows.iter().step_by(2).copied().collect(),
+                    local_log_sd: rows.iter().skip(1).step_by(2).copied().collect(),
+                })
+            }
+        }
+    }
+
+    /// A-VI's libtorch parameters (`None` for F-VI and Const).
+    pub fn variational(&self) -> Option<&Variational> {
+        match &self.state {
+            State::Torch { var, .. } => Some(var),
+            State::Flat { .. } => None,
+        }
+    }
+
+    /// Number of learned scalars (as [`Variational::num_parameters`]).
+    pub fn num_parameters(&self) -> usize {
+        match &self.state {
+            State::Flat { params, .. } => params.len(),
+            State::Torch { var, .. } => var.num_parameters(),
+        }
+    }
+
+    /// Threads the draws are split over.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> u64 {
+        self.steps_done
+    }
+}
+
+/// A tensor's values on the host in f64, row-major.
+fn host(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(Vec::<f64>::try_from(
+        t.detach().to_kind(Kind::Double).contiguous().view([-1]),
+    )?)
+}
+
+/// (mean, log-sd) of a scalar q(θ).
+fn theta_host(var: &Variational) -> Result<(f64, f64)> {
+    match &var.theta {
+        ThetaFactor::Free(q) if q.numel() == 1 => {
+            Ok((q.mean.double_value(&[0]), q.log_sd.double_value(&[0])))
+        }
+        _ => Err(InferenceError::config(
+            "theta",
+            "the fused engine needs a free scalar q(θ)",
+        )),
+    }
+}
+
+/// Accumulate the gradient of −ELBO into the `.grad` of every parameter of
+/// `var` (the caller zeroes them first) and return the ELBO estimate: the
+/// inference function's `[N, 2]` rows are computed with autograd and read
+/// once, the fused kernel gives ∂ELBO/∂rows and ∂ELBO/∂q(θ), and one
+/// backward pass of `−(⟨rows, ∂rows⟩ + μ_θ ∂μ_θ + log s_θ ∂log s_θ)` carries
+/// them to every parameter.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn torch_backward<D: Draws>(
+    var: &Variational,
+    model: &FusedModel,
+    x: &[f64],
+    prev: &[f64],
+    draws: usize,
+    threads: usize,
+    entropy: Entropy,
+    fill: &D,
+) -> Result<f64> {
+    let raw = var.local_raw();
+    let kind = raw.kind();
+    let rows = host(&raw)?;
+    let mean: Vec<f64> = rows.iter().step_by(2).copied().collect();
+    let log_sd: Vec<f64> = rows.iter().skip(1).step_by(2).copied().collect();
+    let (theta_mean, theta_log_sd) = theta_host(var)?;
+    let view = ParamsView {
+        theta_mean,
+        theta_log_sd,
+        mean: &mean,
+        log_sd: &log_sd,
+    };
+    let g = evaluate(model, x, prev, &view, draws, threads, entropy, fill);
+    let mut g_rows = Vec::with_capacity(rows.len());
+    for (a, b) in g.local_mean.iter().zip(&g.local_log_sd) {
+        g_rows.push(-a);
+        g_rows.push(-b);
+    }
+    let g_rows = Tensor::from_slice(&g_rows)
+        .view([x.len() as i64, 2])
+        .to_kind(kind);
+    let ThetaFactor::Free(q) = &var.theta else {
+        unreachable!("theta_host checked q(θ)")
+    };
+    let surrogate = (&raw * &g_rows).sum(kind)
+        - (&q.mean * g.theta_mean).sum(kind)
+        - (&q.log_sd * g.theta_log_sd).sum(kind);
+    surrogate.backward();
+    Ok(g.elbo)
+}
+
+#[cfg(test)]
+mod tests;

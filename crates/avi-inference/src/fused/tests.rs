@@ -1,0 +1,323 @@
+//! The fused engine against libtorch autograd through `Model::log_joint`.
+
+use super::*;
+use crate::fit::elbo_draws;
+use crate::function::{Activation, FunctionConfig, Heads};
+use crate::method::Edges;
+use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+
+/// `|got − want| ≤ 1e-9 |want| + 1e-9`: both sides are f64 sums of O(N·M)
+/// terms of magnitude O(1–100), so their rounding errors are ~1e-13
+/// relative; 1e-9 leaves ample room and still catches any wrong term.
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= 1e-9 * want.abs() + 1e-9
+}
+
+/// The largest |got − want| / (|want| + 1) over a pair of slices.
+fn worst(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs() / (w.abs() + 1.0))
+        .fold(0.0, f64::max)
+}
+
+fn assert_all_close(what: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(close(*g, *w), "{what}[{i}]: fused {g} vs autograd {w}");
+    }
+}
+
+fn models() -> Vec<(Box<dyn Model>, FusedModel, Vec<f64>)> {
+    let lin = LinearModel::new(1.155, 2.43).unwrap();
+    let non = NonlinearModel::new(NonlinearSim::Authors);
+    let saw = SawModel::new(0.75, 0.3).unwrap();
+    vec![
+        (
+            Box::new(lin),
+            (&lin).into(),
+            lin.simulate(1101, 3, None).unwrap(),
+        ),
+        (
+            Box::new(non),
+            (&non).into(),
+            non.simulate(1101, 4, None).unwrap(),
+        ),
+        (
+            Box::new(saw),
+            (&saw).into(),
+            saw.simulate(1101, 5, Some(3.4159)).unwrap(),
+        ),
+    ]
+}
+
+fn methods() -> Vec<MethodConfig> {
+    vec![
+        MethodConfig::Fvi,
+        MethodConfig::Const,
+        MethodConfig::Avi {
+            function: FunctionConfig::Mlp {
+                width: 5,
+                depth: 2,
+                activation: Activation::Relu,
+                heads: Heads::Shared,
+            },
+            standardize: true,
+            window: [1, 0],
+            edges: Edges::Pad,
+        },
+    ]
+}
+
+fn variational(model: &dyn Model, x: &Tensor, method: &MethodConfig, seed: i64) -> Variational {
+    tch::manual_seed(seed);
+    let var = Variational::new(
+        method,
+        x,
+        model.pad_value(),
+        1,
+        Output::Gaussian { dim: 1 },
+        None,
+        model.init(),
+        Kind::Double,
+        Device::Cpu,
+    )
+    .unwrap();
+    // Spread the local rows away from the initial U[0, 1) (log-sds in
+    // about [−1.5, 1]).
+    tch::no_grad(|| {
+        if let crate::method::LocalFactor::Free(p) | crate::method::LocalFactor::Shared(p) =
+            &var.local
+        {
+            let noise = Tensor::randn(p.size(), (Kind::Double, Device::Cpu)) * 0.5 - 0.3;
+            let _ = p.shallow_clone().g_add_(&noise);
+        }
+    });
+    var
+}
+
+/// Gradients of every variable of `var`, by name, after the caller's
+/// backward pass.
+fn grads(var: &Variational) -> Vec<(String, Vec<f64>)> {
+    let mut v: Vec<_> = var
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, host(&t.grad()).unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// For every model × {F-VI, Const, A-VI} × entropy estimator (N = 1101:
+/// three blocks of the kernel, the last one partial and not a whole number
+/// of lanes), at random
+/// parameters and libtorch's own draws (the draws `elbo_draws` makes after
+/// `manual_seed`, re-made here in the same order), the fused ELBO and every
+/// gradient equal the plain path's (`elbo_draws` → mean → autograd through
+/// `Model::log_joint`) in f64, to 1e-9 relative + 1e-9. Measured worst
+/// error (printed with `--nocapture`): 6e-14.
+#[test]
+fn objective_and_gradients_equal_autograd() {
+    let draws = 5i64;
+    let mut worst_err = 0.0f64;
+    for (model, fused, x) in models() {
+        let xt = Tensor::from_slice(&x);
+        let n = x.len() as i64;
+        for method in methods() {
+            for entropy in [Entropy::Mc, Entropy::Analytic] {
+                let case = format!("{} {} {entropy:?}", model.name(), method.label());
+                // Plain path.
+                let plain = variational(model.as_ref(), &xt, &method, 11);
+                tch::manual_seed(99);
+                let elbo = elbo_draws(model.as_ref(), &plain, &xt, draws as usize, entropy)
+                    .unwrap()
+                    .mean(Kind::Double);
+                elbo.neg().backward();
+                let want_elbo = elbo.double_value(&[]);
+                let want = grads(&plain);
+                // The same draws.
+                tch::manual_seed(99);
+                let opts = (Kind::Double, Device::Cpu);
+                let eps_theta = host(&Tensor::randn([draws, 1], opts)).unwrap();
+                let eps_z = host(&Tensor::randn([draws, n, 1], opts)).unwrap();
+                // Fused path.
+                let fused_var = variational(model.as_ref(), &xt, &method, 11);
+                let (tm, tls) = theta_host(&fused_var).unwrap();
+                let rows = host(&fused_var.local_raw()).unwrap();
+                let q = FusedParams {
+                    theta_mean: tm,
+                    theta_log_sd: tls,
+                    local_mean: rows
+                        .iter()
+                        .step_by(2)
+                        .copied()
+                        .cycle()
+                        .take(n as usize)
+                        .collect(),
+                    local_log_sd: rows
+                        .iter()
+                        .skip(1)
+                        .step_by(2)
+                        .copied()
+                        .cycle()
+                        .take(n as usize)
+                        .collect(),
+                };
+                let g = objective_and_grad(&fused, &x, &q, &eps_theta, &eps_z, entropy).unwrap();
+                assert!(
+                    close(g.elbo, want_elbo),
+                    "{case}: ELBO {} vs {want_elbo}",
+                    g.elbo
+                );
+                worst_err = worst_err.max(worst(&[g.elbo], &[want_elbo]));
+                let get = |name: &str| &want.iter().find(|(k, _)| k == name).unwrap().1;
+                // −ELBO was differentiated.
+                let got_theta = [-g.theta_mean, -g.theta_log_sd];
+                let want_theta = [get("theta_mean")[0], get("theta_log_sd")[0]];
+                assert_all_close(&format!("{case} θ"), &got_theta, &want_theta);
+                worst_err = worst_err.max(worst(&got_theta, &want_theta));
+                match method {
+                    MethodConfig::Fvi | MethodConfig::Const => {
+                        let mut got_rows = Vec::new();
+                        if method == MethodConfig::Fvi {
+                            for (a, b) in g.local_mean.iter().zip(&g.local_log_sd) {
+                                got_rows.extend([-a, -b]);
+                            }
+                        } else {
+                            got_rows.push(-g.local_mean.iter().sum::<f64>());
+                            got_rows.push(-g.local_log_sd.iter().sum::<f64>());
+                        }
+                        assert_all_close(&format!("{case} rows"), &got_rows, get("z"));
+                        worst_err = worst_err.max(worst(&got_rows, get("z")));
+                    }
+                    MethodConfig::Avi { .. } => {
+                        let fill = FixedDraws {
+                            eps_theta: &eps_theta,
+                            eps_z: &eps_z,
+                            n: n as usize,
+                        };
+                        // Two threads: the reduction over threads is exact
+                        // to rounding too.
+                        let e = torch_backward(
+                            &fused_var,
+                            &fused,
+                            &x,
+                            &fused.previous(&x),
+                            draws as usize,
+                            2,
+                            entropy,
+                            &fill,
+                        )
+                        .unwrap();
+                        assert!(close(e, want_elbo), "{case}: ELBO {e} vs {want_elbo}");
+                        let got = grads(&fused_var);
+                        assert_eq!(got.len(), want.len());
+                        for ((name, a), (_, b)) in got.iter().zip(&want) {
+                            assert_all_close(&format!("{case} {name}"), a, b);
+                            worst_err = worst_err.max(worst(a, b));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("worst |fused − autograd| / (|autograd| + 1): {worst_err:.2e}");
+}
+
+/// Draws are keyed on (seed, step, draw): the estimate and gradient are the
+/// same whatever the number of threads, up to the order of the final sums
+/// (1e-12 relative), and a re-run with the same seed repeats exactly.
+#[test]
+fn threads_change_only_rounding() {
+    let saw = SawModel::new(0.75, 0.0).unwrap();
+    let x = saw.simulate(200, 2012, Some(3.4159)).unwrap();
+    let opts = FitOptions {
+        draws: 7,
+        lr: 0.01,
+        dtype: crate::Dtype::F64,
+        ..FitOptions::default()
+    };
+    let run = |threads: usize| {
+        let mut t = FusedTrainer::new(&(&saw).into(), &x, &MethodConfig::Fvi, &opts, Device::Cpu)
+            .unwrap()
+            .with_threads(threads);
+        let elbos: Vec<f64> = (0..5).map(|_| t.step().unwrap()).collect();
+        (elbos, t.params().unwrap())
+    };
+    let (e1, p1) = run(1);
+    let (e3, p3) = run(3);
+    let (e1b, p1b) = run(1);
+    assert_eq!(e1, e1b);
+    assert_eq!(p1, p1b);
+    for (a, b) in e1.iter().zip(&e3) {
+        assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
+    }
+    assert!(worst(&p1.local_mean, &p3.local_mean) < 1e-12);
+    assert!(worst(&p1.local_log_sd, &p3.local_log_sd) < 1e-12);
+}
+
+/// Three Rust [`Adam`] steps equal three `nn::Adam` steps from the same
+/// gradients: 1e-12 relative + 1e-15 in f64; in f32 (libtorch rounds every
+/// operation to f32, we do not) 1e-6 relative + 1e-7.
+#[test]
+fn adam_equals_libtorch() {
+    for (kind, rel, abs) in [(Kind::Double, 1e-12, 1e-15), (Kind::Float, 1e-6, 1e-7)] {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let p = vs
+            .root()
+            .add("p", Tensor::randn([50], (kind, Device::Cpu)), true);
+        let mut opt = nn::Adam::default().build(&vs, 0.05).unwrap();
+        let mut ours = host(&p).unwrap();
+        let mut adam = Adam::new(0.05, ours.len());
+        for _ in 0..3 {
+            let g = Tensor::randn([50], (kind, Device::Cpu)) * 3.0;
+            opt.zero_grad();
+            (&p * &g).sum(kind).backward();
+            opt.step();
+            adam.step(&mut ours, &host(&g).unwrap());
+        }
+        let theirs = host(&p).unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() <= rel * b.abs() + abs, "{kind:?}: {a} vs {b}");
+        }
+    }
+}
+
+/// Fused F-VI on the linear model (N = 500, 3000 steps, lr 0.02, 100 draws)
+/// reaches the closed-form optimum: the exact ELBO of the fitted q is within
+/// 0.5 + 0.002·N nats of the optimum (the tolerance of
+/// tests/tests/linear_closed_form.rs) and not above it.
+#[test]
+fn fvi_reaches_the_linear_optimum() {
+    let model = LinearModel::new(1.155, 2.43).unwrap();
+    let n = 500;
+    let x = model.simulate(n, 7, None).unwrap();
+    let opt = model.fvi_optimum(&x).unwrap();
+    let opts = FitOptions {
+        lr: 0.02,
+        draws: 100,
+        seed: 5,
+        ..FitOptions::default()
+    };
+    let mut t = FusedTrainer::new(&(&model).into(), &x, &MethodConfig::Fvi, &opts, Device::Cpu)
+        .unwrap()
+        .with_threads(2);
+    for _ in 0..3000 {
+        t.step().unwrap();
+    }
+    let q = t.params().unwrap();
+    let sd: Vec<f64> = q.local_log_sd.iter().map(|v| v.exp()).collect();
+    let exact = model
+        .exact_elbo(&x, q.theta_mean, q.theta_log_sd.exp(), &q.local_mean, &sd)
+        .unwrap();
+    let tol = 0.5 + 2e-3 * n as f64;
+    eprintln!("exact ELBO {exact}, optimum {}", opt.elbo);
+    assert!(
+        opt.elbo - exact <= tol && exact <= opt.elbo + 1e-6 * opt.elbo.abs(),
+        "exact ELBO {exact} vs optimum {}",
+        opt.elbo
+    );
+}
