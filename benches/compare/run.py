@@ -8,8 +8,8 @@ For every model x method it
 2. checks that every implementation computes avi's objective at those
    parameters (each peer's `--check`; avi's own estimate against the exact
    ELBO of `models.exact_elbo`);
-3. times the iteration (draws → ELBO → backward → Adam step) with avi and
-   with each peer, in separate processes, from the same initial parameters,
+3. times the iteration (draws → ELBO → backward → Adam step) with avi (on
+   CPU also with its fused engine, `--engine fused`) and with each peer, in separate processes, from the same initial parameters,
    on the same device and with the same threads;
 
 and prints one markdown table (also written, with every number, to
@@ -166,13 +166,14 @@ def memory(r: dict | None, device: str) -> str:
 
 def table(rows: list[dict], peers: list[str], device: str) -> str:
     mem = "GPU MiB (nvidia-smi)" if device == "cuda" else "peak RSS MiB"
-    head = ["model", "method", "family", "avi ms"]
+    head = ["model", "method", "family", "avi ms", "avi fused ms"]
     head += [f"{PEER_TITLES[p]} ms (speed-up)" for p in peers]
     head += [f"{mem}: avi / " + " / ".join(peers), "objective check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for row in rows:
         ours = row["timings"].get("avi")
-        cells = [row["model"], row["method"], row["family"], fmt_ms(ours)]
+        cells = [row["model"], row["method"], row["family"], fmt_ms(ours),
+                 fmt_ms(row["timings"].get("avi_fused"))]
         for p in peers:
             r = row["timings"].get(p)
             cell = fmt_ms(r)
@@ -231,6 +232,10 @@ def main() -> None:
                         row["checks"][p] = r.get("check", r)
             row["timings"]["avi"] = run_json(
                 [step_time, "--model", model, "--method", method, *common, *timing], args.timeout)
+            if args.device == "cpu":  # the fused engine is CPU-only
+                row["timings"]["avi_fused"] = run_json(
+                    [step_time, "--model", model, "--method", method, *common, *timing,
+                     "--engine", "fused"], args.timeout)
             for p in active:
                 row["timings"][p] = run_json(
                     [py, PEERS[p][0], "--model", model, "--method", method, "--init", str(dump),

@@ -16,8 +16,14 @@
 //! load FILE to time the same data from the same initial parameters, and to
 //! check at the later parameters that they compute the same objective.
 //!
+//! `--engine fused` times [`FusedTrainer::step`] instead (the fused CPU
+//! engine of the scalar models: analytic gradients in plain Rust, the draws
+//! split over `--threads` threads; A-VI's inference function still runs on
+//! libtorch).
+//!
 //! ```text
 //! avi-step-time --model saw --method avi --device cpu --threads 2
+//! avi-step-time --model saw --method fvi --threads 1 --engine fused
 //! ```
 
 use std::path::PathBuf;
@@ -26,10 +32,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use avi_benches::synchronize;
 use avi_inference::{
-    evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, Heads, MethodConfig,
-    Trainer, Variational,
+    evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, FusedTrainer, Heads,
+    MethodConfig, Trainer, Variational,
 };
-use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
@@ -61,6 +67,15 @@ enum DeviceName {
     Cuda,
 }
 
+/// Which implementation of the iteration is timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineName {
+    /// `Trainer::step`: libtorch kernels and autograd.
+    Torch,
+    /// `FusedTrainer::step`: the fused CPU engine (CPU only).
+    Fused,
+}
+
 /// Time avi's training iteration for one model × method; prints JSON.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -74,9 +89,13 @@ struct Args {
     /// The device.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceName,
-    /// libtorch intra-op threads; 0 keeps libtorch's default (all cores).
+    /// libtorch intra-op threads (and the fused engine's threads); 0 keeps
+    /// libtorch's default (all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// The engine timed (`--dump` always uses `torch`).
+    #[arg(long, value_enum, default_value = "torch")]
+    engine: EngineName,
     /// Untimed steps before the first timed block.
     #[arg(long, default_value_t = 20)]
     warmup: usize,
@@ -110,6 +129,8 @@ struct Args {
 /// One model × method at the paper's sizes.
 struct Problem {
     model: Box<dyn Model>,
+    /// The same model for the fused engine.
+    fused: FusedModel,
     /// The model's settings as the peers read them.
     settings: Value,
     x: Vec<f64>,
@@ -147,6 +168,7 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
             Problem {
                 x: m.simulate(10_000, 7, None)?,
                 model: Box::new(m),
+                fused: (&m).into(),
                 settings: json!({"tau": tau, "sigma": sigma}),
                 method: if fvi {
                     MethodConfig::Fvi
@@ -162,6 +184,7 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
             Problem {
                 x: m.simulate(10_000, 1789, None)?,
                 model: Box::new(m),
+                fused: (&m).into(),
                 settings: json!({}),
                 method: if fvi {
                     MethodConfig::Fvi
@@ -178,6 +201,7 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
             Problem {
                 x: m.simulate(1_000, 2012, Some(3.4159))?,
                 model: Box::new(m),
+                fused: (&m).into(),
                 settings: json!({"alpha": alpha, "x0": x0}),
                 method: if fvi {
                     MethodConfig::Fvi
@@ -252,6 +276,35 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The timed trainer.
+enum Engine<'a> {
+    Torch(Trainer<'a>),
+    Fused(FusedTrainer),
+}
+
+impl Engine<'_> {
+    /// One iteration; nothing is read back from the device.
+    fn step(&mut self) -> Result<()> {
+        match self {
+            Self::Torch(t) => {
+                let _elbo = t.step()?;
+            }
+            Self::Fused(t) => {
+                let _elbo = t.step()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One iteration, returning its ELBO estimate on the host.
+    fn step_value(&mut self) -> Result<f64> {
+        Ok(match self {
+            Self::Torch(t) => t.step()?.double_value(&[]),
+            Self::Fused(t) => t.step()?,
+        })
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = match args.device {
@@ -279,9 +332,14 @@ fn main() -> Result<()> {
         ..FitOptions::default()
     };
     let x = Tensor::from_slice(&p.x);
+    anyhow::ensure!(
+        args.dump.is_none() || args.engine == EngineName::Torch,
+        "--dump uses the torch engine; leave out --engine fused"
+    );
     let mut trainer = Trainer::new(p.model.as_ref(), &x, &p.method, None, &opts, device)
         .context("building the trainer")?;
-    let num_parameters = trainer.variational().num_parameters();
+    let mut num_parameters = trainer.variational().num_parameters();
+    let mut threads = tch::get_num_threads() as usize;
     let model = format!("{:?}", args.model).to_lowercase();
     let method = format!("{:?}", args.method).to_lowercase();
     let mut out = json!({
@@ -292,7 +350,8 @@ fn main() -> Result<()> {
         "n": p.x.len(),
         "draws": args.draws,
         "num_parameters": num_parameters,
-        "threads": tch::get_num_threads(),
+        "threads": threads,
+        "engine": format!("{:?}", args.engine).to_lowercase(),
         "device": format!("{device:?}").to_lowercase(),
     });
 
@@ -336,22 +395,38 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
+    let mut engine = match args.engine {
+        EngineName::Torch => Engine::Torch(trainer),
+        EngineName::Fused => {
+            drop(trainer);
+            let mut fused = FusedTrainer::new(&p.fused, &p.x, &p.method, &opts, device)
+                .context("building the fused trainer")?;
+            if args.threads > 0 {
+                fused = fused.with_threads(args.threads);
+            }
+            threads = fused.threads();
+            num_parameters = fused.num_parameters();
+            Engine::Fused(fused)
+        }
+    };
+    out["threads"] = json!(threads);
+    out["num_parameters"] = json!(num_parameters);
     for _ in 0..args.warmup {
-        let _elbo = trainer.step()?;
+        engine.step()?;
     }
     let mut ms = Vec::with_capacity(args.repeats);
     for _ in 0..args.repeats {
         synchronize(device);
         let start = Instant::now();
         for _ in 0..args.iters {
-            let _elbo = trainer.step()?;
+            engine.step()?;
         }
         synchronize(device);
         ms.push(start.elapsed().as_secs_f64() * 1e3 / args.iters as f64);
     }
     // One host read after the clock stopped, reported so that a diverged run
     // (non-finite ELBO) shows.
-    let last = trainer.step()?.double_value(&[]);
+    let last = engine.step_value()?;
     out["ms_per_iteration"] = json!(median(&ms));
     out["ms_repeats"] = json!(ms);
     out["warmup"] = json!(args.warmup);

@@ -45,6 +45,8 @@ pub use fit::{
     elbo_draws, elbo_draws_batch, evaluate_elbo, fit, Dtype, Entropy, Fit, FitOptions, FitStatus,
     GaussianSummary, Observer, Silent, Trace, Trainer,
 };
-pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
-pub use method::{amortization_inputs, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor, Variational};
+pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
+pub use method::{
+    amortization_inputs, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor, Variational,
+};
