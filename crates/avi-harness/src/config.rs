@@ -254,6 +254,10 @@ pub struct FitConfig {
     /// contiguous batches, as in the authors' code).
     #[serde(default)]
     pub shuffle: bool,
+    /// `"torch"` (default) or `"fused"` (the fused CPU engine of the scalar
+    /// models: linear, nonlinear, saw).
+    #[serde(default)]
+    pub engine: avi_inference::Engine,
     /// Reconstruction error monitoring (BNN only; digest §4.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse: Option<MseConfig>,
@@ -323,6 +327,7 @@ impl FitConfig {
             check_every: 100,
             batch_size: self.batch_size,
             shuffle: self.shuffle,
+            engine: self.engine,
         }
     }
 }

@@ -44,6 +44,7 @@ pub fn demo_configs(n: usize, steps: usize) -> Vec<(&'static str, FitConfig)> {
         batch_size: None,
         shuffle: false,
         mse: None,
+        engine: Default::default(),
     };
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },

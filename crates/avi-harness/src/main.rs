@@ -88,6 +88,10 @@ enum Command {
         /// the missing ones.
         #[arg(long)]
         resume: bool,
+        /// Override the definition's engine: torch, or fused (the fused CPU
+        /// engine of the linear, nonlinear and saw models).
+        #[arg(long, value_enum)]
+        engine: Option<EngineChoice>,
     },
     /// Rebuild summary.json, the figures and REPORT.md from stored runs
     /// (no refitting): DIR is an `avi reproduce --out` folder or one
@@ -111,6 +115,15 @@ enum Command {
         #[arg(long, default_value_t = 5_000)]
         steps: usize,
     },
+}
+
+/// The `--engine` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EngineChoice {
+    /// libtorch kernels and autograd.
+    Torch,
+    /// The fused CPU engine (linear, nonlinear, saw).
+    Fused,
 }
 
 /// What a successful command ended with.
@@ -218,13 +231,14 @@ fn run(cli: Cli) -> Result<Outcome> {
             quiet,
             jobs,
             resume,
+            engine,
         } => {
             use avi_harness::reproduce::{
                 default_experiments_dir, load_experiment, load_experiment_file, reproduce,
                 ReproduceOptions, EXPERIMENTS,
             };
             let dir = experiments.unwrap_or_else(default_experiments_dir);
-            let defs = if experiment == "all" {
+            let mut defs = if experiment == "all" {
                 EXPERIMENTS
                     .iter()
                     .map(|name| load_experiment(&dir, name))
@@ -241,6 +255,14 @@ fn run(cli: Cli) -> Result<Outcome> {
             };
             if jobs == 0 {
                 anyhow::bail!("--jobs must be at least 1");
+            }
+            if let Some(e) = engine {
+                for d in &mut defs {
+                    d.engine = match e {
+                        EngineChoice::Torch => avi_inference::Engine::Torch,
+                        EngineChoice::Fused => avi_inference::Engine::Fused,
+                    };
+                }
             }
             let device = resolve_device(device)?;
             let opts = ReproduceOptions {

@@ -328,6 +328,10 @@ pub struct Experiment {
     /// Run the §5 diagnostic after every amortized run.
     #[serde(default)]
     pub diagnose: bool,
+    /// `"torch"` (default) or `"fused"` (the fused CPU engine; scalar
+    /// models only).
+    #[serde(default)]
+    pub engine: avi_inference::Engine,
     /// The methods compared.
     pub methods: Vec<MethodEntry>,
     /// The reduced setting of `--quick`.
@@ -524,6 +528,7 @@ pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfi
         report_q_z: false,
         batch_size: exp.batch_size,
         shuffle: exp.shuffle,
+        engine: exp.engine,
         mse: exp.mse.as_ref().map(|m| MseConfig {
             every: m.every,
             test: m.test.clone(),

@@ -74,6 +74,23 @@ pub struct FitOptions {
     pub batch_size: Option<usize>,
     /// Draw a new random order of the observations at every epoch.
     pub shuffle: bool,
+    /// Which implementation takes the steps.
+    pub engine: Engine,
+}
+
+/// The implementation of the training step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// libtorch kernels and autograd ([`Trainer`]); every model, method and
+    /// device.
+    #[default]
+    Torch,
+    /// The fused host engine ([`crate::FusedTrainer`]): analytic per-element
+    /// gradients in a few passes over the draws, for the scalar models
+    /// (linear, nonlinear, saw) on the CPU with a free q(θ) and full
+    /// batches. Same objective and Adam, its own random draws.
+    Fused,
 }
 
 impl Default for FitOptions {
@@ -89,6 +106,7 @@ impl Default for FitOptions {
             check_every: 100,
             batch_size: None,
             shuffle: false,
+            engine: Engine::Torch,
         }
     }
 }
@@ -564,6 +582,9 @@ pub fn fit(
     observer: &mut dyn Observer,
 ) -> Result<Fit> {
     let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    if opts.engine == Engine::Fused {
+        return fit_fused(model, x, method, fixed_theta, opts, device, observer);
+    }
     let mut trainer = Trainer::new(model, x, method, fixed_theta, opts, device)?;
     let mut trace = Trace::default();
     let mut status = FitStatus::Ok;
@@ -614,12 +635,25 @@ pub fn fit(
         }
     }
     let seconds = clock(paused);
+    let Trainer { var, x, .. } = trainer;
+    finish(model, var, &x, trace, status, seconds, opts)
+}
+
+/// Evaluate and summarise fitted parameters.
+fn finish(
+    model: &dyn Model,
+    var: Variational,
+    x: &Tensor,
+    trace: Trace,
+    status: FitStatus,
+    seconds: f64,
+    opts: &FitOptions,
+) -> Result<Fit> {
     let iterations = match status {
         FitStatus::Ok => opts.steps,
         FitStatus::Diverged { at } => at,
     };
-    let Trainer { var, x, .. } = trainer;
-    let (elbo, elbo_se) = evaluate_elbo(model, &var, &x, opts.eval_draws, opts.entropy)?;
+    let (elbo, elbo_se) = evaluate_elbo(model, &var, x, opts.eval_draws, opts.entropy)?;
     let q_theta = match &var.theta {
         ThetaFactor::Free(q) => Some(summarize(q)?),
         ThetaFactor::Fixed(_) => None,
@@ -648,4 +682,84 @@ pub fn fit(
         num_parameters: var.num_parameters(),
         variational: var,
     })
+}
+
+/// [`fit`] with the fused engine (the caller holds the generator lock).
+fn fit_fused(
+    model: &dyn Model,
+    x: &Tensor,
+    method: &MethodConfig,
+    fixed_theta: Option<&[f64]>,
+    opts: &FitOptions,
+    device: Device,
+    observer: &mut dyn Observer,
+) -> Result<Fit> {
+    let Some(fused) = model.fused() else {
+        return Err(InferenceError::config(
+            "engine",
+            format!(
+                "the fused engine covers the linear, nonlinear and saw models, not {}",
+                model.name()
+            ),
+        ));
+    };
+    if fixed_theta.is_some() {
+        return Err(InferenceError::config(
+            "engine",
+            "the fused engine needs a free q(θ) (no fixed_theta)",
+        ));
+    }
+    if observer.monitor_every() > 0 {
+        return Err(InferenceError::config(
+            "engine",
+            "the fused engine has no monitoring hook",
+        ));
+    }
+    let host = Vec::<f64>::try_from(
+        x.detach()
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .contiguous()
+            .view([-1]),
+    )?;
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
+    let mut trainer =
+        crate::FusedTrainer::new(&fused, &host, method, opts, device)?.with_threads(threads);
+    let mut trace = Trace::default();
+    let mut status = FitStatus::Ok;
+    let start = Instant::now();
+    for step in 1..=opts.steps {
+        let elbo = trainer.step()?;
+        trace.iteration.push(step);
+        trace.elbo.push(elbo);
+        trace.seconds.push(start.elapsed().as_secs_f64());
+        if !elbo.is_finite() {
+            status = FitStatus::Diverged { at: step };
+        }
+        if step % opts.check_every == 0 || step == opts.steps || status != FitStatus::Ok {
+            if status == FitStatus::Ok {
+                let p = trainer.params()?;
+                let finite = p.theta_mean.is_finite()
+                    && p.theta_log_sd.is_finite()
+                    && p.local_mean
+                        .iter()
+                        .chain(&p.local_log_sd)
+                        .all(|v| v.is_finite());
+                if !finite {
+                    status = FitStatus::Diverged { at: step };
+                }
+            }
+            observer.on_check(step, opts.steps, elbo);
+            if let FitStatus::Diverged { at } = status {
+                trace.iteration.truncate(at);
+                trace.elbo.truncate(at);
+                trace.seconds.truncate(at);
+                break;
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let var = trainer.into_variational()?;
+    let x = x.to_device(device).to_kind(opts.dtype.kind());
+    finish(model, var, &x, trace, status, seconds, opts)
 }

@@ -43,9 +43,10 @@ use rand::RngCore;
 use rand_distr::{Distribution, StandardNormal};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
+use crate::family::GaussianParams;
 use crate::fit::{Entropy, FitOptions};
 use crate::function::Output;
-use crate::method::{MethodConfig, ThetaFactor, Variational};
+use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
 
 /// Variational parameters of a scalar model on the host: q(θ) and every
@@ -533,6 +534,7 @@ pub struct FusedTrainer {
     steps_done: u64,
     threads: usize,
     state: State,
+    kind: Kind,
 }
 
 impl std::fmt::Debug for FusedTrainer {
@@ -621,6 +623,7 @@ impl FusedTrainer {
             steps_done: 0,
             threads: thread::available_parallelism().map_or(1, |n| n.get()),
             state,
+            kind,
         })
     }
 
@@ -737,6 +740,50 @@ impl FusedTrainer {
                     theta_log_sd,
                     local_mean: rows.iter().step_by(2).copied().collect(),
                     local_log_sd: rows.iter().skip(1).step_by(2).copied().collect(),
+                })
+            }
+        }
+    }
+
+    /// The fitted parameters as a [`Variational`] (F-VI and Const rebuilt
+    /// from the host values in the fit's dtype; A-VI's own), for evaluation
+    /// and further work (e.g. the §5 diagnostic).
+    pub fn into_variational(self) -> Result<Variational> {
+        let n = self.x.len();
+        match self.state {
+            State::Torch { var, .. } => Ok(*var),
+            State::Flat { params, shared, .. } => {
+                let vs = nn::VarStore::new(Device::Cpu);
+                let root = vs.root();
+                let kind = self.kind;
+                let scalar = |v: f64| Tensor::from_slice(&[v]).to_kind(kind);
+                let theta = ThetaFactor::Free(GaussianParams {
+                    mean: root.add("theta_mean", scalar(params[0]), true),
+                    log_sd: root.add("theta_log_sd", scalar(params[1]), true),
+                });
+                let local = &params[2..];
+                let width = local.len() / 2;
+                let (mean, log_sd) = local.split_at(width);
+                let rows: Vec<f64> = mean
+                    .iter()
+                    .zip(log_sd)
+                    .flat_map(|(m, s)| [*m, *s])
+                    .collect();
+                let rows = Tensor::from_slice(&rows)
+                    .view([width as i64, 2])
+                    .to_kind(kind);
+                let z = root.add("z", rows, true);
+                Ok(Variational {
+                    vs,
+                    theta,
+                    local: if shared {
+                        LocalFactor::Shared(z)
+                    } else {
+                        LocalFactor::Free(z)
+                    },
+                    output: Output::Gaussian { dim: 1 },
+                    n,
+                    local_dim: 1,
                 })
             }
         }

@@ -159,6 +159,12 @@ pub trait Model {
         )))
     }
 
+    /// The model's per-element form for the fused CPU engine, when it has
+    /// one (the scalar models linear, nonlinear and saw).
+    fn fused(&self) -> Option<FusedModel> {
+        None
+    }
+
     /// The value that stands for observations before the first and after the
     /// last when an expanded-domain inference function looks past the data
     /// (the saw model's known `x_0`; 0 by default).

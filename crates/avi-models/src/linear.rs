@@ -160,6 +160,10 @@ impl LinearModel {
 }
 
 impl Model for LinearModel {
+    fn fused(&self) -> Option<crate::FusedModel> {
+        Some(self.into())
+    }
+
     fn name(&self) -> &'static str {
         "linear"
     }

@@ -78,6 +78,10 @@ impl NonlinearModel {
 }
 
 impl Model for NonlinearModel {
+    fn fused(&self) -> Option<crate::FusedModel> {
+        Some(self.into())
+    }
+
     fn name(&self) -> &'static str {
         "nonlinear"
     }

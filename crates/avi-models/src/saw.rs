@@ -216,6 +216,10 @@ pub(crate) fn gaussian_exact_elbo(
 }
 
 impl Model for SawModel {
+    fn fused(&self) -> Option<crate::FusedModel> {
+        Some(self.into())
+    }
+
     fn name(&self) -> &'static str {
         "saw"
     }

@@ -1,0 +1,109 @@
+//! `fit` with the fused CPU engine (`Engine::Fused`) reaches the same exact
+//! optima as the libtorch engine: the linear model's closed form (F-VI and
+//! A-VI d = 1) and the saw model's (F-VI and the expanded-domain A-VI), with
+//! the same tolerances as the libtorch-engine tests; and it refuses what it
+//! does not cover.
+
+use avi_inference::{Dtype, Engine, FitOptions, FitStatus, FunctionConfig, MethodConfig};
+use avi_models::{GaussianHmm, LinearModel, SawModel};
+use avi_tests::{fit_cpu, mlp};
+
+fn options(seed: u64) -> FitOptions {
+    // One thread: the draws are then split the same way on every machine,
+    // and a busy 2-core runner does not stall on spinning workers.
+    tch::set_num_threads(1);
+    FitOptions {
+        steps: 4000,
+        lr: 0.02,
+        draws: 100,
+        seed,
+        eval_draws: 2000,
+        dtype: Dtype::F32,
+        engine: Engine::Fused,
+        ..FitOptions::default()
+    }
+}
+
+#[test]
+fn fused_engine_reaches_the_linear_closed_form() {
+    let model = LinearModel::new(1.155, 2.43).unwrap();
+    let n = 300;
+    let x = model.simulate(n, 1, None).unwrap();
+    let opt = model.fvi_optimum(&x).unwrap();
+    let d1 = MethodConfig::Avi {
+        function: FunctionConfig::Poly { degree: 1 },
+        standardize: true,
+        window: [0, 0],
+        edges: Default::default(),
+    };
+    for method in [MethodConfig::Fvi, d1] {
+        let fit = fit_cpu(&model, &x, &method, &options(1954));
+        assert_eq!(fit.status, FitStatus::Ok);
+        let q = fit.q_theta.as_ref().unwrap();
+        let exact = model
+            .exact_elbo(&x, q.mean[0], q.sd[0], &fit.q_z.mean, &fit.q_z.sd)
+            .unwrap();
+        // As tests/tests/linear_closed_form.rs: within 0.5 + 0.002·N nats of
+        // the optimum (Adam's constant-step jitter), never above it.
+        let gap = opt.elbo - exact;
+        assert!(
+            gap >= -1e-9 * opt.elbo.abs() && gap <= 0.5 + 0.002 * n as f64,
+            "{}: gap {gap}",
+            method.label()
+        );
+        // The MC ELBO from fresh draws agrees with the exact one (4 se + the
+        // same slack).
+        assert!(
+            (fit.elbo - exact).abs() <= 4.0 * fit.elbo_se + 0.5,
+            "{} vs {exact}",
+            fit.elbo
+        );
+        assert_eq!(fit.trace.elbo.len(), 4000);
+    }
+}
+
+#[test]
+fn fused_engine_reaches_the_saw_closed_form() {
+    let model = SawModel::new(0.75, 0.0).unwrap();
+    let x = model.simulate(200, 2012, Some(3.4159)).unwrap();
+    let opt = model.fvi_optimum(&x, None).unwrap();
+    let mut opts = options(2013);
+    opts.lr = 0.03;
+    opts.steps = 3000;
+    for method in [MethodConfig::Fvi, mlp(10, [1, 0])] {
+        let fit = fit_cpu(&model, &x, &method, &opts);
+        let q = fit.q_theta.as_ref().unwrap();
+        let exact = model
+            .exact_elbo(
+                &x,
+                Some((q.mean[0], q.sd[0])),
+                None,
+                &fit.q_z.mean,
+                &fit.q_z.sd,
+            )
+            .unwrap();
+        // As tests/tests/time_series.rs: within 0.5 nats of the closed form.
+        assert!(
+            opt.elbo - exact <= 0.5,
+            "{}: gap {}",
+            method.label(),
+            opt.elbo - exact
+        );
+    }
+}
+
+#[test]
+fn fused_engine_refuses_what_it_does_not_cover() {
+    let model = GaussianHmm::new(0.9, 0.5, 1.0, 1.0).unwrap();
+    let x = model.simulate(50, 1, Some(0.0)).unwrap();
+    let r = avi_inference::fit(
+        &model,
+        &tch::Tensor::from_slice(&x),
+        &MethodConfig::Fvi,
+        None,
+        &options(1),
+        tch::Device::Cpu,
+        &mut avi_inference::Silent,
+    );
+    assert!(r.is_err());
+}
