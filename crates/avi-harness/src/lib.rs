@@ -2,10 +2,15 @@
 //!
 //! The `avi` command line and the pieces behind it: JSON fit configurations
 //! ([`config`]), running them on a chosen device ([`run`]), reports written
-//! atomically ([`report`]) and the linear-model demo ([`demo`]).
+//! atomically ([`report`]), the linear-model demo ([`demo`]), the paper's
+//! experiments ([`reproduce`]), their summaries and `REPORT.md`
+//! ([`summary`]) and SVG figures ([`figures`]).
 //!
 //! ```text
-//! avi fit --config CFG.json --out REPORT.json [--device auto|cpu|cuda]
+//! avi fit --config CFG.json --out REPORT.json [--device auto|cpu|cuda] [--threads T]
+//! avi diagnose --config CFG.json --out REPORT.json
+//! avi reproduce EXPERIMENT [--quick] [--seeds N] [--jobs K] [--out DIR]
+//! avi report DIR
 //! avi demo --out DIR [--device auto|cpu|cuda]
 //! ```
 //!
