@@ -165,12 +165,16 @@ pub struct PaperRow {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "check", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Claim {
-    /// Every run of each method converges.
+    /// Every run (or at least `min_fraction` of the runs) of each method
+    /// converges.
     Converge {
         /// The claim in words.
         text: String,
         /// The methods.
         labels: Vec<String>,
+        /// Fraction of runs that must converge (default 1: all).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_fraction: Option<f64>,
     },
     /// No run of any of these methods converges.
     Never {

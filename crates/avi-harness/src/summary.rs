@@ -384,14 +384,17 @@ fn check_claim(claim: &Claim, rows: &[Value]) -> Value {
     let (ok, detail): (bool, String) = match claim {
         Claim::Converge { labels, .. } | Claim::Never { labels, .. } => {
             let rs: Vec<&Value> = labels.iter().filter_map(|l| row(rows, l)).collect();
-            let want_all = matches!(claim, Claim::Converge { .. });
+            let fraction = match claim {
+                Claim::Converge { min_fraction, .. } => Some(min_fraction.unwrap_or(1.0)),
+                _ => None,
+            };
             let ok = rs.len() == labels.len()
                 && rs.iter().all(|r| {
-                    let c = r["converged"].as_u64().unwrap_or(0);
-                    if want_all {
-                        c == r["runs"].as_u64().unwrap_or(0) && c > 0
-                    } else {
-                        c == 0
+                    let c = r["converged"].as_u64().unwrap_or(0) as f64;
+                    let runs = r["runs"].as_u64().unwrap_or(0) as f64;
+                    match fraction {
+                        Some(f) => c > 0.0 && c >= (f * runs).ceil(),
+                        None => c == 0.0,
                     }
                 });
             (
