@@ -167,6 +167,16 @@ pub struct Trace {
     pub seconds: Vec<f64>,
 }
 
+impl Trace {
+    /// Keep the first `steps` steps (a diverged fit keeps the steps up to
+    /// the first non-finite one).
+    fn truncate(&mut self, steps: usize) {
+        self.iteration.truncate(steps);
+        self.elbo.truncate(steps);
+        self.seconds.truncate(steps);
+    }
+}
+
 /// Summary of a diagonal Gaussian family on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GaussianSummary {
@@ -621,9 +631,7 @@ pub fn fit(
             }
             observer.on_check(step, opts.steps, *values.last().unwrap_or(&f64::NAN));
             if let FitStatus::Diverged { at } = status {
-                trace.iteration.truncate(at);
-                trace.elbo.truncate(at);
-                trace.seconds.truncate(at);
+                trace.truncate(at);
                 break;
             }
         }
@@ -751,9 +759,7 @@ fn fit_fused(
             }
             observer.on_check(step, opts.steps, elbo);
             if let FitStatus::Diverged { at } = status {
-                trace.iteration.truncate(at);
-                trace.elbo.truncate(at);
-                trace.seconds.truncate(at);
+                trace.truncate(at);
                 break;
             }
         }
