@@ -45,7 +45,6 @@
 //! # }
 //! ```
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use std::ops::Range;
@@ -919,17 +918,7 @@ fn write_atomic(path: &Path, svg: &str) -> Result<(), FigureError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
-    tmp.write_all(svg.as_bytes()).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    // NamedTempFile is created private (0600); a figure is an ordinary file.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io)?;
-    }
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    crate::report::write_atomic(path, svg.as_bytes()).map_err(io)
 }
 
 #[cfg(test)]

@@ -97,28 +97,36 @@ pub fn fit_report(
     r
 }
 
-/// Write `value` as pretty JSON to `path` atomically: a temporary file in the
-/// same folder is written, flushed and renamed over `path`, so readers never
-/// see a half-written report.
-pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
+/// Write `bytes` to `path` atomically: a temporary file in the same folder
+/// is written in one call, synced and renamed over `path` (mode 0644 on
+/// Unix), so readers never see a half-written file. Every output of the
+/// harness (reports, summaries, REPORT.md, figures) goes through here.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    serde_json::to_writer_pretty(&mut tmp, value)?;
-    tmp.write_all(b"\n")?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    // NamedTempFile is created private (0600); a report is an ordinary file.
+    // NamedTempFile is created private (0600); an output is an ordinary file.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
     }
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// Write `value` as pretty JSON to `path` atomically ([`write_atomic`]).
+/// The JSON is built in memory first: a report of a BNN run holds millions
+/// of numbers, and writing them straight to the file costs a system call
+/// each.
+pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]
