@@ -38,7 +38,7 @@ use avi_inference::{
 use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// The models of the comparison (the table's `model` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,9 +124,13 @@ struct Args {
     /// parameters).
     #[arg(long, default_value_t = 10_000)]
     check_draws: usize,
+    /// Observations N (default: the paper's size, 10,000 for linear and
+    /// nonlinear, 1,000 for saw); for the N sweep of `just bench-sweep`.
+    #[arg(long)]
+    n: Option<usize>,
 }
 
-/// One model × method at the paper's sizes.
+/// One model × method (at the paper's sizes unless `--n` says otherwise).
 struct Problem {
     model: Box<dyn Model>,
     /// The same model for the fused engine.
@@ -159,14 +163,14 @@ fn mlp(width: usize, heads: Heads) -> FunctionConfig {
 }
 
 /// The configurations of `benches/compare/models.py` (keep in step).
-fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
+fn problem(model: ModelName, method: MethodName, n: Option<usize>) -> Result<Problem> {
     let fvi = method == MethodName::Fvi;
     Ok(match model {
         ModelName::Linear => {
             let (tau, sigma) = (1.155, 2.43);
             let m = LinearModel::new(tau, sigma)?;
             Problem {
-                x: m.simulate(10_000, 7, None)?,
+                x: m.simulate(n.unwrap_or(10_000), 7, None)?,
                 model: Box::new(m),
                 fused: (&m).into(),
                 settings: json!({"tau": tau, "sigma": sigma}),
@@ -182,7 +186,7 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
         ModelName::Nonlinear => {
             let m = NonlinearModel::new(NonlinearSim::Model);
             Problem {
-                x: m.simulate(10_000, 1789, None)?,
+                x: m.simulate(n.unwrap_or(10_000), 1789, None)?,
                 model: Box::new(m),
                 fused: (&m).into(),
                 settings: json!({}),
@@ -199,7 +203,7 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
             let (alpha, x0) = (0.75, 0.0);
             let m = SawModel::new(alpha, x0)?;
             Problem {
-                x: m.simulate(1_000, 2012, Some(3.4159))?,
+                x: m.simulate(n.unwrap_or(1_000), 2012, Some(3.4159))?,
                 model: Box::new(m),
                 fused: (&m).into(),
                 settings: json!({"alpha": alpha, "x0": x0}),
@@ -213,16 +217,6 @@ fn problem(model: ModelName, method: MethodName) -> Result<Problem> {
             }
         }
     })
-}
-
-fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(
-        t.detach()
-            .to_kind(Kind::Double)
-            .to_device(Device::Cpu)
-            .contiguous()
-            .view([-1]),
-    )?)
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM`, the value
@@ -260,7 +254,10 @@ fn params_json(var: &Variational) -> Result<Value> {
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut params = serde_json::Map::new();
     for (name, t) in vars {
-        params.insert(name, json!({"shape": t.size(), "values": host_f64(&t)?}));
+        params.insert(
+            name,
+            json!({"shape": t.size(), "values": avi_inference::host_vec(&t)?}),
+        );
     }
     Ok(Value::Object(params))
 }
@@ -324,7 +321,7 @@ fn main() -> Result<()> {
     if args.threads > 0 {
         tch::set_num_threads(args.threads as i32);
     }
-    let p = problem(args.model, args.method)?;
+    let p = problem(args.model, args.method, args.n)?;
     let opts = FitOptions {
         lr: p.lr,
         draws: args.draws,
@@ -377,7 +374,7 @@ fn main() -> Result<()> {
             "lr": p.lr,
             "draws": args.draws,
             "seed": args.seed,
-            "x": host_f64(trainer.data())?,
+            "x": avi_inference::host_vec(trainer.data())?,
             "params": init,
             "num_parameters": num_parameters,
             "check": {

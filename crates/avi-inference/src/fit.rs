@@ -372,7 +372,9 @@ pub fn evaluate_elbo(
     Ok((mean, (var / n).sqrt()))
 }
 
-fn host_vec(t: &Tensor) -> Result<Vec<f64>> {
+/// A tensor's values as f64 on the host, flattened in row-major order
+/// (one device read; for reports and checks, never inside a training loop).
+pub fn host_vec(t: &Tensor) -> Result<Vec<f64>> {
     Ok(Vec::<f64>::try_from(
         t.detach()
             .to_kind(Kind::Double)

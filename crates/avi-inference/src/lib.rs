@@ -42,8 +42,8 @@ pub use diagnose::{diagnose, Diagnosis};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{
-    elbo_draws, elbo_draws_batch, evaluate_elbo, fit, Dtype, Engine, Entropy, Fit, FitOptions,
-    FitStatus, GaussianSummary, Observer, Silent, Trace, Trainer,
+    elbo_draws, elbo_draws_batch, evaluate_elbo, fit, host_vec, Dtype, Engine, Entropy, Fit,
+    FitOptions, FitStatus, GaussianSummary, Observer, Silent, Trace, Trainer,
 };
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
