@@ -9,7 +9,7 @@
 
 use avi_inference::{Dtype, FitOptions, MethodConfig};
 use avi_models::{GaussianHmm, SawModel};
-use avi_tests::{fit_cpu, fit_cpu_fixed, max_abs_diff, mlp};
+use avi_tests::{fit_cpu, fit_cpu_fixed, max_abs_diff, mlp, saw_exact_elbo};
 
 fn options() -> FitOptions {
     FitOptions {
@@ -36,16 +36,7 @@ fn saw_needs_the_expanded_domain() {
         ("window [0, 0]", mlp(8, [0, 0])),
     ] {
         let fit = fit_cpu(&model, &x, &method, &options());
-        let q = fit.q_theta.as_ref().unwrap();
-        let exact = model
-            .exact_elbo(
-                &x,
-                Some((q.mean[0], q.sd[0])),
-                None,
-                &fit.q_z.mean,
-                &fit.q_z.sd,
-            )
-            .unwrap();
+        let exact = saw_exact_elbo(&model, &x, &fit);
         // Monte Carlo estimate and exact value agree (4 standard errors plus
         // 0.05 nats of f32 rounding in a sum of ~400 terms of size ~10).
         assert!(
