@@ -89,6 +89,10 @@ pub enum ModelConfig {
         /// Hidden width of the decoder (default 256).
         #[serde(default = "default_hidden")]
         hidden: usize,
+        /// Pixel noise sd σ (default 1, the paper's unit variance; √½ is
+        /// the authors' code).
+        #[serde(default = "default_bnn_noise_sd")]
+        noise_sd: f64,
         /// Treat θ as known (no q(θ)).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fixed_theta: Option<Vec<f64>>,
@@ -133,6 +137,10 @@ impl ModelConfig {
             | Self::DiscreteHmm { fixed_theta, .. } => fixed_theta.as_deref(),
         }
     }
+}
+
+fn default_bnn_noise_sd() -> f64 {
+    1.0
 }
 
 fn default_latent() -> usize {

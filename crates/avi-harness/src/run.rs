@@ -100,9 +100,12 @@ impl BuiltModel {
                 *noise_sd,
                 weights.as_deref(),
             )?),
-            ModelConfig::Bnn { latent, hidden, .. } => {
-                Self::Bnn(BnnModel::new(*latent, *hidden, dim)?)
-            }
+            ModelConfig::Bnn {
+                latent,
+                hidden,
+                noise_sd,
+                ..
+            } => Self::Bnn(BnnModel::new(*latent, *hidden, dim)?.with_noise_sd(*noise_sd)?),
             ModelConfig::DiscreteHmm {
                 init,
                 transition,

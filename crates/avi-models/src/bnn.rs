@@ -8,12 +8,13 @@ use tch::{Kind, Tensor};
 
 use crate::{ModelError, Result, HALF_LN_2PI};
 
-/// Bayesian neural network model (Eq. 16) with the paper's unit variances:
+/// Bayesian neural network model (Eq. 16), by default with the paper's unit
+/// variances (σ = 1):
 ///
 /// ```text
 /// θ = (W1, W2, W3, b1, b2, b3) ~ N(0, I)            (P numbers)
 /// z_n ~ N(0, I_latent)                              n = 1..N
-/// x_n | z_n, θ ~ N(Ω(z_n; θ), I_pixels)
+/// x_n | z_n, θ ~ N(Ω(z_n; θ), σ² I_pixels)
 /// Ω(z) = W3 h2 + b3,  h2 = LeakyReLU_0.2(W2 h1 + b2),  h1 = LeakyReLU_0.2(W1 z + b1)
 /// ```
 ///
@@ -23,12 +24,15 @@ use crate::{ModelError, Result, HALF_LN_2PI};
 /// W3 (pixels×hidden), each row-major (out, in), then b1, b2, b3. The
 /// authors' code drops the ½ factors of the likelihood and prior (variances
 /// ½); this follows the paper (unit variances), all constants included.
-/// The output layer is linear (no sigmoid).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// [`BnnModel::with_noise_sd`] sets another pixel sd σ (σ = √½ is the
+/// likelihood scale of the authors' code). The output layer is linear (no
+/// sigmoid).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BnnModel {
     latent: usize,
     hidden: usize,
     pixels: usize,
+    noise_sd: f64,
 }
 
 impl Default for BnnModel {
@@ -37,6 +41,7 @@ impl Default for BnnModel {
             latent: 64,
             hidden: 256,
             pixels: 784,
+            noise_sd: 1.0,
         }
     }
 }
@@ -57,7 +62,26 @@ impl BnnModel {
             latent,
             hidden,
             pixels,
+            noise_sd: 1.0,
         })
+    }
+
+    /// The same decoder with pixel noise sd σ (finite, > 0; default 1, the
+    /// paper's).
+    pub fn with_noise_sd(self, noise_sd: f64) -> Result<Self> {
+        if !(noise_sd.is_finite() && noise_sd > 0.0) {
+            return Err(ModelError::InvalidParameter {
+                name: "noise_sd",
+                value: noise_sd,
+                reason: "must be finite and > 0",
+            });
+        }
+        Ok(Self { noise_sd, ..self })
+    }
+
+    /// The pixel noise sd σ.
+    pub fn noise_sd(&self) -> f64 {
+        self.noise_sd
     }
 
     /// The dimension of one observation.
@@ -167,7 +191,11 @@ impl BnnModel {
             &Tensor::from_slice(&z).view([1, n as i64, self.latent as i64]),
         );
         let mean = Vec::<f64>::try_from(mean.view([-1]))?;
-        Ok(mean.iter().zip(&eps).map(|(m, e)| m + e).collect())
+        Ok(mean
+            .iter()
+            .zip(&eps)
+            .map(|(m, e)| m + self.noise_sd * e)
+            .collect())
     }
 
     fn log_lik(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Tensor {
@@ -177,8 +205,8 @@ impl BnnModel {
         resid
             .square()
             .sum_dim_intlist([1i64, 2].as_slice(), false, kind)
-            .multiply_scalar(-0.5)
-            - count * HALF_LN_2PI
+            .multiply_scalar(-0.5 / (self.noise_sd * self.noise_sd))
+            - count * (HALF_LN_2PI + self.noise_sd.ln())
     }
 
     fn log_prior_z(&self, z: &Tensor) -> Tensor {
@@ -296,6 +324,23 @@ mod tests {
         let prior: f64 = theta.iter().map(|v| -0.5 * v * v - HALF_LN_2PI).sum();
         let want = prior - 0.5 * z * z - HALF_LN_2PI - 0.5 * (x - out).powi(2) - HALF_LN_2PI;
         assert!((lj - want).abs() < 1e-12 * want.abs());
+        // Pixel sd σ = 0.3: the likelihood term becomes log N(x; Ω, σ²).
+        let sigma = 0.3;
+        let ms = m.with_noise_sd(sigma).unwrap();
+        let lj = ms
+            .log_joint(&t, &zt, &Tensor::from_slice(&[x]).view([1, 1]))
+            .unwrap()
+            .double_value(&[0]);
+        let want = prior
+            - 0.5 * z * z
+            - HALF_LN_2PI
+            - 0.5 * ((x - out) / sigma).powi(2)
+            - HALF_LN_2PI
+            - sigma.ln();
+        assert!((lj - want).abs() < 1e-12 * want.abs());
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(m.with_noise_sd(bad).is_err(), "σ = {bad} accepted");
+        }
     }
 
     /// With the whole data set as the batch and scale 1, the batched log joint
