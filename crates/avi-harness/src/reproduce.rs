@@ -89,14 +89,29 @@ pub struct QuickEntry {
     /// What the quick run can and cannot show (printed in its REPORT.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
-    /// Check the claims in the quick run (default true; false when the
-    /// quick run is too short to say anything about them).
-    #[serde(default = "yes")]
-    pub claims: bool,
+    /// The claims checked in the quick run (default: the experiment's
+    /// claims about the methods that run).
+    #[serde(default)]
+    pub claims: QuickClaims,
 }
 
-fn yes() -> bool {
-    true
+/// Which claims a quick run checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum QuickClaims {
+    /// `true`: the experiment's claims whose methods all run; `false`: none
+    /// (the quick run is too short to say anything about them).
+    Inherit(bool),
+    /// These claims instead, worded for the quick run (e.g. about the one
+    /// A-VI width it runs, leaving out what a short run cannot show; the
+    /// quick `note` says what and why).
+    List(Vec<Claim>),
+}
+
+impl Default for QuickClaims {
+    fn default() -> Self {
+        Self::Inherit(true)
+    }
 }
 
 /// The BNN's reconstruction-error criterion (digest §4.4).
@@ -425,6 +440,11 @@ fn check_experiment(exp: &Experiment) -> Result<()> {
     for c in &exp.claims {
         labels.extend(c.labels());
     }
+    if let QuickClaims::List(list) = &exp.quick.claims {
+        for c in list {
+            labels.extend(c.labels());
+        }
+    }
     if let Some(l) = labels.into_iter().find(|l| !known(l)) {
         bail!("names the unknown method `{l}`");
     }
@@ -484,8 +504,17 @@ pub fn effective(exp: &Experiment, quick: bool, seeds: Option<usize>) -> Result<
         // Claims about methods that do not run are dropped.
         let kept: Vec<String> = e.methods.iter().map(|m| m.label.clone()).collect();
         let has = |l: &String| kept.contains(l);
-        e.claims
-            .retain(|c| q.claims && c.labels().into_iter().all(has));
+        match &q.claims {
+            QuickClaims::Inherit(check) => e
+                .claims
+                .retain(|c| *check && c.labels().into_iter().all(has)),
+            QuickClaims::List(list) => {
+                if let Some(l) = list.iter().flat_map(|c| c.labels()).find(|l| !has(l)) {
+                    bail!("a quick claim names `{l}`, which the quick run does not run");
+                }
+                e.claims = list.clone();
+            }
+        }
         e.quick_run = true;
     }
     if let Some(k) = seeds {
@@ -846,4 +875,51 @@ fn run_child(
     progress.overall.inc(1);
     progress.line(done_line(&exp.name, run, &report));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped(name: &str) -> Experiment {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/experiments");
+        load_experiment(&dir, name).unwrap()
+    }
+
+    /// Every shipped experiment loads, and its quick form keeps only claims
+    /// about methods the quick run runs.
+    #[test]
+    fn shipped_quick_claims_name_only_methods_that_run() {
+        for name in EXPERIMENTS {
+            let q = effective(&shipped(name), true, None).unwrap();
+            let run: Vec<&String> = q.methods.iter().map(|m| &m.label).collect();
+            for c in &q.claims {
+                for l in c.labels() {
+                    assert!(run.contains(&l), "{name}: quick claim names {l}");
+                }
+            }
+        }
+    }
+
+    /// A quick claim list replaces the experiment's claims, and naming a
+    /// method the quick run leaves out is an error, not a silent skip.
+    #[test]
+    fn quick_claim_list_replaces_the_claims() {
+        let exp = shipped("bnn");
+        let q = effective(&exp, true, None).unwrap();
+        let QuickClaims::List(list) = &exp.quick.claims else {
+            panic!("the bnn quick block lists its own claims");
+        };
+        assert_eq!(q.claims.len(), list.len());
+        assert!(!q.claims.is_empty());
+        let full = effective(&exp, false, None).unwrap();
+        assert_eq!(full.claims.len(), exp.claims.len());
+        let mut bad = exp.clone();
+        bad.quick.claims = QuickClaims::List(vec![Claim::Never {
+            text: "k = 256 never converges".into(),
+            labels: vec!["k=256".into()],
+        }]);
+        let err = effective(&bad, true, None).unwrap_err().to_string();
+        assert!(err.contains("k=256"), "{err}");
+    }
 }
