@@ -101,6 +101,12 @@ bench-compare *ARGS: bootstrap
     cargo build --release -p avi-benches --bin avi-step-time
     "$py" benches/compare/run.py --out out/bench-compare --step-time "${CARGO_TARGET_DIR:-target}/release/avi-step-time" {{ARGS}}
 
+# time of one iteration vs N (10^3 … 10^6, 100 draws) for linear and saw, F-VI and A-VI, both CPU engines, and the fitted exponent of time ∝ N^b; out/bench-sweep/. ARGS go to benches/sweep.py, e.g. --threads 1
+[group('bench')]
+bench-sweep *ARGS: bootstrap
+    {{torch_env}} cargo build --release -p avi-benches --bin avi-step-time
+    {{torch_env}} "{{venv}}/bin/python" benches/sweep.py --out out/bench-sweep --step-time "${CARGO_TARGET_DIR:-target}/release/avi-step-time" {{ARGS}}
+
 # the same benchmarks on CUDA (says so and exits 0 when there is no CUDA device)
 [group('bench')]
 bench-gpu: bootstrap
