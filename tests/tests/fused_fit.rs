@@ -59,6 +59,53 @@ fn fused_engine_reaches_the_linear_closed_form() {
     }
 }
 
+/// Const (one shared q(z)) on the linear model has a closed-form optimum:
+/// with q(z_n) = N(m, s²) for all n and q(θ) = N(μ, v), the ELBO is
+/// maximised at m = 0, s² = 1/(1 + τ²/σ²), μ = x̄, v = σ²/N. Both engines
+/// reach it (the fitted q's exact ELBO within 0.5 nats: four parameters
+/// jittering by O(lr)), and the fitted factor is shared.
+#[test]
+fn both_engines_reach_the_const_optimum() {
+    let (tau, sigma) = (1.155, 2.43);
+    let model = LinearModel::new(tau, sigma).unwrap();
+    let n = 300;
+    let x = model.simulate(n, 3, None).unwrap();
+    let s = (1.0 / (1.0 + tau * tau / (sigma * sigma))).sqrt();
+    let mean = x.iter().sum::<f64>() / n as f64;
+    let best = model
+        .exact_elbo(
+            &x,
+            mean,
+            sigma / (n as f64).sqrt(),
+            &vec![0.0; n],
+            &vec![s; n],
+        )
+        .unwrap();
+    for engine in [Engine::Fused, Engine::Torch] {
+        let mut opts = options(1957);
+        opts.engine = engine;
+        let fit = fit_cpu(&model, &x, &MethodConfig::Const, &opts);
+        assert_eq!(fit.status, FitStatus::Ok);
+        let exact = linear_exact_elbo(&model, &x, &fit);
+        assert!(
+            best - exact <= 0.5 && exact <= best + 1e-9 * best.abs(),
+            "{engine:?}: exact ELBO {exact} vs the Const optimum {best}"
+        );
+        // One shared factor: every q(z_n) is the same copy, bit for bit.
+        let (m0, s0) = (fit.q_z.mean[0], fit.q_z.sd[0]);
+        assert!(
+            fit.q_z.mean.iter().all(|m| m.to_bits() == m0.to_bits()),
+            "{engine:?}: means differ"
+        );
+        assert!(
+            fit.q_z.sd.iter().all(|v| v.to_bits() == s0.to_bits()),
+            "{engine:?}: sds differ"
+        );
+        // s within 0.02 of its optimum (measured jitter ≈ 1e-3 at lr 0.02).
+        assert!((s0 - s).abs() <= 0.02, "{engine:?}: sd {s0} vs {s}");
+    }
+}
+
 #[test]
 fn fused_engine_reaches_the_saw_closed_form() {
     let model = SawModel::new(0.75, 0.0).unwrap();

@@ -486,7 +486,18 @@ impl Adam {
 
     /// One update of `params` from the gradient `grad` of the loss being
     /// minimised (same length as at [`Adam::new`]).
+    ///
+    /// # Panics
+    /// If `params`, `grad` and the state differ in length (a layout bug,
+    /// which zipping would otherwise hide).
     pub fn step(&mut self, params: &mut [f64], grad: &[f64]) {
+        assert!(
+            params.len() == grad.len() && grad.len() == self.m.len(),
+            "Adam: {} parameters, {} gradients, state for {}",
+            params.len(),
+            grad.len(),
+            self.m.len()
+        );
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let step_size = self.lr / (1.0 - b1.powi(self.t));
@@ -594,7 +605,12 @@ impl FusedTrainer {
         let state = match method {
             MethodConfig::Fvi | MethodConfig::Const => {
                 let (tm, tls) = theta_host(&var)?;
-                let rows = host(&var.local_raw())?; // [rows, 2] row-major
+                let mut rows = host(&var.local_raw())?; // [N, 2] row-major
+                if *method == MethodConfig::Const {
+                    // local_raw broadcasts Const's one factor to N rows;
+                    // the layout holds it once.
+                    rows.truncate(2);
+                }
                 let mut params = vec![tm, tls];
                 params.extend(rows.iter().step_by(2));
                 params.extend(rows.iter().skip(1).step_by(2));
