@@ -1,7 +1,7 @@
 //! Shared helpers of the integration tests: fitting a model on CPU with a
 //! few lines, and comparing arrays with stated tolerances.
 
-use avi_inference::{fit, Fit, FitOptions, MethodConfig, Silent};
+use avi_inference::{fit, Dtype, Fit, FitOptions, MethodConfig, Silent};
 use avi_models::Model;
 use tch::{Device, Tensor};
 
@@ -100,4 +100,18 @@ pub fn saw_exact_elbo(model: &avi_models::SawModel, x: &[f64], fit: &Fit) -> f64
 /// measured).
 pub fn linear_gap_tolerance(n: usize) -> f64 {
     0.5 + 2e-3 * n as f64
+}
+
+/// The options of the closed-form tests: 4,000 Adam steps at lr 0.02 with
+/// 100 draws, and the final ELBO from 2,000 fresh draws.
+pub fn closed_form_options(seed: u64, dtype: Dtype) -> FitOptions {
+    FitOptions {
+        steps: 4000,
+        lr: 0.02,
+        draws: 100,
+        seed,
+        eval_draws: 2000,
+        dtype,
+        ..FitOptions::default()
+    }
 }

@@ -6,21 +6,17 @@
 
 use avi_inference::{Dtype, Engine, FitOptions, FitStatus, FunctionConfig, MethodConfig};
 use avi_models::{GaussianHmm, LinearModel, SawModel};
-use avi_tests::{fit_cpu, linear_exact_elbo, linear_gap_tolerance, mlp, saw_exact_elbo};
+use avi_tests::{
+    closed_form_options, fit_cpu, linear_exact_elbo, linear_gap_tolerance, mlp, saw_exact_elbo,
+};
 
 fn options(seed: u64) -> FitOptions {
     // One thread: the draws are then split the same way on every machine,
     // and a busy 2-core runner does not stall on spinning workers.
     tch::set_num_threads(1);
     FitOptions {
-        steps: 4000,
-        lr: 0.02,
-        draws: 100,
-        seed,
-        eval_draws: 2000,
-        dtype: Dtype::F32,
         engine: Engine::Fused,
-        ..FitOptions::default()
+        ..closed_form_options(seed, Dtype::F32)
     }
 }
 

@@ -2,9 +2,11 @@
 //! corrected Lemma A.4): F-VI and A-VI with polynomial inference functions of
 //! degree 1 and 2 reach the optimum, Const does not, and no method exceeds it.
 
-use avi_inference::{Dtype, FitOptions, FunctionConfig, MethodConfig};
+use avi_inference::{Dtype, FunctionConfig, MethodConfig};
 use avi_models::LinearModel;
-use avi_tests::{fit_cpu, linear_exact_elbo, linear_gap_tolerance, max_abs_diff, rms_diff};
+use avi_tests::{
+    closed_form_options, fit_cpu, linear_exact_elbo, linear_gap_tolerance, max_abs_diff, rms_diff,
+};
 
 /// (N, τ, σ, data seed, fit seed, dtype): several sizes, signal-to-noise
 /// ratios, seeds and both precisions.
@@ -23,18 +25,6 @@ fn avi(degree: usize) -> MethodConfig {
     }
 }
 
-fn options(seed: u64, dtype: Dtype) -> FitOptions {
-    FitOptions {
-        steps: 4000,
-        lr: 0.02,
-        draws: 100,
-        seed,
-        eval_draws: 2000,
-        dtype,
-        ..FitOptions::default()
-    }
-}
-
 #[test]
 fn fvi_and_avi_reach_the_closed_form_optimum_const_does_not() {
     for (n, tau, sigma, data_seed, seed, dtype) in CASES {
@@ -47,7 +37,7 @@ fn fvi_and_avi_reach_the_closed_form_optimum_const_does_not() {
             ("poly1", avi(1)),
             ("poly2", avi(2)),
         ] {
-            let fit = fit_cpu(&model, &x, &method, &options(seed, dtype));
+            let fit = fit_cpu(&model, &x, &method, &closed_form_options(seed, dtype));
             let q_theta = fit.q_theta.as_ref().unwrap();
             let exact = linear_exact_elbo(&model, &x, &fit);
             let tol = linear_gap_tolerance(n);
@@ -100,7 +90,12 @@ fn fvi_and_avi_reach_the_closed_form_optimum_const_does_not() {
         }
         // Const: one shared factor cannot follow x_n; its ELBO is clearly below
         // (the gap is a sizeable fraction of N nats, far beyond MC error).
-        let fit = fit_cpu(&model, &x, &MethodConfig::Const, &options(seed, dtype));
+        let fit = fit_cpu(
+            &model,
+            &x,
+            &MethodConfig::Const,
+            &closed_form_options(seed, dtype),
+        );
         let gap = opt.elbo - fit.elbo;
         assert!(
             gap > 0.02 * n as f64 && gap > 10.0 * fit.elbo_se,

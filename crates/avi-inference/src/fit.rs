@@ -392,7 +392,7 @@ fn summarize(p: &GaussianParams) -> Result<GaussianSummary> {
     })
 }
 
-fn params_finite(vs: &nn::VarStore) -> bool {
+pub(crate) fn params_finite(vs: &nn::VarStore) -> bool {
     let vars = vs.trainable_variables();
     if vars.is_empty() {
         return true;
@@ -725,13 +725,7 @@ fn fit_fused(
             "the fused engine has no monitoring hook",
         ));
     }
-    let host = Vec::<f64>::try_from(
-        x.detach()
-            .to_kind(Kind::Double)
-            .to_device(Device::Cpu)
-            .contiguous()
-            .view([-1]),
-    )?;
+    let host = host_vec(x)?;
     let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
     let mut trainer =
         crate::FusedTrainer::new(&fused, &host, method, opts, device)?.with_threads(threads);
@@ -747,17 +741,8 @@ fn fit_fused(
             status = FitStatus::Diverged { at: step };
         }
         if step % opts.check_every == 0 || step == opts.steps || status != FitStatus::Ok {
-            if status == FitStatus::Ok {
-                let p = trainer.params()?;
-                let finite = p.theta_mean.is_finite()
-                    && p.theta_log_sd.is_finite()
-                    && p.local_mean
-                        .iter()
-                        .chain(&p.local_log_sd)
-                        .all(|v| v.is_finite());
-                if !finite {
-                    status = FitStatus::Diverged { at: step };
-                }
+            if status == FitStatus::Ok && !trainer.params_finite() {
+                status = FitStatus::Diverged { at: step };
             }
             observer.on_check(step, opts.steps, elbo);
             if let FitStatus::Diverged { at } = status {

@@ -44,7 +44,7 @@ use rand_distr::{Distribution, StandardNormal};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use crate::family::GaussianParams;
-use crate::fit::{Entropy, FitOptions};
+use crate::fit::{host_vec, params_finite, Entropy, FitOptions};
 use crate::function::Output;
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
@@ -605,12 +605,14 @@ impl FusedTrainer {
         let state = match method {
             MethodConfig::Fvi | MethodConfig::Const => {
                 let (tm, tls) = theta_host(&var)?;
-                let mut rows = host(&var.local_raw())?; // [N, 2] row-major
-                if *method == MethodConfig::Const {
-                    // local_raw broadcasts Const's one factor to N rows;
-                    // the layout holds it once.
-                    rows.truncate(2);
-                }
+                // The factor parameters themselves ([N, 2] for F-VI, [1, 2]
+                // for Const), row-major.
+                let rows = match &var.local {
+                    LocalFactor::Free(p) | LocalFactor::Shared(p) => host_vec(p)?,
+                    LocalFactor::Amortized { .. } => {
+                        unreachable!("F-VI and Const build free or shared factors")
+                    }
+                };
                 let mut params = vec![tm, tls];
                 params.extend(rows.iter().step_by(2));
                 params.extend(rows.iter().skip(1).step_by(2));
@@ -750,7 +752,7 @@ impl FusedTrainer {
             }
             State::Torch { var, .. } => {
                 let (theta_mean, theta_log_sd) = theta_host(var)?;
-                let rows = tch::no_grad(|| host(&var.local_raw()))?;
+                let rows = tch::no_grad(|| host_vec(&var.local_raw()))?;
                 Ok(FusedParams {
                     theta_mean,
                     theta_log_sd,
@@ -805,6 +807,15 @@ impl FusedTrainer {
         }
     }
 
+    /// Whether every variational parameter is finite (no copy: the flat
+    /// vector, or A-VI's libtorch parameters).
+    pub fn params_finite(&self) -> bool {
+        match &self.state {
+            State::Flat { params, .. } => params.iter().all(|v| v.is_finite()),
+            State::Torch { var, .. } => params_finite(&var.vs),
+        }
+    }
+
     /// A-VI's libtorch parameters (`None` for F-VI and Const).
     pub fn variational(&self) -> Option<&Variational> {
         match &self.state {
@@ -833,12 +844,6 @@ impl FusedTrainer {
 }
 
 /// A tensor's values on the host in f64, row-major.
-fn host(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(
-        t.detach().to_kind(Kind::Double).contiguous().view([-1]),
-    )?)
-}
-
 /// (mean, log-sd) of a scalar q(θ).
 fn theta_host(var: &Variational) -> Result<(f64, f64)> {
     match &var.theta {
@@ -871,7 +876,7 @@ pub(crate) fn torch_backward<D: Draws>(
 ) -> Result<f64> {
     let raw = var.local_raw();
     let kind = raw.kind();
-    let rows = host(&raw)?;
+    let rows = host_vec(&raw)?;
     let mean: Vec<f64> = rows.iter().step_by(2).copied().collect();
     let log_sd: Vec<f64> = rows.iter().skip(1).step_by(2).copied().collect();
     let (theta_mean, theta_log_sd) = theta_host(var)?;

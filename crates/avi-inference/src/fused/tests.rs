@@ -104,7 +104,7 @@ fn grads(var: &Variational) -> Vec<(String, Vec<f64>)> {
         .vs
         .variables()
         .into_iter()
-        .map(|(name, t)| (name, host(&t.grad()).unwrap()))
+        .map(|(name, t)| (name, host_vec(&t.grad()).unwrap()))
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -140,12 +140,12 @@ fn objective_and_gradients_equal_autograd() {
                 // The same draws.
                 tch::manual_seed(99);
                 let opts = (Kind::Double, Device::Cpu);
-                let eps_theta = host(&Tensor::randn([draws, 1], opts)).unwrap();
-                let eps_z = host(&Tensor::randn([draws, n, 1], opts)).unwrap();
+                let eps_theta = host_vec(&Tensor::randn([draws, 1], opts)).unwrap();
+                let eps_z = host_vec(&Tensor::randn([draws, n, 1], opts)).unwrap();
                 // Fused path.
                 let fused_var = variational(model.as_ref(), &xt, &method, 11);
                 let (tm, tls) = theta_host(&fused_var).unwrap();
-                let rows = host(&fused_var.local_raw()).unwrap();
+                let rows = host_vec(&fused_var.local_raw()).unwrap();
                 let q = FusedParams {
                     theta_mean: tm,
                     theta_log_sd: tls,
@@ -270,16 +270,16 @@ fn adam_equals_libtorch() {
             .root()
             .add("p", Tensor::randn([50], (kind, Device::Cpu)), true);
         let mut opt = nn::Adam::default().build(&vs, 0.05).unwrap();
-        let mut ours = host(&p).unwrap();
+        let mut ours = host_vec(&p).unwrap();
         let mut adam = Adam::new(0.05, ours.len());
         for _ in 0..3 {
             let g = Tensor::randn([50], (kind, Device::Cpu)) * 3.0;
             opt.zero_grad();
             (&p * &g).sum(kind).backward();
             opt.step();
-            adam.step(&mut ours, &host(&g).unwrap());
+            adam.step(&mut ours, &host_vec(&g).unwrap());
         }
-        let theirs = host(&p).unwrap();
+        let theirs = host_vec(&p).unwrap();
         for (a, b) in ours.iter().zip(&theirs) {
             assert!((a - b).abs() <= rel * b.abs() + abs, "{kind:?}: {a} vs {b}");
         }
