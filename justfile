@@ -6,6 +6,9 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 torch_version := "2.11.0"
+# the CUDA C runtime headers (crt/) matching torch 2.11.0's CUDA 13.0 runtime headers,
+# which PyPI ships apart from them; only the CUDA-graph shim of avi-cuda needs them
+crt_version := "13.0.88"
 venv := justfile_directory() / ".venv"
 # The environment every cargo invocation runs in: the .venv's python is the one
 # torch-sys asks for the libtorch paths (LIBTORCH_USE_PYTORCH=1).
@@ -22,6 +25,10 @@ bootstrap:
     set -euo pipefail
     if [ -n "${LIBTORCH:-}" ]; then echo "LIBTORCH=$LIBTORCH is set: using it"; exit 0; fi
     if [ -x "{{venv}}/bin/python" ] && "{{venv}}/bin/python" -c 'import torch,sys; sys.exit(0 if torch.__version__.split("+")[0]=="{{torch_version}}" else 1)' 2>/dev/null; then
+        # the CUDA headers avi-cuda compiles its CUDA-graph shim against (134 kB)
+        if ! "{{venv}}/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt")' 2>/dev/null; then
+            "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt=={{crt_version}}"
+        fi
         exit 0
     fi
     py=$(command -v python3 || command -v python || true)
@@ -30,6 +37,7 @@ bootstrap:
     echo "installing torch=={{torch_version}} into {{venv}} (a few GB, once)"
     "$py" -m venv "{{venv}}"
     "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check "torch=={{torch_version}}"
+    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt=={{crt_version}}"
 
 # build the `avi` binary (release)
 [group('build')]
@@ -106,6 +114,22 @@ bench-compare *ARGS: bootstrap
 bench-sweep *ARGS: bootstrap
     {{torch_env}} cargo build --release -p avi-benches --bin avi-step-time
     {{torch_env}} "{{venv}}/bin/python" benches/sweep.py --out out/bench-sweep --step-time "${CARGO_TARGET_DIR:-target}/release/avi-step-time" {{ARGS}}
+
+# build what benches/gpu/device-check.sh runs on a GPU machine (no Rust there) into .gpu/: avi, avi-step-time and the CUDA test executable, stripped
+[group('bench')]
+gpu-bundle: bootstrap
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{torch_env}}
+    cargo build --release -p avi-harness -p avi-benches --bins
+    test_exe=$(cargo test -p avi-tests --test graph_engine --no-run --message-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    mkdir -p .gpu
+    t="${CARGO_TARGET_DIR:-target}/release"
+    cp "$t/avi" "$t/avi-step-time" .gpu/
+    cp "$test_exe" .gpu/graph_engine
+    strip .gpu/avi .gpu/avi-step-time .gpu/graph_engine
+    ls -la .gpu
 
 # the same benchmarks on CUDA (says so and exits 0 when there is no CUDA device)
 [group('bench')]

@@ -32,8 +32,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use avi_benches::synchronize;
 use avi_inference::{
-    evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, FusedTrainer, Heads,
-    MethodConfig, Trainer, Variational,
+    evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, FusedTrainer,
+    GraphTrainer, Heads, MethodConfig, Trainer, Variational,
 };
 use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};
@@ -74,6 +74,10 @@ enum EngineName {
     Torch,
     /// `FusedTrainer::step`: the fused CPU engine (CPU only).
     Fused,
+    /// `GraphTrainer::step_block`: the libtorch step with a device-side
+    /// Adam; on CUDA each timed block of `--iters` steps is one CUDA-graph
+    /// replay (the warm-up is two blocks: one eager, one captured).
+    Graph,
 }
 
 /// Time avi's training iteration for one model × method; prints JSON.
@@ -277,27 +281,38 @@ fn median(v: &[f64]) -> f64 {
 enum Engine<'a> {
     Torch(Trainer<'a>),
     Fused(FusedTrainer),
+    Graph(GraphTrainer<'a>),
 }
 
 impl Engine<'_> {
-    /// One iteration; nothing is read back from the device.
-    fn step(&mut self) -> Result<()> {
+    /// `iters` iterations (one block for the graph engine, whose block has
+    /// `iters` steps); nothing is read back from the device.
+    fn steps(&mut self, iters: usize) -> Result<()> {
         match self {
             Self::Torch(t) => {
-                let _elbo = t.step()?;
+                for _ in 0..iters {
+                    let _elbo = t.step()?;
+                }
             }
             Self::Fused(t) => {
-                let _elbo = t.step()?;
+                for _ in 0..iters {
+                    let _elbo = t.step()?;
+                }
+            }
+            Self::Graph(g) => {
+                let _elbo = g.step_block()?;
             }
         }
         Ok(())
     }
 
-    /// One iteration, returning its ELBO estimate on the host.
+    /// One more iteration (a whole block for the graph engine), returning
+    /// the last ELBO estimate on the host.
     fn step_value(&mut self) -> Result<f64> {
         Ok(match self {
             Self::Torch(t) => t.step()?.double_value(&[]),
             Self::Fused(t) => t.step()?,
+            Self::Graph(g) => g.step_block()?.double_value(&[-1]),
         })
     }
 }
@@ -326,12 +341,16 @@ fn main() -> Result<()> {
         lr: p.lr,
         draws: args.draws,
         seed: args.seed,
+        engine: match args.engine {
+            EngineName::Graph => avi_inference::Engine::Graph,
+            _ => avi_inference::Engine::Torch,
+        },
         ..FitOptions::default()
     };
     let x = Tensor::from_slice(&p.x);
     anyhow::ensure!(
         args.dump.is_none() || args.engine == EngineName::Torch,
-        "--dump uses the torch engine; leave out --engine fused"
+        "--dump uses the torch engine; leave out --engine"
     );
     let mut trainer = Trainer::new(p.model.as_ref(), &x, &p.method, None, &opts, device)
         .context("building the trainer")?;
@@ -405,19 +424,23 @@ fn main() -> Result<()> {
             num_parameters = fused.num_parameters();
             Engine::Fused(fused)
         }
+        EngineName::Graph => Engine::Graph(GraphTrainer::new(trainer, args.iters)?),
     };
     out["threads"] = json!(threads);
     out["num_parameters"] = json!(num_parameters);
-    for _ in 0..args.warmup {
-        engine.step()?;
+    if matches!(engine, Engine::Graph(_)) {
+        // an eager block on the graph's stream (which also captures the
+        // next block), then one replay
+        engine.steps(args.iters)?;
+        engine.steps(args.iters)?;
+    } else {
+        engine.steps(args.warmup)?;
     }
     let mut ms = Vec::with_capacity(args.repeats);
     for _ in 0..args.repeats {
         synchronize(device);
         let start = Instant::now();
-        for _ in 0..args.iters {
-            engine.step()?;
-        }
+        engine.steps(args.iters)?;
         synchronize(device);
         ms.push(start.elapsed().as_secs_f64() * 1e3 / args.iters as f64);
     }
@@ -433,6 +456,13 @@ fn main() -> Result<()> {
     out["peak_rss_mib"] = json!(peak_rss_mib());
     out["gpu_mib"] = json!(if device.is_cuda() {
         gpu_process_mib()
+    } else {
+        None
+    });
+    out["gpu_allocator_peak_mib"] = json!(if device.is_cuda() {
+        avi_cuda::peak_allocated_bytes(device)
+            .ok()
+            .map(|b| b as f64 / 1048576.0)
     } else {
         None
     });

@@ -262,8 +262,9 @@ pub struct FitConfig {
     /// contiguous batches, as in the authors' code).
     #[serde(default)]
     pub shuffle: bool,
-    /// `"torch"` (default) or `"fused"` (the fused CPU engine of the scalar
-    /// models: linear, nonlinear, saw).
+    /// `"torch"` (default), `"fused"` (the fused CPU engine of the scalar
+    /// models: linear, nonlinear, saw) or `"graph"` (the libtorch step with
+    /// a device-side Adam, captured as CUDA graphs on CUDA; full batches).
     #[serde(default)]
     pub engine: avi_inference::Engine,
     /// Reconstruction error monitoring (BNN only; digest §4.4).

@@ -88,8 +88,9 @@ enum Command {
         /// the missing ones.
         #[arg(long)]
         resume: bool,
-        /// Override the definition's engine: torch, or fused (the fused CPU
-        /// engine of the linear, nonlinear and saw models).
+        /// Override the definition's engine: torch, fused (the fused CPU
+        /// engine of the linear, nonlinear and saw models), or graph (CUDA
+        /// graphs of the libtorch step; full batches).
         #[arg(long, value_enum)]
         engine: Option<EngineChoice>,
     },
@@ -124,6 +125,9 @@ enum EngineChoice {
     Torch,
     /// The fused CPU engine (linear, nonlinear, saw).
     Fused,
+    /// libtorch kernels with a device-side Adam; on CUDA each block of
+    /// `check_every` steps is one CUDA-graph replay (full batches).
+    Graph,
 }
 
 /// What a successful command ended with.
@@ -261,6 +265,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                     d.engine = match e {
                         EngineChoice::Torch => avi_inference::Engine::Torch,
                         EngineChoice::Fused => avi_inference::Engine::Fused,
+                        EngineChoice::Graph => avi_inference::Engine::Graph,
                     };
                 }
             }

@@ -347,8 +347,8 @@ pub struct Experiment {
     /// Run the §5 diagnostic after every amortized run.
     #[serde(default)]
     pub diagnose: bool,
-    /// `"torch"` (default) or `"fused"` (the fused CPU engine; scalar
-    /// models only).
+    /// `"torch"` (default), `"fused"` (the fused CPU engine; scalar models
+    /// only) or `"graph"` (CUDA graphs of the libtorch step; full batches).
     #[serde(default)]
     pub engine: avi_inference::Engine,
     /// The methods compared.

@@ -19,6 +19,9 @@ pub enum InferenceError {
     /// An error raised by libtorch.
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// An error of the CUDA-graph / fused-Adam layer (avi-cuda).
+    #[error(transparent)]
+    Cuda(#[from] avi_cuda::CudaError),
 }
 
 impl InferenceError {

@@ -91,6 +91,13 @@ pub enum Engine {
     /// (linear, nonlinear, saw) on the CPU with a free q(θ) and full
     /// batches. Same objective and Adam, its own random draws.
     Fused,
+    /// The libtorch step of [`Engine::Torch`] (same draws, same objective)
+    /// with libtorch's fused Adam kernel and step counts on the device
+    /// ([`avi_cuda::FusedAdam`]), so that no step reads the host. On CUDA
+    /// the `check_every` steps between two checks are captured once as a
+    /// CUDA graph and replayed with one launch ([`GraphTrainer`]); on the
+    /// CPU the same steps run without capture. Full batches, no monitoring.
+    Graph,
 }
 
 impl Default for FitOptions {
@@ -415,6 +422,42 @@ pub(crate) fn params_finite(vs: &nn::VarStore) -> bool {
 /// (they run one after the other).
 static GENERATOR: Mutex<()> = Mutex::new(());
 
+/// Adam as tch binds it (host step count) or libtorch's fused kernel with
+/// device step counts ([`Engine::Graph`]).
+enum Optim {
+    Torch(nn::Optimizer),
+    Fused(avi_cuda::FusedAdam),
+}
+
+impl Optim {
+    fn new(var: &Variational, opts: &FitOptions) -> Result<Self> {
+        Ok(match opts.engine {
+            Engine::Graph => Self::Fused(avi_cuda::FusedAdam::new(
+                var.vs.trainable_variables(),
+                opts.lr,
+            )?),
+            _ => Self::Torch(nn::Adam::default().build(&var.vs, opts.lr)?),
+        })
+    }
+
+    /// Gradients of `loss`, then one Adam step.
+    fn minimise(&mut self, loss: &Tensor) -> Result<()> {
+        match self {
+            Self::Torch(o) => {
+                o.zero_grad();
+                loss.backward();
+                o.step();
+            }
+            Self::Fused(o) => {
+                o.zero_grad();
+                loss.backward();
+                o.step()?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One optimisation problem: a model, its data on the device, the
 /// variational parameters and their Adam state. [`Trainer::step`] performs
 /// one iteration; [`fit`] drives it with checks and a trace.
@@ -422,7 +465,7 @@ pub struct Trainer<'a> {
     model: &'a dyn Model,
     x: Tensor,
     var: Variational,
-    optimizer: nn::Optimizer,
+    optimizer: Optim,
     opts: FitOptions,
     /// Mini-batching: the order of the observations and the next position.
     order: Option<Tensor>,
@@ -477,7 +520,7 @@ impl<'a> Trainer<'a> {
             kind,
             device,
         )?;
-        let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
+        let optimizer = Optim::new(&var, opts)?;
         let n = x.size()[0];
         let order = opts.batch_size.map(|_| {
             if opts.shuffle {
@@ -514,7 +557,7 @@ impl<'a> Trainer<'a> {
                 "continuing from given parameters supports full batches only",
             ));
         }
-        let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
+        let optimizer = Optim::new(&var, opts)?;
         Ok(Self {
             model,
             x: x.shallow_clone(),
@@ -555,9 +598,7 @@ impl<'a> Trainer<'a> {
             batch.as_ref().map(|(i, s)| (i, *s)),
         )?
         .mean(self.opts.dtype.kind());
-        self.optimizer.zero_grad();
-        elbo.neg().backward();
-        self.optimizer.step();
+        self.optimizer.minimise(&elbo.neg())?;
         Ok(elbo.detach())
     }
 
@@ -574,6 +615,145 @@ impl<'a> Trainer<'a> {
     /// The data on the device, in the fit's dtype.
     pub fn data(&self) -> &Tensor {
         &self.x
+    }
+}
+
+/// Runs a [`Trainer`] of [`Engine::Graph`] in blocks of a fixed number of
+/// steps, each step's ELBO estimate written into a device buffer. On CUDA
+/// the first block runs eagerly on the graph's own stream (warm-up: libtorch
+/// creates its handles and caches there), the second is captured as one CUDA
+/// graph, and every later block is one replay of it; nothing is read back to
+/// the host inside a block. On the CPU every block runs eagerly.
+pub struct GraphTrainer<'a> {
+    trainer: Trainer<'a>,
+    block: usize,
+    buf: Tensor,
+    graph: Option<avi_cuda::CudaGraph>,
+    captured: bool,
+}
+
+impl std::fmt::Debug for GraphTrainer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GraphTrainer")
+            .field("trainer", &self.trainer)
+            .field("block", &self.block)
+            .field("captured", &self.captured)
+            .finish()
+    }
+}
+
+impl<'a> GraphTrainer<'a> {
+    /// Blocks of `block` steps of `trainer`, which must use
+    /// [`Engine::Graph`] (device-side Adam) and full batches.
+    pub fn new(trainer: Trainer<'a>, block: usize) -> Result<Self> {
+        if trainer.opts.engine != Engine::Graph {
+            return Err(InferenceError::config(
+                "engine",
+                "a GraphTrainer needs a trainer built with engine \"graph\"",
+            ));
+        }
+        if trainer.opts.batch_size.is_some() {
+            return Err(InferenceError::config(
+                "batch_size",
+                "the graph engine supports full batches only",
+            ));
+        }
+        if block == 0 {
+            return Err(InferenceError::config("check_every", "must be at least 1"));
+        }
+        let device = trainer.x.device();
+        let graph = match device {
+            Device::Cuda(_) => Some(avi_cuda::CudaGraph::new(device)?),
+            _ => None,
+        };
+        let buf = Tensor::zeros([block as i64], (trainer.opts.dtype.kind(), device));
+        Ok(Self {
+            trainer,
+            block,
+            buf,
+            graph,
+            captured: false,
+        })
+    }
+
+    /// Never capture: every block runs eagerly, with the same kernels (the
+    /// reference that a captured run is compared with).
+    pub fn without_capture(mut self) -> Self {
+        self.graph = None;
+        self
+    }
+
+    /// Steps per block.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Whether the block has been captured as a CUDA graph (CUDA only).
+    pub fn captured(&self) -> bool {
+        self.captured
+    }
+
+    fn eager_block(trainer: &mut Trainer<'_>, buf: &Tensor, block: usize) -> Result<()> {
+        for i in 0..block {
+            let elbo = trainer.step()?;
+            buf.narrow(0, i as i64, 1).copy_(&elbo.view([1]));
+        }
+        Ok(())
+    }
+
+    /// Run one block of steps; returns their ELBO estimates as a `[block]`
+    /// tensor on the device (a copy, not overwritten by later blocks).
+    pub fn step_block(&mut self) -> Result<Tensor> {
+        let Self {
+            trainer,
+            block,
+            buf,
+            graph,
+            captured,
+        } = self;
+        let block = *block;
+        let Some(g) = graph else {
+            Self::eager_block(trainer, buf, block)?;
+            return Ok(buf.copy());
+        };
+        if *captured {
+            g.replay()?;
+            return Ok(buf.copy());
+        }
+        // Warm-up block on the graph's stream, after the parameters (made on
+        // the default stream) are complete.
+        tch::Cuda::synchronize(device_index(trainer.x.device()));
+        g.enter_stream()?;
+        let warm = Self::eager_block(trainer, buf, block).map(|()| buf.copy());
+        g.sync_stream()?;
+        g.leave_stream()?;
+        let out = warm?;
+        // Capture the next block; it runs at the first replay.
+        g.capture(|| Self::eager_block(trainer, buf, block))??;
+        *captured = true;
+        Ok(out)
+    }
+
+    /// One step outside any graph (for a last, shorter block).
+    pub fn step(&mut self) -> Result<Tensor> {
+        self.trainer.step()
+    }
+
+    /// The trainer (its parameters and data).
+    pub fn trainer(&self) -> &Trainer<'a> {
+        &self.trainer
+    }
+
+    /// Take the trainer back.
+    pub fn into_trainer(self) -> Trainer<'a> {
+        self.trainer
+    }
+}
+
+fn device_index(device: Device) -> i64 {
+    match device {
+        Device::Cuda(i) => i as i64,
+        _ => 0,
     }
 }
 
@@ -597,7 +777,22 @@ pub fn fit(
     if opts.engine == Engine::Fused {
         return fit_fused(model, x, method, fixed_theta, opts, device, observer);
     }
-    let mut trainer = Trainer::new(model, x, method, fixed_theta, opts, device)?;
+    let trainer = Trainer::new(model, x, method, fixed_theta, opts, device)?;
+    if opts.engine == Engine::Graph {
+        if observer.monitor_every() > 0 {
+            return Err(InferenceError::config(
+                "engine",
+                "the graph engine has no monitoring hook",
+            ));
+        }
+        return fit_graph(
+            model,
+            GraphTrainer::new(trainer, opts.check_every)?,
+            opts,
+            observer,
+        );
+    }
+    let mut trainer = trainer;
     let mut trace = Trace::default();
     let mut status = FitStatus::Ok;
     let mut block: Vec<Tensor> = Vec::with_capacity(opts.check_every);
@@ -646,6 +841,60 @@ pub fn fit(
     }
     let seconds = clock(paused);
     let Trainer { var, x, .. } = trainer;
+    finish(model, var, &x, trace, status, seconds, opts)
+}
+
+/// [`fit`] with the graph engine: whole blocks of `check_every` steps
+/// through [`GraphTrainer::step_block`] (one graph replay each on CUDA), the
+/// last shorter block step by step; the same checks as the torch engine at
+/// the end of every block. A block's time stamps are interpolated between
+/// the host clock at the ends of the blocks (each read waits for the
+/// device).
+fn fit_graph(
+    model: &dyn Model,
+    mut runner: GraphTrainer<'_>,
+    opts: &FitOptions,
+    observer: &mut dyn Observer,
+) -> Result<Fit> {
+    let mut trace = Trace::default();
+    let mut status = FitStatus::Ok;
+    let block = runner.block();
+    let start = Instant::now();
+    let mut done = 0;
+    let mut last_time = 0.0;
+    while done < opts.steps {
+        let len = block.min(opts.steps - done);
+        let values = if len == block {
+            runner.step_block()?
+        } else {
+            let steps = (0..len)
+                .map(|_| runner.step())
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::stack(&steps, 0)
+        };
+        let values = Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu))?;
+        let now = start.elapsed().as_secs_f64();
+        let first = done + 1;
+        done += len;
+        trace.iteration.extend(first..=done);
+        trace.elbo.extend(&values);
+        trace
+            .seconds
+            .extend((1..=len).map(|i| last_time + (now - last_time) * i as f64 / len as f64));
+        last_time = now;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            status = FitStatus::Diverged { at: first + i };
+        } else if !params_finite(&runner.trainer().var.vs) {
+            status = FitStatus::Diverged { at: done };
+        }
+        observer.on_check(done, opts.steps, *values.last().unwrap_or(&f64::NAN));
+        if let FitStatus::Diverged { at } = status {
+            trace.truncate(at);
+            break;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let Trainer { var, x, .. } = runner.into_trainer();
     finish(model, var, &x, trace, status, seconds, opts)
 }
 

@@ -43,7 +43,7 @@ pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{
     elbo_draws, elbo_draws_batch, evaluate_elbo, fit, host_vec, Dtype, Engine, Entropy, Fit,
-    FitOptions, FitStatus, GaussianSummary, Observer, Silent, Trace, Trainer,
+    FitOptions, FitStatus, GaussianSummary, GraphTrainer, Observer, Silent, Trace, Trainer,
 };
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
