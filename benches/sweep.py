@@ -1,7 +1,7 @@
 """Driver of `just bench-sweep`: how avi's training iteration grows with N.
 
-For `linear` and `saw`, F-VI and A-VI, and both CPU engines (`torch`, and
-`fused` on CPU), it times one iteration (100 draws) with `avi-step-time --n N`
+For `linear` and `saw`, F-VI and A-VI, and two engines (`torch`, and `fused`
+on CPU or `graph`, CUDA graphs, on CUDA), it times one iteration (100 draws) with `avi-step-time --n N`
 for N = 10^3 ... 10^6 and fits the exponent b of `time ∝ N^b` by least
 squares on log time vs log N over the points with N ≥ 10^4 (below that the
 fixed per-step cost dominates; the fit over all points is reported too).
@@ -64,6 +64,16 @@ def slope(points: list[tuple[int, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
+def gpu_model() -> str | None:
+    """The GPU's name and driver (nvidia-smi), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def write_atomic(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
         f.write(text)
@@ -77,7 +87,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in a.sizes.split(",")]
-    engines = ["torch", "fused"] if a.device == "cpu" else ["torch"]
+    engines = ["torch", "fused"] if a.device == "cpu" else ["torch", "graph"]
     rows = []
     for model in a.models.split(","):
         for method in a.methods.split(","):
@@ -104,7 +114,9 @@ def main() -> None:
                                  "ms_repeats": r["ms_repeats"],
                                  "elements_per_s": n * DRAWS / (r["ms_per_iteration"] / 1e3),
                                  "num_parameters": r["num_parameters"],
-                                 "peak_rss_mib": r["peak_rss_mib"], "threads": r["threads"]})
+                                 "peak_rss_mib": r["peak_rss_mib"],
+                                 "gpu_allocator_peak_mib": r.get("gpu_allocator_peak_mib"),
+                                 "threads": r["threads"]})
                     print(f"{model:7} {method:4} {engine:6} N={n:>8}: {r['ms_per_iteration']:10.3f} ms"
                           f"  params {r['num_parameters']}", flush=True)
                 big = [p for p in points if p[0] >= 10_000]
@@ -133,6 +145,7 @@ def main() -> None:
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(),
+        "gpu": gpu_model() if a.device == "cuda" else None,
         "cpus": os.cpu_count(),
         "device": a.device,
         "threads": a.threads,

@@ -102,6 +102,10 @@ def main() -> None:
     configure_threads(args.threads)
     import jax
     import jax.numpy as jnp
+
+    # Full f32 matrix products, as avi and PyTorch compute them (on GPUs XLA
+    # otherwise uses TF32, a different function: ≈1e-4 relative).
+    jax.config.update("jax_default_matmul_precision", "highest")
     import optax
 
     platform = jax.devices()[0].platform
