@@ -115,20 +115,22 @@ bench-sweep *ARGS: bootstrap
     {{torch_env}} cargo build --release -p avi-benches --bin avi-step-time
     {{torch_env}} "{{venv}}/bin/python" benches/sweep.py --out out/bench-sweep --step-time "${CARGO_TARGET_DIR:-target}/release/avi-step-time" {{ARGS}}
 
-# build what benches/gpu/device-check.sh runs on a GPU machine (no Rust there) into .gpu/: avi, avi-step-time and the CUDA test executable, stripped
+# build what benches/gpu/device-check.sh runs on a GPU machine (no Rust there) into .gpu/: avi, avi-step-time and the CUDA test executables, stripped
 [group('bench')]
 gpu-bundle: bootstrap
     #!/usr/bin/env bash
     set -euo pipefail
     {{torch_env}}
     cargo build --release -p avi-harness -p avi-benches --bins
-    test_exe=$(cargo test -p avi-tests --test graph_engine --no-run --message-format=json 2>/dev/null \
-        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
     mkdir -p .gpu
+    for test in graph_engine cuda_fused; do
+        exe=$(cargo test -p avi-tests --test "$test" --no-run --message-format=json 2>/dev/null \
+            | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+        cp "$exe" ".gpu/$test"
+    done
     t="${CARGO_TARGET_DIR:-target}/release"
     cp "$t/avi" "$t/avi-step-time" .gpu/
-    cp "$test_exe" .gpu/graph_engine
-    strip .gpu/avi .gpu/avi-step-time .gpu/graph_engine
+    strip .gpu/*
     ls -la .gpu
 
 # the same benchmarks on CUDA (says so and exits 0 when there is no CUDA device)

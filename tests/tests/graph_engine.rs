@@ -12,6 +12,17 @@ use avi_models::{LinearModel, Model, SawModel};
 use avi_tests::mlp;
 use tch::{Device, Tensor};
 
+/// The tests of this file run one at a time: libtorch's random generator
+/// is process-wide (a test that seeds it while another draws changes the
+/// other's draws; `fit` serialises fits, but these tests also drive
+/// trainers directly), and a CUDA graph capture fails when another thread
+/// makes a synchronising CUDA call meanwhile.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn options(engine: Engine, dtype: Dtype) -> FitOptions {
     tch::set_num_threads(1);
     FitOptions {
@@ -50,6 +61,7 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn graph_engine_follows_the_torch_engine_on_the_cpu() {
+    let _serial = serial();
     for (model, x, method) in problems() {
         let xt = Tensor::from_slice(&x);
         let run = |engine| {
@@ -82,6 +94,7 @@ fn graph_engine_follows_the_torch_engine_on_the_cpu() {
 
 #[test]
 fn graph_engine_refuses_mini_batches_and_monitoring() {
+    let _serial = serial();
     let model = LinearModel::new(1.155, 2.43).unwrap();
     let x = Tensor::from_slice(&model.simulate(100, 1, None).unwrap());
     let mut opts = options(Engine::Graph, Dtype::F32);
@@ -126,6 +139,7 @@ fn graph_engine_refuses_mini_batches_and_monitoring() {
 #[test]
 #[ignore = "needs a CUDA device: run with --ignored on a GPU machine"]
 fn cuda_graph_replays_match_eager_steps() {
+    let _serial = serial();
     assert!(tch::Cuda::is_available(), "libtorch sees no CUDA device");
     let device = Device::Cuda(0);
     for (model, x, method) in problems() {

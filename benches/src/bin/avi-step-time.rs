@@ -32,8 +32,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use avi_benches::synchronize;
 use avi_inference::{
-    evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, FusedTrainer,
-    GraphTrainer, Heads, MethodConfig, Trainer, Variational,
+    evaluate_elbo, Activation, CudaFviTrainer, Edges, Entropy, FitOptions, FunctionConfig,
+    FusedTrainer, GraphTrainer, Heads, MethodConfig, Trainer, Variational,
 };
 use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};
@@ -72,7 +72,9 @@ enum DeviceName {
 enum EngineName {
     /// `Trainer::step`: libtorch kernels and autograd.
     Torch,
-    /// `FusedTrainer::step`: the fused CPU engine (CPU only).
+    /// `FusedTrainer::step`: the fused CPU engine; on CUDA
+    /// `CudaFviTrainer::step_block` (F-VI only: the CUDA kernels, each timed
+    /// block of `--iters` steps one CUDA-graph replay).
     Fused,
     /// `GraphTrainer::step_block`: the libtorch step with a device-side
     /// Adam; on CUDA each timed block of `--iters` steps is one CUDA-graph
@@ -282,6 +284,7 @@ enum Engine<'a> {
     Torch(Trainer<'a>),
     Fused(FusedTrainer),
     Graph(GraphTrainer<'a>),
+    CudaFused(CudaFviTrainer),
 }
 
 impl Engine<'_> {
@@ -302,6 +305,9 @@ impl Engine<'_> {
             Self::Graph(g) => {
                 let _elbo = g.step_block()?;
             }
+            Self::CudaFused(g) => {
+                let _elbo = g.step_block()?;
+            }
         }
         Ok(())
     }
@@ -313,6 +319,7 @@ impl Engine<'_> {
             Self::Torch(t) => t.step()?.double_value(&[]),
             Self::Fused(t) => t.step()?,
             Self::Graph(g) => g.step_block()?.double_value(&[-1]),
+            Self::CudaFused(g) => g.step_block()?.double_value(&[-1]),
         })
     }
 }
@@ -413,6 +420,13 @@ fn main() -> Result<()> {
 
     let mut engine = match args.engine {
         EngineName::Torch => Engine::Torch(trainer),
+        EngineName::Fused if device.is_cuda() => {
+            drop(trainer);
+            let t = CudaFviTrainer::new(&p.fused, &p.x, &p.method, &opts, device, args.iters)
+                .context("building the CUDA fused trainer")?;
+            num_parameters = t.num_parameters();
+            Engine::CudaFused(t)
+        }
         EngineName::Fused => {
             drop(trainer);
             let mut fused = FusedTrainer::new(&p.fused, &p.x, &p.method, &opts, device)
@@ -428,7 +442,7 @@ fn main() -> Result<()> {
     };
     out["threads"] = json!(threads);
     out["num_parameters"] = json!(num_parameters);
-    if matches!(engine, Engine::Graph(_)) {
+    if matches!(engine, Engine::Graph(_) | Engine::CudaFused(_)) {
         // an eager block on the graph's stream (which also captures the
         // next block), then one replay
         engine.steps(args.iters)?;

@@ -14,8 +14,10 @@
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_fused_adam.h>
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <optional>
 #include <string>
 #include <vector>
@@ -23,7 +25,12 @@
 #ifdef AVI_CUDA_GRAPHS
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <dirent.h>
+#include <dlfcn.h>
+#include <nvrtc.h>
 #endif
 
 namespace {
@@ -206,6 +213,323 @@ int avi_cuda_peak_allocated(int device, long long* out) {
   (void)device;
   (void)out;
   last_error = "CUDA support not compiled in";
+  return 1;
+#endif
+}
+
+}  // extern "C"
+
+#ifdef AVI_CUDA_GRAPHS
+namespace {
+
+// The CUDA driver and NVRTC, opened at run time: libtorch links neither
+// directly, and a build machine without a GPU has no libcuda to link.
+struct Driver {
+  CUresult (*cuInit)(unsigned int);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDeviceGetAttribute)(int*, CUdevice_attribute, CUdevice);
+  CUresult (*cuModuleLoadData)(CUmodule*, const void*);
+  CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
+  CUresult (*cuModuleUnload)(CUmodule);
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             unsigned, unsigned, CUstream, void**, void**);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+};
+
+struct Nvrtc {
+  nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram*, const char*, const char*, int,
+                                    const char* const*, const char* const*);
+  nvrtcResult (*nvrtcCompileProgram)(nvrtcProgram, int, const char* const*);
+  nvrtcResult (*nvrtcGetProgramLogSize)(nvrtcProgram, size_t*);
+  nvrtcResult (*nvrtcGetProgramLog)(nvrtcProgram, char*);
+  nvrtcResult (*nvrtcGetPTXSize)(nvrtcProgram, size_t*);
+  nvrtcResult (*nvrtcGetPTX)(nvrtcProgram, char*);
+  nvrtcResult (*nvrtcDestroyProgram)(nvrtcProgram*);
+  const char* (*nvrtcGetErrorString)(nvrtcResult);
+};
+
+template <typename T>
+void sym(void* lib, const char* name, T& out) {
+  void* p = dlsym(lib, name);
+  if (!p) throw std::runtime_error(std::string("symbol not found: ") + name);
+  out = reinterpret_cast<T>(p);
+}
+
+void* open_nvrtc() {
+  const char* names[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"};
+  for (const char* n : names) {
+    if (void* h = dlopen(n, RTLD_NOW | RTLD_GLOBAL)) return h;
+  }
+  // beside libtorch's CUDA libraries: a PyPI torch keeps NVRTC in
+  // site-packages/nvidia/cu*/lib, two folders up from torch/lib
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&c10::cuda::device_count), &info) && info.dli_fname) {
+    std::string lib(info.dli_fname);
+    std::string dir = lib.substr(0, lib.find_last_of('/'));
+    const char* rel[] = {"/../../nvidia/cu13/lib/libnvrtc.so.13",
+                         "/../../nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+                         "/../../nvidia/cu12/lib/libnvrtc.so.12"};
+    for (const char* r : rel) {
+      std::string path = dir + r;
+      std::string libdir = path.substr(0, path.find_last_of('/'));
+      // NVRTC opens its builtins library by name; load it from the same
+      // folder first so that name is already resolved.
+      if (DIR* d = opendir(libdir.c_str())) {
+        while (dirent* e = readdir(d)) {
+          std::string f = e->d_name;
+          if (f.rfind("libnvrtc-builtins.so", 0) == 0 && f.find(".alt") == std::string::npos) {
+            dlopen((libdir + "/" + f).c_str(), RTLD_NOW | RTLD_GLOBAL);
+          }
+        }
+        closedir(d);
+      }
+      if (void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_GLOBAL)) return h;
+    }
+  }
+  throw std::runtime_error("NVRTC (libnvrtc.so) not found");
+}
+
+const Driver& driver() {
+  static Driver d = [] {
+    Driver d{};
+    void* cu = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (!cu) throw std::runtime_error("the CUDA driver (libcuda.so.1) not found");
+    sym(cu, "cuInit", d.cuInit);
+    sym(cu, "cuDeviceGet", d.cuDeviceGet);
+    sym(cu, "cuDeviceGetAttribute", d.cuDeviceGetAttribute);
+    sym(cu, "cuModuleLoadData", d.cuModuleLoadData);
+    sym(cu, "cuModuleGetFunction", d.cuModuleGetFunction);
+    sym(cu, "cuModuleUnload", d.cuModuleUnload);
+    sym(cu, "cuLaunchKernel", d.cuLaunchKernel);
+    sym(cu, "cuGetErrorString", d.cuGetErrorString);
+    return d;
+  }();
+  return d;
+}
+
+const Nvrtc& nvrtc() {
+  static Nvrtc d = [] {
+    Nvrtc d{};
+    void* rt = open_nvrtc();
+    sym(rt, "nvrtcCreateProgram", d.nvrtcCreateProgram);
+    sym(rt, "nvrtcCompileProgram", d.nvrtcCompileProgram);
+    sym(rt, "nvrtcGetProgramLogSize", d.nvrtcGetProgramLogSize);
+    sym(rt, "nvrtcGetProgramLog", d.nvrtcGetProgramLog);
+    sym(rt, "nvrtcGetPTXSize", d.nvrtcGetPTXSize);
+    sym(rt, "nvrtcGetPTX", d.nvrtcGetPTX);
+    sym(rt, "nvrtcDestroyProgram", d.nvrtcDestroyProgram);
+    sym(rt, "nvrtcGetErrorString", d.nvrtcGetErrorString);
+    return d;
+  }();
+  return d;
+}
+
+void cu_check(CUresult r, const char* what) {
+  if (r == CUDA_SUCCESS) return;
+  const char* s = nullptr;
+  driver().cuGetErrorString(r, &s);
+  throw std::runtime_error(std::string(what) + ": " + (s ? s : "unknown CUDA error"));
+}
+
+void rtc_check(nvrtcResult r, const char* what) {
+  if (r == NVRTC_SUCCESS) return;
+  throw std::runtime_error(std::string(what) + ": " + nvrtc().nvrtcGetErrorString(r));
+}
+
+// PTX of `src` for compute capability major.minor (NVRTC).
+std::string compile_ptx(const char* src, int major, int minor) {
+  const Nvrtc& d = nvrtc();
+  nvrtcProgram prog;
+  rtc_check(d.nvrtcCreateProgram(&prog, src, "avi_fvi.cu", 0, nullptr, nullptr),
+            "nvrtcCreateProgram");
+  std::string arch = "--gpu-architecture=compute_" + std::to_string(major * 10 + minor);
+  const char* opts[] = {arch.c_str(), "--std=c++17", "-default-device"};
+  nvrtcResult r = d.nvrtcCompileProgram(prog, 3, opts);
+  if (r != NVRTC_SUCCESS) {
+    size_t n = 0;
+    d.nvrtcGetProgramLogSize(prog, &n);
+    std::string log(n, '\0');
+    d.nvrtcGetProgramLog(prog, &log[0]);
+    d.nvrtcDestroyProgram(&prog);
+    throw std::runtime_error("NVRTC compile failed: " + log);
+  }
+  size_t n = 0;
+  rtc_check(d.nvrtcGetPTXSize(prog, &n), "nvrtcGetPTXSize");
+  std::string ptx(n, '\0');
+  rtc_check(d.nvrtcGetPTX(prog, &ptx[0]), "nvrtcGetPTX");
+  d.nvrtcDestroyProgram(&prog);
+  return ptx;
+}
+
+struct Fvi {
+  int device;
+  CUmodule module;
+  CUfunction local, global, draw;
+};
+
+float* fptr(at::Tensor* t) { return t ? t->data_ptr<float>() : nullptr; }
+
+void launch(const Fvi& f, CUfunction fn, unsigned grid, unsigned block, unsigned shmem,
+            void** args) {
+  const auto dev = static_cast<c10::DeviceIndex>(f.device);
+  if (c10::cuda::current_device() != dev) c10::cuda::set_device(dev);
+  CUstream stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(f.device)).stream();
+  cu_check(driver().cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, shmem, stream, args, nullptr),
+           "cuLaunchKernel");
+}
+
+}  // namespace
+#endif
+
+extern "C" {
+
+// Compile (NVRTC) and load the F-VI kernels `src` for CUDA device `device`.
+int avi_fvi_load(int device, const char* src, void** out) {
+#ifdef AVI_CUDA_GRAPHS
+  return guarded([&] {
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    const Driver& d = driver();
+    cu_check(d.cuInit(0), "cuInit");
+    CUdevice dev;
+    cu_check(d.cuDeviceGet(&dev, device), "cuDeviceGet");
+    int major = 0, minor = 0;
+    cu_check(d.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+             "cuDeviceGetAttribute");
+    cu_check(d.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+             "cuDeviceGetAttribute");
+    std::string ptx = compile_ptx(src, major, minor);
+    auto* f = new Fvi{device, nullptr, nullptr, nullptr, nullptr};
+    try {
+      cu_check(d.cuModuleLoadData(&f->module, ptx.c_str()), "cuModuleLoadData");
+      cu_check(d.cuModuleGetFunction(&f->local, f->module, "fvi_local"), "fvi_local");
+      cu_check(d.cuModuleGetFunction(&f->global, f->module, "fvi_global"), "fvi_global");
+      cu_check(d.cuModuleGetFunction(&f->draw, f->module, "fvi_draw_theta"), "fvi_draw_theta");
+    } catch (...) {
+      delete f;
+      throw;
+    }
+    *out = f;
+  });
+#else
+  (void)device;
+  (void)src;
+  (void)out;
+  last_error = "avi-cuda was built without CUDA support";
+  return 1;
+#endif
+}
+
+// PTX of `src` for compute capability major.minor, without a GPU (a check
+// that the kernel source compiles). Writes at most `cap` bytes (NUL
+// included) to `out`; *len receives the PTX length.
+int avi_fvi_compile_only(const char* src, int major, int minor, char* out, size_t cap,
+                         size_t* len) {
+#ifdef AVI_CUDA_GRAPHS
+  return guarded([&] {
+    std::string ptx = compile_ptx(src, major, minor);
+    *len = ptx.size();
+    if (cap > 0) {
+      size_t n = std::min(cap - 1, ptx.size());
+      std::memcpy(out, ptx.data(), n);
+      out[n] = '\0';
+    }
+  });
+#else
+  (void)src; (void)major; (void)minor; (void)out; (void)cap; (void)len;
+  last_error = "avi-cuda was built without CUDA support";
+  return 1;
+#endif
+}
+
+void avi_fvi_free(void* f) {
+#ifdef AVI_CUDA_GRAPHS
+  if (!f) return;
+  auto* fv = static_cast<Fvi*>(f);
+  try {
+    driver().cuModuleUnload(fv->module);
+  } catch (...) {
+  }
+  delete fv;
+#else
+  (void)f;
+#endif
+}
+
+// The buffers of one F-VI problem (float32 unless noted, on the kernels'
+// device): x, prev [N]; mean, log_sd [N]; adam_m, adam_v [2N]; tp [2] (μ_θ,
+// log s_θ); theta_adam [4]; theta, eps_theta [M]; dtheta [M] f64; acc [2]
+// f64; state [1] int32 (the 1-based step).
+struct AviFviBuffers {
+  at::Tensor *x, *prev, *mean, *log_sd, *adam_m, *adam_v, *tp, *theta_adam, *theta, *eps_theta,
+      *dtheta, *acc, *state;
+};
+
+struct AviFviConfig {
+  int model;
+  float p0, p1;
+  int n, draws, mc;
+  unsigned long long seed;
+  double constant;
+  float lr, beta1, beta2, eps;
+};
+
+// The first step's θ draws.
+int avi_fvi_draw_theta(void* f, const AviFviBuffers* b, const AviFviConfig* c) {
+#ifdef AVI_CUDA_GRAPHS
+  return guarded([&] {
+    auto* fv = static_cast<Fvi*>(f);
+    float* tp = fptr(b->tp);
+    float* theta = fptr(b->theta);
+    float* eps_theta = fptr(b->eps_theta);
+    int draws = c->draws;
+    void* state = b->state->data_ptr();
+    unsigned long long seed = c->seed;
+    void* args[] = {&tp, &theta, &eps_theta, &draws, &state, &seed};
+    launch(*fv, fv->draw, 1, 256, 0, args);
+  });
+#else
+  (void)f; (void)b; (void)c;
+  last_error = "avi-cuda was built without CUDA support";
+  return 1;
+#endif
+}
+
+// One training iteration: fvi_local over N, then fvi_global. `elbo_out`
+// (nullable) is a float32 tensor whose first element receives the ELBO
+// estimate; dbg_eps [M, N], dbg_grad [2N] and dbg_theta [3] (nullable)
+// receive the draws, the local gradients, and θ's gradient with the ELBO.
+int avi_fvi_step(void* f, const AviFviBuffers* b, const AviFviConfig* c, at::Tensor* elbo_out,
+                 at::Tensor* dbg_eps, at::Tensor* dbg_grad, at::Tensor* dbg_theta) {
+#ifdef AVI_CUDA_GRAPHS
+  return guarded([&] {
+    auto* fv = static_cast<Fvi*>(f);
+    int model = c->model, n = c->n, draws = c->draws, mc = c->mc;
+    float p0 = c->p0, p1 = c->p1, lr = c->lr, b1 = c->beta1, b2 = c->beta2, eps = c->eps;
+    unsigned long long seed = c->seed;
+    double constant = c->constant;
+    float *x = fptr(b->x), *prev = fptr(b->prev), *mean = fptr(b->mean),
+          *log_sd = fptr(b->log_sd), *am = fptr(b->adam_m), *av = fptr(b->adam_v),
+          *theta = fptr(b->theta), *tp = fptr(b->tp), *ta = fptr(b->theta_adam),
+          *eps_theta = fptr(b->eps_theta);
+    void* dtheta = b->dtheta->data_ptr();
+    void* acc = b->acc->data_ptr();
+    void* state = b->state->data_ptr();
+    float *de = fptr(dbg_eps), *dg = fptr(dbg_grad), *dt = fptr(dbg_theta),
+          *eo = fptr(elbo_out);
+    const unsigned block = 256;
+    const unsigned grid = static_cast<unsigned>((n + block - 1) / block);
+    void* largs[] = {&model, &p0,   &p1,  &x,     &prev, &n,    &draws, &mean,
+                     &log_sd, &am,  &av,  &theta, &dtheta, &acc, &state, &seed,
+                     &mc,    &lr,   &b1,  &b2,    &eps,  &de,   &dg};
+    launch(*fv, fv->local, grid, block, static_cast<unsigned>((draws + 2) * sizeof(float)),
+           largs);
+    void* gargs[] = {&model, &draws, &mc, &tp, &ta, &theta, &eps_theta, &dtheta, &acc, &state,
+                     &seed, &constant, &lr, &b1, &b2, &eps, &eo, &dt};
+    launch(*fv, fv->global, 1, 256, 0, gargs);
+  });
+#else
+  (void)f; (void)b; (void)c; (void)elbo_out; (void)dbg_eps; (void)dbg_grad; (void)dbg_theta;
+  last_error = "avi-cuda was built without CUDA support";
   return 1;
 #endif
 }

@@ -7,7 +7,10 @@
 //!   (`at::_fused_adam_`) with the step counts held in device tensors, so
 //!   that an optimiser step reads nothing from the host and can be captured
 //!   (tch's `nn::Adam` keeps its step count on the host and computes the bias
-//!   corrections there).
+//!   corrections there);
+//! * [`FviKernels`]: the F-VI training iteration of the scalar models as two
+//!   CUDA kernels compiled at run time with NVRTC (draws in registers, Adam
+//!   inside the kernels).
 //!
 //! The C++ side (`csrc/shim.cpp`) is compiled against the libtorch that
 //! torch-sys links. Graphs need a libtorch with CUDA and the CUDA runtime
@@ -15,6 +18,9 @@
 //! every device.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
+
+pub mod fvi;
+pub use fvi::{FviDebug, FviKernels, FviSettings, FviState, ScalarModel};
 
 use tch::{Device, Kind, Tensor};
 

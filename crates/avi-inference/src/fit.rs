@@ -86,10 +86,12 @@ pub enum Engine {
     /// device.
     #[default]
     Torch,
-    /// The fused host engine ([`crate::FusedTrainer`]): analytic per-element
-    /// gradients in a few passes over the draws, for the scalar models
-    /// (linear, nonlinear, saw) on the CPU with a free q(θ) and full
-    /// batches. Same objective and Adam, its own random draws.
+    /// The fused engine: analytic per-element gradients instead of
+    /// autograd, for the scalar models (linear, nonlinear, saw) with a free
+    /// q(θ) and full batches. Same objective and Adam, its own random draws.
+    /// On the CPU [`crate::FusedTrainer`] (F-VI, Const, A-VI); on CUDA
+    /// [`crate::CudaFviTrainer`] (F-VI: two kernel launches per step, the
+    /// draws never stored, blocks captured as CUDA graphs).
     Fused,
     /// The libtorch step of [`Engine::Torch`] (same draws, same objective)
     /// with libtorch's fused Adam kernel and step counts on the device
@@ -422,6 +424,17 @@ pub(crate) fn params_finite(vs: &nn::VarStore) -> bool {
 /// (they run one after the other).
 static GENERATOR: Mutex<()> = Mutex::new(());
 
+/// Hold libtorch's process-wide random generator. [`fit`] holds it for a
+/// whole fit; hold it while driving a [`Trainer`], [`GraphTrainer`] or
+/// [`crate::CudaFviTrainer`] directly in a thread beside other fits, so that
+/// every run stays reproducible from its seed (their constructors seed the
+/// generator). It also keeps a CUDA graph capture (CUDA's global capture
+/// mode) from meeting another fit's synchronising CUDA calls. Not
+/// re-entrant: do not call [`fit`] while holding it.
+pub fn generator_guard() -> std::sync::MutexGuard<'static, ()> {
+    GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Adam as tch binds it (host step count) or libtorch's fused kernel with
 /// device step counts ([`Engine::Graph`]).
 enum Optim {
@@ -623,7 +636,10 @@ impl<'a> Trainer<'a> {
 /// the first block runs eagerly on the graph's own stream (warm-up: libtorch
 /// creates its handles and caches there), the second is captured as one CUDA
 /// graph, and every later block is one replay of it; nothing is read back to
-/// the host inside a block. On the CPU every block runs eagerly.
+/// the host inside a block. On the CPU every block runs eagerly. While a
+/// block is captured, no other thread of the process may make a
+/// synchronising CUDA call (CUDA's global capture mode; see
+/// [`generator_guard`]).
 pub struct GraphTrainer<'a> {
     trainer: Trainer<'a>,
     block: usize,
@@ -844,18 +860,58 @@ pub fn fit(
     finish(model, var, &x, trace, status, seconds, opts)
 }
 
-/// [`fit`] with the graph engine: whole blocks of `check_every` steps
-/// through [`GraphTrainer::step_block`] (one graph replay each on CUDA), the
-/// last shorter block step by step; the same checks as the torch engine at
-/// the end of every block. A block's time stamps are interpolated between
-/// the host clock at the ends of the blocks (each read waits for the
-/// device).
-fn fit_graph(
-    model: &dyn Model,
-    mut runner: GraphTrainer<'_>,
+/// A trainer that runs whole blocks of steps on its device
+/// ([`GraphTrainer`], [`crate::CudaFviTrainer`]).
+trait BlockRunner {
+    fn block(&self) -> usize;
+    /// One block; its ELBO estimates on the device.
+    fn step_block(&mut self) -> Result<Tensor>;
+    /// One step outside a graph; its ELBO estimate on the device.
+    fn step(&mut self) -> Result<Tensor>;
+    fn params_finite(&self) -> bool;
+}
+
+impl BlockRunner for GraphTrainer<'_> {
+    fn block(&self) -> usize {
+        self.block
+    }
+    fn step_block(&mut self) -> Result<Tensor> {
+        GraphTrainer::step_block(self)
+    }
+    fn step(&mut self) -> Result<Tensor> {
+        GraphTrainer::step(self)
+    }
+    fn params_finite(&self) -> bool {
+        params_finite(&self.trainer.var.vs)
+    }
+}
+
+impl BlockRunner for crate::CudaFviTrainer {
+    fn block(&self) -> usize {
+        crate::CudaFviTrainer::block(self)
+    }
+    fn step_block(&mut self) -> Result<Tensor> {
+        crate::CudaFviTrainer::step_block(self)
+    }
+    fn step(&mut self) -> Result<Tensor> {
+        crate::CudaFviTrainer::step(self)
+    }
+    fn params_finite(&self) -> bool {
+        crate::CudaFviTrainer::params_finite(self)
+    }
+}
+
+/// The loop of the graph engine and the CUDA fused engine: whole blocks of
+/// `check_every` steps (one graph replay each on CUDA), the last shorter
+/// block step by step, and the torch engine's checks at the end of every
+/// block. A block's time stamps are interpolated between the host clock at
+/// the ends of the blocks (each read waits for the device). Returns the
+/// trace, the status and the wall time.
+fn run_blocks(
+    runner: &mut dyn BlockRunner,
     opts: &FitOptions,
     observer: &mut dyn Observer,
-) -> Result<Fit> {
+) -> Result<(Trace, FitStatus, f64)> {
     let mut trace = Trace::default();
     let mut status = FitStatus::Ok;
     let block = runner.block();
@@ -868,9 +924,9 @@ fn fit_graph(
             runner.step_block()?
         } else {
             let steps = (0..len)
-                .map(|_| runner.step())
+                .map(|_| runner.step().map(|t| t.view([-1])))
                 .collect::<Result<Vec<_>>>()?;
-            Tensor::stack(&steps, 0)
+            Tensor::cat(&steps, 0)
         };
         let values = Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu))?;
         let now = start.elapsed().as_secs_f64();
@@ -884,7 +940,7 @@ fn fit_graph(
         last_time = now;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             status = FitStatus::Diverged { at: first + i };
-        } else if !params_finite(&runner.trainer().var.vs) {
+        } else if !runner.params_finite() {
             status = FitStatus::Diverged { at: done };
         }
         observer.on_check(done, opts.steps, *values.last().unwrap_or(&f64::NAN));
@@ -893,7 +949,17 @@ fn fit_graph(
             break;
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
+    Ok((trace, status, start.elapsed().as_secs_f64()))
+}
+
+/// [`fit`] with the graph engine.
+fn fit_graph(
+    model: &dyn Model,
+    mut runner: GraphTrainer<'_>,
+    opts: &FitOptions,
+    observer: &mut dyn Observer,
+) -> Result<Fit> {
+    let (trace, status, seconds) = run_blocks(&mut runner, opts, observer)?;
     let Trainer { var, x, .. } = runner.into_trainer();
     finish(model, var, &x, trace, status, seconds, opts)
 }
@@ -975,6 +1041,14 @@ fn fit_fused(
         ));
     }
     let host = host_vec(x)?;
+    if device.is_cuda() {
+        let mut runner =
+            crate::CudaFviTrainer::new(&fused, &host, method, opts, device, opts.check_every)?;
+        let (trace, status, seconds) = run_blocks(&mut runner, opts, observer)?;
+        let var = runner.into_variational()?;
+        let x = x.to_device(device).to_kind(opts.dtype.kind());
+        return finish(model, var, &x, trace, status, seconds, opts);
+    }
     let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
     let mut trainer =
         crate::FusedTrainer::new(&fused, &host, method, opts, device)?.with_threads(threads);

@@ -587,35 +587,11 @@ impl FusedTrainer {
                 "the fused engine supports full batches only",
             ));
         }
-        let full = model.model()?;
         let kind = opts.dtype.kind();
-        let xt = Tensor::from_slice(x).to_kind(kind);
-        tch::manual_seed(opts.seed as i64);
-        let var = Variational::new(
-            method,
-            &xt,
-            full.pad_value(),
-            1,
-            Output::Gaussian { dim: 1 },
-            None,
-            full.init(),
-            kind,
-            Device::Cpu,
-        )?;
+        let var = initial_variational(model, x, method, opts)?;
         let state = match method {
             MethodConfig::Fvi | MethodConfig::Const => {
-                let (tm, tls) = theta_host(&var)?;
-                // The factor parameters themselves ([N, 2] for F-VI, [1, 2]
-                // for Const), row-major.
-                let rows = match &var.local {
-                    LocalFactor::Free(p) | LocalFactor::Shared(p) => host_vec(p)?,
-                    LocalFactor::Amortized { .. } => {
-                        unreachable!("F-VI and Const build free or shared factors")
-                    }
-                };
-                let mut params = vec![tm, tls];
-                params.extend(rows.iter().step_by(2));
-                params.extend(rows.iter().skip(1).step_by(2));
+                let params = flat_params(&var)?;
                 let len = params.len();
                 State::Flat {
                     params,
@@ -771,38 +747,7 @@ impl FusedTrainer {
         match self.state {
             State::Torch { var, .. } => Ok(*var),
             State::Flat { params, shared, .. } => {
-                let vs = nn::VarStore::new(Device::Cpu);
-                let root = vs.root();
-                let kind = self.kind;
-                let scalar = |v: f64| Tensor::from_slice(&[v]).to_kind(kind);
-                let theta = ThetaFactor::Free(GaussianParams {
-                    mean: root.add("theta_mean", scalar(params[0]), true),
-                    log_sd: root.add("theta_log_sd", scalar(params[1]), true),
-                });
-                let local = &params[2..];
-                let width = local.len() / 2;
-                let (mean, log_sd) = local.split_at(width);
-                let rows: Vec<f64> = mean
-                    .iter()
-                    .zip(log_sd)
-                    .flat_map(|(m, s)| [*m, *s])
-                    .collect();
-                let rows = Tensor::from_slice(&rows)
-                    .view([width as i64, 2])
-                    .to_kind(kind);
-                let z = root.add("z", rows, true);
-                Ok(Variational {
-                    vs,
-                    theta,
-                    local: if shared {
-                        LocalFactor::Shared(z)
-                    } else {
-                        LocalFactor::Free(z)
-                    },
-                    output: Output::Gaussian { dim: 1 },
-                    n,
-                    local_dim: 1,
-                })
+                Ok(flat_variational(&params, shared, n, self.kind, Device::Cpu))
             }
         }
     }
@@ -843,7 +788,95 @@ impl FusedTrainer {
     }
 }
 
-/// A tensor's values on the host in f64, row-major.
+/// Validate `x`, seed libtorch's generator with `opts.seed` and initialise
+/// the parameters of `method` on the CPU exactly as [`crate::Trainer::new`]
+/// does (shared by the fused engines).
+pub(crate) fn initial_variational(
+    model: &FusedModel,
+    x: &[f64],
+    method: &MethodConfig,
+    opts: &FitOptions,
+) -> Result<Variational> {
+    let full = model.model()?;
+    let kind = opts.dtype.kind();
+    let xt = Tensor::from_slice(x).to_kind(kind);
+    tch::manual_seed(opts.seed as i64);
+    Variational::new(
+        method,
+        &xt,
+        full.pad_value(),
+        1,
+        Output::Gaussian { dim: 1 },
+        None,
+        full.init(),
+        kind,
+        Device::Cpu,
+    )
+}
+
+/// The flat parameter vector `[μ_θ, log s_θ, μ_1.., log s_1..]` of an F-VI
+/// or Const [`Variational`] (the factor parameters themselves: `[N, 2]` for
+/// F-VI, `[1, 2]` for Const).
+pub(crate) fn flat_params(var: &Variational) -> Result<Vec<f64>> {
+    let (tm, tls) = theta_host(var)?;
+    let rows = match &var.local {
+        LocalFactor::Free(p) | LocalFactor::Shared(p) => host_vec(p)?,
+        LocalFactor::Amortized { .. } => {
+            return Err(InferenceError::config(
+                "method",
+                "an amortized factor has no flat parameter vector",
+            ))
+        }
+    };
+    let mut params = vec![tm, tls];
+    params.extend(rows.iter().step_by(2));
+    params.extend(rows.iter().skip(1).step_by(2));
+    Ok(params)
+}
+
+/// The [`Variational`] of a flat parameter vector (see [`flat_params`]) on
+/// `device` in `kind`; `shared` for Const.
+pub(crate) fn flat_variational(
+    params: &[f64],
+    shared: bool,
+    n: usize,
+    kind: Kind,
+    device: Device,
+) -> Variational {
+    let vs = nn::VarStore::new(device);
+    let root = vs.root();
+    let scalar = |v: f64| Tensor::from_slice(&[v]).to_kind(kind).to_device(device);
+    let theta = ThetaFactor::Free(GaussianParams {
+        mean: root.add("theta_mean", scalar(params[0]), true),
+        log_sd: root.add("theta_log_sd", scalar(params[1]), true),
+    });
+    let local = &params[2..];
+    let width = local.len() / 2;
+    let (mean, log_sd) = local.split_at(width);
+    let rows: Vec<f64> = mean
+        .iter()
+        .zip(log_sd)
+        .flat_map(|(m, s)| [*m, *s])
+        .collect();
+    let rows = Tensor::from_slice(&rows)
+        .view([width as i64, 2])
+        .to_kind(kind)
+        .to_device(device);
+    let z = root.add("z", rows, true);
+    Variational {
+        vs,
+        theta,
+        local: if shared {
+            LocalFactor::Shared(z)
+        } else {
+            LocalFactor::Free(z)
+        },
+        output: Output::Gaussian { dim: 1 },
+        n,
+        local_dim: 1,
+    }
+}
+
 /// (mean, log-sd) of a scalar q(θ).
 fn theta_host(var: &Variational) -> Result<(f64, f64)> {
     match &var.theta {

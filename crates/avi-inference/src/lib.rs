@@ -36,17 +36,20 @@ pub mod family;
 pub mod fit;
 pub mod function;
 pub mod fused;
+pub mod fused_cuda;
 pub mod method;
 
 pub use diagnose::{diagnose, Diagnosis};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{
-    elbo_draws, elbo_draws_batch, evaluate_elbo, fit, host_vec, Dtype, Engine, Entropy, Fit,
-    FitOptions, FitStatus, GaussianSummary, GraphTrainer, Observer, Silent, Trace, Trainer,
+    elbo_draws, elbo_draws_batch, evaluate_elbo, fit, generator_guard, host_vec, Dtype, Engine,
+    Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, Observer, Silent, Trace,
+    Trainer,
 };
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
+pub use fused_cuda::CudaFviTrainer;
 pub use method::{
     amortization_inputs, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor, Variational,
 };

@@ -1,0 +1,254 @@
+//! The fused engine on CUDA: F-VI of the scalar models (linear, nonlinear,
+//! saw) with the kernels of [`avi_cuda::FviKernels`]: two launches per
+//! iteration, the `[M, N]` draws made in registers and never stored, Adam
+//! inside the kernels, nothing read back to the host within a block. Blocks
+//! of steps are captured as CUDA graphs as in [`crate::GraphTrainer`].
+//!
+//! Same objective, gradient and Adam as the fused CPU engine
+//! ([`crate::FusedTrainer`]) and the same initial parameters for a seed; its
+//! own random draws (Philox4x32-10), computed in f32.
+
+use avi_cuda::{CudaGraph, FviDebug, FviKernels, FviSettings, FviState, ScalarModel};
+use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
+use tch::{Device, Kind, Tensor};
+
+use crate::fit::{Entropy, FitOptions};
+use crate::fused::{flat_params, flat_variational, initial_variational};
+use crate::method::{MethodConfig, Variational};
+use crate::{InferenceError, Result};
+
+/// F-VI of a scalar model on a CUDA device, in blocks of steps.
+pub struct CudaFviTrainer {
+    kernels: FviKernels,
+    state: FviState,
+    settings: FviSettings,
+    block: usize,
+    buf: Tensor,
+    graph: Option<CudaGraph>,
+    captured: bool,
+    kind: Kind,
+    device: Device,
+}
+
+impl std::fmt::Debug for CudaFviTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaFviTrainer")
+            .field("settings", &self.settings)
+            .field("block", &self.block)
+            .field("captured", &self.captured)
+            .finish()
+    }
+}
+
+impl CudaFviTrainer {
+    /// Validate, initialise the parameters as [`crate::Trainer::new`] does
+    /// for `opts.seed`, compile the kernels for `device` and make the first
+    /// θ draws. F-VI only, f32, full batches; `block` steps per
+    /// [`CudaFviTrainer::step_block`].
+    pub fn new(
+        model: &FusedModel,
+        x: &[f64],
+        method: &MethodConfig,
+        opts: &FitOptions,
+        device: Device,
+        block: usize,
+    ) -> Result<Self> {
+        opts.check()?;
+        check_finite_data(x)?;
+        if !device.is_cuda() {
+            return Err(InferenceError::config(
+                "device",
+                "the CUDA fused engine needs a CUDA device",
+            ));
+        }
+        if *method != MethodConfig::Fvi {
+            return Err(InferenceError::config(
+                "engine",
+                format!(
+                    "on CUDA the fused engine covers F-VI, not {}; use the graph engine",
+                    method.label()
+                ),
+            ));
+        }
+        if opts.batch_size.is_some() {
+            return Err(InferenceError::config(
+                "batch_size",
+                "the fused engine supports full batches only",
+            ));
+        }
+        if opts.dtype != crate::Dtype::F32 {
+            return Err(InferenceError::config(
+                "dtype",
+                "the CUDA fused engine computes in f32",
+            ));
+        }
+        if block == 0 {
+            return Err(InferenceError::config("check_every", "must be at least 1"));
+        }
+        let var = initial_variational(model, x, method, opts)?;
+        let params = flat_params(&var)?;
+        let n = x.len();
+        let (mean, log_sd) = params[2..].split_at(n);
+        let state = FviState::new(
+            device,
+            x,
+            &model.previous(x),
+            mean,
+            log_sd,
+            (params[0], params[1]),
+            opts.draws,
+        )?;
+        let dims = (n + 1) as f64;
+        let settings = FviSettings {
+            model: match *model {
+                FusedModel::Linear { tau, sigma } => ScalarModel::Linear { tau, sigma },
+                FusedModel::Nonlinear => ScalarModel::Nonlinear,
+                FusedModel::Saw { alpha, .. } => ScalarModel::Saw { alpha },
+            },
+            draws: opts.draws,
+            mc_entropy: opts.entropy == Entropy::Mc,
+            seed: opts.seed,
+            constant: model.constant(n)
+                + match opts.entropy {
+                    Entropy::Mc => dims * HALF_LN_2PI,
+                    Entropy::Analytic => dims * (0.5 + HALF_LN_2PI),
+                },
+            lr: opts.lr,
+        };
+        let kernels = FviKernels::load(device)?;
+        kernels.draw_first_theta(&state, &settings)?;
+        Ok(Self {
+            kernels,
+            state,
+            settings,
+            block,
+            buf: Tensor::zeros([block as i64], (Kind::Float, device)),
+            graph: Some(CudaGraph::new(device)?),
+            captured: false,
+            kind: opts.dtype.kind(),
+            device,
+        })
+    }
+
+    /// Never capture: every block runs as separate launches.
+    pub fn without_capture(mut self) -> Self {
+        self.graph = None;
+        self
+    }
+
+    /// Steps per block.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Whether the block has been captured as a CUDA graph.
+    pub fn captured(&self) -> bool {
+        self.captured
+    }
+
+    /// The device state (parameters, Adam moments, draws of the next step).
+    pub fn state(&self) -> &FviState {
+        &self.state
+    }
+
+    fn launches(
+        kernels: &FviKernels,
+        state: &FviState,
+        settings: &FviSettings,
+        buf: &Tensor,
+        block: usize,
+    ) -> Result<()> {
+        for i in 0..block {
+            kernels.step(state, settings, Some(&buf.narrow(0, i as i64, 1)), None)?;
+        }
+        Ok(())
+    }
+
+    /// Run one block of steps; returns their ELBO estimates as a `[block]`
+    /// f32 tensor on the device (a copy).
+    pub fn step_block(&mut self) -> Result<Tensor> {
+        let Self {
+            kernels,
+            state,
+            settings,
+            block,
+            buf,
+            graph,
+            captured,
+            device,
+            ..
+        } = self;
+        let block = *block;
+        let Some(g) = graph else {
+            Self::launches(kernels, state, settings, buf, block)?;
+            return Ok(buf.copy());
+        };
+        if *captured {
+            g.replay()?;
+            return Ok(buf.copy());
+        }
+        let index = match *device {
+            Device::Cuda(i) => i as i64,
+            _ => 0,
+        };
+        tch::Cuda::synchronize(index);
+        g.enter_stream()?;
+        let warm = Self::launches(kernels, state, settings, buf, block).map(|()| buf.copy());
+        g.sync_stream()?;
+        g.leave_stream()?;
+        let out = warm?;
+        g.capture(|| Self::launches(kernels, state, settings, buf, block))??;
+        *captured = true;
+        Ok(out)
+    }
+
+    /// One step outside any graph; its ELBO estimate as a `[1]` tensor.
+    pub fn step(&mut self) -> Result<Tensor> {
+        let out = Tensor::zeros([1], (Kind::Float, self.device));
+        self.kernels
+            .step(&self.state, &self.settings, Some(&out), None)?;
+        Ok(out)
+    }
+
+    /// One step that also writes its draws and gradients (tests).
+    pub fn step_debug(&mut self) -> Result<FviDebug> {
+        let n = self.state.x.size()[0];
+        let m = self.settings.draws as i64;
+        let opts = (Kind::Float, self.device);
+        let debug = FviDebug {
+            eps: Tensor::full([m, n], f64::NAN, opts),
+            grad: Tensor::full([2 * n], f64::NAN, opts),
+            theta: Tensor::full([3], f64::NAN, opts),
+        };
+        self.kernels
+            .step(&self.state, &self.settings, None, Some(&debug))?;
+        Ok(debug)
+    }
+
+    /// Whether every parameter is finite (one device read).
+    pub fn params_finite(&self) -> bool {
+        let all = Tensor::cat(
+            &[
+                &self.state.mean,
+                &self.state.log_sd,
+                &self.state.theta_params,
+            ],
+            0,
+        );
+        all.isfinite().all().int64_value(&[]) == 1
+    }
+
+    /// The fitted parameters as an F-VI [`Variational`] on the device.
+    pub fn into_variational(self) -> Result<Variational> {
+        let n = self.state.x.size()[0] as usize;
+        let mut params = crate::host_vec(&self.state.theta_params)?;
+        params.extend(crate::host_vec(&self.state.mean)?);
+        params.extend(crate::host_vec(&self.state.log_sd)?);
+        Ok(flat_variational(&params, false, n, self.kind, self.device))
+    }
+
+    /// Number of learned scalars (2N + 2).
+    pub fn num_parameters(&self) -> usize {
+        2 * self.state.x.size()[0] as usize + 2
+    }
+}
