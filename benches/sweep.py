@@ -1,7 +1,8 @@
 """Driver of `just bench-sweep`: how avi's training iteration grows with N.
 
-For `linear` and `saw`, F-VI and A-VI, and two engines (`torch`, and `fused`
-on CPU or `graph`, CUDA graphs, on CUDA), it times one iteration (100 draws) with `avi-step-time --n N`
+For `linear` and `saw`, F-VI and A-VI, and avi's engines (`torch` and
+`fused` on CPU; `torch`, `graph` (CUDA graphs) and `fused` (the F-VI kernels)
+on CUDA), it times one iteration (100 draws) with `avi-step-time --n N`
 for N = 10^3 ... 10^6 and fits the exponent b of `time ∝ N^b` by least
 squares on log time vs log N over the points with N ≥ 10^4 (below that the
 fixed per-step cost dominates; the fit over all points is reported too).
@@ -41,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--methods", default="fvi,avi")
     ap.add_argument("--sizes", default=",".join(str(n) for n in SIZES),
                     help="comma-separated N values")
+    ap.add_argument("--engines", default="",
+                    help="comma-separated engines (default: torch,fused on CPU; torch,graph,fused on CUDA)")
     ap.add_argument("--budget-s", type=float, default=0.5,
                     help="target seconds per timed block (sets --iters per N)")
     return ap.parse_args()
@@ -87,11 +90,14 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in a.sizes.split(",")]
-    engines = ["torch", "fused"] if a.device == "cpu" else ["torch", "graph"]
+    engines = a.engines.split(",") if a.engines else (
+        ["torch", "fused"] if a.device == "cpu" else ["torch", "graph", "fused"])
     rows = []
     for model in a.models.split(","):
         for method in a.methods.split(","):
             for engine in engines:
+                if a.device == "cuda" and engine == "fused" and method != "fvi":
+                    continue  # the CUDA kernels cover F-VI
                 points = []
                 for n in sizes:
                     # One probe step count: fewer iterations for large N so a

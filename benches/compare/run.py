@@ -9,8 +9,8 @@ For every model x method it
    parameters (each peer's `--check`; avi's own estimate against the exact
    ELBO of `models.exact_elbo`);
 3. times the iteration (draws → ELBO → backward → Adam step) with avi (also
-   with its second engine: `--engine fused` on CPU, `--engine graph`, CUDA
-   graphs, on CUDA) and with each peer, in separate processes, from the same initial parameters,
+   with its other engines: `--engine fused` on CPU; `--engine graph`, CUDA
+   graphs, and `--engine fused`, the F-VI kernels, on CUDA) and with each peer, in separate processes, from the same initial parameters,
    on the same device and with the same threads;
 
 and prints one markdown table (also written, with every number, to
@@ -174,42 +174,41 @@ def memory(r: dict | None, device: str) -> str:
     if device == "cuda":
         v = r.get("gpu_allocator_peak_mib")
         smi = r.get("gpu_mib")
-        return ("?" if v is None else f"{v:.0f}") + ("" if smi is None else f" ({smi:.0f})")
+        return ("?" if v is None else f"{v:.1f}" if v < 10 else f"{v:.0f}") + ("" if smi is None else f" ({smi:.0f})")
     v = r.get("peak_rss_mib")
     return "?" if v is None else f"{v:.0f}"
 
 
-def second_engine(device: str) -> str:
-    """avi's second engine: the fused CPU engine on CPU, CUDA graphs on CUDA."""
-    return "avi_graph" if device == "cuda" else "avi_fused"
+def extra_engines(device: str) -> list[str]:
+    """avi's engines beside `torch`: the fused CPU engine on CPU; CUDA graphs
+    and the fused CUDA kernels (F-VI only) on CUDA."""
+    return ["graph", "fused"] if device == "cuda" else ["fused"]
 
 
 def fastest_avi(row: dict, device: str) -> dict | None:
-    """The faster of avi's two engines (the one the speed-ups are taken against)."""
-    found = [row["timings"].get(k) for k in ("avi", second_engine(device))]
+    """The fastest of avi's engines (the one the speed-ups are taken against)."""
+    found = [row["timings"].get(k) for k in ("avi", *(f"avi_{e}" for e in extra_engines(device)))]
     found = [r for r in found if r is not None and "ms_per_iteration" in r]
     return min(found, key=lambda r: r["ms_per_iteration"]) if found else None
 
 
 def table(rows: list[dict], peers: list[str], device: str) -> str:
     mem = ("GPU MiB: allocator peak (nvidia-smi)" if device == "cuda" else "peak RSS MiB")
-    head = ["model", "method", "family", "avi ms",
-            "avi graph ms" if device == "cuda" else "avi fused ms"]
+    head = ["model", "method", "family", "avi ms"] + [f"avi {e} ms" for e in extra_engines(device)]
     head += [f"{PEER_TITLES[p]} ms (speed-up)" for p in peers]
-    head += [f"{mem}: avi / " + " / ".join(peers), "objective check"]
+    head += [f"{mem}: fastest avi / " + " / ".join(peers), "objective check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for row in rows:
         ours = fastest_avi(row, device)
-        cells = [row["model"], row["method"], row["family"], fmt_ms(row["timings"].get("avi")),
-                 fmt_ms(row["timings"].get(second_engine(device)))]
+        cells = [row["model"], row["method"], row["family"], fmt_ms(row["timings"].get("avi"))]
+        cells += [fmt_ms(row["timings"].get(f"avi_{e}")) for e in extra_engines(device)]
         for p in peers:
             r = row["timings"].get(p)
             cell = fmt_ms(r)
             if r is not None and "ms_per_iteration" in r and ours and "ms_per_iteration" in ours:
                 cell += f" (×{r['ms_per_iteration'] / ours['ms_per_iteration']:.2f})"
             cells.append(cell)
-        cells.append(" / ".join(memory(row["timings"].get(k), device)
-                                for k in [second_engine(device) if device == "cuda" else "avi", *peers]))
+        cells.append(" / ".join([memory(ours, device)] + [memory(row["timings"].get(k), device) for k in peers]))
         checks = row.get("checks", {})
         if not checks:
             cells.append("not run")
@@ -261,11 +260,12 @@ def main() -> None:
                         row["checks"][p] = r.get("check", r)
             row["timings"]["avi"] = run_json(
                 [step_time, "--model", model, "--method", method, *common, *timing], args.timeout)
-            # avi's second engine: fused on CPU (CPU-only), CUDA graphs on CUDA
-            engine = "graph" if args.device == "cuda" else "fused"
-            row["timings"][second_engine(args.device)] = run_json(
-                [step_time, "--model", model, "--method", method, *common, *timing,
-                 "--engine", engine], args.timeout)
+            for engine in extra_engines(args.device):
+                if args.device == "cuda" and engine == "fused" and method != "fvi":
+                    continue  # the CUDA kernels cover F-VI
+                row["timings"][f"avi_{engine}"] = run_json(
+                    [step_time, "--model", model, "--method", method, *common, *timing,
+                     "--engine", engine], args.timeout)
             for p in active:
                 row["timings"][p] = run_json(
                     [py, PEERS[p][0], "--model", model, "--method", method, "--init", str(dump),
