@@ -11,6 +11,7 @@
 // found; otherwise the graph functions report that they are unavailable.
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_fused_adam.h>
 
@@ -23,6 +24,7 @@
 #include <vector>
 
 #ifdef AVI_CUDA_GRAPHS
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -532,6 +534,66 @@ int avi_fvi_step(void* f, const AviFviBuffers* b, const AviFviConfig* c, at::Ten
   last_error = "avi-cuda was built without CUDA support";
   return 1;
 #endif
+}
+
+}  // extern "C"
+
+// ---- random generators -------------------------------------------------
+// A copy of the default generator of a device (device_type 0: CPU, 1:
+// CUDA with index `index`), with its whole state: the draws it gives next
+// are the ones the default generator would give next.
+namespace {
+at::Generator default_generator(int device_type, int index) {
+  if (device_type == 0) return at::detail::getDefaultCPUGenerator();
+#ifdef AVI_CUDA_GRAPHS
+  return at::cuda::detail::getDefaultCUDAGenerator(static_cast<c10::DeviceIndex>(index));
+#else
+  (void)index;
+  throw std::runtime_error("CUDA generators need avi-cuda built with CUDA support");
+#endif
+}
+}  // namespace
+
+extern "C" {
+
+int avi_generator_clone_default(int device_type, int index, void** out) {
+  return guarded([&] {
+    at::Generator g = default_generator(device_type, index);
+    std::lock_guard<std::mutex> lock(g.mutex());
+    *out = new at::Generator(g.clone());
+  });
+}
+
+// Give the default generator of the device the state of `gen`.
+int avi_generator_restore_default(void* gen, int device_type, int index) {
+  return guarded([&] {
+    auto* g = static_cast<at::Generator*>(gen);
+    at::Generator d = default_generator(device_type, index);
+    at::Tensor state;
+    {
+      std::lock_guard<std::mutex> lock(g->mutex());
+      state = g->get_state();
+    }
+    std::lock_guard<std::mutex> lock(d.mutex());
+    d.set_state(state);
+  });
+}
+
+void avi_generator_free(void* gen) { delete static_cast<at::Generator*>(gen); }
+
+// Standard normals of shape `sizes` from `gen`, as libtorch's randn draws
+// them (kind 6: f32, 7: f64; device_type as above).
+int avi_randn(void* gen, const int64_t* sizes, size_t ndim, int kind, int device_type,
+              int index, at::Tensor** out) {
+  return guarded([&] {
+    auto* g = static_cast<at::Generator*>(gen);
+    auto opts = at::TensorOptions().dtype(kind == 7 ? at::kDouble : at::kFloat);
+    opts = device_type == 0
+               ? opts.device(at::kCPU)
+               : opts.device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index)));
+    // (at::randn takes the generator's lock itself)
+    *out = new at::Tensor(at::randn(at::IntArrayRef(sizes, ndim), *g, opts));
+  });
 }
 
 }  // extern "C"

@@ -8,6 +8,8 @@
 //!   that an optimiser step reads nothing from the host and can be captured
 //!   (tch's `nn::Adam` keeps its step count on the host and computes the bias
 //!   corrections there);
+//! * [`Generator`]: copies of libtorch's default generators, so that
+//!   batched runs draw exactly as separate runs would;
 //! * [`FviKernels`]: the F-VI training iteration of the scalar models as two
 //!   CUDA kernels compiled at run time with NVRTC (draws in registers, Adam
 //!   inside the kernels).
@@ -20,7 +22,9 @@
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 pub mod fvi;
+pub mod generator;
 pub use fvi::{FviDebug, FviKernels, FviSettings, FviState, ScalarModel};
+pub use generator::Generator;
 
 use tch::{Device, Kind, Tensor};
 
@@ -308,6 +312,11 @@ impl Drop for CudaGraph {
     }
 }
 
+/// Serialises this crate's tests that use libtorch's process-wide
+/// generator.
+#[cfg(test)]
+pub(crate) static TEST_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +327,7 @@ mod tests {
     /// operations per step, so 1e-12 relative after 30 steps is ample.
     #[test]
     fn fused_adam_matches_tch_adam() {
+        let _g = TEST_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(7);
         let target = Tensor::randn([3, 4], (Kind::Double, Device::Cpu));
         let mut vs_a = nn::VarStore::new(Device::Cpu);

@@ -179,7 +179,7 @@ pub struct Trace {
 impl Trace {
     /// Keep the first `steps` steps (a diverged fit keeps the steps up to
     /// the first non-finite one).
-    fn truncate(&mut self, steps: usize) {
+    pub(crate) fn truncate(&mut self, steps: usize) {
         self.iteration.truncate(steps);
         self.elbo.truncate(steps);
         self.seconds.truncate(steps);
@@ -965,7 +965,7 @@ fn fit_graph(
 }
 
 /// Evaluate and summarise fitted parameters.
-fn finish(
+pub(crate) fn finish(
     model: &dyn Model,
     var: Variational,
     x: &Tensor,

@@ -29,6 +29,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod batched;
 pub mod convergence;
 pub mod diagnose;
 pub mod error;
@@ -39,6 +40,7 @@ pub mod fused;
 pub mod fused_cuda;
 pub mod method;
 
+pub use batched::{fit_batched, BatchedTrainer};
 pub use diagnose::{diagnose, Diagnosis};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;

@@ -1,0 +1,347 @@
+//! Batched seeds: the runs of one F-VI or Const configuration that differ
+//! only in their seed, fitted as one problem with a leading run dimension
+//! R on every variational parameter (`[R, D]` for q(θ), `[R, N, 2L]` or
+//! `[R, 1, 2L]` for the local factors) and on the draws (`[R, M, …]`): one
+//! log-joint evaluation over R·M draws, one backward pass, one fused Adam
+//! step per iteration, so a device sees R times the work per kernel.
+//!
+//! The results are those of R separate [`crate::fit`] calls with the graph
+//! engine's Adam ([`crate::Engine::Graph`]; the torch engine's differs in
+//! rounding only): each run is initialised exactly as a separate run with
+//! its seed, and draws from its own copy of libtorch's generator
+//! ([`avi_cuda::Generator`]) in the order a separate run would, so its
+//! draws are the separate run's draws; the R runs' ELBOs are summed, whose
+//! gradient with respect to run r's parameters is run r's gradient. Tested
+//! against separate runs in `tests/tests/batched.rs`.
+
+use std::time::Instant;
+
+use avi_cuda::{FusedAdam, Generator};
+use avi_models::{Model, HALF_LN_2PI};
+use tch::{Device, Tensor};
+
+use crate::family::GaussianParams;
+use crate::fit::{finish, Entropy, Fit, FitOptions, FitStatus, Observer, Trace};
+use crate::function::Output;
+use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
+use crate::{InferenceError, Result};
+
+/// R seeds of one F-VI or Const problem as one batched optimisation.
+pub struct BatchedTrainer<'a> {
+    model: &'a dyn Model,
+    x: Tensor,
+    theta_mean: Tensor,
+    theta_log_sd: Tensor,
+    local: Tensor,
+    shared: bool,
+    n: usize,
+    local_dim: usize,
+    gens: Vec<Generator>,
+    adam: FusedAdam,
+    opts: FitOptions,
+}
+
+impl std::fmt::Debug for BatchedTrainer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchedTrainer")
+            .field("model", &self.model.name())
+            .field("runs", &self.gens.len())
+            .field("shared", &self.shared)
+            .finish()
+    }
+}
+
+impl<'a> BatchedTrainer<'a> {
+    /// Validate, then initialise run r exactly as [`crate::Trainer::new`]
+    /// does with seed `seeds[r]` and keep a copy of the generator where that
+    /// run would continue. F-VI and Const with Gaussian local factors, a
+    /// free q(θ) and full batches.
+    pub fn new(
+        model: &'a dyn Model,
+        x: &Tensor,
+        method: &MethodConfig,
+        seeds: &[u64],
+        opts: &FitOptions,
+        device: Device,
+    ) -> Result<Self> {
+        opts.check()?;
+        if seeds.is_empty() {
+            return Err(InferenceError::config("seeds", "at least one seed"));
+        }
+        let shared = match method {
+            MethodConfig::Fvi => false,
+            MethodConfig::Const => true,
+            MethodConfig::Avi { .. } => {
+                return Err(InferenceError::config(
+                    "method",
+                    "batched seeds cover F-VI and Const (A-VI's networks are not batched)",
+                ))
+            }
+        };
+        if model.local_states().is_some() {
+            return Err(InferenceError::config(
+                "method",
+                "batched seeds need Gaussian local factors",
+            ));
+        }
+        if opts.batch_size.is_some() {
+            return Err(InferenceError::config(
+                "batch_size",
+                "batched seeds support full batches only",
+            ));
+        }
+        let kind = opts.dtype.kind();
+        let x = x.to_device(device).to_kind(kind);
+        model.check_data(&x)?;
+        let output = Output::Gaussian {
+            dim: model.local_dim(),
+        };
+        let (mut tm, mut tls, mut local, mut gens) = (vec![], vec![], vec![], vec![]);
+        for &seed in seeds {
+            tch::manual_seed(seed as i64);
+            let var = Variational::new(
+                method,
+                &x,
+                model.pad_value(),
+                model.theta_dim(),
+                output,
+                None,
+                model.init(),
+                kind,
+                device,
+            )?;
+            let ThetaFactor::Free(q) = &var.theta else {
+                unreachable!("no fixed θ was given")
+            };
+            tm.push(q.mean.detach().copy());
+            tls.push(q.log_sd.detach().copy());
+            local.push(match &var.local {
+                LocalFactor::Free(p) | LocalFactor::Shared(p) => p.detach().copy(),
+                LocalFactor::Amortized { .. } => unreachable!("F-VI or Const"),
+            });
+            gens.push(Generator::clone_default(device)?);
+        }
+        let leaf = |v: &[Tensor]| Tensor::stack(v, 0).set_requires_grad(true);
+        let (theta_mean, theta_log_sd, local) = (leaf(&tm), leaf(&tls), leaf(&local));
+        let adam = FusedAdam::new(
+            vec![
+                theta_mean.shallow_clone(),
+                theta_log_sd.shallow_clone(),
+                local.shallow_clone(),
+            ],
+            opts.lr,
+        )?;
+        Ok(Self {
+            model,
+            n: x.size()[0] as usize,
+            x,
+            theta_mean,
+            theta_log_sd,
+            local,
+            shared,
+            local_dim: model.local_dim(),
+            gens,
+            adam,
+            opts: opts.clone(),
+        })
+    }
+
+    /// Number of runs R.
+    pub fn runs(&self) -> usize {
+        self.gens.len()
+    }
+
+    /// The ELBO draws of every run, `[R, M]`: the computation of
+    /// [`crate::elbo_draws`] for each run, batched.
+    fn elbo_draws(&self) -> Result<Tensor> {
+        let (r, m) = (self.gens.len() as i64, self.opts.draws as i64);
+        let (n, l) = (self.n as i64, self.local_dim as i64);
+        let d = self.theta_mean.size()[1];
+        let kind = self.opts.dtype.kind();
+        // Each run draws θ then z from its own generator, as a separate
+        // run's elbo_draws does.
+        let (mut e_theta, mut e_z) = (Vec::new(), Vec::new());
+        for g in &self.gens {
+            e_theta.push(g.randn(&[m, d], kind)?);
+            e_z.push(g.randn(&[m, n, l], kind)?);
+        }
+        let (e_theta, e_z) = (Tensor::stack(&e_theta, 0), Tensor::stack(&e_z, 0));
+        let q_theta = GaussianParams {
+            mean: self.theta_mean.unsqueeze(1),
+            log_sd: self.theta_log_sd.unsqueeze(1),
+        };
+        let theta = q_theta.sample(&e_theta); // [R, M, D]
+        let raw = if self.shared {
+            self.local.expand([r, n, 2 * l], false)
+        } else {
+            self.local.shallow_clone()
+        };
+        let local = GaussianParams {
+            mean: raw.narrow(2, 0, l).unsqueeze(1),
+            log_sd: raw.narrow(2, l, l).unsqueeze(1),
+        };
+        let z = local.sample(&e_z); // [R, M, N, L]
+        let log_p = self
+            .model
+            .log_joint(&theta.view([r * m, d]), &z.view([r * m, n, l]), &self.x)?
+            .view([r, m]);
+        let local_sum_log_sd = local
+            .log_sd
+            .sum_dim_intlist([2i64, 3].as_slice(), false, kind); // [R, 1]
+        let theta_sum_log_sd = q_theta.log_sd.sum_dim_intlist(2, false, kind); // [R, 1]
+        let dims = (self.n * self.local_dim) as f64;
+        let dims_theta = d as f64;
+        let (neg_log_q_z, neg_log_q_theta) = match self.opts.entropy {
+            Entropy::Analytic => (
+                local_sum_log_sd + dims * (0.5 + HALF_LN_2PI),
+                theta_sum_log_sd + dims_theta * (0.5 + HALF_LN_2PI),
+            ),
+            Entropy::Mc => (
+                e_z.square()
+                    .sum_dim_intlist([2i64, 3].as_slice(), false, kind)
+                    .multiply_scalar(0.5)
+                    + local_sum_log_sd
+                    + dims * HALF_LN_2PI,
+                e_theta
+                    .square()
+                    .sum_dim_intlist(2, false, kind)
+                    .multiply_scalar(0.5)
+                    + theta_sum_log_sd
+                    + dims_theta * HALF_LN_2PI,
+            ),
+        };
+        Ok(log_p + neg_log_q_z + neg_log_q_theta)
+    }
+
+    /// One iteration of every run: draw, estimate each ELBO, back-propagate
+    /// their sum, one Adam step. Returns the `[R]` ELBO estimates (before
+    /// the update) on the device.
+    pub fn step(&mut self) -> Result<Tensor> {
+        let elbo = self
+            .elbo_draws()?
+            .mean_dim(1, false, self.opts.dtype.kind());
+        self.adam.zero_grad();
+        elbo.sum(self.opts.dtype.kind()).neg().backward();
+        self.adam.step()?;
+        Ok(elbo.detach())
+    }
+
+    /// Per run: whether its parameters are finite (one device read).
+    pub fn params_finite(&self) -> Result<Vec<bool>> {
+        let r = self.gens.len() as i64;
+        let ok = |t: &Tensor| t.isfinite().view([r, -1]).all_dim(1, false);
+        let all = ok(&self.theta_mean)
+            .logical_and(&ok(&self.theta_log_sd))
+            .logical_and(&ok(&self.local));
+        Ok(crate::host_vec(&all)?.iter().map(|&v| v != 0.0).collect())
+    }
+
+    /// Run r's parameters as a [`Variational`] (on the fit's device), with
+    /// the default generator set to run r's stream, so that what follows
+    /// (the final ELBO estimate) draws as the separate run would.
+    fn take_run(&self, r: usize) -> Result<Variational> {
+        self.gens[r].restore_default()?;
+        let vs = tch::nn::VarStore::new(self.x.device());
+        let root = vs.root();
+        let theta = ThetaFactor::Free(GaussianParams {
+            mean: root.add(
+                "theta_mean",
+                self.theta_mean.get(r as i64).detach().copy(),
+                true,
+            ),
+            log_sd: root.add(
+                "theta_log_sd",
+                self.theta_log_sd.get(r as i64).detach().copy(),
+                true,
+            ),
+        });
+        let z = root.add("z", self.local.get(r as i64).detach().copy(), true);
+        Ok(Variational {
+            vs,
+            theta,
+            local: if self.shared {
+                LocalFactor::Shared(z)
+            } else {
+                LocalFactor::Free(z)
+            },
+            output: Output::Gaussian {
+                dim: self.local_dim,
+            },
+            n: self.n,
+            local_dim: self.local_dim,
+        })
+    }
+}
+
+/// Fit `method` once per seed as one batched optimisation (see the module
+/// documentation); returns one [`Fit`] per seed, in order, each as
+/// [`crate::fit`] with that seed and [`crate::Engine::Graph`] would return
+/// it (its trace, status, final ELBO from the run's own continuing draws,
+/// parameters), except that `seconds` and the trace's clock are the batch's
+/// and that a diverged run's final parameters are those at the end of the
+/// batch. `observer` sees the first run's ELBO at each check.
+pub fn fit_batched(
+    model: &dyn Model,
+    x: &Tensor,
+    method: &MethodConfig,
+    seeds: &[u64],
+    opts: &FitOptions,
+    device: Device,
+    observer: &mut dyn Observer,
+) -> Result<Vec<Fit>> {
+    let _generator = crate::generator_guard();
+    let mut trainer = BatchedTrainer::new(model, x, method, seeds, opts, device)?;
+    let runs = trainer.runs();
+    let mut traces = vec![Trace::default(); runs];
+    let mut status = vec![FitStatus::Ok; runs];
+    let mut block: Vec<Tensor> = Vec::with_capacity(opts.check_every);
+    let mut clock: Vec<f64> = Vec::with_capacity(opts.check_every);
+    let start = Instant::now();
+    for step in 1..=opts.steps {
+        block.push(trainer.step()?);
+        clock.push(start.elapsed().as_secs_f64());
+        if block.len() == opts.check_every || step == opts.steps {
+            // [k, R] → per run
+            let values = crate::host_vec(&Tensor::stack(&block, 0))?;
+            let k = block.len();
+            let first = step + 1 - k;
+            if let Some(t) = clock.last_mut() {
+                *t = start.elapsed().as_secs_f64();
+            }
+            let finite = trainer.params_finite()?;
+            for r in 0..runs {
+                if status[r] != FitStatus::Ok {
+                    continue;
+                }
+                let mine: Vec<f64> = (0..k).map(|i| values[i * runs + r]).collect();
+                let tr = &mut traces[r];
+                tr.iteration.extend(first..=step);
+                tr.elbo.extend(&mine);
+                tr.seconds.extend(&clock);
+                if let Some(i) = mine.iter().position(|v| !v.is_finite()) {
+                    status[r] = FitStatus::Diverged { at: first + i };
+                } else if !finite[r] {
+                    status[r] = FitStatus::Diverged { at: step };
+                }
+                if let FitStatus::Diverged { at } = status[r] {
+                    tr.truncate(at);
+                }
+            }
+            observer.on_check(step, opts.steps, values[(k - 1) * runs]);
+            block.clear();
+            clock.clear();
+            if status.iter().all(|s| *s != FitStatus::Ok) {
+                break;
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mut fits = Vec::with_capacity(runs);
+    for (r, (trace, status)) in traces.into_iter().zip(status).enumerate() {
+        let var = trainer.take_run(r)?;
+        fits.push(finish(
+            model, var, &trainer.x, trace, status, seconds, opts,
+        )?);
+    }
+    Ok(fits)
+}
