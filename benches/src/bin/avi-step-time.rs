@@ -32,8 +32,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use avi_benches::synchronize;
 use avi_inference::{
-    evaluate_elbo, Activation, CudaFviTrainer, Edges, Entropy, FitOptions, FunctionConfig,
-    FusedTrainer, GraphTrainer, Heads, MethodConfig, Trainer, Variational,
+    evaluate_elbo, Activation, BatchedTrainer, CudaFviTrainer, Edges, Entropy, FitOptions,
+    FunctionConfig, FusedTrainer, GraphTrainer, Heads, MethodConfig, Trainer, Variational,
 };
 use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};
@@ -117,6 +117,11 @@ struct Args {
     /// Seed of libtorch's generator (initialisation and draws).
     #[arg(long, default_value_t = 1954)]
     seed: u64,
+    /// Batched seeds: time `BatchedTrainer::step` for this many seeds
+    /// (seed, seed + 1, …) as one optimisation (F-VI only; `--engine` is
+    /// then ignored). `ms_per_iteration` is the batch's.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
     /// Write the problem and the initial parameters to this JSON file, with
     /// avi's ELBO estimate there, instead of timing.
     #[arg(long)]
@@ -285,6 +290,7 @@ enum Engine<'a> {
     Fused(FusedTrainer),
     Graph(GraphTrainer<'a>),
     CudaFused(CudaFviTrainer),
+    Batched(BatchedTrainer<'a>),
 }
 
 impl Engine<'_> {
@@ -308,6 +314,11 @@ impl Engine<'_> {
             Self::CudaFused(g) => {
                 let _elbo = g.step_block()?;
             }
+            Self::Batched(t) => {
+                for _ in 0..iters {
+                    let _elbo = t.step()?;
+                }
+            }
         }
         Ok(())
     }
@@ -320,6 +331,7 @@ impl Engine<'_> {
             Self::Fused(t) => t.step()?,
             Self::Graph(g) => g.step_block()?.double_value(&[-1]),
             Self::CudaFused(g) => g.step_block()?.double_value(&[-1]),
+            Self::Batched(t) => t.step()?.double_value(&[0]),
         })
     }
 }
@@ -374,7 +386,8 @@ fn main() -> Result<()> {
         "draws": args.draws,
         "num_parameters": num_parameters,
         "threads": threads,
-        "engine": format!("{:?}", args.engine).to_lowercase(),
+        "engine": if args.runs > 1 { "batched".to_string() } else { format!("{:?}", args.engine).to_lowercase() },
+        "runs": args.runs,
         "device": format!("{device:?}").to_lowercase(),
     });
 
@@ -418,7 +431,16 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
+    let seeds: Vec<u64> = (0..args.runs as u64).map(|r| args.seed + r).collect();
     let mut engine = match args.engine {
+        _ if args.runs > 1 => {
+            drop(trainer);
+            anyhow::ensure!(args.method == MethodName::Fvi, "--runs batches F-VI only");
+            let t = BatchedTrainer::new(p.model.as_ref(), &x, &p.method, &seeds, &opts, device)
+                .context("building the batched trainer")?;
+            num_parameters *= args.runs;
+            Engine::Batched(t)
+        }
         EngineName::Torch => Engine::Torch(trainer),
         EngineName::Fused if device.is_cuda() => {
             drop(trainer);

@@ -93,6 +93,12 @@ enum Command {
         /// graphs of the libtorch step; full batches).
         #[arg(long, value_enum)]
         engine: Option<EngineChoice>,
+        /// Fit the seeds of each F-VI and Const method (full batches, free
+        /// θ) as one batched optimisation: the results of separate runs with
+        /// the graph engine's Adam, one set of kernels for all seeds. Not
+        /// with --jobs.
+        #[arg(long)]
+        batch_seeds: bool,
     },
     /// Rebuild summary.json, the figures and REPORT.md from stored runs
     /// (no refitting): DIR is an `avi reproduce --out` folder or one
@@ -236,6 +242,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             jobs,
             resume,
             engine,
+            batch_seeds,
         } => {
             use avi_harness::reproduce::{
                 default_experiments_dir, load_experiment, load_experiment_file, reproduce,
@@ -278,6 +285,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                 quiet,
                 jobs,
                 resume,
+                batch_seeds,
             };
             for exp in &defs {
                 reproduce(exp, &opts)?;

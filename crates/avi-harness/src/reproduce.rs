@@ -607,6 +607,11 @@ pub struct ReproduceOptions {
     pub jobs: usize,
     /// Keep existing run reports (resume an interrupted experiment).
     pub resume: bool,
+    /// Fit the seeds of each F-VI or Const method (full batches, free θ) as
+    /// one batched optimisation ([`avi_inference::fit_batched`]; the same
+    /// results as separate runs with the graph engine). In this process
+    /// only (`jobs` = 1).
+    pub batch_seeds: bool,
 }
 
 /// Progress of the runs: an overall bar with ETA and, in this process, a
@@ -695,6 +700,9 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
             }
         }
     }
+    if opts.batch_seeds && opts.jobs > 1 {
+        bail!("--batch-seeds fits in this process: leave out --jobs");
+    }
     let progress = Progress::new(runs.len(), &exp.name, opts.quiet);
     if opts.jobs <= 1 {
         run_here(&exp, &runs, &runs_dir, opts, &progress)?;
@@ -754,6 +762,7 @@ fn run_here(
 ) -> Result<()> {
     // Model and data are built once per distinct (model, data, mse).
     let mut prepared: BTreeMap<String, Prepared> = BTreeMap::new();
+    let mut batched: std::collections::BTreeSet<String> = Default::default();
     for run in runs {
         let key = serde_json::to_string(&(&run.config.model, &run.config.data, &run.config.mse))?;
         if !prepared.contains_key(&key) {
@@ -762,6 +771,36 @@ fn run_here(
             prepared.insert(key.clone(), p);
         }
         let p = &prepared[&key];
+        if batched.contains(&run.label) {
+            continue;
+        }
+        // Every seed of this method at once (the diagnostic, which draws
+        // after each fit, keeps Const runs separate).
+        let diagnosed = exp.diagnose && !matches!(run.config.method, MethodConfig::Fvi);
+        if opts.batch_seeds && !diagnosed && crate::run::batchable(&run.config, p) {
+            let group: Vec<&RunSpec> = runs.iter().filter(|r| r.label == run.label).collect();
+            let seeds: Vec<u64> = group.iter().map(|r| r.seed).collect();
+            let bar =
+                progress.run_bar(run.config.steps, &format!("{} ×{}", run.label, seeds.len()));
+            let mut observer = BarObserver(bar.clone());
+            let results = crate::run::run_prepared_batched(
+                &run.config,
+                p,
+                &seeds,
+                opts.device,
+                &mut observer,
+            )?;
+            bar.finish_and_clear();
+            progress.multi.remove(&bar);
+            for (spec, (_, mut report)) in group.iter().zip(results) {
+                slim(&mut report);
+                write_json_atomic(&runs_dir.join(&spec.file), &report)?;
+                progress.overall.inc(1);
+                progress.line(done_line(&exp.name, spec, &report));
+            }
+            batched.insert(run.label.clone());
+            continue;
+        }
         let bar = progress.run_bar(run.config.steps, &format!("{} {}", run.label, run.seed));
         let mut observer = BarObserver(bar.clone());
         let (fit, mut report) = run_prepared(&run.config, p, opts.device, &mut observer)?;

@@ -450,14 +450,7 @@ pub fn run_prepared(
         }
         _ => (run(observer)?, None),
     };
-    let reference = prepared.reference_elbo.map(|elbo| Reference { elbo });
-    let mut report = fit_report(
-        cfg,
-        prepared.x.len(),
-        &device_name(device),
-        &result,
-        reference,
-    );
+    let mut report = prepared_report(cfg, prepared, device, &result)?;
     if let Some(m) = monitor {
         let num = crate::report::num;
         report["mse"] = serde_json::json!({
@@ -468,6 +461,25 @@ pub fn run_prepared(
             "test": m.test_mse.iter().map(|v| v.map(num)).collect::<Vec<_>>(),
         });
     }
+    Ok((result, report))
+}
+
+/// The report of a fit of a prepared configuration (with the linear
+/// model's exact ELBO of the fitted q when it converged normally).
+fn prepared_report(
+    cfg: &FitConfig,
+    prepared: &Prepared,
+    device: Device,
+    result: &Fit,
+) -> Result<Value> {
+    let reference = prepared.reference_elbo.map(|elbo| Reference { elbo });
+    let mut report = fit_report(
+        cfg,
+        prepared.x.len(),
+        &device_name(device),
+        result,
+        reference,
+    );
     if let (BuiltModel::Linear(m), Some(q_theta), FitStatus::Ok) =
         (&prepared.model, &result.q_theta, result.status)
     {
@@ -485,7 +497,55 @@ pub fn run_prepared(
             report["reference"]["exact_gap"] = crate::report::num(r.elbo - exact);
         }
     }
-    Ok((result, report))
+    Ok(report)
+}
+
+/// Whether the runs of `cfg` (one per seed) can be fitted as one batched
+/// optimisation ([`avi_inference::fit_batched`]): F-VI or Const, Gaussian
+/// local factors, free θ, full batches, no monitoring.
+pub fn batchable(cfg: &FitConfig, prepared: &Prepared) -> bool {
+    matches!(
+        cfg.method,
+        avi_inference::MethodConfig::Fvi | avi_inference::MethodConfig::Const
+    ) && cfg.batch_size.is_none()
+        && cfg.mse.is_none()
+        && cfg.model.fixed_theta().is_none()
+        && prepared.model.as_model().local_states().is_none()
+}
+
+/// Fit `cfg` once per seed of `seeds` as one batched optimisation; one
+/// (fit, report) per seed, in order. The reports name the graph engine:
+/// batched runs equal separate runs with its Adam (tests/tests/batched.rs),
+/// and carry `"batched_seeds": R`; their `seconds` are the batch's.
+pub fn run_prepared_batched(
+    cfg: &FitConfig,
+    prepared: &Prepared,
+    seeds: &[u64],
+    device: Device,
+    observer: &mut dyn Observer,
+) -> Result<Vec<(Fit, Value)>> {
+    let x = data_tensor(prepared);
+    let mut opts = cfg.options();
+    opts.engine = avi_inference::Engine::Graph;
+    let fits = avi_inference::fit_batched(
+        prepared.model.as_model(),
+        &x,
+        &cfg.method,
+        seeds,
+        &opts,
+        device,
+        observer,
+    )?;
+    let mut out = Vec::with_capacity(fits.len());
+    for (fit, &seed) in fits.into_iter().zip(seeds) {
+        let mut c = cfg.clone();
+        c.seed = seed;
+        c.engine = avi_inference::Engine::Graph;
+        let mut report = prepared_report(&c, prepared, device, &fit)?;
+        report["batched_seeds"] = serde_json::json!(seeds.len());
+        out.push((fit, report));
+    }
+    Ok(out)
 }
 
 /// Run the paper's §5 diagnostic after a fit (F-VI steps from the amortized

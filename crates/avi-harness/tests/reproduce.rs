@@ -240,3 +240,67 @@ fn jobs_do_not_change_results_and_diagnose_runs() {
     // Same seed, same config, same thread count: bitwise the same stream.
     assert_eq!(traces[0], traces[1]);
 }
+
+/// `--batch-seeds`: the F-VI and Const seeds of a small linear experiment
+/// run as one batched fit each and give the reports of separate runs (f32;
+/// the separate runs use tch's Adam and the batched ones libtorch's fused
+/// Adam, so the ELBOs agree to rounding: 1e-5 relative), A-VI runs stay
+/// separate; with `--jobs` it is refused (exit 2).
+#[test]
+fn batch_seeds_give_the_separate_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut def: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/experiments/linear.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    def["name"] = "small".into();
+    def["data"]["simulate"]["n"] = 200.into();
+    def["steps"] = 300.into();
+    def["eval_draws"] = 200.into();
+    def["seeds"] = serde_json::json!([1954, 1955, 1956]);
+    def["claims"] = serde_json::json!([]);
+    let methods = def["methods"].as_array().unwrap().clone();
+    def["methods"] = Value::Array(
+        methods
+            .into_iter()
+            .filter(|m| ["fvi", "const", "d=1"].contains(&m["label"].as_str().unwrap()))
+            .collect(),
+    );
+    let file = dir.path().join("small.json");
+    std::fs::write(&file, def.to_string()).unwrap();
+    let go = |out: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_avi"))
+            .args(["--threads", "1", "reproduce"])
+            .arg(&file)
+            .args(["--quiet", "--device", "cpu", "--out"])
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = go("separate", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = go("batched", &["--batch-seeds"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |out: &str, f: &str| -> Value {
+        let p = dir.path().join(out).join("small/runs").join(f);
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir.path().join("separate/small/runs")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        let (a, b) = (read("separate", &name), read("batched", &name));
+        let (ea, eb) = (a["elbo"].as_f64().unwrap(), b["elbo"].as_f64().unwrap());
+        assert!((ea - eb).abs() <= 1e-5 * ea.abs(), "{name}: {ea} vs {eb}");
+        assert_eq!(a["iterations"], b["iterations"], "{name}");
+        let batched = name.starts_with("fvi") || name.starts_with("const");
+        assert_eq!(b["batched_seeds"].as_u64(), batched.then_some(3), "{name}");
+        seen += 1;
+    }
+    assert_eq!(seen, 9);
+    let o = go("refused", &["--batch-seeds", "--jobs", "2"]);
+    assert_eq!(o.status.code(), Some(2));
+}
