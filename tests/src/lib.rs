@@ -115,3 +115,20 @@ pub fn closed_form_options(seed: u64, dtype: Dtype) -> FitOptions {
         ..FitOptions::default()
     }
 }
+
+/// Largest |a − b| / max(|a|, |b|, 1) over two equally long sequences.
+pub fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / x.abs().max(y.abs()).max(1.0))
+        .fold(0.0, f64::max)
+}
+
+/// Serialises the tests of one test executable that use libtorch's
+/// process-wide generator outside `fit`'s own lock, or capture CUDA graphs
+/// (a capture fails when another thread makes a synchronising CUDA call).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}

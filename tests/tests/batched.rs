@@ -6,15 +6,8 @@ use avi_inference::{
     fit, fit_batched, Dtype, Engine, Fit, FitOptions, FitStatus, MethodConfig, Silent,
 };
 use avi_models::{LinearModel, Model, NonlinearModel, SawModel};
-use avi_tests::mlp;
+use avi_tests::{max_rel, mlp, serial};
 use tch::{Device, Tensor};
-
-/// One test at a time: libtorch's generator is process-wide.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn options(engine: Engine, dtype: Dtype) -> FitOptions {
     tch::set_num_threads(1);
@@ -29,15 +22,6 @@ fn options(engine: Engine, dtype: Dtype) -> FitOptions {
         engine,
         ..FitOptions::default()
     }
-}
-
-/// Largest |a − b| / max(|a|, |b|, 1).
-fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / x.abs().max(y.abs()).max(1.0))
-        .fold(0.0, f64::max)
 }
 
 fn separate(

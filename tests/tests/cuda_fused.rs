@@ -8,19 +8,10 @@ use avi_inference::{
     FusedParams, MethodConfig, Silent,
 };
 use avi_models::{FusedModel, LinearModel, NonlinearModel, SawModel};
-use avi_tests::{closed_form_options, linear_exact_elbo, linear_gap_tolerance, saw_exact_elbo};
+use avi_tests::{
+    closed_form_options, linear_exact_elbo, linear_gap_tolerance, saw_exact_elbo, serial,
+};
 use tch::{Device, Tensor};
-
-/// The tests of this file run one at a time: libtorch's random generator
-/// is process-wide (a test that seeds it while another draws changes the
-/// other's draws; `fit` serialises fits, but these tests also drive
-/// trainers directly), and a CUDA graph capture fails when another thread
-/// makes a synchronising CUDA call meanwhile.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 const CUDA: Device = Device::Cuda(0);
 

@@ -9,19 +9,8 @@
 
 use avi_inference::{fit, Dtype, Engine, FitOptions, GraphTrainer, MethodConfig, Silent, Trainer};
 use avi_models::{LinearModel, Model, SawModel};
-use avi_tests::mlp;
+use avi_tests::{max_rel, mlp, serial};
 use tch::{Device, Tensor};
-
-/// The tests of this file run one at a time: libtorch's random generator
-/// is process-wide (a test that seeds it while another draws changes the
-/// other's draws; `fit` serialises fits, but these tests also drive
-/// trainers directly), and a CUDA graph capture fails when another thread
-/// makes a synchronising CUDA call meanwhile.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn options(engine: Engine, dtype: Dtype) -> FitOptions {
     tch::set_num_threads(1);
@@ -48,15 +37,6 @@ fn problems() -> Vec<(Box<dyn Model>, Vec<f64>, MethodConfig)> {
         (Box::new(linear), xl, MethodConfig::Fvi),
         (Box::new(saw), xs, mlp(10, [1, 0])),
     ]
-}
-
-/// Largest |a − b| / max(|a|, |b|, 1) over two traces.
-fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / x.abs().max(y.abs()).max(1.0))
-        .fold(0.0, f64::max)
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CString};
 
+use avi_models::FusedModel;
 use tch::{Device, Kind, Tensor};
 
 use crate::{check, CudaError, Result, TensorPtr};
@@ -72,30 +73,11 @@ extern "C" {
     ) -> c_int;
 }
 
-/// The scalar model the kernels evaluate.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ScalarModel {
-    /// Flat prior on θ, z_n ~ N(0, 1), x_n ~ N(θ + τ z_n, σ²).
-    Linear {
-        /// τ.
-        tau: f64,
-        /// σ.
-        sigma: f64,
-    },
-    /// θ ~ N(0, 1), z_n ~ N(0, 1), x_n ~ N(θ + z_n (1 + sin z_n), exp(cos z_n)²).
-    Nonlinear,
-    /// θ ~ N(0, 1), z_n ~ N(x_{n−1}, 1), x_n ~ N(α (θ + z_n), 1).
-    Saw {
-        /// α.
-        alpha: f64,
-    },
-}
-
 /// Settings of one problem.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FviSettings {
-    /// The model.
-    pub model: ScalarModel,
+    /// The model (its x_0 is in [`FviState::prev`]).
+    pub model: FusedModel,
     /// Monte Carlo draws per step.
     pub draws: usize,
     /// `−log q` at the draws (true) or the closed-form entropy.
@@ -285,9 +267,9 @@ impl FviKernels {
 
     fn config(&self, s: &FviSettings, n: usize) -> Config {
         let (model, p0, p1) = match s.model {
-            ScalarModel::Linear { tau, sigma } => (0, tau as f32, sigma.recip() as f32),
-            ScalarModel::Nonlinear => (1, 0.0, 0.0),
-            ScalarModel::Saw { alpha } => (2, alpha as f32, 0.0),
+            FusedModel::Linear { tau, sigma } => (0, tau as f32, sigma.recip() as f32),
+            FusedModel::Nonlinear => (1, 0.0, 0.0),
+            FusedModel::Saw { alpha, .. } => (2, alpha as f32, 0.0),
         };
         Config {
             model,

@@ -644,8 +644,69 @@ pub struct GraphTrainer<'a> {
     trainer: Trainer<'a>,
     block: usize,
     buf: Tensor,
+    graph: BlockGraph,
+}
+
+/// Blocks of steps as a CUDA graph: the first block runs eagerly on the
+/// graph's own stream (warm-up: libtorch creates its handles and caches
+/// there), the second is captured, every later one is one replay. Without
+/// a graph (the CPU, or capture turned off) every block runs eagerly.
+pub(crate) struct BlockGraph {
     graph: Option<avi_cuda::CudaGraph>,
     captured: bool,
+}
+
+impl BlockGraph {
+    /// A graph on CUDA devices, none elsewhere.
+    pub(crate) fn new(device: Device) -> Result<Self> {
+        let graph = match device {
+            Device::Cuda(_) => Some(avi_cuda::CudaGraph::new(device)?),
+            _ => None,
+        };
+        Ok(Self {
+            graph,
+            captured: false,
+        })
+    }
+
+    /// Never capture.
+    pub(crate) fn disable(&mut self) {
+        self.graph = None;
+    }
+
+    pub(crate) fn captured(&self) -> bool {
+        self.captured
+    }
+
+    /// One block: `run` queues its steps, which write their ELBO
+    /// estimates into `buf`; returns a copy of `buf`.
+    pub(crate) fn run(
+        &mut self,
+        device: Device,
+        buf: &Tensor,
+        mut run: impl FnMut() -> Result<()>,
+    ) -> Result<Tensor> {
+        let Some(g) = &mut self.graph else {
+            run()?;
+            return Ok(buf.copy());
+        };
+        if self.captured {
+            g.replay()?;
+            return Ok(buf.copy());
+        }
+        // Warm-up on the graph's stream, after the parameters (made on the
+        // default stream) are complete.
+        tch::Cuda::synchronize(device_index(device));
+        g.enter_stream()?;
+        let warm = run().map(|()| buf.copy());
+        g.sync_stream()?;
+        g.leave_stream()?;
+        let out = warm?;
+        // Capture the next block; it runs at the first replay.
+        g.capture(&mut run)??;
+        self.captured = true;
+        Ok(out)
+    }
 }
 
 impl std::fmt::Debug for GraphTrainer<'_> {
@@ -653,7 +714,7 @@ impl std::fmt::Debug for GraphTrainer<'_> {
         f.debug_struct("GraphTrainer")
             .field("trainer", &self.trainer)
             .field("block", &self.block)
-            .field("captured", &self.captured)
+            .field("captured", &self.graph.captured())
             .finish()
     }
 }
@@ -678,24 +739,19 @@ impl<'a> GraphTrainer<'a> {
             return Err(InferenceError::config("check_every", "must be at least 1"));
         }
         let device = trainer.x.device();
-        let graph = match device {
-            Device::Cuda(_) => Some(avi_cuda::CudaGraph::new(device)?),
-            _ => None,
-        };
         let buf = Tensor::zeros([block as i64], (trainer.opts.dtype.kind(), device));
         Ok(Self {
             trainer,
             block,
             buf,
-            graph,
-            captured: false,
+            graph: BlockGraph::new(device)?,
         })
     }
 
     /// Never capture: every block runs eagerly, with the same kernels (the
     /// reference that a captured run is compared with).
     pub fn without_capture(mut self) -> Self {
-        self.graph = None;
+        self.graph.disable();
         self
     }
 
@@ -706,7 +762,7 @@ impl<'a> GraphTrainer<'a> {
 
     /// Whether the block has been captured as a CUDA graph (CUDA only).
     pub fn captured(&self) -> bool {
-        self.captured
+        self.graph.captured()
     }
 
     fn eager_block(trainer: &mut Trainer<'_>, buf: &Tensor, block: usize) -> Result<()> {
@@ -725,29 +781,9 @@ impl<'a> GraphTrainer<'a> {
             block,
             buf,
             graph,
-            captured,
         } = self;
-        let block = *block;
-        let Some(g) = graph else {
-            Self::eager_block(trainer, buf, block)?;
-            return Ok(buf.copy());
-        };
-        if *captured {
-            g.replay()?;
-            return Ok(buf.copy());
-        }
-        // Warm-up block on the graph's stream, after the parameters (made on
-        // the default stream) are complete.
-        tch::Cuda::synchronize(device_index(trainer.x.device()));
-        g.enter_stream()?;
-        let warm = Self::eager_block(trainer, buf, block).map(|()| buf.copy());
-        g.sync_stream()?;
-        g.leave_stream()?;
-        let out = warm?;
-        // Capture the next block; it runs at the first replay.
-        g.capture(|| Self::eager_block(trainer, buf, block))??;
-        *captured = true;
-        Ok(out)
+        let device = trainer.x.device();
+        graph.run(device, buf, || Self::eager_block(trainer, buf, *block))
     }
 
     /// One step outside any graph (for a last, shorter block).

@@ -8,11 +8,11 @@
 //! ([`crate::FusedTrainer`]) and the same initial parameters for a seed; its
 //! own random draws (Philox4x32-10), computed in f32.
 
-use avi_cuda::{CudaGraph, FviDebug, FviKernels, FviSettings, FviState, ScalarModel};
+use avi_cuda::{FviDebug, FviKernels, FviSettings, FviState};
 use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
 use tch::{Device, Kind, Tensor};
 
-use crate::fit::{Entropy, FitOptions};
+use crate::fit::{BlockGraph, Entropy, FitOptions};
 use crate::fused::{flat_params, flat_variational, initial_variational};
 use crate::method::{MethodConfig, Variational};
 use crate::{InferenceError, Result};
@@ -24,8 +24,7 @@ pub struct CudaFviTrainer {
     settings: FviSettings,
     block: usize,
     buf: Tensor,
-    graph: Option<CudaGraph>,
-    captured: bool,
+    graph: BlockGraph,
     kind: Kind,
     device: Device,
 }
@@ -35,7 +34,7 @@ impl std::fmt::Debug for CudaFviTrainer {
         f.debug_struct("CudaFviTrainer")
             .field("settings", &self.settings)
             .field("block", &self.block)
-            .field("captured", &self.captured)
+            .field("captured", &self.graph.captured())
             .finish()
     }
 }
@@ -100,11 +99,7 @@ impl CudaFviTrainer {
         )?;
         let dims = (n + 1) as f64;
         let settings = FviSettings {
-            model: match *model {
-                FusedModel::Linear { tau, sigma } => ScalarModel::Linear { tau, sigma },
-                FusedModel::Nonlinear => ScalarModel::Nonlinear,
-                FusedModel::Saw { alpha, .. } => ScalarModel::Saw { alpha },
-            },
+            model: *model,
             draws: opts.draws,
             mc_entropy: opts.entropy == Entropy::Mc,
             seed: opts.seed,
@@ -123,8 +118,7 @@ impl CudaFviTrainer {
             settings,
             block,
             buf: Tensor::zeros([block as i64], (Kind::Float, device)),
-            graph: Some(CudaGraph::new(device)?),
-            captured: false,
+            graph: BlockGraph::new(device)?,
             kind: opts.dtype.kind(),
             device,
         })
@@ -132,7 +126,7 @@ impl CudaFviTrainer {
 
     /// Never capture: every block runs as separate launches.
     pub fn without_capture(mut self) -> Self {
-        self.graph = None;
+        self.graph.disable();
         self
     }
 
@@ -143,7 +137,7 @@ impl CudaFviTrainer {
 
     /// Whether the block has been captured as a CUDA graph.
     pub fn captured(&self) -> bool {
-        self.captured
+        self.graph.captured()
     }
 
     /// The device state (parameters, Adam moments, draws of the next step).
@@ -174,32 +168,12 @@ impl CudaFviTrainer {
             block,
             buf,
             graph,
-            captured,
             device,
             ..
         } = self;
-        let block = *block;
-        let Some(g) = graph else {
-            Self::launches(kernels, state, settings, buf, block)?;
-            return Ok(buf.copy());
-        };
-        if *captured {
-            g.replay()?;
-            return Ok(buf.copy());
-        }
-        let index = match *device {
-            Device::Cuda(i) => i as i64,
-            _ => 0,
-        };
-        tch::Cuda::synchronize(index);
-        g.enter_stream()?;
-        let warm = Self::launches(kernels, state, settings, buf, block).map(|()| buf.copy());
-        g.sync_stream()?;
-        g.leave_stream()?;
-        let out = warm?;
-        g.capture(|| Self::launches(kernels, state, settings, buf, block))??;
-        *captured = true;
-        Ok(out)
+        graph.run(*device, buf, || {
+            Self::launches(kernels, state, settings, buf, *block)
+        })
     }
 
     /// One step outside any graph; its ELBO estimate as a `[1]` tensor.
