@@ -2,14 +2,19 @@
 //! method at the paper's sizes, and an N sweep for F-VI and A-VI on the
 //! linear model. Throughput is reported in latent draws processed
 //! (draws × N) per second. On CUDA the device is synchronised before the
-//! clock stops (`iter_custom`).
+//! clock stops (`iter_custom`), and each case is also timed with the graph
+//! engine (`…/graph`: blocks of 50 steps replayed as CUDA graphs) and, for
+//! F-VI of the scalar models, the fused CUDA kernels (`…/fused`), per step.
 
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::time::{Duration, Instant};
 
 use avi_benches::{bench_device, synchronize};
-use avi_inference::{Activation, Edges, FitOptions, FunctionConfig, Heads, MethodConfig, Trainer};
+use avi_inference::{
+    Activation, CudaFviTrainer, Edges, Engine, FitOptions, FunctionConfig, GraphTrainer, Heads,
+    MethodConfig, Trainer,
+};
 use avi_models::{GaussianHmm, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tch::{Device, Tensor};
@@ -78,6 +83,56 @@ fn bench_step(
             }
             synchronize(device);
             start.elapsed()
+        })
+    });
+    if !device.is_cuda() {
+        return;
+    }
+    // On CUDA also the graph engine (each block of GRAPH_BLOCK steps one
+    // graph replay) and, for F-VI of the scalar models, the fused kernels;
+    // reported per step (a block's time / GRAPH_BLOCK).
+    let graph_opts = FitOptions {
+        engine: Engine::Graph,
+        ..opts()
+    };
+    let trainer = Trainer::new(model, x, method, None, &graph_opts, device).expect("trainer");
+    let mut graph = GraphTrainer::new(trainer, GRAPH_BLOCK).expect("graph trainer");
+    bench_blocks(group, &format!("{label}/graph"), n, device, || {
+        graph.step_block().map(|_| ())
+    });
+    if let (Some(fused), MethodConfig::Fvi) = (model.fused(), method) {
+        let host = avi_inference::host_vec(x).expect("data");
+        let mut k = CudaFviTrainer::new(&fused, &host, method, &opts(), device, GRAPH_BLOCK)
+            .expect("fused CUDA trainer");
+        bench_blocks(group, &format!("{label}/fused"), n, device, || {
+            k.step_block().map(|_| ())
+        });
+    }
+}
+
+/// Steps per graph replay in the CUDA benchmarks.
+const GRAPH_BLOCK: usize = 50;
+
+/// Benchmark `block` (GRAPH_BLOCK steps) as per-step time; two warm-up
+/// blocks first (eager, then captured).
+fn bench_blocks(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    label: &str,
+    n: i64,
+    device: Device,
+    mut block: impl FnMut() -> avi_inference::Result<()>,
+) {
+    block().expect("warm-up block");
+    block().expect("captured block");
+    group.bench_function(BenchmarkId::new(label, n), |b| {
+        b.iter_custom(|iters| {
+            synchronize(device);
+            let start = Instant::now();
+            for _ in 0..iters {
+                block().expect("block");
+            }
+            synchronize(device);
+            start.elapsed() / GRAPH_BLOCK as u32
         })
     });
 }
