@@ -57,6 +57,8 @@ fn main() {
                 .as_str(),
         )
         .define("GLOG_USE_GLOG_EXPORT", None)
+        // no debug info: the libtorch headers make it slow to build and large
+        .debug(false)
         .warnings(false);
     let has_cuda_lib = lib.join("libtorch_cuda.so").exists() && lib.join("libc10_cuda.so").exists();
     let graphs = match (has_cuda_lib, cuda_include(&lib)) {
