@@ -17,12 +17,11 @@
 use std::time::Instant;
 
 use avi_cuda::{FusedAdam, Generator};
-use avi_models::{Model, HALF_LN_2PI};
+use avi_models::Model;
 use tch::{Device, Tensor};
 
 use crate::family::GaussianParams;
-use crate::fit::{finish, Entropy, Fit, FitOptions, FitStatus, Observer, Trace};
-use crate::function::Output;
+use crate::fit::{finish, gaussian_neg_log_q, Fit, FitOptions, FitStatus, Observer, Trace};
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
 
@@ -93,23 +92,10 @@ impl<'a> BatchedTrainer<'a> {
         let kind = opts.dtype.kind();
         let x = x.to_device(device).to_kind(kind);
         model.check_data(&x)?;
-        let output = Output::Gaussian {
-            dim: model.local_dim(),
-        };
         let (mut tm, mut tls, mut local, mut gens) = (vec![], vec![], vec![], vec![]);
         for &seed in seeds {
             tch::manual_seed(seed as i64);
-            let var = Variational::new(
-                method,
-                &x,
-                model.pad_value(),
-                model.theta_dim(),
-                output,
-                None,
-                model.init(),
-                kind,
-                device,
-            )?;
+            let var = Variational::for_model(method, model, &x, None, kind, device)?;
             let ThetaFactor::Free(q) = &var.theta else {
                 unreachable!("no fixed θ was given")
             };
@@ -185,31 +171,23 @@ impl<'a> BatchedTrainer<'a> {
             .model
             .log_joint(&theta.view([r * m, d]), &z.view([r * m, n, l]), &self.x)?
             .view([r, m]);
-        let local_sum_log_sd = local
-            .log_sd
-            .sum_dim_intlist([2i64, 3].as_slice(), false, kind); // [R, 1]
-        let theta_sum_log_sd = q_theta.log_sd.sum_dim_intlist(2, false, kind); // [R, 1]
-        let dims = (self.n * self.local_dim) as f64;
-        let dims_theta = d as f64;
-        let (neg_log_q_z, neg_log_q_theta) = match self.opts.entropy {
-            Entropy::Analytic => (
-                local_sum_log_sd + dims * (0.5 + HALF_LN_2PI),
-                theta_sum_log_sd + dims_theta * (0.5 + HALF_LN_2PI),
-            ),
-            Entropy::Mc => (
-                e_z.square()
-                    .sum_dim_intlist([2i64, 3].as_slice(), false, kind)
-                    .multiply_scalar(0.5)
-                    + local_sum_log_sd
-                    + dims * HALF_LN_2PI,
-                e_theta
-                    .square()
-                    .sum_dim_intlist(2, false, kind)
-                    .multiply_scalar(0.5)
-                    + theta_sum_log_sd
-                    + dims_theta * HALF_LN_2PI,
-            ),
-        };
+        let entropy = self.opts.entropy;
+        let neg_log_q_z = gaussian_neg_log_q(
+            entropy,
+            &e_z,
+            &[2, 3],
+            local
+                .log_sd
+                .sum_dim_intlist([2i64, 3].as_slice(), false, kind), // [R, 1]
+            (self.n * self.local_dim) as f64,
+        );
+        let neg_log_q_theta = gaussian_neg_log_q(
+            entropy,
+            &e_theta,
+            &[2],
+            q_theta.log_sd.sum_dim_intlist(2, false, kind), // [R, 1]
+            d as f64,
+        );
         Ok(log_p + neg_log_q_z + neg_log_q_theta)
     }
 
@@ -241,35 +219,14 @@ impl<'a> BatchedTrainer<'a> {
     /// (the final ELBO estimate) draws as the separate run would.
     fn take_run(&self, r: usize) -> Result<Variational> {
         self.gens[r].restore_default()?;
-        let vs = tch::nn::VarStore::new(self.x.device());
-        let root = vs.root();
-        let theta = ThetaFactor::Free(GaussianParams {
-            mean: root.add(
-                "theta_mean",
-                self.theta_mean.get(r as i64).detach().copy(),
-                true,
-            ),
-            log_sd: root.add(
-                "theta_log_sd",
-                self.theta_log_sd.get(r as i64).detach().copy(),
-                true,
-            ),
-        });
-        let z = root.add("z", self.local.get(r as i64).detach().copy(), true);
-        Ok(Variational {
-            vs,
-            theta,
-            local: if self.shared {
-                LocalFactor::Shared(z)
-            } else {
-                LocalFactor::Free(z)
-            },
-            output: Output::Gaussian {
-                dim: self.local_dim,
-            },
-            n: self.n,
-            local_dim: self.local_dim,
-        })
+        let r = r as i64;
+        Ok(Variational::from_gaussian_parts(
+            &self.theta_mean.get(r),
+            &self.theta_log_sd.get(r),
+            &self.local.get(r),
+            self.shared,
+            self.n,
+        ))
     }
 }
 

@@ -291,19 +291,8 @@ pub fn elbo_draws_batch(
         ThetaFactor::Fixed(t) => (t.unsqueeze(0).expand([m, t.size()[0]], false), None),
     };
     // −log q(θ) per draw (or its analytic expectation).
-    let theta_neg_log_q = theta_q.map(|(q, eps)| {
-        let dims = q.numel() as f64;
-        match entropy {
-            Entropy::Analytic => q.sum_log_sd() + dims * (0.5 + HALF_LN_2PI),
-            Entropy::Mc => {
-                eps.square()
-                    .sum_dim_intlist(1, false, kind)
-                    .multiply_scalar(0.5)
-                    + q.sum_log_sd()
-                    + dims * HALF_LN_2PI
-            }
-        }
-    });
+    let theta_neg_log_q = theta_q
+        .map(|(q, eps)| gaussian_neg_log_q(entropy, &eps, &[1], q.sum_log_sd(), q.numel() as f64));
     let local = match var.output {
         Output::Categorical { .. } => {
             let log_probs = var.local_log_probs();
@@ -320,19 +309,7 @@ pub fn elbo_draws_batch(
                 Some((idx, scale)) => model.log_joint_batch(&theta, &z, x, idx, scale)?,
             };
             let dims = (var.n * var.local_dim) as f64;
-            let neg_log_q = match entropy {
-                Entropy::Analytic => local.sum_log_sd() + dims * (0.5 + HALF_LN_2PI),
-                // −log q = Σ log s + ½ Σ ε² + (d/2) log 2π, with ε = (v − m)/s.
-                Entropy::Mc => {
-                    eps_z
-                        .square()
-                        .sum_dim_intlist([1i64, 2].as_slice(), false, kind)
-                        .multiply_scalar(0.5)
-                        + local.sum_log_sd()
-                        + dims * HALF_LN_2PI
-                }
-            };
-            log_p + neg_log_q
+            log_p + gaussian_neg_log_q(entropy, &eps_z, &[1, 2], local.sum_log_sd(), dims)
         }
     };
     Ok(match theta_neg_log_q {
@@ -341,6 +318,30 @@ pub fn elbo_draws_batch(
         // ELBO bounds log p(x | θ).
         None => local - model.log_prior(&theta)?,
     })
+}
+
+/// −log q per draw of a diagonal Gaussian with `count` dimensions whose
+/// Σ log sd is `sum_log_sd` (broadcast over the draws). `Entropy::Mc`: at
+/// the draws whose standard normals `eps` are summed over `dims`,
+/// −log q = Σ log s + ½ Σ ε² + (count/2) log 2π (ε = (v − m)/s);
+/// `Entropy::Analytic`: its expectation, Σ log s + count (½ + ½ log 2π).
+pub(crate) fn gaussian_neg_log_q(
+    entropy: Entropy,
+    eps: &Tensor,
+    dims: &[i64],
+    sum_log_sd: Tensor,
+    count: f64,
+) -> Tensor {
+    match entropy {
+        Entropy::Analytic => sum_log_sd + count * (0.5 + HALF_LN_2PI),
+        Entropy::Mc => {
+            eps.square()
+                .sum_dim_intlist(dims, false, eps.kind())
+                .multiply_scalar(0.5)
+                + sum_log_sd
+                + count * HALF_LN_2PI
+        }
+    }
 }
 
 /// Estimate the ELBO of the current parameters from `draws` fresh draws
@@ -517,22 +518,7 @@ impl<'a> Trainer<'a> {
             ));
         }
         tch::manual_seed(opts.seed as i64);
-        let var = Variational::new(
-            method,
-            &x,
-            model.pad_value(),
-            model.theta_dim(),
-            match model.local_states() {
-                Some(states) => Output::Categorical { states },
-                None => Output::Gaussian {
-                    dim: model.local_dim(),
-                },
-            },
-            fixed_theta,
-            model.init(),
-            kind,
-            device,
-        )?;
+        let var = Variational::for_model(method, model, &x, fixed_theta, kind, device)?;
         let optimizer = Optim::new(&var, opts)?;
         let n = x.size()[0];
         let order = opts.batch_size.map(|_| {

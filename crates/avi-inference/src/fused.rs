@@ -43,9 +43,7 @@ use rand::RngCore;
 use rand_distr::{Distribution, StandardNormal};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use crate::family::GaussianParams;
 use crate::fit::{host_vec, params_finite, Entropy, FitOptions};
-use crate::function::Output;
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
 
@@ -801,17 +799,7 @@ pub(crate) fn initial_variational(
     let kind = opts.dtype.kind();
     let xt = Tensor::from_slice(x).to_kind(kind);
     tch::manual_seed(opts.seed as i64);
-    Variational::new(
-        method,
-        &xt,
-        full.pad_value(),
-        1,
-        Output::Gaussian { dim: 1 },
-        None,
-        full.init(),
-        kind,
-        Device::Cpu,
-    )
+    Variational::for_model(method, full.as_ref(), &xt, None, kind, Device::Cpu)
 }
 
 /// The flat parameter vector `[μ_θ, log s_θ, μ_1.., log s_1..]` of an F-VI
@@ -843,13 +831,7 @@ pub(crate) fn flat_variational(
     kind: Kind,
     device: Device,
 ) -> Variational {
-    let vs = nn::VarStore::new(device);
-    let root = vs.root();
-    let scalar = |v: f64| Tensor::from_slice(&[v]).to_kind(kind).to_device(device);
-    let theta = ThetaFactor::Free(GaussianParams {
-        mean: root.add("theta_mean", scalar(params[0]), true),
-        log_sd: root.add("theta_log_sd", scalar(params[1]), true),
-    });
+    let t = |v: &[f64]| Tensor::from_slice(v).to_kind(kind).to_device(device);
     let local = &params[2..];
     let width = local.len() / 2;
     let (mean, log_sd) = local.split_at(width);
@@ -858,23 +840,13 @@ pub(crate) fn flat_variational(
         .zip(log_sd)
         .flat_map(|(m, s)| [*m, *s])
         .collect();
-    let rows = Tensor::from_slice(&rows)
-        .view([width as i64, 2])
-        .to_kind(kind)
-        .to_device(device);
-    let z = root.add("z", rows, true);
-    Variational {
-        vs,
-        theta,
-        local: if shared {
-            LocalFactor::Shared(z)
-        } else {
-            LocalFactor::Free(z)
-        },
-        output: Output::Gaussian { dim: 1 },
+    Variational::from_gaussian_parts(
+        &t(&params[..1]),
+        &t(&params[1..2]),
+        &t(&rows).view([width as i64, 2]),
+        shared,
         n,
-        local_dim: 1,
-    }
+    )
 }
 
 /// (mean, log-sd) of a scalar q(θ).

@@ -359,6 +359,70 @@ impl Variational {
         raw.log_softmax(1, raw.kind())
     }
 
+    /// [`Variational::new`] with everything it needs from `model`: its
+    /// padding value, θ dimension, local output (categorical when the model
+    /// has discrete local states, Gaussian otherwise) and initialisation
+    /// hint. Draws the initial values from libtorch's generator (seed it
+    /// first).
+    pub fn for_model(
+        method: &MethodConfig,
+        model: &dyn avi_models::Model,
+        x: &Tensor,
+        fixed_theta: Option<&[f64]>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        Self::new(
+            method,
+            x,
+            model.pad_value(),
+            model.theta_dim(),
+            match model.local_states() {
+                Some(states) => Output::Categorical { states },
+                None => Output::Gaussian {
+                    dim: model.local_dim(),
+                },
+            },
+            fixed_theta,
+            model.init(),
+            kind,
+            device,
+        )
+    }
+
+    /// Free Gaussian factors from given values: q(θ) = N(`theta_mean`,
+    /// exp(`theta_log_sd`)²) and local rows `rows` (`[N, 2L]`, or `[1, 2L]`
+    /// shared by every n when `shared`: Const), copied into a new store on
+    /// `rows`' device.
+    pub fn from_gaussian_parts(
+        theta_mean: &Tensor,
+        theta_log_sd: &Tensor,
+        rows: &Tensor,
+        shared: bool,
+        n: usize,
+    ) -> Self {
+        let vs = nn::VarStore::new(rows.device());
+        let root = vs.root();
+        let theta = ThetaFactor::Free(GaussianParams {
+            mean: root.add("theta_mean", theta_mean.detach().copy(), true),
+            log_sd: root.add("theta_log_sd", theta_log_sd.detach().copy(), true),
+        });
+        let z = root.add("z", rows.detach().copy(), true);
+        let local_dim = (rows.size()[1] / 2) as usize;
+        Self {
+            vs,
+            theta,
+            local: if shared {
+                LocalFactor::Shared(z)
+            } else {
+                LocalFactor::Free(z)
+            },
+            output: Output::Gaussian { dim: local_dim },
+            n,
+            local_dim,
+        }
+    }
+
     /// F-VI parameters started at the current q of `self`, whatever its
     /// family: q(θ) is copied and every observation gets its own free local
     /// row equal to its current factor. This is the starting point of the

@@ -72,18 +72,7 @@ fn methods() -> Vec<MethodConfig> {
 
 fn variational(model: &dyn Model, x: &Tensor, method: &MethodConfig, seed: i64) -> Variational {
     tch::manual_seed(seed);
-    let var = Variational::new(
-        method,
-        x,
-        model.pad_value(),
-        1,
-        Output::Gaussian { dim: 1 },
-        None,
-        model.init(),
-        Kind::Double,
-        Device::Cpu,
-    )
-    .unwrap();
+    let var = Variational::for_model(method, model, x, None, Kind::Double, Device::Cpu).unwrap();
     // Spread the local rows away from the initial U[0, 1) (log-sds in
     // about [−1.5, 1]).
     tch::no_grad(|| {
