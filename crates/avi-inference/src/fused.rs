@@ -30,22 +30,31 @@
 //! per-row gradients through the function with one backward pass.
 //!
 //! Everything on the host is computed in f64 whatever `opts.dtype` (A-VI's
-//! network stays in `opts.dtype`). The draws come from a seeded
-//! xoshiro256++ generator keyed on (seed, step, draw), so they do not depend
-//! on the number of threads; the threads split the draws, and results are
-//! deterministic for a given (seed, threads) (the thread count changes only
-//! the order of the final sums).
+//! network stays in `opts.dtype`); the normals themselves are f32
+//! Box–Muller values of a counter-based Philox4x32-10 generator keyed on
+//! the seed, with counter (observation, draw group, step) — the scheme of
+//! the CUDA kernels ([`rng`]) — so they depend neither on the number of
+//! threads nor on the order of evaluation. The threads split the draws in
+//! groups of four; results are deterministic for a given (seed, threads)
+//! (the thread count changes only the order of the final sums).
+//!
+//! The per-observation passes are written without branches or calls
+//! (polynomial sine, cosine and exponential in [`math`], reductions into
+//! fixed lanes) so that the compiler vectorises them; where the CPU has AVX2
+//! (detected at run time) the same code runs compiled for AVX2, giving the
+//! same bits on wider registers.
 
 use std::thread;
 
 use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
-use rand::RngCore;
-use rand_distr::{Distribution, StandardNormal};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use crate::fit::{host_vec, params_finite, Entropy, FitOptions};
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
+
+mod math;
+mod rng;
 
 /// Variational parameters of a scalar model on the host: q(θ) and every
 /// q(z_n) (broadcast for Const, computed by f_φ for A-VI).
@@ -134,15 +143,28 @@ struct Partial {
     log_sd: Vec<f64>,
 }
 
-/// A source of standard normal draws: draw m is a stream giving ε_θm first,
-/// then ε_m1, ε_m2, … in order of n.
+impl Partial {
+    fn zeros(n: usize) -> Self {
+        Self {
+            elbo: 0.0,
+            theta_mean: 0.0,
+            theta_log_sd: 0.0,
+            mean: vec![0.0; n],
+            log_sd: vec![0.0; n],
+        }
+    }
+}
+
+/// The standard normal draws of one step, in groups of four draws (the
+/// unit of the Philox generator, see [`rng`]): group j holds draws
+/// 4j … 4j + 3.
 pub(crate) trait Draws: Sync {
-    /// The state of one draw's stream.
-    type Stream;
-    /// Open the stream of draw `d`; returns it and ε_θd.
-    fn open(&self, d: usize) -> (Self::Stream, f64);
-    /// Write ε_{d, start..start + out.len()} (the next values of the stream).
-    fn fill(&self, stream: &mut Self::Stream, start: usize, out: &mut [f64]);
+    /// ε_θd.
+    fn theta(&self, d: usize) -> f64;
+    /// ε of the draws of group `group` at observations `start` … `start +
+    /// len − 1` into `out` = `[4, len]` row-major (row k: draw 4·`group` +
+    /// k); rows past the last draw are left as they are.
+    fn fill(&self, group: usize, start: usize, out: &mut [f64]);
 }
 
 /// Given draws: `eps_theta` (M) and `eps_z` (`[M, N]` row-major).
@@ -153,45 +175,60 @@ pub(crate) struct FixedDraws<'a> {
 }
 
 impl Draws for FixedDraws<'_> {
-    type Stream = usize;
-    fn open(&self, d: usize) -> (usize, f64) {
-        (d, self.eps_theta[d])
+    fn theta(&self, d: usize) -> f64 {
+        self.eps_theta[d]
     }
-    fn fill(&self, d: &mut usize, start: usize, out: &mut [f64]) {
-        let from = *d * self.n + start;
-        out.copy_from_slice(&self.eps_z[from..from + out.len()]);
-    }
-}
 
-/// Draws of step `step` of a fit seeded `seed`: one xoshiro256++ stream per
-/// draw, standard normals by rand_distr's ziggurat.
-struct RngDraws {
-    seed: u64,
-    step: u64,
-}
-
-impl Draws for RngDraws {
-    type Stream = Xoshiro256pp;
-    fn open(&self, d: usize) -> (Xoshiro256pp, f64) {
-        let mut rng = Xoshiro256pp::for_draw(self.seed, self.step, d as u64);
-        let e: f64 = StandardNormal.sample(&mut rng);
-        (rng, e)
-    }
-    fn fill(&self, rng: &mut Xoshiro256pp, _start: usize, out: &mut [f64]) {
-        for e in out.iter_mut() {
-            *e = StandardNormal.sample(rng);
+    fn fill(&self, group: usize, start: usize, out: &mut [f64]) {
+        let len = out.len() / 4;
+        for (k, row) in out.chunks_mut(len).enumerate() {
+            let d = 4 * group + k;
+            if d < self.eps_theta.len() {
+                let from = d * self.n + start;
+                row.copy_from_slice(&self.eps_z[from..from + len]);
+            }
         }
     }
 }
 
-/// Observations per block: the blocks of μ, s, x, x_{n−1}, the two gradient
-/// accumulators and the draws (7 × 512 f64 = 28 KiB) stay in L1 while every
-/// draw of a thread passes over them.
-const BLOCK: usize = 512;
+/// The draws of one step of a fit (the step count as the Philox counter's
+/// third word, the seed as its key; see [`rng`]).
+struct PhiloxDraws {
+    key: [u32; 2],
+    step: u32,
+}
 
-/// The core: draws `0..draws` split over `threads` (contiguous ranges), each
-/// thread going over the observations block by block and, within a block,
-/// draw by draw.
+impl Draws for PhiloxDraws {
+    fn theta(&self, d: usize) -> f64 {
+        rng::theta_normal(self.key, self.step, d)
+    }
+
+    #[inline(always)]
+    fn fill(&self, group: usize, start: usize, out: &mut [f64]) {
+        rng::fill_local(self.key, self.step, group as u32, start, out);
+    }
+}
+
+/// Observations per block: the blocks of μ, s, x, x_{n−1}, the two gradient
+/// accumulators and four draws (10 × 256 f64 = 20 KiB) stay in L1 while
+/// every draw of a thread passes over them.
+const BLOCK: usize = 256;
+
+/// What every thread of one evaluation reads.
+struct Ctx<'a, D> {
+    model: FusedModel,
+    x: &'a [f64],
+    prev: &'a [f64],
+    q: &'a ParamsView<'a>,
+    sd: &'a [f64],
+    theta_sd: f64,
+    draws: usize,
+    source: &'a D,
+}
+
+/// The core: the groups of four draws split over `threads` (contiguous
+/// ranges), each thread going over the observations block by block and,
+/// within a block, draw by draw.
 #[allow(clippy::too_many_arguments)]
 fn evaluate<D: Draws>(
     model: &FusedModel,
@@ -206,87 +243,30 @@ fn evaluate<D: Draws>(
     let n = x.len();
     let sd: Vec<f64> = q.log_sd.iter().map(|v| v.exp()).collect();
     let theta_sd = q.theta_log_sd.exp();
-    let mc = entropy == Entropy::Mc;
-    let work = |range: std::ops::Range<usize>| -> Partial {
-        let mut p = Partial {
-            elbo: 0.0,
-            theta_mean: 0.0,
-            theta_log_sd: 0.0,
-            mean: vec![0.0; n],
-            log_sd: vec![0.0; n],
-        };
-        let (mut streams, mut e_theta) = (Vec::new(), Vec::new());
-        for d in range {
-            let (s, e) = source.open(d);
-            streams.push(s);
-            e_theta.push(e);
-        }
-        let theta: Vec<f64> = e_theta
-            .iter()
-            .map(|e| q.theta_mean + theta_sd * e)
-            .collect();
-        // Per draw: Σ_n ℓ, Σ_n ∂ℓ/∂θ, Σ_n ε².
-        let mut sums = vec![(0.0, 0.0, 0.0); theta.len()];
-        let mut eps = vec![0.0; BLOCK.min(n)];
-        let mut start = 0;
-        while start < n {
-            let end = (start + BLOCK).min(n);
-            let eps = &mut eps[..end - start];
-            let (gm, gs) = (&mut p.mean[start..end], &mut p.log_sd[start..end]);
-            for ((stream, &t), sum) in streams.iter_mut().zip(&theta).zip(&mut sums) {
-                source.fill(stream, start, eps);
-                let mut acc = RowAcc {
-                    eps,
-                    mean: &q.mean[start..end],
-                    sd: &sd[start..end],
-                    x: &x[start..end],
-                    prev: &prev[start..end],
-                    g_mean: gm,
-                    g_log_sd: gs,
-                };
-                let (value, d_theta, sq) = match *model {
-                    FusedModel::Linear { tau, sigma } => {
-                        let inv = sigma.recip();
-                        acc.run(|z, x, _| avi_models::fused::linear_term(tau, inv, t, z, x))
-                    }
-                    FusedModel::Nonlinear => {
-                        acc.run(|z, x, _| avi_models::fused::nonlinear_term(t, z, x))
-                    }
-                    FusedModel::Saw { alpha, .. } => {
-                        acc.run(|z, x, prev| avi_models::fused::saw_term(alpha, t, z, x, prev))
-                    }
-                };
-                sum.0 += value;
-                sum.1 += d_theta;
-                sum.2 += sq;
-            }
-            start = end;
-        }
-        for ((&t, &e), (value, d_theta, sq)) in theta.iter().zip(&e_theta).zip(sums) {
-            let (lp_theta, dlp_theta) = model.log_prior(t);
-            p.elbo += lp_theta + value;
-            if mc {
-                p.elbo += 0.5 * (sq + e * e);
-            }
-            let h = dlp_theta + d_theta;
-            p.theta_mean += h;
-            p.theta_log_sd += h * e;
-        }
-        p
+    let ctx = Ctx {
+        model: *model,
+        x,
+        prev,
+        q,
+        sd: &sd,
+        theta_sd,
+        draws,
+        source,
     };
-    let threads = threads.clamp(1, draws.max(1));
-    let bounds = |t: usize| t * draws / threads;
-    let parts: Vec<Partial> = if threads == 1 {
-        vec![work(0..draws)]
+    let groups = draws.div_ceil(4);
+    let threads = threads.clamp(1, groups.max(1));
+    let bounds = |t: usize| t * groups / threads;
+    let parts: Vec<(Partial, f64)> = if threads == 1 {
+        vec![work(&ctx, 0..groups)]
     } else {
         thread::scope(|s| {
             let handles: Vec<_> = (1..threads)
                 .map(|t| {
-                    let work = &work;
-                    s.spawn(move || work(bounds(t)..bounds(t + 1)))
+                    let ctx = &ctx;
+                    s.spawn(move || work(ctx, bounds(t)..bounds(t + 1)))
                 })
                 .collect();
-            let mut parts = vec![work(0..bounds(1))];
+            let mut parts = vec![work(&ctx, 0..bounds(1))];
             parts.extend(
                 handles
                     .into_iter()
@@ -295,16 +275,13 @@ fn evaluate<D: Draws>(
             parts
         })
     };
-    let mut parts = parts.into_iter();
-    let mut total = parts.next().unwrap_or_else(|| Partial {
-        elbo: 0.0,
-        theta_mean: 0.0,
-        theta_log_sd: 0.0,
-        mean: vec![0.0; n],
-        log_sd: vec![0.0; n],
-    });
-    for p in parts {
+    let mc = entropy == Entropy::Mc;
+    let mut total = Partial::zeros(n);
+    for (p, sq) in parts {
         total.elbo += p.elbo;
+        if mc {
+            total.elbo += 0.5 * sq;
+        }
         total.theta_mean += p.theta_mean;
         total.theta_log_sd += p.theta_log_sd;
         for (a, b) in total.mean.iter_mut().zip(&p.mean) {
@@ -337,6 +314,111 @@ fn evaluate<D: Draws>(
     }
 }
 
+/// One thread's share: the sums over the draws of `groups` and Σ ε² over
+/// them (θ's included). Runs [`work_avx2`] where the CPU has AVX2 (the same
+/// operations in the same order, so the same bits, on wider registers) and
+/// [`work_portable`] elsewhere.
+#[allow(unsafe_code)]
+fn work<D: Draws>(ctx: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Partial, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: `work_avx2` requires AVX2 and nothing else, and the CPU
+        // has it (checked at run time just above).
+        return unsafe { work_avx2(ctx, groups) };
+    }
+    work_portable(ctx, groups)
+}
+
+/// [`work_impl`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(unsafe_code)]
+unsafe fn work_avx2<D: Draws>(ctx: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Partial, f64) {
+    work_impl(ctx, groups)
+}
+
+/// [`work_impl`] for the baseline target.
+fn work_portable<D: Draws>(ctx: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Partial, f64) {
+    work_impl(ctx, groups)
+}
+
+#[inline(always)]
+fn work_impl<D: Draws>(c: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Partial, f64) {
+    let n = c.x.len();
+    let mut p = Partial::zeros(n);
+    let first = 4 * groups.start;
+    let last = (4 * groups.end).min(c.draws);
+    let e_theta: Vec<f64> = (first..last).map(|d| c.source.theta(d)).collect();
+    let theta: Vec<f64> = e_theta
+        .iter()
+        .map(|e| c.q.theta_mean + c.theta_sd * e)
+        .collect();
+    // Per draw: Σ_n ℓ, Σ_n ∂ℓ/∂θ; and Σ ε² over all.
+    let mut sums = vec![(0.0, 0.0); theta.len()];
+    let mut sq = 0.0;
+    let mut eps = vec![0.0; 4 * BLOCK.min(n)];
+    let mut scratch = vec![0.0; 2 * BLOCK.min(n)];
+    let scratch = &mut scratch[..];
+    for start in (0..n).step_by(BLOCK) {
+        let end = (start + BLOCK).min(n);
+        let len = end - start;
+        let eps = &mut eps[..4 * len];
+        let (gm, gs) = (&mut p.mean[start..end], &mut p.log_sd[start..end]);
+        for g in groups.clone() {
+            c.source.fill(g, start, eps);
+            for (k, row) in eps.chunks(len).enumerate() {
+                let d = 4 * g + k;
+                if d >= last {
+                    break;
+                }
+                let i = d - first;
+                let t = theta[i];
+                let mut acc = RowAcc {
+                    eps: row,
+                    mean: &c.q.mean[start..end],
+                    sd: &c.sd[start..end],
+                    x: &c.x[start..end],
+                    prev: &c.prev[start..end],
+                    g_mean: gm,
+                    g_log_sd: gs,
+                };
+                let (value, d_theta, s) = match c.model {
+                    FusedModel::Linear { tau, sigma } => {
+                        let inv = sigma.recip();
+                        acc.run(scratch, |z, x, _| {
+                            avi_models::fused::linear_term(tau, inv, t, z, x)
+                        })
+                    }
+                    FusedModel::Nonlinear if acc.tame() => {
+                        acc.run(scratch, |z, x, _| math::nonlinear_term(t, z, x))
+                    }
+                    FusedModel::Nonlinear => acc.run(scratch, |z, x, _| {
+                        avi_models::fused::nonlinear_term(t, z, x)
+                    }),
+                    FusedModel::Saw { alpha, .. } => acc.run(scratch, |z, x, prev| {
+                        avi_models::fused::saw_term(alpha, t, z, x, prev)
+                    }),
+                };
+                sums[i].0 += value;
+                sums[i].1 += d_theta;
+                sq += s;
+            }
+        }
+    }
+    for ((&t, &e), (value, d_theta)) in theta.iter().zip(&e_theta).zip(sums) {
+        let (lp_theta, dlp_theta) = c.model.log_prior(t);
+        p.elbo += lp_theta + value;
+        sq += e * e;
+        let h = dlp_theta + d_theta;
+        p.theta_mean += h;
+        p.theta_log_sd += h * e;
+    }
+    (p, sq)
+}
+
 /// The inputs and accumulators of one draw's pass over a block of
 /// observations.
 struct RowAcc<'a> {
@@ -349,108 +431,92 @@ struct RowAcc<'a> {
     g_log_sd: &'a mut [f64],
 }
 
-/// Independent partial sums per pass (lets the compiler vectorise the
-/// reductions).
-const LANES: usize = 4;
-
 impl RowAcc<'_> {
+    /// Whether every z_n = μ_n + s_n ε_n of the pass is in the domain of
+    /// the vectorisable sine and cosine (|z| < [`math::TRIG_LIMIT`]; a NaN
+    /// is not).
+    #[inline(always)]
+    fn tame(&self) -> bool {
+        let tame: usize = self
+            .eps
+            .iter()
+            .zip(self.mean)
+            .zip(self.sd)
+            .map(|((e, m), s)| usize::from((m + s * e).abs() < math::TRIG_LIMIT))
+            .sum();
+        tame == self.eps.len()
+    }
+
     /// z_n = μ_n + s_n ε_n; `term(z, x, prev)` gives (ℓ, ∂ℓ/∂z, ∂ℓ/∂θ).
     /// Accumulates Σ_m g and Σ_m g ε per n; returns (Σ_n ℓ, Σ_n ∂ℓ/∂θ,
-    /// Σ_n ε²).
+    /// Σ_n ε²). The elementwise pass keeps ℓ and ∂ℓ/∂θ in `scratch` (no
+    /// reduction in it, so the compiler vectorises it); the sums follow in
+    /// [`lane_sum`]'s fixed order.
     #[inline(always)]
-    fn run(&mut self, term: impl Fn(f64, f64, f64) -> (f64, f64, f64)) -> (f64, f64, f64) {
+    fn run(
+        &mut self,
+        scratch: &mut [f64],
+        term: impl Fn(f64, f64, f64) -> (f64, f64, f64),
+    ) -> (f64, f64, f64) {
         let n = self.x.len();
-        let (eps, mean, sd, x, prev) = (
-            &self.eps[..n],
-            &self.mean[..n],
-            &self.sd[..n],
-            &self.x[..n],
-            &self.prev[..n],
-        );
-        let (gm, gs) = (&mut self.g_mean[..n], &mut self.g_log_sd[..n]);
-        let mut value = [0.0; LANES];
-        let mut d_theta = [0.0; LANES];
-        let mut sq = [0.0; LANES];
-        let whole = n - n % LANES;
-        for base in (0..whole).step_by(LANES) {
-            for j in 0..LANES {
-                let i = base + j;
-                let e = eps[i];
-                let (v, dz, dt) = term(mean[i] + sd[i] * e, x[i], prev[i]);
-                value[j] += v;
-                d_theta[j] += dt;
-                sq[j] += e * e;
-                gm[i] += dz;
-                gs[i] += dz * e;
-            }
+        let (values, d_thetas) = scratch[..2 * n].split_at_mut(n);
+        for ((((((e, m), s), x), prev), (gm, gs)), (v_out, t_out)) in self
+            .eps
+            .iter()
+            .zip(self.mean)
+            .zip(self.sd)
+            .zip(self.x)
+            .zip(self.prev)
+            .zip(self.g_mean.iter_mut().zip(self.g_log_sd.iter_mut()))
+            .zip(values.iter_mut().zip(d_thetas.iter_mut()))
+        {
+            let (v, dz, dt) = term(m + s * e, *x, *prev);
+            *v_out = v;
+            *t_out = dt;
+            *gm += dz;
+            *gs += dz * e;
         }
-        for i in whole..n {
-            let e = eps[i];
-            let (v, dz, dt) = term(mean[i] + sd[i] * e, x[i], prev[i]);
-            value[0] += v;
-            d_theta[0] += dt;
-            sq[0] += e * e;
-            gm[i] += dz;
-            gs[i] += dz * e;
-        }
-        let total = |a: [f64; LANES]| a.iter().sum::<f64>();
-        (total(value), total(d_theta), total(sq))
+        (lane_sum(values), lane_sum(d_thetas), lane_sum_sq(self.eps))
     }
 }
 
-/// xoshiro256++ (Blackman & Vigna), seeded through SplitMix64: a small, fast
-/// generator whose output is fixed by its seed on every platform.
-#[derive(Debug, Clone)]
-struct Xoshiro256pp([u64; 4]);
+/// Independent partial sums (lets the compiler vectorise a reduction while
+/// fixing its order).
+const LANES: usize = 8;
 
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-impl Xoshiro256pp {
-    /// The stream of draw `draw` of step `step` of a fit seeded `seed`.
-    fn for_draw(seed: u64, step: u64, draw: u64) -> Self {
-        let mut k = seed;
-        let mut k = splitmix64(&mut k) ^ step;
-        let mut k = splitmix64(&mut k) ^ draw;
-        Self([
-            splitmix64(&mut k),
-            splitmix64(&mut k),
-            splitmix64(&mut k),
-            splitmix64(&mut k),
-        ])
-    }
-}
-
-impl RngCore for Xoshiro256pp {
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-
-    #[inline]
-    fn next_u64(&mut self) -> u64 {
-        let s = &mut self.0;
-        let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
-    }
-
-    fn fill_bytes(&mut self, dst: &mut [u8]) {
-        for chunk in dst.chunks_mut(8) {
-            let bytes = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
+/// Σ of `values`: element i goes to partial sum i mod [`LANES`], then the
+/// partial sums are added in order.
+#[inline(always)]
+fn lane_sum(values: &[f64]) -> f64 {
+    let mut acc = [0.0; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
         }
     }
+    for (a, v) in acc.iter_mut().zip(rest) {
+        *a += v;
+    }
+    acc.iter().sum()
+}
+
+/// Σ v² over `values`, in the order of [`lane_sum`].
+#[inline(always)]
+fn lane_sum_sq(values: &[f64]) -> f64 {
+    let mut acc = [0.0; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(rest) {
+        *a += v * v;
+    }
+    acc.iter().sum()
 }
 
 /// Adam exactly as libtorch's `torch::optim::Adam` with tch's defaults
@@ -629,7 +695,10 @@ impl FusedTrainer {
     /// Returns the ELBO estimate (before the update).
     pub fn step(&mut self) -> Result<f64> {
         let (seed, step, n) = (self.seed, self.steps_done, self.x.len());
-        let fill = RngDraws { seed, step };
+        let fill = PhiloxDraws {
+            key: rng::key(seed),
+            step: (step + 1) as u32,
+        };
         let elbo = match &mut self.state {
             State::Flat {
                 params,

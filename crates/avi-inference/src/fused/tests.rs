@@ -100,8 +100,8 @@ fn grads(var: &Variational) -> Vec<(String, Vec<f64>)> {
 }
 
 /// For every model × {F-VI, Const, A-VI} × entropy estimator (N = 1101:
-/// three blocks of the kernel, the last one partial and not a whole number
-/// of lanes), at random
+/// five blocks of the kernel, the last one partial and not a whole number
+/// of lanes; 5 draws: two groups of four, the last one partial), at random
 /// parameters and libtorch's own draws (the draws `elbo_draws` makes after
 /// `manual_seed`, re-made here in the same order), the fused ELBO and every
 /// gradient equal the plain path's (`elbo_draws` → mean → autograd through
@@ -309,4 +309,102 @@ fn fvi_reaches_the_linear_optimum() {
         "exact ELBO {exact} vs optimum {}",
         opt.elbo
     );
+}
+
+/// Parameters for the kernel-level tests below: μ_n and log s_n spread
+/// over O(1) values, with μ_7 = `wild` (beyond the vectorised sine's
+/// domain when ≥ 1e5).
+fn spread(n: usize, wild: f64) -> (Vec<f64>, Vec<f64>) {
+    let mut mean: Vec<f64> = (0..n).map(|i| 2.0 * (i as f64 * 0.37).sin()).collect();
+    mean[7] = wild;
+    let log_sd = (0..n)
+        .map(|i| 0.5 * (i as f64 * 0.11).cos() - 1.0)
+        .collect();
+    (mean, log_sd)
+}
+
+/// The AVX2 build of the kernel and the portable one give the same bits
+/// (the same operations in the same order; only the register width
+/// differs) on every model, with Philox draws, for tame and wild
+/// parameters. Where the CPU lacks AVX2 both sides are the portable build.
+#[test]
+fn avx2_and_portable_builds_agree_bitwise() {
+    for (_, fused, x) in models() {
+        for wild in [0.5, 3e5] {
+            let (mean, log_sd) = spread(x.len(), wild);
+            let sd: Vec<f64> = log_sd.iter().map(|v: &f64| v.exp()).collect();
+            let prev = fused.previous(&x);
+            let q = ParamsView {
+                theta_mean: 0.3,
+                theta_log_sd: -0.4,
+                mean: &mean,
+                log_sd: &log_sd,
+            };
+            let source = PhiloxDraws {
+                key: rng::key(5),
+                step: 3,
+            };
+            let ctx = Ctx {
+                model: fused,
+                x: &x,
+                prev: &prev,
+                q: &q,
+                sd: &sd,
+                theta_sd: 0.4f64.exp().recip(),
+                draws: 10,
+                source: &source,
+            };
+            let (a, sa) = work(&ctx, 0..3);
+            let (b, sb) = work_portable(&ctx, 0..3);
+            let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&[a.elbo, a.theta_mean, a.theta_log_sd, sa]),
+                bits(&[b.elbo, b.theta_mean, b.theta_log_sd, sb]),
+                "{fused:?}"
+            );
+            assert_eq!(bits(&a.mean), bits(&b.mean), "{fused:?}");
+            assert_eq!(bits(&a.log_sd), bits(&b.log_sd), "{fused:?}");
+        }
+    }
+}
+
+/// A z_n beyond the vectorised sine's domain sends its pass to the standard
+/// library: the nonlinear estimate and gradient with μ_7 = 1e9 (where the fast reduction by π/2 is no longer exact) equal a
+/// direct f64 sum of `FusedModel::term` over the same draws (1e-9 relative
+/// + 1e-9, as `close`; both are sums of O(N·M) terms).
+#[test]
+fn wild_draws_use_the_exact_functions() {
+    let (_, fused, x) = models().swap_remove(1);
+    assert_eq!(fused, FusedModel::Nonlinear);
+    let n = x.len();
+    let (mean, log_sd) = spread(n, 1e9);
+    let m = 6;
+    let eps_theta: Vec<f64> = (0..m).map(|d| (d as f64 * 0.9).sin()).collect();
+    let eps_z: Vec<f64> = (0..m * n).map(|k| (k as f64 * 0.013).cos() * 1.5).collect();
+    let q = FusedParams {
+        theta_mean: 0.2,
+        theta_log_sd: -1.0,
+        local_mean: mean.clone(),
+        local_log_sd: log_sd.clone(),
+    };
+    let got = objective_and_grad(&fused, &x, &q, &eps_theta, &eps_z, Entropy::Analytic).unwrap();
+    let (ts, prev) = ((-1.0f64).exp(), fused.previous(&x));
+    let (mut elbo, mut g_mean, mut g_log_sd) = (0.0, vec![0.0; n], vec![0.0; n]);
+    for d in 0..m {
+        let t = 0.2 + ts * eps_theta[d];
+        elbo += fused.log_prior(t).0;
+        for i in 0..n {
+            let e = eps_z[d * n + i];
+            let (v, dz, _) = fused.term(t, mean[i] + log_sd[i].exp() * e, x[i], prev[i]);
+            elbo += v;
+            g_mean[i] += dz / m as f64;
+            g_log_sd[i] += dz * e * log_sd[i].exp() / m as f64;
+        }
+    }
+    let entropy: f64 = log_sd.iter().sum::<f64>() - 1.0 + (n + 1) as f64 * (0.5 + HALF_LN_2PI);
+    let want = elbo / m as f64 + fused.constant(n) + entropy;
+    assert!(close(got.elbo, want), "ELBO {} vs {want}", got.elbo);
+    let g_log_sd: Vec<f64> = g_log_sd.iter().map(|g| g + 1.0).collect();
+    assert_all_close("μ", &got.local_mean, &g_mean);
+    assert_all_close("log s", &got.local_log_sd, &g_log_sd);
 }
