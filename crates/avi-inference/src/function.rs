@@ -208,6 +208,53 @@ pub trait InferenceFunction: Send {
 
     /// Number of learned scalars φ (independent of N).
     fn num_parameters(&self) -> usize;
+
+    /// The parameter tensors by role, for engines that evaluate the
+    /// function without libtorch (the fused CPU engine); `None` (the
+    /// default) for a function they do not know, which they then run on
+    /// libtorch.
+    fn parts(&self) -> Option<FunctionParts<'_>> {
+        None
+    }
+}
+
+/// The parameters of an inference function by role (see
+/// [`InferenceFunction::parts`]); the tensors are the trainable ones
+/// themselves.
+#[derive(Debug)]
+pub enum FunctionParts<'a> {
+    /// [`Polynomial`]: `mean(u) = Σ_k a_k u^k`, `log_sd(u) = ξ`.
+    Poly {
+        /// a_0 … a_d, `[d + 1]`.
+        coefficients: &'a Tensor,
+        /// ξ, `[1]`.
+        log_sd: &'a Tensor,
+    },
+    /// [`Mlp`]: one network (shared heads: its head gives every output
+    /// column) or two (separate heads: the first gives the means, the second
+    /// the log-sds), each `h ↦ act(W h + b)` per hidden layer, then a linear
+    /// head.
+    Mlp {
+        /// The hidden activation.
+        activation: Activation,
+        /// The networks, in output-column order.
+        nets: Vec<NetParts<'a>>,
+    },
+}
+
+/// One MLP network: `(weight [out, in], bias [out])` per layer.
+#[derive(Debug)]
+pub struct NetParts<'a> {
+    /// The hidden layers, input side first.
+    pub hidden: Vec<(&'a Tensor, &'a Tensor)>,
+    /// The linear head.
+    pub head: (&'a Tensor, &'a Tensor),
+}
+
+/// `(weight, bias)` of a linear layer (`None` without a bias; avi builds
+/// every layer with one).
+fn linear_parts(l: &nn::Linear) -> Option<(&Tensor, &Tensor)> {
+    Some((&l.ws, l.bs.as_ref()?))
 }
 
 /// Polynomial inference function for scalar inputs and scalar z (digest
@@ -255,6 +302,13 @@ impl InferenceFunction for Polynomial {
 
     fn num_parameters(&self) -> usize {
         self.degree + 2
+    }
+
+    fn parts(&self) -> Option<FunctionParts<'_>> {
+        Some(FunctionParts::Poly {
+            coefficients: &self.coefficients,
+            log_sd: &self.log_sd,
+        })
     }
 }
 
@@ -362,5 +416,26 @@ impl InferenceFunction for Mlp {
 
     fn num_parameters(&self) -> usize {
         self.num_parameters
+    }
+
+    fn parts(&self) -> Option<FunctionParts<'_>> {
+        fn net<'a>(trunk: &'a Trunk, head: &'a nn::Linear) -> Option<NetParts<'a>> {
+            Some(NetParts {
+                hidden: trunk
+                    .layers
+                    .iter()
+                    .map(linear_parts)
+                    .collect::<Option<_>>()?,
+                head: linear_parts(head)?,
+            })
+        }
+        let mut nets = vec![net(&self.trunk, &self.head)?];
+        if let Some((trunk, head)) = &self.log_sd {
+            nets.push(net(trunk, head)?);
+        }
+        Some(FunctionParts::Mlp {
+            activation: self.trunk.activation,
+            nets,
+        })
     }
 }

@@ -25,12 +25,18 @@
 //!
 //! (ε is held fixed: the ½ ε² terms of −log q have no reparameterisation
 //! gradient.) F-VI and Const update the flat parameter vector with a Rust
-//! [`Adam`] identical to libtorch's; A-VI evaluates the inference function
-//! with libtorch, reads its `[N, 2]` rows once, and back-propagates the fused
-//! per-row gradients through the function with one backward pass.
+//! [`Adam`] identical to libtorch's. A-VI with the polynomial or the MLP
+//! does the same on the host ([`net`]): the function's `[N, 2]` rows by a
+//! hand-written forward pass, the fused per-row gradients back-propagated
+//! by hand, one Rust Adam over θ, the free edge rows and φ; the libtorch
+//! parameters are written only when asked for ([`FusedTrainer::variational`],
+//! [`FusedTrainer::into_variational`]). An inference function the host does
+//! not know ([`crate::InferenceFunction::parts`] is `None`) runs on libtorch:
+//! its rows read once, one backward pass of the fused row gradients, tch's
+//! Adam.
 //!
-//! Everything on the host is computed in f64 whatever `opts.dtype` (A-VI's
-//! network stays in `opts.dtype`); the normals themselves are f32
+//! Everything on the host is computed in f64 whatever `opts.dtype` (the
+//! libtorch parameters are kept in `opts.dtype`); the normals themselves are f32
 //! Box–Muller values of a counter-based Philox4x32-10 generator keyed on
 //! the seed, with counter (observation, draw group, step) — the scheme of
 //! the CUDA kernels ([`rng`]) — so they depend neither on the number of
@@ -54,6 +60,7 @@ use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
 
 mod math;
+mod net;
 mod rng;
 
 /// Variational parameters of a scalar model on the host: q(θ) and every
@@ -314,19 +321,35 @@ fn evaluate<D: Draws>(
     }
 }
 
+/// Whether the CPU has AVX2 (detected at run time, cached by std).
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+// The passes below run compiled for AVX2 where the CPU has it: each
+// `*_avx2` function is its portable twin (`#[inline(always)]`, so inlined
+// and compiled a second time with AVX2 enabled): the same operations in the
+// same order (no fused multiply-adds, no reassociation), so the same bits,
+// on wider registers.
+
 /// One thread's share: the sums over the draws of `groups` and Σ ε² over
-/// them (θ's included). Runs [`work_avx2`] where the CPU has AVX2 (the same
-/// operations in the same order, so the same bits, on wider registers) and
-/// [`work_portable`] elsewhere.
+/// them (θ's included).
 #[allow(unsafe_code)]
 fn work<D: Draws>(ctx: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Partial, f64) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
+    if has_avx2() {
         // SAFETY: `work_avx2` requires AVX2 and nothing else, and the CPU
         // has it (checked at run time just above).
         return unsafe { work_avx2(ctx, groups) };
     }
-    work_portable(ctx, groups)
+    work_impl(ctx, groups)
 }
 
 /// [`work_impl`] compiled for AVX2.
@@ -340,7 +363,8 @@ unsafe fn work_avx2<D: Draws>(ctx: &Ctx<'_, D>, groups: std::ops::Range<usize>) 
     work_impl(ctx, groups)
 }
 
-/// [`work_impl`] for the baseline target.
+/// [`work`] for the baseline target only (for tests).
+#[cfg(test)]
 fn work_portable<D: Draws>(ctx: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Partial, f64) {
     work_impl(ctx, groups)
 }
@@ -502,6 +526,27 @@ fn lane_sum(values: &[f64]) -> f64 {
     acc.iter().sum()
 }
 
+/// Σ a_i b_i, in the order of [`lane_sum`].
+#[inline(always)]
+fn lane_dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0; LANES];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let whole = n - n % LANES;
+    for (ca, cb) in a[..whole]
+        .chunks_exact(LANES)
+        .zip(b[..whole].chunks_exact(LANES))
+    {
+        for ((s, x), y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += x * y;
+        }
+    }
+    for ((s, x), y) in acc.iter_mut().zip(&a[whole..]).zip(&b[whole..]) {
+        *s += x * y;
+    }
+    acc.iter().sum()
+}
+
 /// Σ v² over `values`, in the order of [`lane_sum`].
 #[inline(always)]
 fn lane_sum_sq(values: &[f64]) -> f64 {
@@ -589,11 +634,140 @@ enum State {
         adam: Adam,
         shared: bool,
     },
-    /// A-VI: the libtorch parameters and tch's Adam.
+    /// A-VI with an inference function the host knows (polynomial, MLP):
+    /// evaluated and differentiated in f64 by [`net`], updated by the Rust
+    /// [`Adam`]; the libtorch parameters are written when asked for.
+    Host(Box<HostAvi>),
+    /// A-VI with any other inference function: the libtorch parameters and
+    /// tch's Adam.
     Torch {
         var: Box<Variational>,
         optimizer: nn::Optimizer,
     },
+}
+
+/// A-VI on the host: `params` = `[μ_θ, log s_θ, free edge rows (mean,
+/// log-sd per row: the first `before` rows, then the last `after`), φ]`.
+struct HostAvi {
+    var: Box<Variational>,
+    net: net::HostNet,
+    params: Vec<f64>,
+    slots: Vec<net::Slot>,
+    adam: Adam,
+    before: usize,
+    after: usize,
+}
+
+impl HostAvi {
+    /// The host copy of `var`'s A-VI parameters; `None` when the function
+    /// or the factors are not ones the host evaluates.
+    fn new(var: Variational, lr: f64) -> Result<std::result::Result<Self, Variational>> {
+        let (
+            LocalFactor::Amortized {
+                function,
+                inputs,
+                edges,
+                ..
+            },
+            ThetaFactor::Free(q),
+        ) = (&var.local, &var.theta)
+        else {
+            return Ok(Err(var));
+        };
+        let Some(parts) = function.parts() else {
+            return Ok(Err(var));
+        };
+        if q.numel() != 1 {
+            return Ok(Err(var));
+        }
+        let mut params = Vec::new();
+        let mut slots = Vec::new();
+        for t in [&q.mean, &q.log_sd] {
+            slots.push(net::Slot {
+                tensor: t.shallow_clone(),
+                start: params.len(),
+            });
+            params.extend(host_vec(t)?);
+        }
+        let (mut before, mut after) = (0, 0);
+        if let Some((head, tail)) = edges {
+            for (t, rows) in [(head, &mut before), (tail, &mut after)] {
+                *rows = t.size().first().map_or(0, |r| *r as usize);
+                slots.push(net::Slot {
+                    tensor: t.shallow_clone(),
+                    start: params.len(),
+                });
+                params.extend(host_vec(t)?);
+            }
+        }
+        let net = net::HostNet::new(parts, inputs, &mut params, &mut slots)?;
+        if params.len() != 2 + 2 * (before + after) + net.len() {
+            return Ok(Err(var));
+        }
+        let adam = Adam::new(lr, params.len());
+        Ok(Ok(Self {
+            var: Box::new(var),
+            net,
+            params,
+            slots,
+            adam,
+            before,
+            after,
+        }))
+    }
+
+    /// Where φ starts in `params`.
+    fn phi_at(&self) -> usize {
+        2 + 2 * (self.before + self.after)
+    }
+
+    /// The rows of q(z_n): the free edge rows and f_φ's.
+    fn rows(&self, n: usize) -> (Vec<f64>, Vec<f64>) {
+        let (b, a) = (self.before, self.after.min(n.saturating_sub(self.before)));
+        let (mut mean, mut log_sd) = (vec![0.0; n], vec![0.0; n]);
+        let edge = |r: usize| (self.params[2 + 2 * r], self.params[3 + 2 * r]);
+        for r in 0..b {
+            (mean[r], log_sd[r]) = edge(r);
+        }
+        for r in 0..a {
+            (mean[n - a + r], log_sd[n - a + r]) = edge(b + r);
+        }
+        let phi = &self.params[self.phi_at()..];
+        net::forward(
+            &self.net,
+            phi,
+            b..n - a,
+            &mut mean[b..n - a],
+            &mut log_sd[b..n - a],
+        );
+        (mean, log_sd)
+    }
+
+    /// The gradient of −ELBO with respect to `params` from the fused
+    /// gradient `g` at the rows of [`HostAvi::rows`].
+    fn loss_grad(&self, g: &FusedGrad) -> Vec<f64> {
+        let n = g.local_mean.len();
+        let (b, a) = (self.before, self.after.min(n.saturating_sub(self.before)));
+        let mut grad = vec![0.0; self.params.len()];
+        grad[0] = -g.theta_mean;
+        grad[1] = -g.theta_log_sd;
+        for (r, i) in (0..b).chain(n - a..n).enumerate() {
+            grad[2 + 2 * r] = -g.local_mean[i];
+            grad[3 + 2 * r] = -g.local_log_sd[i];
+        }
+        let d_mean: Vec<f64> = g.local_mean[b..n - a].iter().map(|v| -v).collect();
+        let d_log_sd: Vec<f64> = g.local_log_sd[b..n - a].iter().map(|v| -v).collect();
+        let at = self.phi_at();
+        let (phi, d_phi) = (&self.params[at..], &mut grad[at..]);
+        net::backward(&self.net, phi, b..n - a, &d_mean, &d_log_sd, d_phi);
+        grad
+    }
+
+    /// The libtorch parameters, brought up to date.
+    fn synced(&self) -> &Variational {
+        net::write_back(&self.slots, &self.params);
+        &self.var
+    }
 }
 
 /// The fused training loop of a scalar model: [`FusedTrainer::step`] is one
@@ -663,13 +837,16 @@ impl FusedTrainer {
                     shared: *method == MethodConfig::Const,
                 }
             }
-            MethodConfig::Avi { .. } => {
-                let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
-                State::Torch {
-                    var: Box::new(var),
-                    optimizer,
+            MethodConfig::Avi { .. } => match HostAvi::new(var, opts.lr)? {
+                Ok(host) => State::Host(Box::new(host)),
+                Err(var) => {
+                    let optimizer = nn::Adam::default().build(&var.vs, opts.lr)?;
+                    State::Torch {
+                        var: Box::new(var),
+                        optimizer,
+                    }
                 }
-            }
+            },
         };
         Ok(Self {
             model: *model,
@@ -749,6 +926,28 @@ impl FusedTrainer {
                 adam.step(params, &grad);
                 g.elbo
             }
+            State::Host(host) => {
+                let (mean, log_sd) = host.rows(n);
+                let view = ParamsView {
+                    theta_mean: host.params[0],
+                    theta_log_sd: host.params[1],
+                    mean: &mean,
+                    log_sd: &log_sd,
+                };
+                let g = evaluate(
+                    &self.model,
+                    &self.x,
+                    &self.prev,
+                    &view,
+                    self.draws,
+                    self.threads,
+                    self.entropy,
+                    &fill,
+                );
+                let grad = host.loss_grad(&g);
+                host.adam.step(&mut host.params, &grad);
+                g.elbo
+            }
             State::Torch { var, optimizer } => {
                 optimizer.zero_grad();
                 let elbo = torch_backward(
@@ -793,6 +992,15 @@ impl FusedTrainer {
                     },
                 })
             }
+            State::Host(host) => {
+                let (local_mean, local_log_sd) = host.rows(n);
+                Ok(FusedParams {
+                    theta_mean: host.params[0],
+                    theta_log_sd: host.params[1],
+                    local_mean,
+                    local_log_sd,
+                })
+            }
             State::Torch { var, .. } => {
                 let (theta_mean, theta_log_sd) = theta_host(var)?;
                 let rows = tch::no_grad(|| host_vec(&var.local_raw()))?;
@@ -812,6 +1020,10 @@ impl FusedTrainer {
     pub fn into_variational(self) -> Result<Variational> {
         let n = self.x.len();
         match self.state {
+            State::Host(host) => {
+                host.synced();
+                Ok(*host.var)
+            }
             State::Torch { var, .. } => Ok(*var),
             State::Flat { params, shared, .. } => {
                 Ok(flat_variational(&params, shared, n, self.kind, Device::Cpu))
@@ -824,13 +1036,16 @@ impl FusedTrainer {
     pub fn params_finite(&self) -> bool {
         match &self.state {
             State::Flat { params, .. } => params.iter().all(|v| v.is_finite()),
+            State::Host(host) => host.params.iter().all(|v| v.is_finite()),
             State::Torch { var, .. } => params_finite(&var.vs),
         }
     }
 
-    /// A-VI's libtorch parameters (`None` for F-VI and Const).
+    /// A-VI's libtorch parameters, up to date (the host network's values
+    /// are written into them first); `None` for F-VI and Const.
     pub fn variational(&self) -> Option<&Variational> {
         match &self.state {
+            State::Host(host) => Some(host.synced()),
             State::Torch { var, .. } => Some(var),
             State::Flat { .. } => None,
         }
@@ -840,6 +1055,7 @@ impl FusedTrainer {
     pub fn num_parameters(&self) -> usize {
         match &self.state {
             State::Flat { params, .. } => params.len(),
+            State::Host(host) => host.var.num_parameters(),
             State::Torch { var, .. } => var.num_parameters(),
         }
     }

@@ -49,7 +49,10 @@ pub use fit::{
     Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, Observer, Silent, Trace,
     Trainer,
 };
-pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
+pub use function::{
+    Activation, FunctionConfig, FunctionParts, Heads, InferenceFunction, Mlp, NetParts, Output,
+    Polynomial,
+};
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
 pub use fused_cuda::CudaFviTrainer;
 pub use method::{

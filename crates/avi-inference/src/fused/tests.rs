@@ -408,3 +408,195 @@ fn wild_draws_use_the_exact_functions() {
     assert_all_close("μ", &got.local_mean, &g_mean);
     assert_all_close("log s", &got.local_log_sd, &g_log_sd);
 }
+
+/// A-VI configurations the host network covers: the polynomial, shared and
+/// separate MLPs, ReLU and leaky ReLU, depths 1–3, padded and free edges.
+fn host_functions() -> Vec<MethodConfig> {
+    let mlp = |width, depth, activation, heads, window, edges| MethodConfig::Avi {
+        function: FunctionConfig::Mlp {
+            width,
+            depth,
+            activation,
+            heads,
+        },
+        standardize: true,
+        window,
+        edges,
+    };
+    vec![
+        MethodConfig::Avi {
+            function: FunctionConfig::Poly { degree: 2 },
+            standardize: true,
+            window: [0, 0],
+            edges: Edges::Pad,
+        },
+        mlp(5, 2, Activation::Relu, Heads::Shared, [1, 0], Edges::Pad),
+        mlp(
+            4,
+            1,
+            Activation::LeakyRelu,
+            Heads::Separate,
+            [0, 0],
+            Edges::Pad,
+        ),
+        mlp(3, 3, Activation::Relu, Heads::Separate, [1, 1], Edges::Free),
+        mlp(
+            6,
+            2,
+            Activation::LeakyRelu,
+            Heads::Shared,
+            [2, 0],
+            Edges::Free,
+        ),
+    ]
+}
+
+/// The host network (the fused engine's A-VI path without libtorch) against
+/// libtorch autograd through `elbo_draws` and the model's log joint, at the
+/// same draws, in f64, on every model and every configuration of
+/// [`host_functions`] (N = 1101: five blocks of rows, the last partial):
+/// the rows q(z_n) equal `local_raw` and the ELBO and the gradient of every
+/// parameter tensor (θ, free edge rows, φ) equal autograd's, to 1e-9
+/// relative + 1e-9 (`close`). After an Adam step, the parameters written
+/// back into the libtorch tensors give the host's rows (1e-12).
+#[test]
+fn host_network_gradients_equal_autograd() {
+    let draws = 5i64;
+    let mut worst_err = 0.0f64;
+    for (model, fused, x) in models() {
+        let xt = Tensor::from_slice(&x);
+        let n = x.len();
+        for method in host_functions() {
+            if matches!(
+                (&method, model.name()),
+                (
+                    MethodConfig::Avi {
+                        function: FunctionConfig::Poly { .. },
+                        ..
+                    },
+                    "saw"
+                )
+            ) {
+                continue;
+            }
+            let case = format!("{} {}", model.name(), method.label());
+            let var = variational(model.as_ref(), &xt, &method, 11);
+            let want_rows = host_vec(&var.local_raw()).unwrap();
+            tch::manual_seed(99);
+            let elbo = elbo_draws(model.as_ref(), &var, &xt, draws as usize, Entropy::Mc)
+                .unwrap()
+                .mean(Kind::Double);
+            elbo.neg().backward();
+            let want_elbo = elbo.double_value(&[]);
+            tch::manual_seed(99);
+            let opts = (Kind::Double, Device::Cpu);
+            let eps_theta = host_vec(&Tensor::randn([draws, 1], opts)).unwrap();
+            let eps_z = host_vec(&Tensor::randn([draws, n as i64, 1], opts)).unwrap();
+
+            let Ok(mut host) = HostAvi::new(var, 0.01).unwrap() else {
+                panic!("{case}: the host network does not cover it");
+            };
+            let (mean, log_sd) = host.rows(n);
+            let got_rows: Vec<f64> = mean
+                .iter()
+                .zip(&log_sd)
+                .flat_map(|(m, s)| [*m, *s])
+                .collect();
+            assert!(worst(&got_rows, &want_rows) <= 1e-12, "{case}: rows");
+            let fill = FixedDraws {
+                eps_theta: &eps_theta,
+                eps_z: &eps_z,
+                n,
+            };
+            let view = ParamsView {
+                theta_mean: host.params[0],
+                theta_log_sd: host.params[1],
+                mean: &mean,
+                log_sd: &log_sd,
+            };
+            let prev = fused.previous(&x);
+            let g = evaluate(
+                &fused,
+                &x,
+                &prev,
+                &view,
+                draws as usize,
+                2,
+                Entropy::Mc,
+                &fill,
+            );
+            assert!(
+                close(g.elbo, want_elbo),
+                "{case}: ELBO {} vs {want_elbo}",
+                g.elbo
+            );
+            let grad = host.loss_grad(&g);
+            let mut covered = 0;
+            for slot in &host.slots {
+                let len = slot.tensor.numel();
+                let want = host_vec(&slot.tensor.grad()).unwrap();
+                let got = &grad[slot.start..slot.start + len];
+                assert_all_close(&format!("{case} {:?}", slot.tensor.size()), got, &want);
+                worst_err = worst_err.max(worst(got, &want));
+                covered += len;
+            }
+            let stored: i64 = host
+                .var
+                .vs
+                .variables()
+                .values()
+                .map(|t| t.numel() as i64)
+                .sum();
+            assert_eq!(covered, grad.len(), "{case}: every scalar has a slot");
+            assert_eq!(covered as i64, stored, "{case}: every tensor has a slot");
+
+            let grad = grad.clone();
+            host.adam.step(&mut host.params, &grad);
+            let (mean, log_sd) = host.rows(n);
+            let synced = host_vec(&host.synced().local_raw()).unwrap();
+            let got_rows: Vec<f64> = mean
+                .iter()
+                .zip(&log_sd)
+                .flat_map(|(m, s)| [*m, *s])
+                .collect();
+            assert!(
+                worst(&got_rows, &synced) <= 1e-12,
+                "{case}: rows after write-back"
+            );
+            assert!(
+                worst(&got_rows, &want_rows) > 1e-6,
+                "{case}: the step moved nothing"
+            );
+        }
+    }
+    eprintln!("worst |host − autograd| / (|autograd| + 1): {worst_err:.2e}");
+}
+
+/// The host network's AVX2 build and its portable one give the same bits
+/// (rows and gradients) on a separate-heads MLP with free edges.
+#[test]
+fn host_network_builds_agree_bitwise() {
+    let (model, _, x) = models().swap_remove(2);
+    let xt = Tensor::from_slice(&x);
+    let n = x.len();
+    let method = host_functions().swap_remove(3);
+    let var = variational(model.as_ref(), &xt, &method, 3);
+    let Ok(host) = HostAvi::new(var, 0.01).unwrap() else {
+        panic!("not covered");
+    };
+    let (b, a) = (host.before, host.after);
+    let phi = &host.params[host.phi_at()..];
+    let rows = b..n - a;
+    let (mut m1, mut s1) = (vec![0.0; rows.len()], vec![0.0; rows.len()]);
+    let (mut m2, mut s2) = (m1.clone(), s1.clone());
+    net::forward(&host.net, phi, rows.clone(), &mut m1, &mut s1);
+    host.net.forward(phi, rows.clone(), &mut m2, &mut s2);
+    let d: Vec<f64> = (0..rows.len()).map(|i| (i as f64 * 0.3).sin()).collect();
+    let (mut g1, mut g2) = (vec![0.0; phi.len()], vec![0.0; phi.len()]);
+    net::backward(&host.net, phi, rows.clone(), &d, &m1, &mut g1);
+    host.net.backward(phi, rows, &d, &m1, &mut g2);
+    let bits = |v: &[f64]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&m1), bits(&m2));
+    assert_eq!(bits(&s1), bits(&s2));
+    assert_eq!(bits(&g1), bits(&g2));
+}
