@@ -26,7 +26,7 @@
 //! (ε is held fixed: the ½ ε² terms of −log q have no reparameterisation
 //! gradient.) F-VI and Const update the flat parameter vector with a Rust
 //! [`Adam`] identical to libtorch's. A-VI with the polynomial or the MLP
-//! does the same on the host ([`net`]): the function's `[N, 2]` rows by a
+//! does the same on the host (`fused/net.rs`): the function's `[N, 2]` rows by a
 //! hand-written forward pass, the fused per-row gradients back-propagated
 //! by hand, one Rust Adam over θ, the free edge rows and φ; the libtorch
 //! parameters are written only when asked for ([`FusedTrainer::variational`],
@@ -39,13 +39,13 @@
 //! libtorch parameters are kept in `opts.dtype`); the normals themselves are f32
 //! Box–Muller values of a counter-based Philox4x32-10 generator keyed on
 //! the seed, with counter (observation, draw group, step) — the scheme of
-//! the CUDA kernels ([`rng`]) — so they depend neither on the number of
+//! the CUDA kernels (`fused/rng.rs`) — so they depend neither on the number of
 //! threads nor on the order of evaluation. The threads split the draws in
 //! groups of four; results are deterministic for a given (seed, threads)
 //! (the thread count changes only the order of the final sums).
 //!
 //! The per-observation passes are written without branches or calls
-//! (polynomial sine, cosine and exponential in [`math`], reductions into
+//! (polynomial sine, cosine and exponential in `fused/math.rs`, reductions into
 //! fixed lanes) so that the compiler vectorises them; where the CPU has AVX2
 //! (detected at run time) the same code runs compiled for AVX2, giving the
 //! same bits on wider registers.
