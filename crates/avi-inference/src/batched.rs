@@ -5,7 +5,7 @@
 //! log-joint evaluation over R·M draws, one backward pass, one fused Adam
 //! step per iteration, so a device sees R times the work per kernel.
 //!
-//! The results are those of R separate [`crate::fit`] calls with the graph
+//! The results are those of R separate [`crate::fit()`] calls with the graph
 //! engine's Adam ([`crate::Engine::Graph`]; the torch engine's differs in
 //! rounding only): each run is initialised exactly as a separate run with
 //! its seed, and draws from its own copy of libtorch's generator
@@ -232,7 +232,7 @@ impl<'a> BatchedTrainer<'a> {
 
 /// Fit `method` once per seed as one batched optimisation (see the module
 /// documentation); returns one [`Fit`] per seed, in order, each as
-/// [`crate::fit`] with that seed and [`crate::Engine::Graph`] would return
+/// [`crate::fit()`] with that seed and [`crate::Engine::Graph`] would return
 /// it (its trace, status, final ELBO from the run's own continuing draws,
 /// parameters), except that `seconds` and the trace's clock are the batch's
 /// and that a diverged run's final parameters are those at the end of the
