@@ -526,17 +526,17 @@ fn lane_sum(values: &[f64]) -> f64 {
     acc.iter().sum()
 }
 
-/// Σ a_i b_i, in the order of [`lane_sum`].
+/// Σ a_i b_i: element i goes to partial sum i mod 16, then the partial
+/// sums are added in order (16 lanes: four independent AVX2 accumulators,
+/// enough to hide the latency of the additions).
 #[inline(always)]
 fn lane_dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0; LANES];
+    const L: usize = 16;
+    let mut acc = [0.0; L];
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let whole = n - n % LANES;
-    for (ca, cb) in a[..whole]
-        .chunks_exact(LANES)
-        .zip(b[..whole].chunks_exact(LANES))
-    {
+    let whole = n - n % L;
+    for (ca, cb) in a[..whole].chunks_exact(L).zip(b[..whole].chunks_exact(L)) {
         for ((s, x), y) in acc.iter_mut().zip(ca).zip(cb) {
             *s += x * y;
         }

@@ -336,14 +336,12 @@ impl HostNet {
             }
             if l > 0 {
                 let mut below = vec![0.0; layer.fan_in * len];
-                for j in 0..layer.fan_out {
-                    let dj = &delta[j * len..(j + 1) * len];
-                    for i in 0..layer.fan_in {
-                        let w = phi[layer.w + j * layer.fan_in + i];
-                        for (b, d) in below[i * len..(i + 1) * len].iter_mut().zip(dj) {
-                            *b += w * d;
-                        }
+                let mut column = vec![0.0; layer.fan_out];
+                for (i, row) in below.chunks_mut(len).enumerate() {
+                    for (j, c) in column.iter_mut().enumerate() {
+                        *c = phi[layer.w + j * layer.fan_in + i];
                     }
+                    mix(row, 0.0, &column, &delta);
                 }
                 delta = below;
             }
@@ -366,13 +364,38 @@ fn affine(phi: &[f64], layer: &Layer, prev: &[f64], len: usize, out: &mut Vec<f6
     out.clear();
     out.resize(layer.fan_out * len, 0.0);
     for (j, row) in out.chunks_mut(len).enumerate() {
-        row.fill(phi[layer.b + j]);
-        for i in 0..layer.fan_in {
-            let w = phi[layer.w + j * layer.fan_in + i];
-            for (o, p) in row.iter_mut().zip(&prev[i * len..(i + 1) * len]) {
-                *o += w * p;
+        let w = &phi[layer.w + j * layer.fan_in..layer.w + (j + 1) * layer.fan_in];
+        mix(row, phi[layer.b + j], w, prev);
+    }
+}
+
+/// Rows per register tile of [`mix`].
+const TILE: usize = 32;
+
+/// `out[t] = start + Σ_i weights[i] · inputs[i, t]` (`inputs` is
+/// `[weights.len(), out.len()]`), summed in the order of i. A tile of
+/// [`TILE`] rows accumulates in registers over every i, so each product
+/// costs one load instead of a load, a load and a store.
+#[inline(always)]
+fn mix(out: &mut [f64], start: f64, weights: &[f64], inputs: &[f64]) {
+    let len = out.len();
+    let whole = len - len % TILE;
+    for t0 in (0..whole).step_by(TILE) {
+        let mut acc = [start; TILE];
+        for (i, &w) in weights.iter().enumerate() {
+            let p = &inputs[i * len + t0..i * len + t0 + TILE];
+            for (a, v) in acc.iter_mut().zip(p) {
+                *a += w * v;
             }
         }
+        out[t0..t0 + TILE].copy_from_slice(&acc);
+    }
+    for (t, o) in out.iter_mut().enumerate().skip(whole) {
+        let mut acc = start;
+        for (i, &w) in weights.iter().enumerate() {
+            acc += w * inputs[i * len + t];
+        }
+        *o = acc;
     }
 }
 
