@@ -21,7 +21,9 @@ use avi_models::Model;
 use tch::{Device, Tensor};
 
 use crate::family::GaussianParams;
-use crate::fit::{finish, gaussian_neg_log_q, Fit, FitOptions, FitStatus, Observer, Trace};
+use crate::fit::{
+    finish, gaussian_neg_log_q, record_block, Fit, FitOptions, FitStatus, Observer, Trace,
+};
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::{InferenceError, Result};
 
@@ -271,18 +273,14 @@ pub fn fit_batched(
                     continue;
                 }
                 let mine: Vec<f64> = (0..k).map(|i| values[i * runs + r]).collect();
-                let tr = &mut traces[r];
-                tr.iteration.extend(first..=step);
-                tr.elbo.extend(&mine);
-                tr.seconds.extend(&clock);
-                if let Some(i) = mine.iter().position(|v| !v.is_finite()) {
-                    status[r] = FitStatus::Diverged { at: first + i };
-                } else if !finite[r] {
-                    status[r] = FitStatus::Diverged { at: step };
-                }
-                if let FitStatus::Diverged { at } = status[r] {
-                    tr.truncate(at);
-                }
+                record_block(
+                    &mut traces[r],
+                    &mut status[r],
+                    first,
+                    &mine,
+                    &clock,
+                    finite[r],
+                );
             }
             observer.on_check(step, opts.steps, values[(k - 1) * runs]);
             block.clear();

@@ -954,24 +954,55 @@ fn run_blocks(
         let now = start.elapsed().as_secs_f64();
         let first = done + 1;
         done += len;
-        trace.iteration.extend(first..=done);
-        trace.elbo.extend(&values);
-        trace
-            .seconds
-            .extend((1..=len).map(|i| last_time + (now - last_time) * i as f64 / len as f64));
+        let seconds: Vec<f64> = (1..=len)
+            .map(|i| last_time + (now - last_time) * i as f64 / len as f64)
+            .collect();
         last_time = now;
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            status = FitStatus::Diverged { at: first + i };
-        } else if !runner.params_finite() {
-            status = FitStatus::Diverged { at: done };
-        }
+        let diverged = record_block(
+            &mut trace,
+            &mut status,
+            first,
+            &values,
+            &seconds,
+            runner.params_finite(),
+        );
         observer.on_check(done, opts.steps, *values.last().unwrap_or(&f64::NAN));
-        if let FitStatus::Diverged { at } = status {
-            trace.truncate(at);
+        if diverged {
             break;
         }
     }
     Ok((trace, status, start.elapsed().as_secs_f64()))
+}
+
+/// Appends the steps `first ..= first + values.len() − 1` (ELBO estimates
+/// `values`, clock `seconds`) to `trace`, and marks the run diverged at the
+/// first non-finite estimate, or at the block's last step when
+/// `params_finite` is false; a diverged trace is truncated there. Returns
+/// whether the run has diverged (the engines' one check, shared by
+/// [`fit`]'s block runners and [`crate::fit_batched`]).
+pub(crate) fn record_block(
+    trace: &mut Trace,
+    status: &mut FitStatus,
+    first: usize,
+    values: &[f64],
+    seconds: &[f64],
+    params_finite: bool,
+) -> bool {
+    let last = first + values.len().saturating_sub(1);
+    trace.iteration.extend(first..first + values.len());
+    trace.elbo.extend(values);
+    trace.seconds.extend(seconds);
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        *status = FitStatus::Diverged { at: first + i };
+    } else if !params_finite {
+        *status = FitStatus::Diverged { at: last };
+    }
+    if let FitStatus::Diverged { at } = *status {
+        trace.truncate(at);
+        true
+    } else {
+        false
+    }
 }
 
 /// [`fit`] with the graph engine.
