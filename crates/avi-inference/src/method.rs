@@ -547,6 +547,9 @@ mod tests {
 
     #[test]
     fn predictions_on_the_training_data_are_the_fitted_factors() {
+        // Draws from libtorch's process-wide generator: not while another
+        // test has seeded it.
+        let _generator = crate::generator_guard();
         let x = Tensor::randn([40], (Kind::Double, Device::Cpu)).multiply_scalar(3.0) + 2.0;
         let avi = MethodConfig::Avi {
             function: FunctionConfig::Mlp {

@@ -117,23 +117,32 @@ pub(crate) fn normals4(r: [u32; 4]) -> [f32; 4] {
 /// row-major (row k holds draw 4·`group` + k).
 #[inline(always)]
 pub(crate) fn fill_local(key: [u32; 2], step: u32, group: u32, start: usize, out: &mut [f64]) {
+    // f32 normals for up to CHUNK observations at a time (a loop of f32
+    // lanes only, twice as wide as one that also writes f64), then widened.
+    const CHUNK: usize = 128;
     let len = out.len() / 4;
-    let (r0, rest) = out.split_at_mut(len);
-    let (r1, rest) = rest.split_at_mut(len);
-    let (r2, r3) = rest.split_at_mut(len);
-    let r3 = &mut r3[..len];
-    for (i, (((a, b), c), d)) in r0
-        .iter_mut()
-        .zip(r1.iter_mut())
-        .zip(r2.iter_mut())
-        .zip(r3.iter_mut())
-        .enumerate()
-    {
-        let e = normals4(philox([(start + i) as u32, group, step, 0], key));
-        *a = f64::from(e[0]);
-        *b = f64::from(e[1]);
-        *c = f64::from(e[2]);
-        *d = f64::from(e[3]);
+    let mut buf = [[0.0f32; CHUNK]; 4];
+    for at in (0..len).step_by(CHUNK) {
+        let m = CHUNK.min(len - at);
+        let [b0, b1, b2, b3] = &mut buf;
+        for (i, (((a, b), c), d)) in b0[..m]
+            .iter_mut()
+            .zip(b1[..m].iter_mut())
+            .zip(b2[..m].iter_mut())
+            .zip(b3[..m].iter_mut())
+            .enumerate()
+        {
+            let e = normals4(philox([(start + at + i) as u32, group, step, 0], key));
+            (*a, *b, *c, *d) = (e[0], e[1], e[2], e[3]);
+        }
+        for (k, row) in buf.iter().enumerate() {
+            for (o, e) in out[k * len + at..k * len + at + m]
+                .iter_mut()
+                .zip(&row[..m])
+            {
+                *o = f64::from(*e);
+            }
+        }
     }
 }
 

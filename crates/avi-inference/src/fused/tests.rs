@@ -109,6 +109,8 @@ fn grads(var: &Variational) -> Vec<(String, Vec<f64>)> {
 /// error (printed with `--nocapture`): 6e-14.
 #[test]
 fn objective_and_gradients_equal_autograd() {
+    // libtorch's generator is process-wide: no other test draws meanwhile.
+    let _generator = crate::generator_guard();
     let draws = 5i64;
     let mut worst_err = 0.0f64;
     for (model, fused, x) in models() {
@@ -220,6 +222,8 @@ fn objective_and_gradients_equal_autograd() {
 /// (1e-12 relative), and a re-run with the same seed repeats exactly.
 #[test]
 fn threads_change_only_rounding() {
+    // libtorch's generator is process-wide: no other test draws meanwhile.
+    let _generator = crate::generator_guard();
     let saw = SawModel::new(0.75, 0.0).unwrap();
     let x = saw.simulate(200, 2012, Some(3.4159)).unwrap();
     let opts = FitOptions {
@@ -252,6 +256,8 @@ fn threads_change_only_rounding() {
 /// operation to f32, we do not) 1e-6 relative + 1e-7.
 #[test]
 fn adam_equals_libtorch() {
+    // libtorch's generator is process-wide: no other test draws meanwhile.
+    let _generator = crate::generator_guard();
     for (kind, rel, abs) in [(Kind::Double, 1e-12, 1e-15), (Kind::Float, 1e-6, 1e-7)] {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
@@ -281,6 +287,8 @@ fn adam_equals_libtorch() {
 /// tests/tests/linear_closed_form.rs) and not above it.
 #[test]
 fn fvi_reaches_the_linear_optimum() {
+    // libtorch's generator is process-wide: no other test draws meanwhile.
+    let _generator = crate::generator_guard();
     let model = LinearModel::new(1.155, 2.43).unwrap();
     let n = 500;
     let x = model.simulate(n, 7, None).unwrap();
@@ -461,6 +469,8 @@ fn host_functions() -> Vec<MethodConfig> {
 /// back into the libtorch tensors give the host's rows (1e-12).
 #[test]
 fn host_network_gradients_equal_autograd() {
+    // libtorch's generator is process-wide: no other test draws meanwhile.
+    let _generator = crate::generator_guard();
     let draws = 5i64;
     let mut worst_err = 0.0f64;
     for (model, fused, x) in models() {
@@ -576,6 +586,8 @@ fn host_network_gradients_equal_autograd() {
 /// (rows and gradients) on a separate-heads MLP with free edges.
 #[test]
 fn host_network_builds_agree_bitwise() {
+    // libtorch's generator is process-wide: no other test draws meanwhile.
+    let _generator = crate::generator_guard();
     let (model, _, x) = models().swap_remove(2);
     let xt = Tensor::from_slice(&x);
     let n = x.len();
