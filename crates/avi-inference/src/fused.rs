@@ -512,16 +512,28 @@ const LANES: usize = 8;
 /// partial sums are added in order.
 #[inline(always)]
 fn lane_sum(values: &[f64]) -> f64 {
+    lane_sum_of(values, |v| v)
+}
+
+/// Σ v² over `values`, in the order of [`lane_sum`].
+#[inline(always)]
+fn lane_sum_sq(values: &[f64]) -> f64 {
+    lane_sum_of(values, |v| v * v)
+}
+
+/// Σ f(v) over `values`, in the order of [`lane_sum`].
+#[inline(always)]
+fn lane_sum_of(values: &[f64], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0.0; LANES];
     let chunks = values.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, v) in acc.iter_mut().zip(c) {
-            *a += v;
+            *a += f(*v);
         }
     }
     for (a, v) in acc.iter_mut().zip(rest) {
-        *a += v;
+        *a += f(*v);
     }
     acc.iter().sum()
 }
@@ -543,23 +555,6 @@ fn lane_dot(a: &[f64], b: &[f64]) -> f64 {
     }
     for ((s, x), y) in acc.iter_mut().zip(&a[whole..]).zip(&b[whole..]) {
         *s += x * y;
-    }
-    acc.iter().sum()
-}
-
-/// Σ v² over `values`, in the order of [`lane_sum`].
-#[inline(always)]
-fn lane_sum_sq(values: &[f64]) -> f64 {
-    let mut acc = [0.0; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += v * v;
-        }
-    }
-    for (a, v) in acc.iter_mut().zip(rest) {
-        *a += v * v;
     }
     acc.iter().sum()
 }

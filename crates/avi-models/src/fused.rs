@@ -137,8 +137,22 @@ pub fn linear_term(tau: f64, inv_sigma: f64, theta: f64, z: f64, x: f64) -> (f64
 /// ∂z = −z + r g' e^{−cos z} − r² sin z + sin z and ∂θ = r e^{−cos z}.
 #[inline]
 pub fn nonlinear_term(theta: f64, z: f64, x: f64) -> (f64, f64, f64) {
-    let (sin, cos) = z.sin_cos();
-    let inv_s = (-cos).exp();
+    nonlinear_term_with(theta, z, x, f64::sin_cos, f64::exp)
+}
+
+/// [`nonlinear_term`] with the caller's sine-and-cosine and exponential
+/// (for engines with their own vectorisable versions; `exp` is only called
+/// on −cos z ∈ [−1, 1]).
+#[inline(always)]
+pub fn nonlinear_term_with(
+    theta: f64,
+    z: f64,
+    x: f64,
+    sin_cos: impl Fn(f64) -> (f64, f64),
+    exp: impl Fn(f64) -> f64,
+) -> (f64, f64, f64) {
+    let (sin, cos) = sin_cos(z);
+    let inv_s = exp(-cos);
     let g = z * (1.0 + sin);
     let dg = 1.0 + sin + z * cos;
     let r = (x - theta - g) * inv_s;

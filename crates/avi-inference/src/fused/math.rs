@@ -56,12 +56,7 @@ pub(crate) fn sin_cos(z: f64) -> (f64, f64) {
         + y4 * ((inv_factorial(8) - y * inv_factorial(10))
             + y2 * (inv_factorial(12) - y * inv_factorial(14)))
         + y8 * inv_factorial(16);
-    let (s, c) = if q & 1 != 0 { (c, -s) } else { (s, c) };
-    if q & 2 != 0 {
-        (-s, -c)
-    } else {
-        (s, c)
-    }
+    quarter_turns(q, s, c)
 }
 
 /// eˣ for |x| ≤ 1: x = k ln 2 + r with k ∈ {−1, 0, 1} the nearest integer
@@ -88,15 +83,19 @@ pub(crate) fn exp_unit(x: f64) -> f64 {
 /// (valid for |z| < [`TRIG_LIMIT`]).
 #[inline(always)]
 pub(crate) fn nonlinear_term(theta: f64, z: f64, x: f64) -> (f64, f64, f64) {
-    let (sin, cos) = sin_cos(z);
-    let inv_s = exp_unit(-cos);
-    let g = z * (1.0 + sin);
-    let dg = 1.0 + sin + z * cos;
-    let r = (x - theta - g) * inv_s;
-    let value = -0.5 * (z * z + r * r) - cos;
-    let d_theta = r * inv_s;
-    let d_z = -z + d_theta * dg + (1.0 - r * r) * sin;
-    (value, d_z, d_theta)
+    avi_models::fused::nonlinear_term_with(theta, z, x, sin_cos, exp_unit)
+}
+
+/// (sin, cos) of a + k·π/2 from (s, c) = (sin a, cos a): a rotation by k
+/// quarter turns, k given by its two low bits.
+#[inline(always)]
+pub(crate) fn quarter_turns<T: std::ops::Neg<Output = T>>(k: u64, s: T, c: T) -> (T, T) {
+    let (s, c) = if k & 1 != 0 { (c, -s) } else { (s, c) };
+    if k & 2 != 0 {
+        (-s, -c)
+    } else {
+        (s, c)
+    }
 }
 
 #[cfg(test)]

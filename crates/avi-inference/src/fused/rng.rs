@@ -91,12 +91,7 @@ pub(crate) fn sin_cos_turn(u: f32) -> (f32, f32) {
         + a2 * (-0.5
             + a2 * (1.0 / 24.0
                 + a2 * (-1.0 / 720.0 + a2 * (1.0 / 40_320.0 + a2 * (-1.0 / 3_628_800.0)))));
-    let (s, c) = if q & 1 != 0 { (c, -s) } else { (s, c) };
-    if q & 2 != 0 {
-        (-s, -c)
-    } else {
-        (s, c)
-    }
+    super::math::quarter_turns(u64::from(q), s, c)
 }
 
 /// Four standard normals from one Philox output: uniforms from the top 24
