@@ -871,6 +871,20 @@ impl FusedTrainer {
             key: rng::key(seed),
             step: (step + 1) as u32,
         };
+        // The step's estimate and gradient at given local rows (borrows the
+        // problem's fields only, not the state matched below).
+        let evaluate_at = |view: &ParamsView<'_>| {
+            evaluate(
+                &self.model,
+                &self.x,
+                &self.prev,
+                view,
+                self.draws,
+                self.threads,
+                self.entropy,
+                &fill,
+            )
+        };
         let elbo = match &mut self.state {
             State::Flat {
                 params,
@@ -897,16 +911,7 @@ impl FusedTrainer {
                         log_sd,
                     }
                 };
-                let g = evaluate(
-                    &self.model,
-                    &self.x,
-                    &self.prev,
-                    &view,
-                    self.draws,
-                    self.threads,
-                    self.entropy,
-                    &fill,
-                );
+                let g = evaluate_at(&view);
                 // Adam minimises −ELBO.
                 let mut grad = Vec::with_capacity(params.len());
                 grad.push(-g.theta_mean);
@@ -929,16 +934,7 @@ impl FusedTrainer {
                     mean: &mean,
                     log_sd: &log_sd,
                 };
-                let g = evaluate(
-                    &self.model,
-                    &self.x,
-                    &self.prev,
-                    &view,
-                    self.draws,
-                    self.threads,
-                    self.entropy,
-                    &fill,
-                );
+                let g = evaluate_at(&view);
                 let grad = host.loss_grad(&g);
                 host.adam.step(&mut host.params, &grad);
                 g.elbo
