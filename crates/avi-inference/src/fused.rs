@@ -412,19 +412,27 @@ fn work_impl<D: Draws>(c: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Parti
                 let (value, d_theta, s) = match c.model {
                     FusedModel::Linear { tau, sigma } => {
                         let inv = sigma.recip();
-                        acc.run(scratch, |z, x, _| {
-                            avi_models::fused::linear_term(tau, inv, t, z, x)
-                        })
+                        acc.run(
+                            scratch,
+                            #[inline(always)]
+                            |z, x, _| avi_models::fused::linear_term(tau, inv, t, z, x),
+                        )
                     }
-                    FusedModel::Nonlinear if acc.tame() => {
-                        acc.run(scratch, |z, x, _| math::nonlinear_term(t, z, x))
-                    }
-                    FusedModel::Nonlinear => acc.run(scratch, |z, x, _| {
-                        avi_models::fused::nonlinear_term(t, z, x)
-                    }),
-                    FusedModel::Saw { alpha, .. } => acc.run(scratch, |z, x, prev| {
-                        avi_models::fused::saw_term(alpha, t, z, x, prev)
-                    }),
+                    FusedModel::Nonlinear if acc.tame() => acc.run(
+                        scratch,
+                        #[inline(always)]
+                        |z, x, _| math::nonlinear_term(t, z, x),
+                    ),
+                    FusedModel::Nonlinear => acc.run(
+                        scratch,
+                        #[inline(always)]
+                        |z, x, _| avi_models::fused::nonlinear_term(t, z, x),
+                    ),
+                    FusedModel::Saw { alpha, .. } => acc.run(
+                        scratch,
+                        #[inline(always)]
+                        |z, x, prev| avi_models::fused::saw_term(alpha, t, z, x, prev),
+                    ),
                 };
                 sums[i].0 += value;
                 sums[i].1 += d_theta;
