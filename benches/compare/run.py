@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--check-steps", type=int, default=500, help="avi steps to the check parameters")
     ap.add_argument("--check-estimates", type=int, default=100, help="100-draw estimates per statistical check")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds allowed to one process")
+    ap.add_argument("--require-targets", action="store_true",
+                    help="exit 1 when a row misses the performance targets (see TARGETS)")
     return ap.parse_args()
 
 
@@ -192,6 +194,44 @@ def fastest_avi(row: dict, device: str) -> dict | None:
     return min(found, key=lambda r: r["ms_per_iteration"]) if found else None
 
 
+# The performance issue's targets: the largest allowed ratio avi ms ÷ peer ms
+# (fastest avi engine, same run), per device.
+TARGETS = {
+    "cpu": {"jax": 0.5, "torch": 0.3},
+    "cuda": {"torch": 0.1},
+}
+
+
+def target_misses(rows: list[dict], device: str) -> tuple[list[str], int]:
+    """Each (row, peer) ratio above its target in TARGETS, as a line, and the
+    number of ratios checked; a row without both timings is not checked."""
+    misses, checked = [], 0
+    for row in rows:
+        ours = fastest_avi(row, device)
+        for peer, limit in TARGETS.get(device, {}).items():
+            r = row["timings"].get(peer)
+            if ours is None or r is None or "ms_per_iteration" not in r:
+                continue
+            checked += 1
+            ratio = ours["ms_per_iteration"] / r["ms_per_iteration"]
+            if not ratio <= limit:
+                misses.append(f"{row['model']}/{row['method']}: {ratio:.3f}× {PEER_TITLES[peer]} "
+                              f"(target ≤ {limit}×)")
+    return misses, checked
+
+
+def targets_line(rows: list[dict], device: str) -> str:
+    """One line: which targets were checked and whether every ratio met them."""
+    limits = ", ".join(f"≤ {v}× {PEER_TITLES[k]}" for k, v in TARGETS.get(device, {}).items())
+    misses, checked = target_misses(rows, device)
+    if checked == 0:
+        return f"Targets ({device}: {limits}): not checked (no peer timings)."
+    if not misses:
+        return f"Targets ({device}: {limits}): met by all {checked} ratios."
+    return (f"Targets ({device}: {limits}): {len(misses)} of {checked} ratios MISSED: "
+            + "; ".join(misses) + ".")
+
+
 def table(rows: list[dict], peers: list[str], device: str) -> str:
     mem = ("GPU MiB: allocator peak (nvidia-smi)" if device == "cuda" else "peak RSS MiB")
     head = ["model", "method", "family", "avi ms"] + [f"avi {e} ms" for e in extra_engines(device)]
@@ -300,7 +340,7 @@ def main() -> None:
     errors = [f"- {r['model']}/{r['method']} {k}: {t['error']}" for r in rows
               for k, t in r["timings"].items() if "error" in t]
     errors += [f"- {r['model']}/{r['method']}: {r['error']}" for r in rows if "error" in r]
-    text = header + "\n\n" + md + "\n" + ("\nErrors:\n" + "\n".join(errors) + "\n" if errors else "")
+    text = header + "\n\n" + md + "\n\n" + targets_line(rows, args.device) + "\n" + ("\nErrors:\n" + "\n".join(errors) + "\n" if errors else "")
     (out / "table.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     print(text)
@@ -309,7 +349,10 @@ def main() -> None:
               if not c.get("pass")]
     if failed:
         print("objective check failed: " + ", ".join(failed), file=sys.stderr)
-    if failed or errors:
+    missed = args.require_targets and target_misses(rows, args.device)[0]
+    if missed:
+        print("performance targets missed (--require-targets)", file=sys.stderr)
+    if failed or errors or missed:
         sys.exit(1)
 
 
