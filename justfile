@@ -27,17 +27,23 @@ bootstrap:
     if [ -x "{{venv}}/bin/python" ] && "{{venv}}/bin/python" -c 'import torch,sys; sys.exit(0 if torch.__version__.split("+")[0]=="{{torch_version}}" else 1)' 2>/dev/null; then
         # the CUDA headers avi-cuda compiles its CUDA-graph shim against (134 kB)
         if ! "{{venv}}/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt")' 2>/dev/null; then
-            "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt=={{crt_version}}"
+            "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "nvidia-cuda-crt=={{crt_version}}"
         fi
         exit 0
     fi
     py=$(command -v python3 || command -v python || true)
     if [ -z "$py" ]; then echo "error: python3 (>= 3.10, with pip) is needed to install libtorch" >&2; exit 2; fi
     "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' || { echo "error: python >= 3.10 is needed, found $("$py" --version)" >&2; exit 2; }
-    echo "installing torch=={{torch_version}} into {{venv}} (a few GB, once)"
+    # torch 2.11.0 with its CUDA libraries is about 5 GB installed, plus the
+    # downloaded wheels while pip installs them (not kept: --no-cache-dir)
+    free_gb=$(df -Pk "{{justfile_directory()}}" | awk 'NR==2 {print int($4 / 1048576)}')
+    if [ "${free_gb:-0}" -lt 9 ]; then
+        echo "warning: installing torch needs about 9 GB of free disk while it runs (5 GB kept); ${free_gb} GB free here" >&2
+    fi
+    echo "installing torch=={{torch_version}} into {{venv}} (about 5 GB, once)"
     "$py" -m venv "{{venv}}"
-    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check "torch=={{torch_version}}"
-    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt=={{crt_version}}"
+    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "torch=={{torch_version}}"
+    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "nvidia-cuda-crt=={{crt_version}}"
 
 # build the `avi` binary (release)
 [group('build')]
@@ -103,7 +109,7 @@ bench-compare *ARGS: bootstrap
     PY
     then
         echo "installing the peers of bench-compare ($req) into {{venv}}"
-        "$py" -m pip install --quiet --disable-pip-version-check -r "$req"
+        "$py" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r "$req"
     fi
     {{torch_env}}
     cargo build --release -p avi-benches --bin avi-step-time
