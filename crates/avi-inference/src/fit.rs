@@ -1103,10 +1103,10 @@ fn fit_fused(
         return finish(model, var, &x, trace, status, seconds, opts);
     }
     // libtorch's thread count, but no more threads than blocks of
-    // FUSED_WORK_PER_THREAD elements (N × draws): the fused engine starts its
-    // threads at every step, which costs more than it saves on small
-    // problems (saw, N = 1,000, 100 draws: 0.42 ms per step on 2 threads,
-    // 0.30 on 1; linear, N = 10⁴: 1.81 vs 3.12).
+    // FUSED_WORK_PER_THREAD elements (N × draws): below that a second thread
+    // does not pay for its wake-up and the final sums (saw, N = 1,000, 100
+    // draws, 2-core VM: 0.29–0.40 ms per step on 2 pooled threads, 0.30–0.40
+    // on 1; linear, N = 10⁴: 2.7–2.9 vs 3.5–3.9).
     const FUSED_WORK_PER_THREAD: usize = 250_000;
     let work = host.len().saturating_mul(opts.draws);
     let threads = usize::try_from(tch::get_num_threads())

@@ -197,7 +197,7 @@ fn objective_and_gradients_equal_autograd() {
                             &x,
                             &fused.previous(&x),
                             draws as usize,
-                            2,
+                            Workers::Scoped(2),
                             entropy,
                             &fill,
                         )
@@ -249,6 +249,60 @@ fn threads_change_only_rounding() {
     }
     assert!(worst(&p1.local_mean, &p3.local_mean) < 1e-12);
     assert!(worst(&p1.local_log_sd, &p3.local_log_sd) < 1e-12);
+}
+
+/// A step's threads from a pool (the trainer's) and threads started for the
+/// call split the draws alike and add the threads' sums in the same order:
+/// the same bits, on every model and for 2 and 3 threads.
+#[test]
+fn pool_threads_equal_scoped_threads() {
+    let n = 300;
+    let mean: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+    let log_sd: Vec<f64> = (0..n)
+        .map(|i| -1.0 + 0.3 * (i as f64 * 0.11).cos())
+        .collect();
+    let view = ParamsView {
+        theta_mean: 0.4,
+        theta_log_sd: -1.3,
+        mean: &mean,
+        log_sd: &log_sd,
+    };
+    let x: Vec<f64> = (0..n).map(|i| 2.0 * (i as f64 * 0.05).cos()).collect();
+    let models = [
+        FusedModel::Linear {
+            tau: 1.155,
+            sigma: 2.43,
+        },
+        FusedModel::Nonlinear,
+        FusedModel::Saw {
+            alpha: 0.75,
+            x0: 0.0,
+        },
+    ];
+    let fill = PhiloxDraws {
+        key: rng::key(17),
+        step: 3,
+    };
+    for model in models {
+        let prev = model.previous(&x);
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let run = |workers| evaluate(&model, &x, &prev, &view, 50, workers, Entropy::Mc, &fill);
+            let (a, b) = (run(Workers::Pool(&pool)), run(Workers::Scoped(threads)));
+            let bits = |g: &FusedGrad| -> Vec<u64> {
+                [g.elbo, g.theta_mean, g.theta_log_sd]
+                    .iter()
+                    .chain(&g.local_mean)
+                    .chain(&g.local_log_sd)
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&a), bits(&b), "{model:?}, {threads} threads");
+        }
+    }
 }
 
 /// Three Rust [`Adam`] steps equal three `nn::Adam` steps from the same
@@ -531,7 +585,7 @@ fn host_network_gradients_equal_autograd() {
                 &prev,
                 &view,
                 draws as usize,
-                2,
+                Workers::Scoped(2),
                 Entropy::Mc,
                 &fill,
             );
