@@ -944,9 +944,10 @@ impl FusedTrainer {
             step: (step + 1) as u32,
         };
         self.start_pool();
+        // `pool` is running exactly when `threads` > 1 (unless it failed to start).
         let workers = match &self.pool {
-            Some(pool) if self.threads > 1 => Workers::Pool(pool),
-            _ => Workers::Scoped(self.threads),
+            Some(pool) => Workers::Pool(pool),
+            None => Workers::Scoped(self.threads),
         };
         // The step's estimate and gradient at given local rows (borrows the
         // problem's fields only, not the state matched below).
