@@ -925,12 +925,24 @@ mod tests {
         load_experiment(&dir, name).unwrap()
     }
 
-    /// Every shipped experiment loads, and its quick form keeps only claims
-    /// about methods the quick run runs.
+    /// Every shipped experiment and variant (`data/experiments/variants/`)
+    /// loads, and its quick form keeps only claims about methods the quick
+    /// run runs.
     #[test]
     fn shipped_quick_claims_name_only_methods_that_run() {
-        for name in EXPERIMENTS {
-            let q = effective(&shipped(name), true, None).unwrap();
+        let variants = default_experiments_dir().join("variants");
+        let mut all: Vec<(String, Experiment)> = EXPERIMENTS
+            .iter()
+            .map(|name| (name.to_string(), shipped(name)))
+            .collect();
+        for entry in std::fs::read_dir(&variants).unwrap() {
+            let path = entry.unwrap().path();
+            let exp = load_experiment_file(&path).unwrap();
+            all.push((path.display().to_string(), exp));
+        }
+        assert!(all.len() > EXPERIMENTS.len(), "no variant in {variants:?}");
+        for (name, exp) in &all {
+            let q = effective(exp, true, None).unwrap();
             let run: Vec<&String> = q.methods.iter().map(|m| &m.label).collect();
             for c in &q.claims {
                 for l in c.labels() {
