@@ -877,9 +877,14 @@ fn cell_range(v: &Value, digits: usize, neg: bool) -> String {
         (Some(m), Some(a), Some(b)) => {
             let (lo, hi) = if neg { (s * b, s * a) } else { (a, b) };
             if (hi - lo).abs() < 10f64.powi(-(digits as i32)) {
-                format!("{:.*}", digits, s * m)
+                fmt(Some(s * m), digits)
             } else {
-                format!("{:.*} ({:.*}–{:.*})", digits, s * m, digits, lo, digits, hi)
+                format!(
+                    "{} ({}–{})",
+                    fmt(Some(s * m), digits),
+                    fmt(Some(lo), digits),
+                    fmt(Some(hi), digits)
+                )
             }
         }
         _ => "n/a".into(),
@@ -911,8 +916,17 @@ fn iter_cell(r: &Value, key: &str, digits: usize) -> String {
     }
 }
 
+/// `v` with `digits` decimals, or in scientific notation (4 significant
+/// digits) from 10⁹ on, where diverged runs land (up to 10³⁰⁸: written out
+/// in full they are hundreds of digits wide).
 fn fmt(v: Option<f64>, digits: usize) -> String {
-    v.map_or("n/a".into(), |v| format!("{v:.digits$}"))
+    v.map_or("n/a".into(), |v| {
+        if v.abs() >= 1e9 {
+            format!("{v:.3e}")
+        } else {
+            format!("{v:.digits$}")
+        }
+    })
 }
 
 /// The markdown report of one experiment.
@@ -1143,4 +1157,29 @@ pub fn report_all(dir: &Path) -> Result<Vec<PathBuf>> {
         write_atomic(&dir.join("REPORT.md"), &index)?;
     }
     Ok(folders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cell_range, fmt};
+    use serde_json::json;
+
+    /// Ordinary values keep their decimals; diverged ones are written in
+    /// scientific notation (in the median-and-range cells too); missing ones
+    /// are `n/a`.
+    #[test]
+    fn report_numbers_stay_short() {
+        let diverged = json!({"median": 5.4e39, "min": 23728.94, "max": 1.08e40});
+        assert_eq!(
+            cell_range(&diverged, 1, false),
+            "5.400e39 (23728.9–1.080e40)"
+        );
+        let elbo = json!({"median": -23728.94, "min": -23729.1, "max": -23728.9});
+        assert_eq!(cell_range(&elbo, 1, true), "23728.9 (23728.9–23729.1)");
+        assert_eq!(fmt(Some(23728.94), 1), "23728.9");
+        assert_eq!(fmt(Some(-999_999_999.0), 0), "-999999999");
+        assert_eq!(fmt(Some(5.401_217_9e39), 1), "5.401e39");
+        assert_eq!(fmt(Some(-1.2e9), 2), "-1.200e9");
+        assert_eq!(fmt(None, 1), "n/a");
+    }
 }
