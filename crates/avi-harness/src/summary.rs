@@ -100,6 +100,18 @@ fn reference(cfg: &FitConfig) -> Result<Option<(f64, &'static str)>> {
     Ok(None)
 }
 
+/// The status of a stored run: `"ok"` only when the run finished and its
+/// final ELBO is a number. Reports written before a non-finite final ELBO
+/// counted as divergence (`"status": "ok"`, `"elbo": null`) read as
+/// `"diverged"`, as the fit would report them now.
+fn run_status(report: &Value) -> &str {
+    match report["status"].as_str() {
+        Some("ok") if report["elbo"].is_number() => "ok",
+        Some("ok") | None => "diverged",
+        Some(other) => other,
+    }
+}
+
 fn width_of(method: &MethodConfig) -> Option<usize> {
     match method {
         MethodConfig::Avi {
@@ -194,7 +206,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             .iter()
             .find(|m| m.label == r.label)
             .context("run of an unknown method")?;
-        if matches!(m.method, MethodConfig::Fvi) && r.report["status"] == "ok" {
+        if matches!(m.method, MethodConfig::Fvi) && run_status(&r.report) == "ok" {
             fvi_final.insert((key_of(m), r.seed), final_window(&r.elbo, exp.final_window));
         }
     }
@@ -206,7 +218,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
         let mut per_seed = Vec::new();
         for r in runs.iter().filter(|r| r.label == m.label) {
             devices.insert(r.report["device"].as_str().unwrap_or("?").to_string());
-            let ok = r.report["status"] == "ok";
+            let ok = run_status(&r.report) == "ok";
             let fin = final_window(&r.elbo, exp.final_window);
             let elbo = r.report["elbo"].as_f64().unwrap_or(f64::NAN);
             let target = exact
@@ -256,7 +268,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 "seconds_to_converge": conv.map(|c| num(c.1)),
                 "seconds": num(run_seconds),
                 "ms_per_iteration": num(1e3 * run_seconds / iterations.max(1.0)),
-                "status": r.report["status"],
+                "status": run_status(&r.report),
                 "mse": mse,
                 "diagnosis": r.report.get("diagnosis").cloned().unwrap_or(Value::Null),
                 "run": format!("runs/{}-{}.json", file_stem(&m.label), r.seed),
@@ -1161,8 +1173,25 @@ pub fn report_all(dir: &Path) -> Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{cell_range, fmt};
+    use super::{cell_range, fmt, run_status};
     use serde_json::json;
+
+    /// A finished run without a final ELBO (written by older binaries) reads
+    /// as diverged; finished and diverged runs keep their status.
+    #[test]
+    fn a_run_without_a_final_elbo_reads_as_diverged() {
+        assert_eq!(run_status(&json!({"status": "ok", "elbo": -5.0})), "ok");
+        assert_eq!(
+            run_status(&json!({"status": "ok", "elbo": null})),
+            "diverged"
+        );
+        assert_eq!(run_status(&json!({"status": "ok"})), "diverged");
+        assert_eq!(
+            run_status(&json!({"status": "diverged", "elbo": -5.0})),
+            "diverged"
+        );
+        assert_eq!(run_status(&json!({"elbo": -5.0})), "diverged");
+    }
 
     /// Ordinary values keep their decimals; diverged ones are written in
     /// scientific notation (in the median-and-range cells too); missing ones

@@ -154,10 +154,12 @@ pub enum FitStatus {
     /// Every step produced finite values.
     Ok,
     /// The ELBO or a parameter became non-finite at this (1-based) step; the
-    /// optimisation stopped there.
+    /// optimisation stopped there. Also given, at the last step, to a run
+    /// that finished all its steps but whose final ELBO is not finite.
     Diverged {
         /// The first step whose ELBO estimate (or, failing that, the check
-        /// step whose parameters) was not finite.
+        /// step whose parameters) was not finite; the last step when every
+        /// step was finite but the ELBO of the final parameters is not.
         at: usize,
     },
 }
@@ -1017,6 +1019,18 @@ fn fit_graph(
     finish(model, var, &x, trace, status, seconds, opts)
 }
 
+/// The status of a fit whose steps ended with `status` and whose final
+/// parameters evaluate to `elbo`: a run whose every step estimate stayed
+/// finite but whose final ELBO does not (an estimate of −10⁴⁰ that
+/// overflows with more draws) has diverged too, at its last step, rather
+/// than finished with no result.
+fn final_status(status: FitStatus, elbo: f64, steps: usize) -> FitStatus {
+    match status {
+        FitStatus::Ok if !elbo.is_finite() => FitStatus::Diverged { at: steps },
+        s => s,
+    }
+}
+
 /// Evaluate and summarise fitted parameters.
 pub(crate) fn finish(
     model: &dyn Model,
@@ -1032,6 +1046,7 @@ pub(crate) fn finish(
         FitStatus::Diverged { at } => at,
     };
     let (elbo, elbo_se) = evaluate_elbo(model, &var, x, opts.eval_draws, opts.entropy)?;
+    let status = final_status(status, elbo, opts.steps);
     let q_theta = match &var.theta {
         ThetaFactor::Free(q) => Some(summarize(q)?),
         ThetaFactor::Fixed(_) => None,
@@ -1140,4 +1155,24 @@ fn fit_fused(
     let var = trainer.into_variational()?;
     let x = x.to_device(device).to_kind(opts.dtype.kind());
     finish(model, var, &x, trace, status, seconds, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{final_status, FitStatus};
+
+    #[test]
+    fn a_non_finite_final_elbo_marks_a_finished_run_diverged() {
+        for bad in [f64::NAN, f64::NEG_INFINITY, f64::INFINITY] {
+            assert_eq!(
+                final_status(FitStatus::Ok, bad, 300),
+                FitStatus::Diverged { at: 300 }
+            );
+        }
+        assert_eq!(final_status(FitStatus::Ok, -1.5e40, 300), FitStatus::Ok);
+        // A run that stopped early keeps the step where it stopped.
+        let early = FitStatus::Diverged { at: 17 };
+        assert_eq!(final_status(early, f64::NAN, 300), early);
+        assert_eq!(final_status(early, -3.0, 300), early);
+    }
 }
