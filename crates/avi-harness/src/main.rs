@@ -106,6 +106,10 @@ enum Command {
     Report {
         /// The folder.
         dir: PathBuf,
+        /// Only the first N seeds of each experiment (for a grid stopped
+        /// part-way): its experiment.json is rewritten to list them.
+        #[arg(long)]
+        seeds: Option<usize>,
     },
     /// The linear model (N = 10,000) with F-VI, Const and A-VI (d = 1, 2).
     Demo {
@@ -291,12 +295,12 @@ fn run(cli: Cli) -> Result<Outcome> {
                 reproduce(exp, &opts)?;
             }
             if defs.len() > 1 {
-                avi_harness::summary::report_all(&out)?;
+                avi_harness::summary::report_all(&out, None)?;
             }
             Ok(Outcome::Done)
         }
-        Command::Report { dir } => {
-            let folders = avi_harness::summary::report_all(&dir)?;
+        Command::Report { dir, seeds } => {
+            let folders = avi_harness::summary::report_all(&dir, seeds)?;
             for f in folders {
                 println!("rebuilt {}", f.join("REPORT.md").display());
             }

@@ -1110,10 +1110,15 @@ fn report_markdown(exp: &Experiment, s: &Value) -> String {
     md
 }
 
-/// `avi report DIR`: rebuild every experiment folder under `dir` (or `dir`
-/// itself when it holds `experiment.json`) and write `dir/REPORT.md`
-/// gathering them. Returns the folders rebuilt.
-pub fn report_all(dir: &Path) -> Result<Vec<PathBuf>> {
+/// `avi report DIR [--seeds K]`: rebuild every experiment folder under
+/// `dir` (or `dir` itself when it holds `experiment.json`) and write
+/// `dir/REPORT.md` gathering them. With `seeds`, each folder's
+/// `experiment.json` is first rewritten to list only its first `seeds`
+/// seeds (all folders are checked before any is rewritten), so that a grid
+/// stopped part-way is reported on the seeds it finished, and a later
+/// `avi report` or `avi reproduce --resume --seeds N` starts from what the
+/// folder says. Returns the folders rebuilt.
+pub fn report_all(dir: &Path, seeds: Option<usize>) -> Result<Vec<PathBuf>> {
     let mut folders = Vec::new();
     if dir.join("experiment.json").is_file() {
         folders.push(dir.to_path_buf());
@@ -1146,6 +1151,25 @@ pub fn report_all(dir: &Path) -> Result<Vec<PathBuf>> {
             "{}: no experiment folder (with experiment.json) found",
             dir.display()
         );
+    }
+    if let Some(k) = seeds {
+        let mut kept = Vec::new();
+        for f in &folders {
+            let path = f.join("experiment.json");
+            let mut exp = load_experiment_file(&path)?;
+            if k == 0 || k > exp.seeds.len() {
+                bail!(
+                    "--seeds {k}: {} lists {} seeds",
+                    path.display(),
+                    exp.seeds.len()
+                );
+            }
+            exp.seeds.truncate(k);
+            kept.push((path, exp));
+        }
+        for (path, exp) in kept {
+            write_json_atomic(&path, &serde_json::to_value(&exp)?)?;
+        }
     }
     let mut index = String::from("# avi reproduction report\n\nRebuilt by `avi report` from the stored runs; each experiment's own REPORT.md has its figures.\n");
     for f in &folders {

@@ -128,6 +128,41 @@ fn quick_reproductions_show_the_papers_conclusions() {
     }
     let index = std::fs::read_to_string(dir.path().join("REPORT.md")).unwrap();
     assert!(index.contains("## linear") && index.contains("## saw"));
+
+    // `avi report --seeds K`: more seeds than listed exit 2 with one line and
+    // change nothing; K = 1 reports the first seed alone and rewrites the
+    // definition to list it.
+    let linear = dir.path().join("linear");
+    let definition = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(linear.join("experiment.json")).unwrap())
+            .unwrap()
+    };
+    let before = definition();
+    let seeds = before["seeds"].as_array().unwrap().clone();
+    assert_eq!(seeds.len(), 2);
+    let report = |k: usize| {
+        Command::new(env!("CARGO_BIN_EXE_avi"))
+            .arg("report")
+            .arg(&linear)
+            .args(["--seeds", &k.to_string()])
+            .output()
+            .unwrap()
+    };
+    let o = report(3);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+    assert_eq!(definition(), before);
+    let o = report(1);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(definition()["seeds"], serde_json::json!([seeds[0]]));
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(linear.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(s["seeds"], serde_json::json!([seeds[0]]));
+    for m in s["methods"].as_array().unwrap() {
+        assert_eq!(m["runs"], 1, "{}", m["label"]);
+        assert_eq!(m["seeds"][0]["seed"], seeds[0], "{}", m["label"]);
+    }
 }
 
 /// The corrected Fig. 8 experiment end to end (N = 100, f64): F-VI reaches
