@@ -1,6 +1,7 @@
 //! One training iteration (draws, ELBO, backward, Adam step) per model and
 //! method at the paper's sizes, and an N sweep for F-VI and A-VI on the
-//! linear model. Throughput is reported in latent draws processed
+//! linear model. The BNN, the mixture and the discrete HMM are timed as
+//! their experiment definitions in `data/experiments/` configure them. Throughput is reported in latent draws processed
 //! (draws × N) per second. On CUDA the device is synchronised before the
 //! clock stops (`iter_custom`), and each case is also timed with the graph
 //! engine (`…/graph`: blocks of 50 steps replayed as CUDA graphs) and, for
@@ -8,9 +9,12 @@
 
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use avi_benches::{bench_device, synchronize};
+use avi_harness::reproduce::{effective, load_experiment, run_config};
+use avi_harness::run::{data_tensor, prepare};
 use avi_inference::{
     Activation, CudaFviTrainer, Edges, Engine, FitOptions, FunctionConfig, GraphTrainer, Heads,
     MethodConfig, Trainer,
@@ -194,6 +198,88 @@ fn nonlinear(c: &mut Criterion) {
     model_group(c, "nonlinear", &model, x, [0, 0]);
 }
 
+/// One group `iteration/{name}` from the full-size experiment definition
+/// `data/experiments/{name}.json`: the step of each kept method exactly as
+/// `avi reproduce` configures it (data, draws, mini-batch, dtype, fixed θ),
+/// first seed, libtorch engine; on CUDA also the graph engine where the
+/// definition uses full batches. Throughput counts the latent draws of one
+/// step (batch or N, × draws).
+fn experiment_group(c: &mut Criterion, name: &str, keep: &[&str]) {
+    let Some(device) = bench_device() else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/experiments");
+    let exp = load_experiment(&dir, name)
+        .and_then(|e| effective(&e, false, None))
+        .expect("experiment definition");
+    let mut group = c.benchmark_group(format!("iteration/{name}"));
+    group.sample_size(10);
+    for m in exp
+        .methods
+        .iter()
+        .filter(|m| keep.contains(&m.label.as_str()))
+    {
+        let cfg = run_config(&exp, m, exp.seeds[0]);
+        let prepared = prepare(&cfg, &dir).expect("experiment data");
+        let x = data_tensor(&prepared);
+        let n = x.size()[0];
+        let per_step = cfg.batch_size.unwrap_or(n as usize) * cfg.draws;
+        group.throughput(Throughput::Elements(per_step as u64));
+        let opts = FitOptions {
+            engine: Engine::Torch,
+            ..cfg.options()
+        };
+        let model = prepared.model.as_model();
+        let theta = cfg.model.fixed_theta();
+        let label = m.label.replace(' ', "_");
+        let mut trainer =
+            Trainer::new(model, &x, &cfg.method, theta, &opts, device).expect("trainer");
+        group.bench_function(BenchmarkId::new(&label, n), |b| {
+            b.iter_custom(|iters| {
+                synchronize(device);
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let _elbo = trainer.step().expect("step");
+                }
+                synchronize(device);
+                start.elapsed()
+            })
+        });
+        if device.is_cuda() && cfg.batch_size.is_none() {
+            let graph_opts = FitOptions {
+                engine: Engine::Graph,
+                ..opts
+            };
+            let trainer =
+                Trainer::new(model, &x, &cfg.method, theta, &graph_opts, device).expect("trainer");
+            let mut graph = GraphTrainer::new(trainer, GRAPH_BLOCK).expect("graph trainer");
+            bench_blocks(&mut group, &format!("{label}/graph"), n, device, || {
+                graph.step_block().map(|_| ())
+            });
+        }
+    }
+    group.finish();
+}
+
+/// The BNN of §4.4 at the paper's size (10,000 Fashion-MNIST images,
+/// mini-batches of 1,000, one draw): every method.
+fn bnn(c: &mut Criterion) {
+    experiment_group(c, "bnn", &["fvi", "const", "k=1", "k=64", "k=128", "k=256"]);
+}
+
+/// The Gaussian mixture (categorical factors, N = 1,000, 20 draws).
+fn mixture(c: &mut Criterion) {
+    experiment_group(c, "mixture", &["fvi", "const", "k=8", "k=32"]);
+}
+
+/// The discrete HMM of the window experiment (categorical factors,
+/// N = 1,000, 100 draws): F-VI and the narrowest and widest A-VI.
+fn discrete_hmm(c: &mut Criterion) {
+    experiment_group(
+        c,
+        "hmm-window",
+        &["discrete fvi", "discrete w=1 k=8", "discrete w=9 k=32"],
+    );
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -203,6 +289,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = linear, saw, gaussian_hmm, nonlinear
+    targets = linear, saw, gaussian_hmm, nonlinear, bnn, mixture, discrete_hmm
 }
 criterion_main!(benches);
