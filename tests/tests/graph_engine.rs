@@ -3,14 +3,19 @@
 //!
 //! On the CPU it runs the torch engine's step with another Adam
 //! implementation: from the same seed it takes the same draws, so its trace
-//! follows the torch engine's up to rounding. The CUDA test (ignored here;
+//! follows the torch engine's up to rounding — with full batches, with the
+//! BNN's mini-batches (a fixed order, blocks of whole epochs) and with
+//! monitoring between blocks. The CUDA test (ignored here;
 //! `cargo test --test graph_engine -- --ignored` on a GPU machine) checks
 //! that replayed graphs compute what the same steps compute eagerly.
 
-use avi_inference::{fit, Dtype, Engine, FitOptions, GraphTrainer, MethodConfig, Silent, Trainer};
-use avi_models::{LinearModel, Model, SawModel};
+use avi_inference::{
+    fit, Activation, Dtype, Edges, Engine, FitOptions, FunctionConfig, GraphTrainer, Heads,
+    MethodConfig, Observer, Silent, Trainer, Variational,
+};
+use avi_models::{BnnModel, LinearModel, Model, SawModel};
 use avi_tests::{max_rel, mlp, serial};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 fn options(engine: Engine, dtype: Dtype) -> FitOptions {
     tch::set_num_threads(1);
@@ -28,29 +33,62 @@ fn options(engine: Engine, dtype: Dtype) -> FitOptions {
     }
 }
 
-fn problems() -> Vec<(Box<dyn Model>, Vec<f64>, MethodConfig)> {
+/// A model, its data, a method and the mini-batch size.
+type Problem = (Box<dyn Model>, Tensor, MethodConfig, Option<usize>);
+
+/// A small BNN (2 latents, 8 hidden units, 12 pixels) on 50 simulated
+/// images in mini-batches of 10 (an epoch is 5 steps).
+fn bnn() -> (BnnModel, Tensor) {
+    let model = BnnModel::new(2, 8, 12).unwrap();
+    let x = Tensor::from_slice(&model.simulate(50, 3, None).unwrap()).view([50, 12]);
+    (model, x)
+}
+
+/// The BNN's encoder (LeakyReLU, as in §4.4).
+fn encoder(width: usize) -> MethodConfig {
+    MethodConfig::Avi {
+        function: FunctionConfig::Mlp {
+            width,
+            depth: 2,
+            activation: Activation::LeakyRelu,
+            heads: Heads::Shared,
+        },
+        standardize: false,
+        window: [0, 0],
+        edges: Edges::Pad,
+    }
+}
+
+fn problems() -> Vec<Problem> {
     let linear = LinearModel::new(1.155, 2.43).unwrap();
-    let xl = linear.simulate(300, 1, None).unwrap();
+    let xl = Tensor::from_slice(&linear.simulate(300, 1, None).unwrap());
     let saw = SawModel::new(0.75, 0.0).unwrap();
-    let xs = saw.simulate(200, 2012, Some(3.4159)).unwrap();
+    let xs = Tensor::from_slice(&saw.simulate(200, 2012, Some(3.4159)).unwrap());
+    let (b1, x1) = bnn();
+    let (b2, x2) = bnn();
     vec![
-        (Box::new(linear), xl, MethodConfig::Fvi),
-        (Box::new(saw), xs, mlp(10, [1, 0])),
+        (Box::new(linear), xl, MethodConfig::Fvi, None),
+        (Box::new(saw), xs, mlp(10, [1, 0]), None),
+        (Box::new(b1), x1, MethodConfig::Fvi, Some(10)),
+        (Box::new(b2), x2, encoder(8), Some(10)),
     ]
 }
 
 #[test]
 fn graph_engine_follows_the_torch_engine_on_the_cpu() {
     let _serial = serial();
-    for (model, x, method) in problems() {
-        let xt = Tensor::from_slice(&x);
+    for (model, xt, method, batch_size) in problems() {
         let run = |engine| {
+            let opts = FitOptions {
+                batch_size,
+                ..options(engine, Dtype::F64)
+            };
             fit(
                 model.as_ref(),
                 &xt,
                 &method,
                 None,
-                &options(engine, Dtype::F64),
+                &opts,
                 Device::Cpu,
                 &mut Silent,
             )
@@ -72,45 +110,105 @@ fn graph_engine_follows_the_torch_engine_on_the_cpu() {
     }
 }
 
-#[test]
-fn graph_engine_refuses_mini_batches_and_monitoring() {
-    let _serial = serial();
-    let model = LinearModel::new(1.155, 2.43).unwrap();
-    let x = Tensor::from_slice(&model.simulate(100, 1, None).unwrap());
-    let mut opts = options(Engine::Graph, Dtype::F32);
-    opts.batch_size = Some(10);
-    let err = fit(
-        &model,
-        &x,
-        &MethodConfig::Fvi,
-        None,
-        &opts,
-        Device::Cpu,
-        &mut Silent,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("batch_size"), "{err}");
+/// Records the step and the sum of every parameter at each monitoring call.
+struct Monitor(Vec<(usize, f64)>);
 
-    struct Monitor;
-    impl avi_inference::Observer for Monitor {
-        fn monitor_every(&self) -> usize {
-            10
-        }
+impl Observer for Monitor {
+    fn monitor_every(&self) -> usize {
+        10
     }
-    let opts = options(Engine::Graph, Dtype::F32);
-    let err = fit(
-        &model,
-        &x,
-        &MethodConfig::Fvi,
-        None,
-        &opts,
-        Device::Cpu,
-        &mut Monitor,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("monitoring"), "{err}");
+    fn on_monitor(
+        &mut self,
+        done: usize,
+        _seconds: f64,
+        var: &Variational,
+    ) -> avi_inference::Result<()> {
+        let sum: f64 = var
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(|v| v.sum(Kind::Double).double_value(&[]))
+            .sum();
+        self.0.push((done, sum));
+        Ok(())
+    }
+}
+
+/// Monitoring every 10 steps (as the BNN's MSE is, once per epoch): the
+/// graph engine runs blocks of gcd(100, 10) = 10 steps and monitors between
+/// them, at the torch engine's steps and parameters.
+#[test]
+fn graph_engine_monitors_between_blocks() {
+    let _serial = serial();
+    let (model, x) = bnn();
+    let run = |engine| {
+        let opts = FitOptions {
+            batch_size: Some(10),
+            ..options(engine, Dtype::F64)
+        };
+        let mut monitor = Monitor(Vec::new());
+        let f = fit(
+            &model,
+            &x,
+            &encoder(8),
+            None,
+            &opts,
+            Device::Cpu,
+            &mut monitor,
+        )
+        .unwrap();
+        (f, monitor.0)
+    };
+    let ((torch, seen_torch), (graph, seen_graph)) = (run(Engine::Torch), run(Engine::Graph));
+    let steps: Vec<usize> = seen_graph.iter().map(|m| m.0).collect();
+    assert_eq!(steps, (0..=25).map(|i| 10 * i).collect::<Vec<_>>());
+    assert_eq!(
+        steps,
+        seen_torch.iter().map(|m| m.0).collect::<Vec<_>>(),
+        "monitoring steps"
+    );
+    // Same draws, Adams that differ in rounding (see above): 1e-8.
+    let sums = |m: &[(usize, f64)]| m.iter().map(|m| m.1).collect::<Vec<_>>();
+    let d = max_rel(&sums(&seen_torch), &sums(&seen_graph));
+    assert!(d <= 1e-8, "monitored parameters differ by {d:e}");
+    let d = max_rel(&torch.trace.elbo, &graph.trace.elbo);
+    assert!(d <= 1e-8, "traces differ by {d:e}");
+    // The parameters moved between the first and the last call.
+    assert!((seen_graph[0].1 - seen_graph[25].1).abs() > 1e-3);
+}
+
+/// The graph engine replays its batches at the positions it captured them
+/// with: it refuses a shuffled order, and blocks that are not whole epochs
+/// (50 observations in batches of 7: 8 steps per epoch, blocks of 100).
+#[test]
+fn graph_engine_refuses_shuffled_or_partial_epochs() {
+    let _serial = serial();
+    let (model, x) = bnn();
+    let run = |batch_size, shuffle| {
+        let opts = FitOptions {
+            batch_size: Some(batch_size),
+            shuffle,
+            ..options(Engine::Graph, Dtype::F32)
+        };
+        fit(
+            &model,
+            &x,
+            &MethodConfig::Fvi,
+            None,
+            &opts,
+            Device::Cpu,
+            &mut Silent,
+        )
+    };
+    let err = run(10, true).unwrap_err().to_string();
+    assert!(err.contains("shuffle"), "{err}");
+    let err = run(7, false).unwrap_err().to_string();
+    assert!(
+        err.contains("check_every") && err.contains("the 8 mini-batches"),
+        "{err}"
+    );
+    // 5 steps per epoch divide the blocks of 100: accepted.
+    assert_eq!(run(10, false).unwrap().trace.elbo.len(), 250);
 }
 
 /// CUDA: blocks replayed from a captured graph give the trace of the same
@@ -122,10 +220,12 @@ fn cuda_graph_replays_match_eager_steps() {
     let _serial = serial();
     assert!(tch::Cuda::is_available(), "libtorch sees no CUDA device");
     let device = Device::Cuda(0);
-    for (model, x, method) in problems() {
-        let xt = Tensor::from_slice(&x);
+    for (model, xt, method, batch_size) in problems() {
         let blocks = |capture: bool| -> (Vec<f64>, bool) {
-            let opts = options(Engine::Graph, Dtype::F32);
+            let opts = FitOptions {
+                batch_size,
+                ..options(Engine::Graph, Dtype::F32)
+            };
             let trainer = Trainer::new(model.as_ref(), &xt, &method, None, &opts, device).unwrap();
             let mut g = GraphTrainer::new(trainer, 50).unwrap();
             if !capture {
@@ -153,7 +253,10 @@ fn cuda_graph_replays_match_eager_steps() {
             &xt,
             &method,
             None,
-            &options(Engine::Torch, Dtype::F32),
+            &FitOptions {
+                batch_size,
+                ..options(Engine::Torch, Dtype::F32)
+            },
             device,
             &mut Silent,
         )

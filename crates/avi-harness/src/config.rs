@@ -264,7 +264,8 @@ pub struct FitConfig {
     pub shuffle: bool,
     /// `"torch"` (default), `"fused"` (the fused CPU engine of the scalar
     /// models: linear, nonlinear, saw) or `"graph"` (the libtorch step with
-    /// a device-side Adam, captured as CUDA graphs on CUDA; full batches).
+    /// a device-side Adam, captured as CUDA graphs on CUDA; mini-batches
+    /// without `shuffle`, whole epochs per graph).
     #[serde(default)]
     pub engine: avi_inference::Engine,
     /// Reconstruction error monitoring (BNN only; digest §4.4).

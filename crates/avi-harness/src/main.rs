@@ -90,7 +90,7 @@ enum Command {
         resume: bool,
         /// Override the definition's engine: torch, fused (the fused CPU
         /// engine of the linear, nonlinear and saw models), or graph (CUDA
-        /// graphs of the libtorch step; full batches).
+        /// graphs of the libtorch step; mini-batches in a fixed order).
         #[arg(long, value_enum)]
         engine: Option<EngineChoice>,
         /// Fit the seeds of each F-VI and Const method (full batches, free
@@ -136,7 +136,8 @@ enum EngineChoice {
     /// The fused CPU engine (linear, nonlinear, saw).
     Fused,
     /// libtorch kernels with a device-side Adam; on CUDA each block of
-    /// `check_every` steps is one CUDA-graph replay (full batches).
+    /// `check_every` steps (or whole epochs between two MSE records) is one
+    /// CUDA-graph replay.
     Graph,
 }
 

@@ -348,7 +348,8 @@ pub struct Experiment {
     #[serde(default)]
     pub diagnose: bool,
     /// `"torch"` (default), `"fused"` (the fused CPU engine; scalar models
-    /// only) or `"graph"` (CUDA graphs of the libtorch step; full batches).
+    /// only) or `"graph"` (CUDA graphs of the libtorch step; mini-batches
+    /// in a fixed order, whole epochs per graph).
     #[serde(default)]
     pub engine: avi_inference::Engine,
     /// The methods compared.

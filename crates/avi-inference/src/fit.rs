@@ -98,7 +98,10 @@ pub enum Engine {
     /// ([`avi_cuda::FusedAdam`]), so that no step reads the host. On CUDA
     /// the `check_every` steps between two checks are captured once as a
     /// CUDA graph and replayed with one launch ([`GraphTrainer`]); on the
-    /// CPU the same steps run without capture. Full batches, no monitoring.
+    /// CPU the same steps run without capture. Mini-batches in their fixed
+    /// order (no `shuffle`), each block a whole number of epochs; with
+    /// monitoring, blocks of gcd(`check_every`, the observer's
+    /// [`Observer::monitor_every`]) steps, monitored between replays.
     Graph,
 }
 
@@ -709,7 +712,11 @@ impl std::fmt::Debug for GraphTrainer<'_> {
 
 impl<'a> GraphTrainer<'a> {
     /// Blocks of `block` steps of `trainer`, which must use
-    /// [`Engine::Graph`] (device-side Adam) and full batches.
+    /// [`Engine::Graph`] (device-side Adam). With mini-batches the order
+    /// must be fixed (no `shuffle`) and a block must hold a whole number of
+    /// epochs (⌈N / B⌉ steps each): a captured block reads the batches at
+    /// the positions it was captured with, so every replay must start where
+    /// the capture did.
     pub fn new(trainer: Trainer<'a>, block: usize) -> Result<Self> {
         if trainer.opts.engine != Engine::Graph {
             return Err(InferenceError::config(
@@ -717,14 +724,27 @@ impl<'a> GraphTrainer<'a> {
                 "a GraphTrainer needs a trainer built with engine \"graph\"",
             ));
         }
-        if trainer.opts.batch_size.is_some() {
-            return Err(InferenceError::config(
-                "batch_size",
-                "the graph engine supports full batches only",
-            ));
-        }
         if block == 0 {
             return Err(InferenceError::config("check_every", "must be at least 1"));
+        }
+        if let Some(b) = trainer.opts.batch_size {
+            if trainer.opts.shuffle {
+                return Err(InferenceError::config(
+                    "shuffle",
+                    "the graph engine replays a fixed batch order: mini-batches without shuffling only",
+                ));
+            }
+            let epoch = (trainer.x.size()[0] as usize).div_ceil(b);
+            if block % epoch != 0 {
+                return Err(InferenceError::config(
+                    "check_every",
+                    format!(
+                        "the graph engine replays whole epochs: its blocks of {block} steps \
+                         (check_every, or its gcd with the monitoring interval) are not a \
+                         multiple of the {epoch} mini-batches of an epoch"
+                    ),
+                ));
+            }
         }
         let device = trainer.x.device();
         let buf = Tensor::zeros([block as i64], (trainer.opts.dtype.kind(), device));
@@ -790,6 +810,14 @@ impl<'a> GraphTrainer<'a> {
     }
 }
 
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 fn device_index(device: Device) -> i64 {
     match device {
         Device::Cuda(i) => i as i64,
@@ -819,18 +847,13 @@ pub fn fit(
     }
     let trainer = Trainer::new(model, x, method, fixed_theta, opts, device)?;
     if opts.engine == Engine::Graph {
-        if observer.monitor_every() > 0 {
-            return Err(InferenceError::config(
-                "engine",
-                "the graph engine has no monitoring hook",
-            ));
-        }
-        return fit_graph(
-            model,
-            GraphTrainer::new(trainer, opts.check_every)?,
-            opts,
-            observer,
-        );
+        // Monitoring happens between blocks: a block must end at every
+        // monitoring step and at every check.
+        let block = match observer.monitor_every() {
+            0 => opts.check_every,
+            every => gcd(opts.check_every, every),
+        };
+        return fit_graph(model, GraphTrainer::new(trainer, block)?, opts, observer);
     }
     let mut trainer = trainer;
     let mut trace = Trace::default();
@@ -893,6 +916,10 @@ trait BlockRunner {
     /// One step outside a graph; its ELBO estimate on the device.
     fn step(&mut self) -> Result<Tensor>;
     fn params_finite(&self) -> bool;
+    /// The current parameters, for monitoring (`None`: not monitorable).
+    fn variational(&self) -> Option<&Variational> {
+        None
+    }
 }
 
 impl BlockRunner for GraphTrainer<'_> {
@@ -907,6 +934,9 @@ impl BlockRunner for GraphTrainer<'_> {
     }
     fn params_finite(&self) -> bool {
         params_finite(&self.trainer.var.vs)
+    }
+    fn variational(&self) -> Option<&Variational> {
+        Some(&self.trainer.var)
     }
 }
 
@@ -926,11 +956,14 @@ impl BlockRunner for crate::CudaFviTrainer {
 }
 
 /// The loop of the graph engine and the CUDA fused engine: whole blocks of
-/// `check_every` steps (one graph replay each on CUDA), the last shorter
-/// block step by step, and the torch engine's checks at the end of every
-/// block. A block's time stamps are interpolated between the host clock at
-/// the ends of the blocks (each read waits for the device). Returns the
-/// trace, the status and the wall time.
+/// steps (one graph replay each on CUDA), the last shorter block step by
+/// step, and the torch engine's checks: every ELBO estimate, and the
+/// parameters every `check_every` steps and at the end. A block's time
+/// stamps are interpolated between the host clock at the ends of the blocks
+/// (each read waits for the device). With monitoring (blocks end at every
+/// monitoring step), [`Observer::on_monitor`] runs between blocks, off the
+/// clock, as in the torch engine's loop. Returns the trace, the status and
+/// the wall time.
 fn run_blocks(
     runner: &mut dyn BlockRunner,
     opts: &FitOptions,
@@ -939,7 +972,25 @@ fn run_blocks(
     let mut trace = Trace::default();
     let mut status = FitStatus::Ok;
     let block = runner.block();
+    let every = observer.monitor_every();
+    if every > 0 {
+        let Some(var) = runner.variational() else {
+            return Err(InferenceError::config(
+                "engine",
+                "this engine has no monitoring hook",
+            ));
+        };
+        if every % block != 0 {
+            return Err(InferenceError::config(
+                "check_every",
+                format!("blocks of {block} steps do not end at every monitoring step ({every})"),
+            ));
+        }
+        observer.on_monitor(0, 0.0, var)?;
+    }
+    let mut paused = std::time::Duration::ZERO;
     let start = Instant::now();
+    let clock = |paused: std::time::Duration| (start.elapsed() - paused).as_secs_f64();
     let mut done = 0;
     let mut last_time = 0.0;
     while done < opts.steps {
@@ -953,27 +1004,35 @@ fn run_blocks(
             Tensor::cat(&steps, 0)
         };
         let values = Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu))?;
-        let now = start.elapsed().as_secs_f64();
+        let now = clock(paused);
         let first = done + 1;
         done += len;
         let seconds: Vec<f64> = (1..=len)
             .map(|i| last_time + (now - last_time) * i as f64 / len as f64)
             .collect();
         last_time = now;
+        let check = done % opts.check_every == 0 || done == opts.steps;
         let diverged = record_block(
             &mut trace,
             &mut status,
             first,
             &values,
             &seconds,
-            runner.params_finite(),
+            !check || runner.params_finite(),
         );
         observer.on_check(done, opts.steps, *values.last().unwrap_or(&f64::NAN));
         if diverged {
             break;
         }
+        if every > 0 && done % every == 0 {
+            if let Some(var) = runner.variational() {
+                let t0 = Instant::now();
+                observer.on_monitor(done, now, var)?;
+                paused += t0.elapsed();
+            }
+        }
     }
-    Ok((trace, status, start.elapsed().as_secs_f64()))
+    Ok((trace, status, clock(paused)))
 }
 
 /// Appends the steps `first ..= first + values.len() − 1` (ELBO estimates
