@@ -201,9 +201,9 @@ fn nonlinear(c: &mut Criterion) {
 /// One group `iteration/{name}` from the full-size experiment definition
 /// `data/experiments/{name}.json`: the step of each kept method exactly as
 /// `avi reproduce` configures it (data, draws, mini-batch, dtype, fixed θ),
-/// first seed, libtorch engine; on CUDA also the graph engine where the
-/// definition uses full batches. Throughput counts the latent draws of one
-/// step (batch or N, × draws).
+/// first seed, libtorch engine; on CUDA also the graph engine (blocks of 50
+/// steps: whole epochs of the BNN's 10 mini-batches). Throughput counts the
+/// latent draws of one step (batch or N, × draws).
 fn experiment_group(c: &mut Criterion, name: &str, keep: &[&str]) {
     let Some(device) = bench_device() else { return };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/experiments");
@@ -243,7 +243,7 @@ fn experiment_group(c: &mut Criterion, name: &str, keep: &[&str]) {
                 start.elapsed()
             })
         });
-        if device.is_cuda() && cfg.batch_size.is_none() {
+        if device.is_cuda() && !cfg.shuffle {
             let graph_opts = FitOptions {
                 engine: Engine::Graph,
                 ..opts
