@@ -81,10 +81,10 @@ check: bootstrap
 fmt:
     cargo fmt --all
 
-# criterion benchmarks on CPU
+# criterion benchmarks on CPU; ARGS go to criterion (e.g. a filter: just bench iteration/bnn); AVI_BENCH_THREADS=T sets libtorch's CPU threads
 [group('bench')]
-bench: bootstrap
-    {{torch_env}} AVI_BENCH_DEVICE=cpu cargo bench -p avi-benches
+bench *ARGS: bootstrap
+    {{torch_env}} AVI_BENCH_DEVICE=cpu cargo bench -p avi-benches --bench iteration -- {{ARGS}}
 
 # one training iteration of avi vs PyTorch eager, JAX jit, Pyro and NumPyro (same device, threads, data and start); one table in out/bench-compare/. ARGS go to benches/compare/run.py, e.g. --threads 1, --device cuda
 [group('bench')]
@@ -141,5 +141,5 @@ gpu-bundle: bootstrap
 
 # the same benchmarks on CUDA (says so and exits 0 when there is no CUDA device)
 [group('bench')]
-bench-gpu: bootstrap
-    {{torch_env}} AVI_BENCH_DEVICE=cuda cargo bench -p avi-benches
+bench-gpu *ARGS: bootstrap
+    {{torch_env}} AVI_BENCH_DEVICE=cuda cargo bench -p avi-benches --bench iteration -- {{ARGS}}
