@@ -7,12 +7,16 @@ for N = 10^3 ... 10^6 and fits the exponent b of `time ∝ N^b` by least
 squares on log time vs log N over the points with N ≥ 10^4 (below that the
 fixed per-step cost dominates; the fit over all points is reported too).
 b ≈ 1 means the cost is linear in N × draws. It also reports the number of
-variational parameters (A-VI's does not depend on N) and the elements
-(N × draws) processed per second.
+variational parameters (A-VI's does not depend on N), the elements
+(N × draws) processed per second and the peak memory of the run at the
+largest N (the process's peak RSS on CPU; the CUDA allocator's peak on
+CUDA), each configuration timed in its own process.
 
     python benches/sweep.py --out out/bench-sweep --step-time target/release/avi-step-time --threads 1
 
-Writes `results.json` (every number) and `table.md` to `--out`.
+Writes `results.json` (every number) and `table.md` to `--out`;
+`--from-results FILE` rebuilds `table.md` in `--out` from a stored
+`results.json` without timing anything.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ DRAWS = 100
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for results.json and table.md")
-    ap.add_argument("--step-time", required=True, help="avi's timer binary (avi-step-time)")
+    ap.add_argument("--step-time", help="avi's timer binary (avi-step-time); required unless --from-results")
+    ap.add_argument("--from-results", help="rebuild table.md from this results.json; time nothing")
     ap.add_argument("--threads", type=int, default=1, help="threads of every run (default 1)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--models", default="linear,saw")
@@ -85,10 +90,45 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def render_table(meta: dict, rows: list[dict]) -> str:
+    """The markdown table of a sweep's results (rows as in results.json)."""
+    sizes = meta["sizes"]
+    cuda = meta["device"] == "cuda"
+    memory = "CUDA allocator peak MiB" if cuda else "peak RSS MiB"
+    fits = [r for r in rows if "exponent" in r]
+    times = [r for r in rows if "exponent" not in r]
+    lines = [
+        f"N sweep of one training iteration ({meta['draws']} draws), {meta['device']}, "
+        f"{meta['threads']} thread(s); "
+        f"time ∝ N^b fitted on N ≥ 10^4 (b over all N in brackets).",
+        "",
+        "| model | method | engine | " + " | ".join(f"N = {n:,} ms" for n in sizes)
+        + f" | b (all) | parameters at the largest N | M elements/s at the largest N | {memory} at the largest N |",
+        "|---" * (7 + len(sizes)) + "|",
+    ]
+    for f in fits:
+        pts = [r for r in times if (r["model"], r["method"], r["engine"]) ==
+               (f["model"], f["method"], f["engine"])]
+        cells = " | ".join(f"{r['ms_per_iteration']:.3f}" for r in pts)
+        b = "n/a" if f["exponent"] is None else f"{f['exponent']:.3f}"
+        ball = "n/a" if f["exponent_all"] is None else f"{f['exponent_all']:.3f}"
+        peak = pts[-1].get("gpu_allocator_peak_mib" if cuda else "peak_rss_mib")
+        peak = "n/a" if peak is None else f"{peak:,.0f}"
+        lines.append(f"| {f['model']} | {f['method']} | {f['engine']} | {cells} | {b} ({ball}) | "
+                     f"{pts[-1]['num_parameters']:,} | {pts[-1]['elements_per_s'] / 1e6:.1f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     a = parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.from_results:
+        stored = json.loads(Path(a.from_results).read_text())
+        write_atomic(out / "table.md", render_table(stored["meta"], stored["rows"]))
+        return
+    if not a.step_time:
+        sys.exit("error: --step-time is required (or --from-results)")
     sizes = [int(s) for s in a.sizes.split(",")]
     engines = a.engines.split(",") if a.engines else (
         ["torch", "fused"] if a.device == "cpu" else ["torch", "graph", "fused"])
@@ -128,26 +168,6 @@ def main() -> None:
                 big = [p for p in points if p[0] >= 10_000]
                 rows.append({"model": model, "method": method, "engine": engine,
                              "exponent": slope(big), "exponent_all": slope(points)})
-    fits = [r for r in rows if "exponent" in r]
-    times = [r for r in rows if "exponent" not in r]
-    lines = [
-        f"N sweep of one training iteration ({DRAWS} draws), {a.device}, {a.threads} thread(s); "
-        f"time ∝ N^b fitted on N ≥ 10^4 (b over all N in brackets).",
-        "",
-        "| model | method | engine | " + " | ".join(f"N = {n:,} ms" for n in sizes)
-        + " | b (all) | parameters at the largest N | M elements/s at the largest N |",
-        "|---" * (6 + len(sizes)) + "|",
-    ]
-    for f in fits:
-        pts = [r for r in times if (r["model"], r["method"], r["engine"]) ==
-               (f["model"], f["method"], f["engine"])]
-        cells = " | ".join(f"{r['ms_per_iteration']:.3f}" for r in pts)
-        b = "n/a" if f["exponent"] is None else f"{f['exponent']:.3f}"
-        ball = "n/a" if f["exponent_all"] is None else f"{f['exponent_all']:.3f}"
-        lines.append(f"| {f['model']} | {f['method']} | {f['engine']} | {cells} | {b} ({ball}) | "
-                     f"{pts[-1]['num_parameters']:,} | {pts[-1]['elements_per_s'] / 1e6:.1f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(),
@@ -158,6 +178,8 @@ def main() -> None:
         "sizes": sizes,
         "draws": DRAWS,
     }
+    table = render_table(meta, rows)
+    print(table)
     write_atomic(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     write_atomic(out / "table.md", table)
 
