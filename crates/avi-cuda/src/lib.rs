@@ -120,6 +120,12 @@ pub struct FusedAdam {
 }
 
 impl FusedAdam {
+    /// Set the learning rate of the following steps (a step captured in a
+    /// CUDA graph keeps the rate it was captured with).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
     /// Adam over `params` (leaf tensors that require gradients, all on one
     /// device and of one floating kind) with learning rate `lr`.
     pub fn new(params: Vec<Tensor>, lr: f64) -> Result<Self> {

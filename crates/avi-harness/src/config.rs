@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use avi_inference::{Dtype, Entropy, FitOptions, MethodConfig};
+use avi_inference::{Dtype, Entropy, FitOptions, LrStep, MethodConfig};
 use serde::{Deserialize, Serialize};
 
 /// A model and its fixed parameters.
@@ -262,6 +262,11 @@ pub struct FitConfig {
     /// contiguous batches, as in the authors' code).
     #[serde(default)]
     pub shuffle: bool,
+    /// Learning-rate changes, `[{"from": STEP, "factor": F}, …]`: from step
+    /// STEP on the rate is `lr × F` (default none: `lr` throughout, as in
+    /// the paper).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_schedule: Vec<LrStep>,
     /// `"torch"` (default), `"fused"` (the fused CPU engine of the scalar
     /// models: linear, nonlinear, saw) or `"graph"` (the libtorch step with
     /// a device-side Adam, captured as CUDA graphs on CUDA; mini-batches
@@ -338,6 +343,7 @@ impl FitConfig {
             batch_size: self.batch_size,
             shuffle: self.shuffle,
             engine: self.engine,
+            lr_schedule: self.lr_schedule.clone(),
         }
     }
 }
@@ -468,5 +474,35 @@ mod tests {
         assert!(format!("{e:#}").contains("steps"), "{e:#}");
         let e = FitConfig::parse(&GOOD.replace("\"lr\": 0.01", "\"lr\": 0")).unwrap_err();
         assert!(format!("{e:#}").contains("lr"), "{e:#}");
+    }
+
+    /// `lr_schedule` reaches the fit options; a bad one is an error naming
+    /// the field, and a misspelt entry field is rejected.
+    #[test]
+    fn reads_and_checks_the_lr_schedule() {
+        let with = |schedule: &str| {
+            GOOD.replace(
+                "\"lr\": 0.01",
+                &format!("\"lr\": 0.01, \"lr_schedule\": {schedule}"),
+            )
+        };
+        let c = FitConfig::parse(&with(r#"[{"from": 6, "factor": 0.1}]"#)).unwrap();
+        let o = c.options();
+        assert_eq!(o.lr_change_at(6), Some(0.01 * 0.1));
+        assert_eq!(o.lr_change_at(5), None);
+        assert!(FitConfig::parse(GOOD)
+            .unwrap()
+            .options()
+            .lr_schedule
+            .is_empty());
+        for bad in [
+            r#"[{"from": 1, "factor": 0.1}]"#,
+            r#"[{"from": 6, "factor": 0}]"#,
+            r#"[{"from": 6, "factor": 0.1}, {"from": 3, "factor": 0.1}]"#,
+        ] {
+            let e = FitConfig::parse(&with(bad)).unwrap_err();
+            assert!(format!("{e:#}").contains("lr_schedule"), "{bad}: {e:#}");
+        }
+        assert!(FitConfig::parse(&with(r#"[{"from": 6, "factr": 0.1}]"#)).is_err());
     }
 }

@@ -43,6 +43,7 @@ pub fn demo_configs(n: usize, steps: usize) -> Vec<(&'static str, FitConfig)> {
         report_q_z: true,
         batch_size: None,
         shuffle: false,
+        lr_schedule: Vec::new(),
         mse: None,
         engine: Default::default(),
     };

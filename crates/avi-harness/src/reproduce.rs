@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
-use avi_inference::{Dtype, Entropy, MethodConfig, Observer};
+use avi_inference::{Dtype, Entropy, LrStep, MethodConfig, Observer};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -74,6 +74,10 @@ pub struct QuickEntry {
     /// Mini-batch size (default: the experiment's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<usize>,
+    /// Learning-rate changes (default: the experiment's; its steps are
+    /// usually too late for the quick run's fewer steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_schedule: Option<Vec<LrStep>>,
     /// Steps between MSE records (default: the experiment's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse_every: Option<usize>,
@@ -334,6 +338,10 @@ pub struct Experiment {
     /// Reshuffle the mini-batches every epoch.
     #[serde(default)]
     pub shuffle: bool,
+    /// Learning-rate changes of every run, as multiples of each method's
+    /// own rate (default none: constant, as in the paper).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_schedule: Vec<LrStep>,
     /// The seeds (the paper's lists).
     pub seeds: Vec<u64>,
     /// Relative tolerance of the convergence metric (0.01 in the paper).
@@ -488,6 +496,9 @@ pub fn effective(exp: &Experiment, quick: bool, seeds: Option<usize>) -> Result<
         if q.batch_size.is_some() {
             e.batch_size = q.batch_size;
         }
+        if let Some(s) = &q.lr_schedule {
+            e.lr_schedule = s.clone();
+        }
         if let Some(w) = q.final_window {
             e.final_window = w;
         }
@@ -562,6 +573,7 @@ pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfi
         report_q_z: false,
         batch_size: exp.batch_size,
         shuffle: exp.shuffle,
+        lr_schedule: exp.lr_schedule.clone(),
         engine: exp.engine,
         mse: exp.mse.as_ref().map(|m| MseConfig {
             every: m.every,

@@ -206,6 +206,11 @@ impl<'a> BatchedTrainer<'a> {
         Ok(elbo.detach())
     }
 
+    /// Set the learning rate of the following steps (every run).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.adam.set_lr(lr);
+    }
+
     /// Per run: whether its parameters are finite (one device read).
     pub fn params_finite(&self) -> Result<Vec<bool>> {
         let r = self.gens.len() as i64;
@@ -257,6 +262,9 @@ pub fn fit_batched(
     let mut clock: Vec<f64> = Vec::with_capacity(opts.check_every);
     let start = Instant::now();
     for step in 1..=opts.steps {
+        if let Some(lr) = opts.lr_change_at(step) {
+            trainer.set_lr(lr);
+        }
         block.push(trainer.step()?);
         clock.push(start.elapsed().as_secs_f64());
         if block.len() == opts.check_every || step == opts.steps {

@@ -76,6 +76,24 @@ pub struct FitOptions {
     pub shuffle: bool,
     /// Which implementation takes the steps.
     pub engine: Engine,
+    /// Learning-rate changes (default none: `lr` throughout, as in the
+    /// paper): from step `from` on, the rate is `lr × factor` of the last
+    /// entry that has started. Adam's moments carry over. A constant step
+    /// leaves Adam at a noise floor over thousands of free factors; a decay
+    /// lets F-VI reach its optimum, so that the amortization gap is not
+    /// confounded with optimiser noise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lr_schedule: Vec<LrStep>,
+}
+
+/// One change of the learning rate ([`FitOptions::lr_schedule`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrStep {
+    /// The first (1-based) step taken at the new rate (at least 2).
+    pub from: usize,
+    /// The new rate as a multiple of [`FitOptions::lr`] (finite, > 0).
+    pub factor: f64,
 }
 
 /// The implementation of the training step.
@@ -119,6 +137,7 @@ impl Default for FitOptions {
             batch_size: None,
             shuffle: false,
             engine: Engine::Torch,
+            lr_schedule: Vec::new(),
         }
     }
 }
@@ -147,7 +166,52 @@ impl FitOptions {
                 format!("{} must be in 1..=100", self.check_every),
             ));
         }
+        let mut previous = 1;
+        for s in &self.lr_schedule {
+            if s.from <= previous {
+                return Err(InferenceError::config(
+                    "lr_schedule",
+                    format!(
+                        "`from` {} must be at least 2 and larger than the entry before",
+                        s.from
+                    ),
+                ));
+            }
+            if !(s.factor.is_finite() && s.factor > 0.0) {
+                return Err(InferenceError::config(
+                    "lr_schedule",
+                    format!("factor {} must be finite and > 0", s.factor),
+                ));
+            }
+            previous = s.from;
+        }
         Ok(())
+    }
+
+    /// The learning rate from `step` on when the schedule changes it at
+    /// that (1-based) step; `None` otherwise.
+    pub fn lr_change_at(&self, step: usize) -> Option<f64> {
+        self.lr_schedule
+            .iter()
+            .find(|s| s.from == step)
+            .map(|s| self.lr * s.factor)
+    }
+
+    /// Steps at which the learning rate changes do not fall inside a block
+    /// of `block` steps (engines that replay whole blocks change it between
+    /// blocks only).
+    fn check_schedule_blocks(&self, block: usize, engine: &str) -> Result<()> {
+        match self.lr_schedule.iter().find(|s| (s.from - 1) % block != 0) {
+            Some(s) => Err(InferenceError::config(
+                "lr_schedule",
+                format!(
+                    "the {engine} changes the learning rate between blocks of {block} steps: \
+                     `from` {} must be 1 + a multiple of {block}",
+                    s.from
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -459,6 +523,13 @@ impl Optim {
         })
     }
 
+    fn set_lr(&mut self, lr: f64) {
+        match self {
+            Self::Torch(o) => o.set_lr(lr),
+            Self::Fused(o) => o.set_lr(lr),
+        }
+    }
+
     /// Gradients of `loss`, then one Adam step.
     fn minimise(&mut self, loss: &Tensor) -> Result<()> {
         match self {
@@ -606,6 +677,12 @@ impl<'a> Trainer<'a> {
         Ok(elbo.detach())
     }
 
+    /// Set the learning rate of the following steps (Adam's moments carry
+    /// over).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.optimizer.set_lr(lr);
+    }
+
     /// The current variational parameters.
     pub fn variational(&self) -> &Variational {
         &self.var
@@ -667,6 +744,12 @@ impl BlockGraph {
 
     pub(crate) fn captured(&self) -> bool {
         self.captured
+    }
+
+    /// Whether blocks may be captured (a CUDA device, capture not turned
+    /// off).
+    pub(crate) fn enabled(&self) -> bool {
+        self.graph.is_some()
     }
 
     /// One block: `run` queues its steps, which write their ELBO
@@ -799,6 +882,20 @@ impl<'a> GraphTrainer<'a> {
         self.trainer.step()
     }
 
+    /// Set the learning rate of the following blocks: a captured graph
+    /// keeps the rate it was captured with, so the next block warms up and
+    /// is captured anew.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.trainer.set_lr(lr);
+        let device = self.trainer.x.device();
+        let capture = self.graph.enabled();
+        self.graph = BlockGraph::new(device)?;
+        if !capture {
+            self.graph.disable();
+        }
+        Ok(())
+    }
+
     /// The trainer (its parameters and data).
     pub fn trainer(&self) -> &Trainer<'a> {
         &self.trainer
@@ -853,6 +950,7 @@ pub fn fit(
             0 => opts.check_every,
             every => gcd(opts.check_every, every),
         };
+        opts.check_schedule_blocks(block, "graph engine")?;
         return fit_graph(model, GraphTrainer::new(trainer, block)?, opts, observer);
     }
     let mut trainer = trainer;
@@ -867,6 +965,9 @@ pub fn fit(
     let start = Instant::now();
     let clock = |paused: std::time::Duration| (start.elapsed() - paused).as_secs_f64();
     for step in 1..=opts.steps {
+        if let Some(lr) = opts.lr_change_at(step) {
+            trainer.set_lr(lr);
+        }
         block.push(trainer.step()?);
         trace.seconds.push(clock(paused));
         if block.len() == opts.check_every || step == opts.steps {
@@ -920,6 +1021,8 @@ trait BlockRunner {
     fn variational(&self) -> Option<&Variational> {
         None
     }
+    /// Set the learning rate of the following steps.
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
 }
 
 impl BlockRunner for GraphTrainer<'_> {
@@ -938,6 +1041,9 @@ impl BlockRunner for GraphTrainer<'_> {
     fn variational(&self) -> Option<&Variational> {
         Some(&self.trainer.var)
     }
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        GraphTrainer::set_lr(self, lr)
+    }
 }
 
 impl BlockRunner for crate::CudaFviTrainer {
@@ -952,6 +1058,13 @@ impl BlockRunner for crate::CudaFviTrainer {
     }
     fn params_finite(&self) -> bool {
         crate::CudaFviTrainer::params_finite(self)
+    }
+    fn set_lr(&mut self, _lr: f64) -> Result<()> {
+        // fit_fused refuses a schedule on CUDA before the run starts.
+        Err(InferenceError::config(
+            "lr_schedule",
+            "the fused CUDA kernels take one learning rate",
+        ))
     }
 }
 
@@ -995,11 +1108,19 @@ fn run_blocks(
     let mut last_time = 0.0;
     while done < opts.steps {
         let len = block.min(opts.steps - done);
+        if let Some(lr) = opts.lr_change_at(done + 1) {
+            runner.set_lr(lr)?;
+        }
         let values = if len == block {
             runner.step_block()?
         } else {
             let steps = (0..len)
-                .map(|_| runner.step().map(|t| t.view([-1])))
+                .map(|i| {
+                    if let Some(lr) = opts.lr_change_at(done + 1 + i).filter(|_| i > 0) {
+                        runner.set_lr(lr)?;
+                    }
+                    runner.step().map(|t| t.view([-1]))
+                })
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&steps, 0)
         };
@@ -1169,6 +1290,12 @@ fn fit_fused(
     }
     let host = host_vec(x)?;
     if device.is_cuda() {
+        if !opts.lr_schedule.is_empty() {
+            return Err(InferenceError::config(
+                "lr_schedule",
+                "the fused CUDA kernels take one learning rate (use the graph engine)",
+            ));
+        }
         let mut runner =
             crate::CudaFviTrainer::new(&fused, &host, method, opts, device, opts.check_every)?;
         let (trace, status, seconds) = run_blocks(&mut runner, opts, observer)?;
@@ -1192,6 +1319,9 @@ fn fit_fused(
     let mut status = FitStatus::Ok;
     let start = Instant::now();
     for step in 1..=opts.steps {
+        if let Some(lr) = opts.lr_change_at(step) {
+            trainer.set_lr(lr);
+        }
         let elbo = trainer.step()?;
         trace.iteration.push(step);
         trace.elbo.push(elbo);

@@ -629,6 +629,11 @@ pub struct Adam {
 }
 
 impl Adam {
+    /// Set the learning rate of the following steps.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
     /// Fresh state for `len` parameters.
     pub fn new(lr: f64, len: usize) -> Self {
         Self {
@@ -1097,6 +1102,15 @@ impl FusedTrainer {
             State::Flat { params, shared, .. } => {
                 Ok(flat_variational(&params, shared, n, self.kind, Device::Cpu))
             }
+        }
+    }
+
+    /// Set the learning rate of the following steps.
+    pub fn set_lr(&mut self, lr: f64) {
+        match &mut self.state {
+            State::Flat { adam, .. } => adam.set_lr(lr),
+            State::Host(host) => host.adam.set_lr(lr),
+            State::Torch { optimizer, .. } => optimizer.set_lr(lr),
         }
     }
 

@@ -46,8 +46,8 @@ pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{
     elbo_draws, elbo_draws_batch, evaluate_elbo, fit, generator_guard, host_vec, Dtype, Engine,
-    Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, Observer, Silent, Trace,
-    Trainer,
+    Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, LrStep, Observer, Silent,
+    Trace, Trainer,
 };
 pub use function::{
     Activation, FunctionConfig, FunctionParts, Heads, InferenceFunction, Mlp, NetParts, Output,
