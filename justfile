@@ -129,7 +129,7 @@ gpu-bundle: bootstrap
     {{torch_env}}
     cargo build --release -p avi-harness -p avi-benches --bins
     mkdir -p .gpu
-    for test in graph_engine cuda_fused; do
+    for test in graph_engine cuda_fused lr_schedule; do
         exe=$(cargo test -p avi-tests --test "$test" --no-run --message-format=json 2>/dev/null \
             | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
         cp "$exe" ".gpu/$test"

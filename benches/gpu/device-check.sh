@@ -25,7 +25,7 @@ log "gpu"; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clo
 log "probe: does avi see CUDA?"
 "$BIN/avi-step-time" --model saw --method fvi --device cuda --iters 5 --repeats 1 --warmup 2 || { log "no CUDA in avi"; exit 1; }
 if want tests; then
-  for t in graph_engine cuda_fused; do
+  for t in graph_engine cuda_fused lr_schedule; do
     log "test $t (CUDA)"
     "$BIN/$t" --include-ignored 2>&1 | grep -E "^test |panicked|assert|result" | head -30
   done
