@@ -66,6 +66,27 @@ fn opts() -> FitOptions {
     }
 }
 
+/// Time `trainer`'s steps as `id` (the device synchronised before the clock
+/// starts and stops).
+fn bench_trainer(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: BenchmarkId,
+    device: Device,
+    trainer: &mut Trainer<'_>,
+) {
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            synchronize(device);
+            let start = Instant::now();
+            for _ in 0..iters {
+                let _elbo = trainer.step().expect("step");
+            }
+            synchronize(device);
+            start.elapsed()
+        })
+    });
+}
+
 /// Benchmark `Trainer::step` for one model, data set and method as
 /// `BenchmarkId::new(label, n)`.
 fn bench_step(
@@ -78,17 +99,7 @@ fn bench_step(
 ) {
     let n = x.size()[0];
     let mut trainer = Trainer::new(model, x, method, None, &opts(), device).expect("trainer");
-    group.bench_function(BenchmarkId::new(label, n), |b| {
-        b.iter_custom(|iters| {
-            synchronize(device);
-            let start = Instant::now();
-            for _ in 0..iters {
-                let _elbo = trainer.step().expect("step");
-            }
-            synchronize(device);
-            start.elapsed()
-        })
-    });
+    bench_trainer(group, BenchmarkId::new(label, n), device, &mut trainer);
     if !device.is_cuda() {
         return;
     }
@@ -232,17 +243,12 @@ fn experiment_group(c: &mut Criterion, name: &str, keep: &[&str]) {
         let label = m.label.replace(' ', "_");
         let mut trainer =
             Trainer::new(model, &x, &cfg.method, theta, &opts, device).expect("trainer");
-        group.bench_function(BenchmarkId::new(&label, n), |b| {
-            b.iter_custom(|iters| {
-                synchronize(device);
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let _elbo = trainer.step().expect("step");
-                }
-                synchronize(device);
-                start.elapsed()
-            })
-        });
+        bench_trainer(
+            &mut group,
+            BenchmarkId::new(&label, n),
+            device,
+            &mut trainer,
+        );
         if device.is_cuda() && !cfg.shuffle {
             let graph_opts = FitOptions {
                 engine: Engine::Graph,

@@ -44,6 +44,22 @@ pub fn mlp(width: usize, window: [usize; 2]) -> MethodConfig {
     }
 }
 
+/// The BNN's encoder (§4.4): two layers of width `width`, LeakyReLU 0.2,
+/// shared heads, raw pixels in (no standardisation).
+pub fn bnn_encoder(width: usize) -> MethodConfig {
+    MethodConfig::Avi {
+        function: avi_inference::FunctionConfig::Mlp {
+            width,
+            depth: 2,
+            activation: avi_inference::Activation::LeakyRelu,
+            heads: avi_inference::Heads::Shared,
+        },
+        standardize: false,
+        window: [0, 0],
+        edges: avi_inference::Edges::Pad,
+    }
+}
+
 /// Fit on CPU with θ fixed at `theta`.
 pub fn fit_cpu_fixed(
     model: &dyn Model,

@@ -5,10 +5,9 @@
 
 use std::path::Path;
 
-use avi_inference::{
-    fit, Activation, Dtype, Edges, FitOptions, FunctionConfig, Heads, MethodConfig, Silent,
-};
+use avi_inference::{fit, Dtype, FitOptions, MethodConfig, Silent};
 use avi_models::{fashion_mnist, BnnModel, Model};
+use avi_tests::bnn_encoder;
 use tch::{Device, Tensor};
 
 #[test]
@@ -28,18 +27,7 @@ fn bnn_fvi_and_avi_improve_the_elbo() {
         batch_size: Some(50),
         ..FitOptions::default()
     };
-    let avi = MethodConfig::Avi {
-        function: FunctionConfig::Mlp {
-            width: 32,
-            depth: 2,
-            activation: Activation::LeakyRelu,
-            heads: Heads::Shared,
-        },
-        standardize: false,
-        window: [0, 0],
-        edges: Edges::Pad,
-    };
-    for (label, method) in [("fvi", MethodConfig::Fvi), ("avi k=32", avi)] {
+    for (label, method) in [("fvi", MethodConfig::Fvi), ("avi k=32", bnn_encoder(32))] {
         let f = fit(&model, &x, &method, None, &opts, Device::Cpu, &mut Silent).unwrap();
         let start = f.trace.elbo[..20].iter().sum::<f64>() / 20.0;
         let end = f.trace.elbo[f.trace.elbo.len() - 20..].iter().sum::<f64>() / 20.0;

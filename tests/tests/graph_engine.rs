@@ -10,11 +10,11 @@
 //! that replayed graphs compute what the same steps compute eagerly.
 
 use avi_inference::{
-    fit, Activation, Dtype, Edges, Engine, FitOptions, FunctionConfig, GraphTrainer, Heads,
-    MethodConfig, Observer, Silent, Trainer, Variational,
+    fit, Dtype, Engine, FitOptions, GraphTrainer, MethodConfig, Observer, Silent, Trainer,
+    Variational,
 };
 use avi_models::{BnnModel, LinearModel, Model, SawModel};
-use avi_tests::{max_rel, mlp, serial};
+use avi_tests::{bnn_encoder, max_rel, mlp, serial};
 use tch::{Device, Kind, Tensor};
 
 fn options(engine: Engine, dtype: Dtype) -> FitOptions {
@@ -44,21 +44,6 @@ fn bnn() -> (BnnModel, Tensor) {
     (model, x)
 }
 
-/// The BNN's encoder (LeakyReLU, as in §4.4).
-fn encoder(width: usize) -> MethodConfig {
-    MethodConfig::Avi {
-        function: FunctionConfig::Mlp {
-            width,
-            depth: 2,
-            activation: Activation::LeakyRelu,
-            heads: Heads::Shared,
-        },
-        standardize: false,
-        window: [0, 0],
-        edges: Edges::Pad,
-    }
-}
-
 fn problems() -> Vec<Problem> {
     let linear = LinearModel::new(1.155, 2.43).unwrap();
     let xl = Tensor::from_slice(&linear.simulate(300, 1, None).unwrap());
@@ -70,7 +55,7 @@ fn problems() -> Vec<Problem> {
         (Box::new(linear), xl, MethodConfig::Fvi, None),
         (Box::new(saw), xs, mlp(10, [1, 0]), None),
         (Box::new(b1), x1, MethodConfig::Fvi, Some(10)),
-        (Box::new(b2), x2, encoder(8), Some(10)),
+        (Box::new(b2), x2, bnn_encoder(8), Some(10)),
     ]
 }
 
@@ -150,7 +135,7 @@ fn graph_engine_monitors_between_blocks() {
         let f = fit(
             &model,
             &x,
-            &encoder(8),
+            &bnn_encoder(8),
             None,
             &opts,
             Device::Cpu,

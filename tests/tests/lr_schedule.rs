@@ -87,55 +87,62 @@ fn schedules_are_validated_and_read() {
     }
 }
 
-/// The torch engine: `fit` with the schedule is the trainer stepped by hand
-/// with `set_lr` before steps 101 and 201 (exactly), and differs from a
-/// constant rate after step 100 (and not before).
+/// Fit `method` with `engine` and the schedule of [`options`], and check
+/// the trace against `by_hand` (the engine's trainer stepped with `set_lr`
+/// before steps 101 and 201: equal bits) and against a constant-rate fit
+/// (equal up to step 101, whose estimate is taken before its update, and
+/// apart after it).
+fn check_engine(
+    engine: Engine,
+    problem: &(Box<dyn Model>, Tensor, MethodConfig),
+    by_hand: impl FnOnce(&FitOptions) -> Vec<f64>,
+) {
+    let (model, x, method) = problem;
+    let opts = options(engine);
+    let run = |opts: &FitOptions| {
+        fit(
+            model.as_ref(),
+            x,
+            method,
+            None,
+            opts,
+            Device::Cpu,
+            &mut Silent,
+        )
+        .unwrap()
+    };
+    let fitted = run(&opts);
+    assert_eq!(fitted.trace.elbo, by_hand(&opts), "{}", model.name());
+    let constant = run(&FitOptions {
+        lr_schedule: vec![],
+        ..opts
+    });
+    assert_eq!(fitted.trace.elbo[..101], constant.trace.elbo[..101]);
+    assert!(
+        max_rel(&fitted.trace.elbo[101..], &constant.trace.elbo[101..]) > 1e-6,
+        "{}: the schedule changed nothing",
+        model.name()
+    );
+}
+
+/// The torch engine changes the rate at the named steps.
 #[test]
 fn torch_engine_changes_the_rate_at_the_named_steps() {
     let _serial = serial();
-    for (model, x, method) in problems() {
-        let opts = options(Engine::Torch);
-        let fitted = fit(
-            model.as_ref(),
-            &x,
-            &method,
-            None,
-            &opts,
-            Device::Cpu,
-            &mut Silent,
-        )
-        .unwrap();
-        let mut trainer =
-            Trainer::new(model.as_ref(), &x, &method, None, &opts, Device::Cpu).unwrap();
-        let mut by_hand = Vec::new();
-        for step in 1..=250 {
-            if let Some(lr) = rate(step) {
-                trainer.set_lr(lr);
-            }
-            by_hand.push(trainer.step().unwrap().double_value(&[]));
-        }
-        assert_eq!(fitted.trace.elbo, by_hand, "{}", model.name());
-        let constant = fit(
-            model.as_ref(),
-            &x,
-            &method,
-            None,
-            &FitOptions {
-                lr_schedule: vec![],
-                ..opts
-            },
-            Device::Cpu,
-            &mut Silent,
-        )
-        .unwrap();
-        // Step 101's estimate is taken before its update: the runs agree up
-        // to it and part after it.
-        assert_eq!(fitted.trace.elbo[..101], constant.trace.elbo[..101]);
-        assert!(
-            max_rel(&fitted.trace.elbo[101..], &constant.trace.elbo[101..]) > 1e-6,
-            "{}: the schedule changed nothing",
-            model.name()
-        );
+    for problem in problems() {
+        check_engine(Engine::Torch, &problem, |opts| {
+            let (model, x, method) = &problem;
+            let mut trainer =
+                Trainer::new(model.as_ref(), x, method, None, opts, Device::Cpu).unwrap();
+            (1..=250)
+                .map(|step| {
+                    if let Some(lr) = rate(step) {
+                        trainer.set_lr(lr);
+                    }
+                    trainer.step().unwrap().double_value(&[])
+                })
+                .collect()
+        });
     }
 }
 
@@ -180,51 +187,28 @@ fn graph_engine_follows_the_schedule() {
     assert!(err.contains("lr_schedule") && err.contains("150"), "{err}");
 }
 
-/// The fused CPU engine (flat F-VI and the host MLP): `fit` is its trainer
-/// stepped by hand with `set_lr` before steps 101 and 201, exactly.
+/// The fused CPU engine (flat F-VI and the host MLP) changes the rate at
+/// the named steps.
 #[test]
 fn fused_engine_changes_the_rate_at_the_named_steps() {
     let _serial = serial();
-    for (model, x, method) in problems() {
-        let opts = options(Engine::Fused);
-        let fitted = fit(
-            model.as_ref(),
-            &x,
-            &method,
-            None,
-            &opts,
-            Device::Cpu,
-            &mut Silent,
-        )
-        .unwrap();
-        let host = Vec::<f64>::try_from(x.to_kind(Kind::Double)).unwrap();
-        let fused = model.fused().expect("a fused model");
-        let mut trainer = FusedTrainer::new(&fused, &host, &method, &opts, Device::Cpu)
-            .unwrap()
-            .with_threads(1);
-        let mut by_hand = Vec::new();
-        for step in 1..=250 {
-            if let Some(lr) = rate(step) {
-                trainer.set_lr(lr);
-            }
-            by_hand.push(trainer.step().unwrap());
-        }
-        assert_eq!(fitted.trace.elbo, by_hand, "{}", model.name());
-        let constant = fit(
-            model.as_ref(),
-            &x,
-            &method,
-            None,
-            &FitOptions {
-                lr_schedule: vec![],
-                ..opts
-            },
-            Device::Cpu,
-            &mut Silent,
-        )
-        .unwrap();
-        assert_eq!(fitted.trace.elbo[..101], constant.trace.elbo[..101]);
-        assert!(max_rel(&fitted.trace.elbo[101..], &constant.trace.elbo[101..]) > 1e-6);
+    for problem in problems() {
+        check_engine(Engine::Fused, &problem, |opts| {
+            let (model, x, method) = &problem;
+            let host = Vec::<f64>::try_from(x.to_kind(Kind::Double)).unwrap();
+            let fused = model.fused().expect("a fused model");
+            let mut trainer = FusedTrainer::new(&fused, &host, method, opts, Device::Cpu)
+                .unwrap()
+                .with_threads(1);
+            (1..=250)
+                .map(|step| {
+                    if let Some(lr) = rate(step) {
+                        trainer.set_lr(lr);
+                    }
+                    trainer.step().unwrap()
+                })
+                .collect()
+        });
     }
 }
 
