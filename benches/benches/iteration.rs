@@ -87,37 +87,41 @@ fn bench_trainer(
     });
 }
 
-/// Benchmark `Trainer::step` for one model, data set and method as
-/// `BenchmarkId::new(label, n)`.
+/// Benchmark `Trainer::step` for one model, data set and method (θ fixed
+/// at `theta` when given) with `opts` as `BenchmarkId::new(label, n)`. On
+/// CUDA also the graph engine (each block of GRAPH_BLOCK steps one graph
+/// replay; not with a shuffled batch order) and, for F-VI of the scalar
+/// models with a free θ, the fused kernels; reported per step (a block's
+/// time / GRAPH_BLOCK).
+#[allow(clippy::too_many_arguments)]
 fn bench_step(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     model: &dyn Model,
     x: &Tensor,
     label: &str,
     method: &MethodConfig,
+    theta: Option<&[f64]>,
+    opts: &FitOptions,
     device: Device,
 ) {
     let n = x.size()[0];
-    let mut trainer = Trainer::new(model, x, method, None, &opts(), device).expect("trainer");
+    let mut trainer = Trainer::new(model, x, method, theta, opts, device).expect("trainer");
     bench_trainer(group, BenchmarkId::new(label, n), device, &mut trainer);
-    if !device.is_cuda() {
+    if !device.is_cuda() || opts.shuffle {
         return;
     }
-    // On CUDA also the graph engine (each block of GRAPH_BLOCK steps one
-    // graph replay) and, for F-VI of the scalar models, the fused kernels;
-    // reported per step (a block's time / GRAPH_BLOCK).
     let graph_opts = FitOptions {
         engine: Engine::Graph,
-        ..opts()
+        ..opts.clone()
     };
-    let trainer = Trainer::new(model, x, method, None, &graph_opts, device).expect("trainer");
+    let trainer = Trainer::new(model, x, method, theta, &graph_opts, device).expect("trainer");
     let mut graph = GraphTrainer::new(trainer, GRAPH_BLOCK).expect("graph trainer");
     bench_blocks(group, &format!("{label}/graph"), n, device, || {
         graph.step_block().map(|_| ())
     });
-    if let (Some(fused), MethodConfig::Fvi) = (model.fused(), method) {
+    if let (Some(fused), MethodConfig::Fvi, None) = (model.fused(), method, theta) {
         let host = avi_inference::host_vec(x).expect("data");
-        let mut k = CudaFviTrainer::new(&fused, &host, method, &opts(), device, GRAPH_BLOCK)
+        let mut k = CudaFviTrainer::new(&fused, &host, method, opts, device, GRAPH_BLOCK)
             .expect("fused CUDA trainer");
         bench_blocks(group, &format!("{label}/fused"), n, device, || {
             k.step_block().map(|_| ())
@@ -172,7 +176,16 @@ fn linear(c: &mut Criterion) {
             if n > 10_000 && label != "fvi" && label != "avi-poly1" {
                 continue;
             }
-            bench_step(&mut group, &model, &x, label, &method, device);
+            bench_step(
+                &mut group,
+                &model,
+                &x,
+                label,
+                &method,
+                None,
+                &opts(),
+                device,
+            );
         }
     }
     group.finish();
@@ -186,7 +199,7 @@ fn model_group(c: &mut Criterion, name: &str, model: &dyn Model, xs: Vec<f64>, w
     group.sample_size(20);
     group.throughput(Throughput::Elements((xs.len() * opts().draws) as u64));
     for (label, method) in mlp_methods(window) {
-        bench_step(&mut group, model, &x, label, &method, device);
+        bench_step(&mut group, model, &x, label, &method, None, &opts(), device);
     }
     group.finish();
 }
@@ -238,29 +251,17 @@ fn experiment_group(c: &mut Criterion, name: &str, keep: &[&str]) {
             engine: Engine::Torch,
             ..cfg.options()
         };
-        let model = prepared.model.as_model();
-        let theta = cfg.model.fixed_theta();
         let label = m.label.replace(' ', "_");
-        let mut trainer =
-            Trainer::new(model, &x, &cfg.method, theta, &opts, device).expect("trainer");
-        bench_trainer(
+        bench_step(
             &mut group,
-            BenchmarkId::new(&label, n),
+            prepared.model.as_model(),
+            &x,
+            &label,
+            &cfg.method,
+            cfg.model.fixed_theta(),
+            &opts,
             device,
-            &mut trainer,
         );
-        if device.is_cuda() && !cfg.shuffle {
-            let graph_opts = FitOptions {
-                engine: Engine::Graph,
-                ..opts
-            };
-            let trainer =
-                Trainer::new(model, &x, &cfg.method, theta, &graph_opts, device).expect("trainer");
-            let mut graph = GraphTrainer::new(trainer, GRAPH_BLOCK).expect("graph trainer");
-            bench_blocks(&mut group, &format!("{label}/graph"), n, device, || {
-                graph.step_block().map(|_| ())
-            });
-        }
     }
     group.finish();
 }

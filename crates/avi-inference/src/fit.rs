@@ -1108,15 +1108,15 @@ fn run_blocks(
     let mut last_time = 0.0;
     while done < opts.steps {
         let len = block.min(opts.steps - done);
-        if let Some(lr) = opts.lr_change_at(done + 1) {
-            runner.set_lr(lr)?;
-        }
         let values = if len == block {
+            if let Some(lr) = opts.lr_change_at(done + 1) {
+                runner.set_lr(lr)?;
+            }
             runner.step_block()?
         } else {
             let steps = (0..len)
                 .map(|i| {
-                    if let Some(lr) = opts.lr_change_at(done + 1 + i).filter(|_| i > 0) {
+                    if let Some(lr) = opts.lr_change_at(done + 1 + i) {
                         runner.set_lr(lr)?;
                     }
                     runner.step().map(|t| t.view([-1]))
