@@ -7,15 +7,18 @@
 //! ([`summary`]) and SVG figures ([`figures`]).
 //!
 //! ```text
-//! avi fit --config CFG.json --out REPORT.json [--device auto|cpu|cuda] [--threads T]
+//! avi fit --config CFG.json --out REPORT.json [--check] [--device auto|cpu|cuda] [--threads T]
 //! avi diagnose --config CFG.json --out REPORT.json
-//! avi reproduce EXPERIMENT [--quick] [--seeds N] [--jobs K] [--out DIR]
-//! avi report DIR
+//! avi reproduce EXPERIMENT [--quick] [--seeds N] [--jobs K] [--resume | --fresh] [--out DIR]
+//! avi report DIR [--partial]
 //! avi demo --out DIR [--device auto|cpu|cuda]
 //! ```
 //!
-//! Exit codes: 0 success, 2 bad input (one line on stderr, nothing written),
-//! 3 the fit diverged (the report is written with `"status": "diverged"`).
+//! Exit codes: 0 success, 2 bad input or a refusal (one line on stderr,
+//! nothing written), 3 the fit diverged (the report is written with
+//! `"status": "diverged"`), 4 `avi report` on an incomplete grid without
+//! `--partial`, 130 interrupted (SIGINT/SIGTERM; no file half-written).
+//! `docs/reliability.md` states what is guaranteed and what is not.
 //!
 //! The same steps from Rust:
 //!
@@ -32,9 +35,11 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod claim;
 pub mod config;
 pub mod demo;
 pub mod figures;
+pub mod interrupt;
 pub mod report;
 pub mod reproduce;
 pub mod run;

@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use avi_harness::config::FitConfig;
-use avi_harness::demo;
+use avi_harness::config::{DataConfig, FitConfig};
 use avi_harness::report::write_json_atomic;
-use avi_harness::run::{prepare, resolve_device, run_prepared, DeviceChoice};
+use avi_harness::reproduce::EXIT_WITH_PARENT;
+use avi_harness::run::{check_output, prepare, resolve_device, run_prepared, DeviceChoice};
+use avi_harness::{demo, interrupt};
 use avi_inference::{FitStatus, Silent};
 use clap::{Parser, Subcommand};
 
@@ -17,8 +18,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// libtorch CPU threads (default: libtorch's choice, one per core). One
-    /// thread is often fastest at the paper's sizes and on a loaded machine.
+    /// libtorch CPU threads of each fit, at most the number of cores
+    /// (default 1: the fastest at the paper's sizes, and a fit does not
+    /// collapse when other processes share the cores). The fused engine's
+    /// sums, and so its last bits, depend on it; the report records it.
     #[arg(long, global = true)]
     threads: Option<usize>,
 }
@@ -36,6 +39,11 @@ enum Command {
         /// Device: auto (CUDA when available), cpu or cuda.
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
+        /// Validate only: check the config, its data and the output path,
+        /// print the resolved config and the memory the fit would need, and
+        /// exit 0 (valid) or 2; nothing is fitted or written.
+        #[arg(long)]
+        check: bool,
     },
     /// Fit a config, then run F-VI from its solution (the paper's §5
     /// diagnostic): the report gains a `diagnosis` section.
@@ -84,10 +92,18 @@ enum Command {
         /// do not depend on it).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
-        /// Keep the run reports already in OUT/EXPERIMENT/runs/ and run only
-        /// the missing ones.
+        /// Keep the run reports already in OUT/EXPERIMENT/runs/ (each only
+        /// when its config equals the one it would run with) and run only
+        /// the missing ones; runs claimed by another live avi are left to
+        /// it, stale claims taken over. Without --resume or --fresh a folder
+        /// with finished runs is refused.
         #[arg(long)]
         resume: bool,
+        /// Move the earlier contents of OUT/EXPERIMENT/ aside into
+        /// OUT/EXPERIMENT/previous-<UTC time>/ and start afresh (nothing is
+        /// deleted).
+        #[arg(long, conflicts_with = "resume")]
+        fresh: bool,
         /// Override the definition's engine: torch, fused (the fused CPU
         /// engine of the linear, nonlinear and saw models), or graph (CUDA
         /// graphs of the libtorch step; mini-batches in a fixed order).
@@ -110,6 +126,10 @@ enum Command {
         /// part-way): its experiment.json is rewritten to list them.
         #[arg(long)]
         seeds: Option<usize>,
+        /// Report an incomplete grid without exit code 4 (its claims with
+        /// missing runs read "not checked" either way).
+        #[arg(long)]
+        partial: bool,
     },
     /// The linear model (N = 10,000) with F-VI, Const and A-VI (d = 1, 2).
     Demo {
@@ -145,25 +165,43 @@ enum EngineChoice {
 enum Outcome {
     Done,
     Diverged(usize, PathBuf),
+    /// `avi report` on a grid with missing runs (without `--partial`).
+    Incomplete(String),
 }
 
-fn check_out_dir(out: &Path) -> Result<()> {
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        anyhow::bail!("output folder {} does not exist", dir.display());
+/// The input files of a config: the config itself, its data file and its
+/// held-out data file (relative paths resolved against the config's folder).
+fn inputs_of(config: &Path, cfg: &FitConfig) -> Vec<PathBuf> {
+    let dir = config.parent().unwrap_or(Path::new("."));
+    let mut files = vec![config.to_path_buf()];
+    let mut add = |d: &DataConfig| {
+        if let DataConfig::File(p) = d {
+            files.push(dir.join(p));
+        }
+    };
+    add(&cfg.data);
+    if let Some(t) = cfg.mse.as_ref().and_then(|m| m.test.as_ref()) {
+        add(t);
     }
-    Ok(())
+    files
 }
 
-fn fit_command(config: &Path, out: &Path, device: DeviceChoice) -> Result<Outcome> {
+fn fit_command(config: &Path, out: &Path, device: DeviceChoice, check: bool) -> Result<Outcome> {
     let cfg = FitConfig::load(config)?;
     let device = resolve_device(device)?;
-    check_out_dir(out)?;
+    check_output(out, &inputs_of(config, &cfg))?;
     let dir = config.parent().unwrap_or(Path::new("."));
     let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
+    if check {
+        let resolved = serde_json::to_string_pretty(&cfg)?;
+        println!("{resolved}");
+        println!(
+            "valid: {} observations, on {}",
+            prepared.x.len(),
+            avi_harness::run::device_name(device)
+        );
+        return Ok(Outcome::Done);
+    }
     let (fit, report) = run_prepared(&cfg, &prepared, device, &mut Silent)?;
     write_json_atomic(out, &report)?;
     Ok(match fit.status {
@@ -196,7 +234,7 @@ fn diagnose_command(
         anyhow::bail!("--gradient-draws must be at least 1");
     }
     let device = resolve_device(device)?;
-    check_out_dir(out)?;
+    check_output(out, &inputs_of(config, &cfg))?;
     let dir = config.parent().unwrap_or(Path::new("."));
     let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
     let (fit, mut report) = run_prepared(&cfg, &prepared, device, &mut Silent)?;
@@ -217,18 +255,19 @@ fn diagnose_command(
 }
 
 fn run(cli: Cli) -> Result<Outcome> {
-    if let Some(t) = cli.threads {
-        if t == 0 {
-            anyhow::bail!("--threads must be at least 1");
-        }
-        tch::set_num_threads(i32::try_from(t).unwrap_or(i32::MAX));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cli.threads.unwrap_or(1);
+    if threads == 0 || threads > cores {
+        anyhow::bail!("--threads {threads}: must be in 1..={cores} (the cores of this machine)");
     }
+    tch::set_num_threads(i32::try_from(threads).unwrap_or(1));
     match cli.command {
         Command::Fit {
             config,
             out,
             device,
-        } => fit_command(&config, &out, device),
+            check,
+        } => fit_command(&config, &out, device, check),
         Command::Diagnose {
             config,
             out,
@@ -246,6 +285,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             quiet,
             jobs,
             resume,
+            fresh,
             engine,
             batch_seeds,
         } => {
@@ -290,6 +330,8 @@ fn run(cli: Cli) -> Result<Outcome> {
                 quiet,
                 jobs,
                 resume,
+                fresh,
+                threads,
                 batch_seeds,
             };
             for exp in &defs {
@@ -300,12 +342,33 @@ fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::Done)
         }
-        Command::Report { dir, seeds } => {
+        Command::Report {
+            dir,
+            seeds,
+            partial,
+        } => {
             let folders = avi_harness::summary::report_all(&dir, seeds)?;
-            for f in folders {
+            let mut missing = Vec::new();
+            for f in &folders {
                 println!("rebuilt {}", f.join("REPORT.md").display());
+                for run in avi_harness::summary::missing_runs(f)? {
+                    missing.push(f.join("runs").join(run).display().to_string());
+                }
             }
-            Ok(Outcome::Done)
+            if missing.is_empty() || partial {
+                return Ok(Outcome::Done);
+            }
+            let shown = missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            Ok(Outcome::Incomplete(format!(
+                "the grid is incomplete: {} run(s) missing ({shown}{}); its claims on them read \"not checked\"; pass --partial to report it with exit 0",
+                missing.len(),
+                if missing.len() > 5 { ", …" } else { "" }
+            )))
         }
         Command::Demo {
             out,
@@ -320,9 +383,68 @@ fn run(cli: Cli) -> Result<Outcome> {
     }
 }
 
+/// A command-line error as one line: clap's message without its usage and
+/// help hints, its lines joined.
+fn one_line(e: &clap::Error) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM request a stop ([`interrupt`]): the fit
+/// unwinds at its next check and the command exits 130 with its claims
+/// released and no file half-written. A child of `avi reproduce --jobs K`
+/// (told by [`EXIT_WITH_PARENT`]) also stops when its parent's pipe closes,
+/// so killing the parent never leaves fits running.
+fn install_handlers() {
+    let grace = std::time::Duration::from_secs(10);
+    let _ = ctrlc::set_handler(move || interrupt::request(grace));
+    if std::env::var_os(EXIT_WITH_PARENT).is_some() {
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            // Returns 0 at end of file: the parent is gone.
+            while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+            interrupt::request(grace)
+        });
+    }
+    // The unwinding of an interrupted fit is not a crash: say nothing.
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !info.payload().is::<interrupt::Interrupted>() {
+            default(info);
+        }
+    }));
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    install_handlers();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: clap's own output, exit 0.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("avi: error: {}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(result) => result,
+        Err(payload) if payload.is::<interrupt::Interrupted>() => {
+            Err(interrupt::Interrupted.into())
+        }
+        Err(payload) => std::panic::resume_unwind(payload),
+    };
+    match result {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Diverged(at, out)) => {
             eprintln!(
@@ -330,6 +452,14 @@ fn main() -> ExitCode {
                 out.display()
             );
             ExitCode::from(3)
+        }
+        Ok(Outcome::Incomplete(line)) => {
+            eprintln!("avi: {line}");
+            ExitCode::from(4)
+        }
+        Err(e) if e.downcast_ref::<interrupt::Interrupted>().is_some() => {
+            eprintln!("avi: interrupted");
+            ExitCode::from(130)
         }
         Err(e) => {
             let line = format!("{e:#}").replace('\n', " ");

@@ -79,6 +79,7 @@ pub fn fit_report(
         "seconds": num(fit.seconds),
         "num_parameters": fit.num_parameters,
         "config": cfg,
+        "threads": tch::get_num_threads(),
         "status": "ok",
     });
     if !cfg.report_q_z {
@@ -97,16 +98,31 @@ pub fn fit_report(
     r
 }
 
+/// The prefix of the temporary files of [`write_atomic`]; a file of this
+/// name left by a killed process is removed by [`remove_stale_temp_files`].
+pub const TEMP_PREFIX: &str = ".avi-tmp-";
+
+/// Held while a file is written and renamed: the interrupt handler takes it
+/// before it exits, so that Ctrl-C never leaves a half-written temporary
+/// file ([`exit_between_writes`]).
+static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Write `bytes` to `path` atomically: a temporary file in the same folder
-/// is written in one call, synced and renamed over `path` (mode 0644 on
-/// Unix), so readers never see a half-written file. Every output of the
-/// harness (reports, summaries, REPORT.md, figures) goes through here.
+/// (named [`TEMP_PREFIX`]…) is written in one call, synced and renamed over
+/// `path` (mode 0644 on Unix), so readers never see a half-written file.
+/// Every output of the harness (reports, summaries, REPORT.md, figures)
+/// goes through here.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let _writing = WRITING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     // NamedTempFile is created private (0600); an output is an ordinary file.
@@ -117,6 +133,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// Exit the process with `code` once no file is being written (the
+/// interrupt handler's exit: every output is either complete or absent).
+pub fn exit_between_writes(code: i32) -> ! {
+    let _writing = WRITING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    std::process::exit(code)
+}
+
+/// Remove the temporary files that a killed process left in `dir` (its
+/// own [`TEMP_PREFIX`] files and the `.tmpXXXXXX` files of older
+/// versions); returns how many were removed. Not recursive.
+pub fn remove_stale_temp_files(dir: &Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let legacy = name.len() == 10
+            && name.starts_with(".tmp")
+            && name[4..].chars().all(|c| c.is_ascii_alphanumeric());
+        if (name.starts_with(TEMP_PREFIX) || legacy) && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Write `value` as pretty JSON to `path` atomically ([`write_atomic`]).
@@ -150,5 +200,32 @@ mod tests {
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         assert_eq!(v["a"], 2);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Temporary files of a killed writer (ours and the older `.tmpXXXXXX`
+    /// ones) are removed; other files, including look-alikes, stay.
+    #[test]
+    fn stale_temp_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            ".avi-tmp-abc123",
+            ".tmpAb12Cd",
+            "r.json",
+            ".tmpnotatemp",
+            "tmpAb12Cd",
+        ] {
+            std::fs::write(dir.path().join(name), "x").unwrap();
+        }
+        assert_eq!(remove_stale_temp_files(dir.path()).unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".tmpnotatemp", "r.json", "tmpAb12Cd"]);
+        assert_eq!(
+            remove_stale_temp_files(&dir.path().join("none")).unwrap(),
+            0
+        );
     }
 }

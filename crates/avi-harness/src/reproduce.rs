@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -29,8 +29,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tch::Device;
 
+use crate::claim::{Claimed, Holder, RunClaim};
 use crate::config::{DataConfig, FitConfig, ModelConfig, MseConfig};
-use crate::report::write_json_atomic;
+use crate::report::{remove_stale_temp_files, write_json_atomic};
 use crate::run::{diagnosis_section, prepare, run_prepared, Prepared};
 
 /// One method of an experiment.
@@ -376,6 +377,21 @@ pub struct Experiment {
     /// Whether this is the `--quick` version (set by `avi reproduce`).
     #[serde(default)]
     pub quick_run: bool,
+    /// Claims of the definition that this (quick) run does not check, and
+    /// why; the summary lists them as "not checked" (set by `avi
+    /// reproduce`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchecked: Vec<Unchecked>,
+}
+
+/// A claim that a run of an experiment does not check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unchecked {
+    /// The claim.
+    pub claim: Claim,
+    /// Why it is not checked.
+    pub why: String,
 }
 
 /// The experiments `avi reproduce` knows, in the order of `all`.
@@ -513,13 +529,37 @@ pub fn effective(exp: &Experiment, quick: bool, seeds: Option<usize>) -> Result<
                 f.n = n;
             }
         }
-        // Claims about methods that do not run are dropped.
+        // Claims about methods that do not run are not checked.
         let kept: Vec<String> = e.methods.iter().map(|m| m.label.clone()).collect();
         let has = |l: &String| kept.contains(l);
         match &q.claims {
-            QuickClaims::Inherit(check) => e
-                .claims
-                .retain(|c| *check && c.labels().into_iter().all(has)),
+            QuickClaims::Inherit(check) => {
+                let (checked, unchecked): (Vec<Claim>, Vec<Claim>) = std::mem::take(&mut e.claims)
+                    .into_iter()
+                    .partition(|c| *check && c.labels().into_iter().all(has));
+                e.claims = checked;
+                e.unchecked = unchecked
+                    .into_iter()
+                    .map(|claim| {
+                        let mut missing: Vec<&String> =
+                            claim.labels().into_iter().filter(|l| !has(l)).collect();
+                        missing.dedup();
+                        let why = if !*check {
+                            "the quick run is too short to decide it".to_string()
+                        } else {
+                            format!(
+                                "the quick run leaves out {}",
+                                missing
+                                    .iter()
+                                    .map(|l| l.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        };
+                        Unchecked { claim, why }
+                    })
+                    .collect();
+            }
             QuickClaims::List(list) => {
                 if let Some(l) = list.iter().flat_map(|c| c.labels()).find(|l| !has(l)) {
                     bail!("a quick claim names `{l}`, which the quick run does not run");
@@ -618,8 +658,17 @@ pub struct ReproduceOptions {
     /// processes (each seeded by its config, so results do not depend on
     /// K), each with `cores / K` libtorch threads (at least 1).
     pub jobs: usize,
-    /// Keep existing run reports (resume an interrupted experiment).
+    /// Keep existing run reports whose config equals the one they would
+    /// run with (resume an interrupted experiment), run the missing ones,
+    /// skip runs claimed by another live process and take over stale
+    /// claims. Without it, a folder holding finished runs is refused.
     pub resume: bool,
+    /// Move the earlier contents of the experiment's folder aside into
+    /// `previous-<UTC time>/` and start afresh (nothing is deleted).
+    pub fresh: bool,
+    /// libtorch CPU threads of each fit (child processes get
+    /// `min(threads, cores / jobs)`, at least 1).
+    pub threads: usize,
     /// Fit the seeds of each F-VI or Const method (full batches, free θ) as
     /// one batched optimisation ([`avi_inference::fit_batched`]; the same
     /// results as separate runs with the graph engine). In this process
@@ -695,28 +744,75 @@ impl Observer for BarObserver {
 /// Returns the summary.
 pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     let exp = effective(exp, opts.quick, opts.seeds)?;
+    if opts.batch_seeds && opts.jobs > 1 {
+        bail!("--batch-seeds fits in this process: leave out --jobs");
+    }
+    if opts.fresh && opts.resume {
+        bail!("--fresh and --resume exclude each other");
+    }
     let dir = opts.out.join(&exp.name);
     let runs_dir = dir.join("runs");
     std::fs::create_dir_all(&runs_dir)
         .with_context(|| format!("cannot create {}", runs_dir.display()))?;
-    write_json_atomic(&dir.join("experiment.json"), &serde_json::to_value(&exp)?)?;
+    for d in [&dir, &runs_dir, &dir.join("configs")] {
+        remove_stale_temp_files(d).with_context(|| format!("cannot clean {}", d.display()))?;
+    }
+    let progress = Progress::new(0, &exp.name, opts.quiet);
     let mut runs = plan(&exp);
-    if opts.resume {
-        runs.retain(|r| !runs_dir.join(&r.file).is_file());
-    } else {
-        // Stale reports of an earlier run of this experiment would be mixed
-        // into the summary: start from an empty folder.
-        for entry in std::fs::read_dir(&runs_dir)? {
-            let p = entry?.path();
-            if p.extension().is_some_and(|e| e == "json") {
-                std::fs::remove_file(&p)?;
-            }
+    let finished = finished_reports(&runs_dir)?;
+    let claims = crate::claim::claims_in(&runs_dir)?;
+    if let Some((lock, holder)) = claims.iter().find(|(_, h)| !h.is_stale()) {
+        if !opts.resume {
+            bail!(
+                "{} is being run by another avi ({}): wait for it, or pass --resume to share the remaining runs",
+                lock.with_extension("json").display(),
+                holder.describe()
+            );
         }
     }
-    if opts.batch_seeds && opts.jobs > 1 {
-        bail!("--batch-seeds fits in this process: leave out --jobs");
+    let earlier = !(finished.is_empty() && claims.is_empty());
+    if earlier && !opts.resume {
+        if !opts.fresh {
+            bail!(
+                "{} holds {} finished run report(s){}: pass --resume to keep them and run only the missing ones, or --fresh to move them aside into {}/previous-<time>/ (nothing was changed)",
+                runs_dir.display(),
+                finished.len(),
+                if claims.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and {} claim(s) of processes that no longer run", claims.len())
+                },
+                dir.display()
+            );
+        }
+        let old = move_aside(&dir)?;
+        progress.line(format!(
+            "moved the earlier runs of {} aside into {}",
+            exp.name,
+            old.display()
+        ));
+        std::fs::create_dir_all(&runs_dir)
+            .with_context(|| format!("cannot create {}", runs_dir.display()))?;
     }
-    let progress = Progress::new(runs.len(), &exp.name, opts.quiet);
+    if opts.resume {
+        // A claimant killed after writing its report and before releasing
+        // its claim: the run is finished, the claim is stale.
+        for (lock, holder) in &claims {
+            if holder.is_stale() && lock.with_extension("json").is_file() {
+                std::fs::remove_file(lock)
+                    .with_context(|| format!("cannot remove {}", lock.display()))?;
+            }
+        }
+        for r in &runs {
+            let path = runs_dir.join(&r.file);
+            if path.is_file() {
+                check_stored_run(&path, &r.config, opts.batch_seeds)?;
+            }
+        }
+        runs.retain(|r| !runs_dir.join(&r.file).is_file());
+    }
+    write_json_atomic(&dir.join("experiment.json"), &serde_json::to_value(&exp)?)?;
+    progress.overall.set_length(runs.len() as u64);
     if opts.jobs <= 1 {
         run_here(&exp, &runs, &runs_dir, opts, &progress)?;
     } else {
@@ -726,6 +822,175 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     let summary = crate::summary::rebuild(&dir)?;
     progress.line(format!("wrote {}", dir.join("summary.json").display()));
     Ok(summary)
+}
+
+/// The run reports (`*.json`) in `runs_dir`.
+fn finished_reports(runs_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(runs_dir)
+        .with_context(|| format!("cannot read {}", runs_dir.display()))?
+    {
+        let p = entry?.path();
+        if p.extension().is_some_and(|e| e == "json") {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Move everything in an experiment folder (but earlier `previous-*`
+/// folders) into a new `previous-<UTC time>/` in it; returns that folder.
+fn move_aside(dir: &Path) -> Result<PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stamp = crate::claim::utc(now).replace(':', "");
+    let mut old = dir.join(format!("previous-{stamp}"));
+    let mut k = 2;
+    while old.exists() {
+        old = dir.join(format!("previous-{stamp}-{k}"));
+        k += 1;
+    }
+    std::fs::create_dir(&old).with_context(|| format!("cannot create {}", old.display()))?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let p = entry?.path();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with("previous-") {
+            continue;
+        }
+        std::fs::rename(&p, old.join(&name))
+            .with_context(|| format!("cannot move {} into {}", p.display(), old.display()))?;
+    }
+    Ok(old)
+}
+
+/// Check that a stored run report was made with the config it would run
+/// with now (same definition, size, engine, …); the error names the run and
+/// the first differing field. `--batch-seeds` reports name the graph engine
+/// they ran on.
+fn check_stored_run(path: &Path, expected: &FitConfig, batch_seeds: bool) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let report: Value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a run report (move it away or start with --fresh)",
+            path.display()
+        )
+    })?;
+    let stored: FitConfig =
+        serde_json::from_value(report["config"].clone()).with_context(|| {
+            format!(
+                "{}: its `config` cannot be read (move it away or start with --fresh)",
+                path.display()
+            )
+        })?;
+    let mut want = expected.clone();
+    if batch_seeds && report.get("batched_seeds").is_some() {
+        want.engine = avi_inference::Engine::Graph;
+    }
+    let (a, b) = (comparable(&stored)?, comparable(&want)?);
+    if let Some(d) = first_difference(&a, &b, "config") {
+        bail!(
+            "{} was made with a different config ({d}): it is kept; resume with the options it was made with, or start with --fresh",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A config as JSON for comparison, data file paths made canonical where
+/// the file exists (the same data seen from another working folder).
+fn comparable(cfg: &FitConfig) -> Result<Value> {
+    let mut c = cfg.clone();
+    let canon = |d: &mut DataConfig| {
+        if let DataConfig::File(p) = d {
+            if let Ok(abs) = p.canonicalize() {
+                *p = abs;
+            }
+        }
+    };
+    canon(&mut c.data);
+    if let Some(MseConfig { test: Some(d), .. }) = &mut c.mse {
+        canon(d);
+    }
+    Ok(serde_json::to_value(&c)?)
+}
+
+/// The first place where `a` (stored) and `b` (expected) differ:
+/// `path: A in the stored run, B now`.
+fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                first_difference(
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                    &format!("{path}.{k}"),
+                )
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (u, v))| first_difference(u, v, &format!("{path}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(format!("`{path}`: {a} in the stored run, {b} now")),
+    }
+}
+
+/// Claim `run` in `runs_dir` before fitting it. `None`: skip it (another
+/// live process runs it, with `--resume`, or its report appeared
+/// meanwhile); without `--resume` a live or stale claim of another process
+/// is an error.
+fn claim_run(
+    runs_dir: &Path,
+    run: &RunSpec,
+    opts: &ReproduceOptions,
+    progress: &Progress,
+) -> Result<Option<RunClaim>> {
+    let lock = runs_dir.join(&run.file).with_extension("lock");
+    let report = runs_dir.join(&run.file);
+    let before = crate::claim::read_holder(&lock)?;
+    match RunClaim::acquire(&lock, opts.resume)? {
+        Claimed::Ours(claim) => {
+            if report.is_file() {
+                if opts.resume {
+                    return Ok(None);
+                }
+                bail!(
+                    "{} appeared while this run started: another avi writes to this folder (pass --resume to share the runs)",
+                    report.display()
+                );
+            }
+            if let Some(h) = before.filter(Holder::is_stale) {
+                progress.line(format!(
+                    "took over the stale claim on {} ({}, no longer running)",
+                    run.file,
+                    h.describe()
+                ));
+            }
+            Ok(Some(claim))
+        }
+        Claimed::Held(h) if opts.resume => {
+            progress.line(format!("skipped {}: another avi runs it ({})", run.file, h.describe()));
+            Ok(None)
+        }
+        Claimed::Held(h) => bail!(
+            "{} is being run by another avi ({}): wait for it, or pass --resume to share the remaining runs",
+            report.display(),
+            h.describe()
+        ),
+        Claimed::Stale(h) => bail!(
+            "{} was claimed by a process that no longer runs ({}): pass --resume to take it over",
+            report.display(),
+            h.describe()
+        ),
+    }
 }
 
 /// Largest q(θ) kept in an experiment's run reports (the BNN's 283,920
@@ -777,6 +1042,12 @@ fn run_here(
     let mut prepared: BTreeMap<String, Prepared> = BTreeMap::new();
     let mut batched: std::collections::BTreeSet<String> = Default::default();
     for run in runs {
+        if crate::interrupt::requested() {
+            return Err(crate::interrupt::Interrupted.into());
+        }
+        if batched.contains(&run.label) {
+            continue;
+        }
         let key = serde_json::to_string(&(&run.config.model, &run.config.data, &run.config.mse))?;
         if !prepared.contains_key(&key) {
             let p = prepare(&run.config, Path::new("."))
@@ -784,15 +1055,21 @@ fn run_here(
             prepared.insert(key.clone(), p);
         }
         let p = &prepared[&key];
-        if batched.contains(&run.label) {
-            continue;
-        }
         // Every seed of this method at once (the diagnostic, which draws
         // after each fit, keeps Const runs separate).
         let diagnosed = exp.diagnose && !matches!(run.config.method, MethodConfig::Fvi);
         if opts.batch_seeds && !diagnosed && crate::run::batchable(&run.config, p) {
-            let group: Vec<&RunSpec> = runs.iter().filter(|r| r.label == run.label).collect();
-            let seeds: Vec<u64> = group.iter().map(|r| r.seed).collect();
+            batched.insert(run.label.clone());
+            let mut group = Vec::new();
+            for r in runs.iter().filter(|r| r.label == run.label) {
+                if let Some(claim) = claim_run(runs_dir, r, opts, progress)? {
+                    group.push((r, claim));
+                }
+            }
+            if group.is_empty() {
+                continue;
+            }
+            let seeds: Vec<u64> = group.iter().map(|(r, _)| r.seed).collect();
             let bar =
                 progress.run_bar(run.config.steps, &format!("{} ×{}", run.label, seeds.len()));
             let mut observer = BarObserver(bar.clone());
@@ -805,15 +1082,19 @@ fn run_here(
             )?;
             bar.finish_and_clear();
             progress.multi.remove(&bar);
-            for (spec, (_, mut report)) in group.iter().zip(results) {
+            for ((spec, claim), (_, mut report)) in group.into_iter().zip(results) {
                 slim(&mut report);
                 write_json_atomic(&runs_dir.join(&spec.file), &report)?;
+                drop(claim);
                 progress.overall.inc(1);
                 progress.line(done_line(&exp.name, spec, &report));
             }
-            batched.insert(run.label.clone());
             continue;
         }
+        let Some(claim) = claim_run(runs_dir, run, opts, progress)? else {
+            progress.overall.inc(1);
+            continue;
+        };
         let bar = progress.run_bar(run.config.steps, &format!("{} {}", run.label, run.seed));
         let mut observer = BarObserver(bar.clone());
         let (fit, mut report) = run_prepared(&run.config, p, opts.device, &mut observer)?;
@@ -828,6 +1109,7 @@ fn run_here(
         }
         slim(&mut report);
         write_json_atomic(&runs_dir.join(&run.file), &report)?;
+        drop(claim);
         progress.overall.inc(1);
         progress.line(done_line(&exp.name, run, &report));
     }
@@ -845,7 +1127,7 @@ fn run_children(
     let configs = dir.join("configs");
     std::fs::create_dir_all(&configs)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / opts.jobs).max(1);
+    let threads = opts.threads.min(cores / opts.jobs).max(1);
     let device = match opts.device {
         Device::Cuda(_) => "cuda",
         _ => "cpu",
@@ -860,8 +1142,26 @@ fn run_children(
                     break;
                 }
                 let run = &runs[i];
-                if let Err(e) = run_child(exp, run, dir, &configs, &exe, device, threads, progress)
-                {
+                let child = Child {
+                    exe: &exe,
+                    device,
+                    threads,
+                };
+                let result =
+                    claim_run(&dir.join("runs"), run, opts, progress).and_then(
+                        |claim| match claim {
+                            None => {
+                                progress.overall.inc(1);
+                                Ok(())
+                            }
+                            Some(claim) => {
+                                let r = run_child(exp, run, dir, &configs, &child, progress);
+                                drop(claim);
+                                r
+                            }
+                        },
+                    );
+                if let Err(e) = result {
                     if let Ok(mut f) = failure.lock() {
                         f.get_or_insert(format!("{e:#}"));
                     }
@@ -870,35 +1170,55 @@ fn run_children(
             });
         }
     });
+    if crate::interrupt::requested() {
+        return Err(crate::interrupt::Interrupted.into());
+    }
     if let Some(e) = failure.into_inner().unwrap_or(None) {
         bail!(e);
     }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How child `avi fit` processes are started.
+struct Child<'a> {
+    exe: &'a Path,
+    device: &'a str,
+    threads: usize,
+}
+
+/// The environment variable that tells a child `avi` to exit when its
+/// standard input closes (the parent died: no orphan keeps fitting).
+pub const EXIT_WITH_PARENT: &str = "AVI_EXIT_WITH_PARENT";
+
 fn run_child(
     exp: &Experiment,
     run: &RunSpec,
     dir: &Path,
     configs: &Path,
-    exe: &Path,
-    device: &str,
-    threads: usize,
+    child: &Child<'_>,
     progress: &Progress,
 ) -> Result<()> {
     let cfg_path = configs.join(&run.file);
     write_json_atomic(&cfg_path, &serde_json::to_value(&run.config)?)?;
     let out = dir.join("runs").join(&run.file);
     let diagnose = exp.diagnose && !matches!(run.config.method, MethodConfig::Fvi);
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(child.exe);
     cmd.arg(if diagnose { "diagnose" } else { "fit" })
         .arg("--config")
         .arg(&cfg_path)
         .arg("--out")
         .arg(&out)
-        .args(["--device", device, "--threads", &threads.to_string()])
-        .env("OMP_NUM_THREADS", threads.to_string());
+        .args([
+            "--device",
+            child.device,
+            "--threads",
+            &child.threads.to_string(),
+        ])
+        .env("OMP_NUM_THREADS", child.threads.to_string())
+        .env(EXIT_WITH_PARENT, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     if diagnose {
         cmd.args([
             "--fvi-steps",
@@ -907,17 +1227,47 @@ fn run_child(
             &DIAGNOSE_DRAWS.to_string(),
         ]);
     }
-    let output = cmd
-        .output()
-        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let mut process = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", child.exe.display()))?;
+    // Held open while the child runs: it stops when this end closes, i.e.
+    // when this process ends, however it ends, or is interrupted.
+    let mut parent_alive = process.stdin.take();
+    let mut stderr = process.stderr.take();
+    // The child's error line, read while it runs (a full pipe would block it).
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = std::io::Read::read_to_string(s, &mut text);
+        }
+        text
+    });
+    let status = loop {
+        if let Some(status) = process
+            .try_wait()
+            .with_context(|| format!("cannot wait for {}", child.exe.display()))?
+        {
+            break status;
+        }
+        if crate::interrupt::requested() && parent_alive.is_some() {
+            // The child notices the closed pipe at its next check.
+            parent_alive = None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(parent_alive);
+    let err = reader.join().unwrap_or_default();
+    if crate::interrupt::requested() {
+        return Err(crate::interrupt::Interrupted.into());
+    }
     // Exit 3 is a diverged fit: its report is written and counts as a run.
-    if !(output.status.success() || output.status.code() == Some(3)) {
+    if !(status.success() || status.code() == Some(3)) {
         bail!(
             "{} {} seed {}: {}",
             exp.name,
             run.label,
             run.seed,
-            String::from_utf8_lossy(&output.stderr).trim()
+            err.trim()
         );
     }
     let mut report: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;

@@ -271,6 +271,9 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             (model, Data { values, dim })
         }
     };
+    if cfg.dtype == avi_inference::Dtype::F32 {
+        check_f32(&x, "data")?;
+    }
     if let Some(t) = cfg.model.fixed_theta() {
         let d = model.as_model().theta_dim();
         if t.len() != d {
@@ -315,6 +318,23 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
         reference_elbo,
         test_x,
     })
+}
+
+/// Data that f32 cannot hold is named as such (not as "inf is not finite"
+/// after the conversion).
+fn check_f32(data: &Data, field: &str) -> Result<()> {
+    if let Some(i) = data
+        .values
+        .iter()
+        .position(|v| v.abs() > f64::from(f32::MAX))
+    {
+        bail!(
+            "{field}: value {i} of x ({:e}) overflows f32 (largest {:e}): use \"dtype\": \"f64\"",
+            data.values[i],
+            f32::MAX
+        );
+    }
+    Ok(())
 }
 
 fn load_fashion_mnist(
@@ -417,6 +437,8 @@ pub fn run_prepared(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<(Fit, Value)> {
+    let mut watch = crate::interrupt::Watch(observer);
+    let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
     let run = |observer: &mut dyn Observer| {
         fit(
@@ -524,6 +546,8 @@ pub fn run_prepared_batched(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<Vec<(Fit, Value)>> {
+    let mut watch = crate::interrupt::Watch(observer);
+    let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
     let mut opts = cfg.options();
     opts.engine = avi_inference::Engine::Graph;
@@ -587,4 +611,67 @@ pub fn diagnosis_section(
         "gradient_norm": num(d.gradient_norm),
         "gradient_draws": gradient_draws,
     }))
+}
+
+/// Check, before any fitting, that a report can be written to `out`: its
+/// folder exists and is a folder, `out` is not a folder, not one of the
+/// `inputs` (the config or a data file: a report must never overwrite
+/// them), and a file of its name's length can be created and removed in
+/// that folder. Each failure is one clear error.
+pub fn check_output(out: &Path, inputs: &[std::path::PathBuf]) -> Result<()> {
+    let shown = out.display();
+    let Some(name) = out
+        .file_name()
+        .filter(|_| !out.as_os_str().to_string_lossy().ends_with('/'))
+    else {
+        bail!("--out {shown} is not a file path");
+    };
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("--out {shown}: {} is a file, not a folder", dir.display()),
+        Err(_) => bail!(
+            "--out {shown}: output folder {} does not exist",
+            dir.display()
+        ),
+    }
+    if out.is_dir() {
+        bail!("--out {shown} is a folder; give the report's file path");
+    }
+    let canonical_out = dir
+        .canonicalize()
+        .map(|d| d.join(name))
+        .unwrap_or_else(|_| out.to_path_buf());
+    for input in inputs {
+        if input.canonicalize().is_ok_and(|i| i == canonical_out) {
+            bail!(
+                "--out {shown} is an input of the fit ({}): choose another report path",
+                input.display()
+            );
+        }
+    }
+    // A probe of the same name length: catches unwritable folders and
+    // names longer than the file system allows, before the fit.
+    let len = name.len().max(crate::report::TEMP_PREFIX.len() + 8);
+    let probe_name = format!(
+        "{}{}",
+        crate::report::TEMP_PREFIX,
+        "p".repeat(len - crate::report::TEMP_PREFIX.len())
+    );
+    let probe = dir.join(probe_name);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => bail!("--out {shown}: cannot write in {}: {e}", dir.display()),
+    }
 }

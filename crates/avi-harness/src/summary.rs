@@ -324,7 +324,19 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
     if exp.figures.fig8 {
         add_window_bounds(exp, &mut rows)?;
     }
-    let claims: Vec<Value> = exp.claims.iter().map(|c| check_claim(c, &rows)).collect();
+    let mut claims: Vec<Value> = exp
+        .claims
+        .iter()
+        .map(|c| decide_claim(c, &rows, exp.seeds.len()))
+        .collect();
+    claims.extend(exp.unchecked.iter().map(|u| {
+        json!({
+            "text": u.claim.text(),
+            "reproduced": null,
+            "status": "not checked",
+            "detail": format!("not checked: {}", u.why),
+        })
+    }));
     let single_reference = {
         let distinct: Vec<_> = references.values().collect();
         match distinct.as_slice() {
@@ -378,6 +390,47 @@ fn add_window_bounds(exp: &Experiment, rows: &mut [Value]) -> Result<()> {
 
 fn row<'a>(rows: &'a [Value], label: &str) -> Option<&'a Value> {
     rows.iter().find(|r| r["label"] == label)
+}
+
+/// Decide a claim from the summary rows: `{text, reproduced, status,
+/// detail}`. A claim whose methods have fewer runs than the definition's
+/// `seeds` (a grid stopped part-way, runs deleted, a shard not finished)
+/// is "not checked" (`reproduced: null`), never decided on the runs that
+/// happen to be there.
+fn decide_claim(claim: &Claim, rows: &[Value], seeds: usize) -> Value {
+    let mut labels = claim.labels();
+    labels.sort();
+    labels.dedup();
+    let present: Vec<usize> = labels
+        .iter()
+        .map(|l| {
+            row(rows, l)
+                .and_then(|r| r["runs"].as_u64())
+                .map_or(0, |n| n as usize)
+        })
+        .collect();
+    let (have, want) = (present.iter().sum::<usize>(), labels.len() * seeds);
+    if have < want {
+        let short: Vec<String> = labels
+            .iter()
+            .zip(&present)
+            .filter(|(_, &n)| n < seeds)
+            .map(|(l, n)| format!("{l} {n}/{seeds}"))
+            .collect();
+        return json!({
+            "text": claim.text(),
+            "reproduced": null,
+            "status": "not checked",
+            "detail": format!("not checked: {have} of {want} runs present; {}", short.join(", ")),
+        });
+    }
+    let mut v = check_claim(claim, rows);
+    v["status"] = json!(if v["reproduced"] == true {
+        "reproduced"
+    } else {
+        "not reproduced"
+    });
+    v
 }
 
 /// Decide a claim from the summary rows: `{text, reproduced, detail}`.
@@ -1073,10 +1126,10 @@ fn report_markdown(exp: &Experiment, s: &Value) -> String {
             let _ = writeln!(
                 md,
                 "- **{}** {} ({})",
-                if c["reproduced"] == true {
-                    "Reproduced:"
-                } else {
-                    "Not reproduced:"
+                match c["reproduced"].as_bool() {
+                    Some(true) => "Reproduced:",
+                    Some(false) => "Not reproduced:",
+                    None => "Not checked:",
                 },
                 c["text"].as_str().unwrap_or(""),
                 c["detail"].as_str().unwrap_or("")
@@ -1108,6 +1161,17 @@ fn report_markdown(exp: &Experiment, s: &Value) -> String {
         );
     }
     md
+}
+
+/// The run reports an experiment folder's definition asks for that are
+/// not there (`runs/LABEL-SEED.json` names).
+pub fn missing_runs(dir: &Path) -> Result<Vec<String>> {
+    let exp = load_experiment_file(&dir.join("experiment.json"))?;
+    Ok(crate::reproduce::plan(&exp)
+        .into_iter()
+        .map(|r| r.file)
+        .filter(|f| !dir.join("runs").join(f).is_file())
+        .collect())
 }
 
 /// `avi report DIR [--seeds K]`: rebuild every experiment folder under
@@ -1170,6 +1234,16 @@ pub fn report_all(dir: &Path, seeds: Option<usize>) -> Result<Vec<PathBuf>> {
         for (path, exp) in kept {
             write_json_atomic(&path, &serde_json::to_value(&exp)?)?;
         }
+    }
+    for f in &folders {
+        for d in [f.clone(), f.join("runs"), f.join("configs")] {
+            crate::report::remove_stale_temp_files(&d)
+                .with_context(|| format!("cannot clean {}", d.display()))?;
+        }
+    }
+    if !dir.join("experiment.json").is_file() {
+        crate::report::remove_stale_temp_files(dir)
+            .with_context(|| format!("cannot clean {}", dir.display()))?;
     }
     let mut index = String::from("# avi reproduction report\n\nRebuilt by `avi report` from the stored runs; each experiment's own REPORT.md has its figures.\n");
     for f in &folders {

@@ -95,8 +95,17 @@ fn quick_reproductions_show_the_papers_conclusions() {
         let summary = std::fs::read_to_string(folder.join("summary.json")).unwrap();
         let s: Value = serde_json::from_str(&summary).unwrap();
         let claims = s["claims"].as_array().unwrap();
-        assert!(claims.len() >= 3, "{name}: {claims:?}");
+        // Claims about methods the quick run leaves out are listed as not
+        // checked (reproduced: null); every other one is reproduced.
+        let decided: Vec<&Value> = claims
+            .iter()
+            .filter(|c| c["status"] != "not checked")
+            .collect();
+        assert!(decided.len() >= 3, "{name}: {claims:?}");
         for c in claims {
+            assert_ne!(c["reproduced"], false, "{name}: {c}");
+        }
+        for c in decided {
             assert_eq!(c["reproduced"], true, "{name}: {c}");
         }
         let report = std::fs::read_to_string(folder.join("REPORT.md")).unwrap();
