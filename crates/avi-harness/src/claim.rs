@@ -205,7 +205,8 @@ pub fn claims_in(runs_dir: &Path) -> Result<Vec<(PathBuf, Holder)>> {
     Ok(out)
 }
 
-fn host_name() -> String {
+/// This host's name (`/proc/sys/kernel/hostname`, else `/etc/hostname`).
+pub(crate) fn host_name() -> String {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok())

@@ -99,6 +99,13 @@ enum Command {
         /// with finished runs is refused.
         #[arg(long)]
         resume: bool,
+        /// Run only shard k of K of the runs (k = 1..K, a fixed slice);
+        /// without it the shard comes from an MPI or Slurm launcher's
+        /// environment when there is one. Shards keep finished runs (as
+        /// --resume) and share the folder; the last one to finish writes
+        /// the summary.
+        #[arg(long, value_name = "k/K")]
+        shard: Option<String>,
         /// Move the earlier contents of OUT/EXPERIMENT/ aside into
         /// OUT/EXPERIMENT/previous-<UTC time>/ and start afresh (nothing is
         /// deleted).
@@ -285,10 +292,16 @@ fn run(cli: Cli) -> Result<Outcome> {
             quiet,
             jobs,
             resume,
+            shard,
             fresh,
             engine,
             batch_seeds,
         } => {
+            use avi_harness::reproduce::Shard;
+            let shard = match shard {
+                Some(text) => Some(Shard::parse(&text, "--shard")?),
+                None => Shard::from_env(|k| std::env::var(k).ok())?,
+            };
             use avi_harness::reproduce::{
                 default_experiments_dir, load_experiment, load_experiment_file, reproduce,
                 ReproduceOptions, EXPERIMENTS,
@@ -331,13 +344,16 @@ fn run(cli: Cli) -> Result<Outcome> {
                 jobs,
                 resume,
                 fresh,
+                shard,
                 threads,
                 batch_seeds,
             };
+            let mut complete = true;
             for exp in &defs {
-                reproduce(exp, &opts)?;
+                complete &= !reproduce(exp, &opts)?.is_null();
             }
-            if defs.len() > 1 {
+            // With shards, the last one to finish gathers the reports.
+            if defs.len() > 1 && complete {
                 avi_harness::summary::report_all(&out, None)?;
             }
             Ok(Outcome::Done)

@@ -98,9 +98,29 @@ pub fn fit_report(
     r
 }
 
-/// The prefix of the temporary files of [`write_atomic`]; a file of this
-/// name left by a killed process is removed by [`remove_stale_temp_files`].
+/// The prefix of the temporary files of [`write_atomic`], which are named
+/// `.avi-tmp-PID-HOST-XXXXXX` (HOST: 8 hex digits of the host name's hash),
+/// so that [`remove_stale_temp_files`] removes only those of processes that
+/// are gone, never a file another process is writing.
 pub const TEMP_PREFIX: &str = ".avi-tmp-";
+
+/// Temporary files of another host, or of an unknown writer, are removed
+/// only when they are at least this old (a write takes seconds at most).
+const FOREIGN_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// 8 hex digits of the FNV-1a hash of this host's name.
+fn host_tag() -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in crate::claim::host_name().bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// The prefix of this process's temporary files.
+fn own_temp_prefix() -> String {
+    format!("{TEMP_PREFIX}{}-{}-", std::process::id(), host_tag())
+}
 
 /// Held while a file is written and renamed: the interrupt handler takes it
 /// before it exits, so that Ctrl-C never leaves a half-written temporary
@@ -121,7 +141,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
+        .prefix(&own_temp_prefix())
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
@@ -144,9 +164,11 @@ pub fn exit_between_writes(code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// Remove the temporary files that a killed process left in `dir` (its
-/// own [`TEMP_PREFIX`] files and the `.tmpXXXXXX` files of older
-/// versions); returns how many were removed. Not recursive.
+/// Remove the temporary files that a killed process left in `dir`: those
+/// of [`TEMP_PREFIX`] written on this host by a process that no longer runs,
+/// and, once older than an hour, those of other hosts and the `.tmpXXXXXX`
+/// files of older versions (a file another process is writing right now is
+/// never removed). Returns how many were removed. Not recursive.
 pub fn remove_stale_temp_files(dir: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
     let entries = match std::fs::read_dir(dir) {
@@ -154,6 +176,7 @@ pub fn remove_stale_temp_files(dir: &Path) -> std::io::Result<usize> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
+    let here = host_tag();
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
@@ -161,7 +184,28 @@ pub fn remove_stale_temp_files(dir: &Path) -> std::io::Result<usize> {
         let legacy = name.len() == 10
             && name.starts_with(".tmp")
             && name[4..].chars().all(|c| c.is_ascii_alphanumeric());
-        if (name.starts_with(TEMP_PREFIX) || legacy) && entry.file_type()?.is_file() {
+        let ours = name.strip_prefix(TEMP_PREFIX);
+        if !(legacy || ours.is_some()) || !entry.file_type()?.is_file() {
+            continue;
+        }
+        let writer = ours.and_then(|rest| {
+            let mut parts = rest.splitn(3, '-');
+            let pid: u32 = parts.next()?.parse().ok()?;
+            let host = parts.next()?;
+            Some((pid, host == here))
+        });
+        let stale = match writer {
+            Some((pid, true)) => {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            }
+            _ => entry
+                .metadata()?
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age >= FOREIGN_TEMP_AGE),
+        };
+        if stale {
             std::fs::remove_file(entry.path())?;
             removed += 1;
         }
@@ -202,27 +246,60 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
-    /// Temporary files of a killed writer (ours and the older `.tmpXXXXXX`
-    /// ones) are removed; other files, including look-alikes, stay.
+    /// Temporary files of a killed writer on this host are removed; those of
+    /// a live writer (this process), of other hosts and of older versions
+    /// stay until they are an hour old; other files, including
+    /// look-alikes, stay.
     #[test]
     fn stale_temp_files_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        for name in [
-            ".avi-tmp-abc123",
+        let tag = host_tag();
+        // pid 2^22 + 1 is above Linux's largest pid: no such process.
+        let dead = format!(".avi-tmp-4194305-{tag}-abc123");
+        let live = format!("{}abc123", own_temp_prefix());
+        let foreign = ".avi-tmp-4194305-0badf00d-abc123".to_string();
+        let names = [
+            dead.as_str(),
+            live.as_str(),
+            foreign.as_str(),
             ".tmpAb12Cd",
             "r.json",
             ".tmpnotatemp",
             "tmpAb12Cd",
-        ] {
+        ];
+        for name in names {
             std::fs::write(dir.path().join(name), "x").unwrap();
         }
+        let listing = || {
+            let mut left: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            left
+        };
+        assert_eq!(remove_stale_temp_files(dir.path()).unwrap(), 1);
+        let mut want: Vec<String> = names[1..].iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(listing(), want);
+        // An hour later the foreign and legacy ones go too.
+        let old = std::time::SystemTime::now() - FOREIGN_TEMP_AGE;
+        for name in [foreign.as_str(), ".tmpAb12Cd", "r.json"] {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(dir.path().join(name))
+                .unwrap();
+            f.set_modified(old).unwrap();
+        }
         assert_eq!(remove_stale_temp_files(dir.path()).unwrap(), 2);
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, [".tmpnotatemp", "r.json", "tmpAb12Cd"]);
+        let mut want = vec![
+            live.clone(),
+            "r.json".into(),
+            ".tmpnotatemp".into(),
+            "tmpAb12Cd".into(),
+        ];
+        want.sort();
+        assert_eq!(listing(), want);
         assert_eq!(
             remove_stale_temp_files(&dir.path().join("none")).unwrap(),
             0

@@ -666,6 +666,9 @@ pub struct ReproduceOptions {
     /// Move the earlier contents of the experiment's folder aside into
     /// `previous-<UTC time>/` and start afresh (nothing is deleted).
     pub fresh: bool,
+    /// Run only this slice of the runs (`--shard k/K`, or a launcher's
+    /// environment). A sharded run keeps finished runs as with `resume`.
+    pub shard: Option<Shard>,
     /// libtorch CPU threads of each fit (child processes get
     /// `min(threads, cores / jobs)`, at least 1).
     pub threads: usize,
@@ -674,6 +677,102 @@ pub struct ReproduceOptions {
     /// results as separate runs with the graph engine). In this process
     /// only (`jobs` = 1).
     pub batch_seeds: bool,
+}
+
+/// A deterministic slice of an experiment's runs: shard `index` of `count`
+/// (1-based) takes the runs `i` of [`plan`] with `i mod count = index − 1`,
+/// so that every shard gets a mix of methods and seeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// 1..=count.
+    pub index: usize,
+    /// Number of shards.
+    pub count: usize,
+    /// Where it came from (`--shard`, or the launcher's variables).
+    pub source: String,
+}
+
+impl Shard {
+    /// Parse `k/K` (1 ≤ k ≤ K).
+    pub fn parse(text: &str, source: &str) -> Result<Self> {
+        let parsed = text.split_once('/').and_then(|(k, n)| {
+            Some((
+                k.trim().parse::<usize>().ok()?,
+                n.trim().parse::<usize>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((index, count)) if index >= 1 && index <= count => Ok(Self {
+                index,
+                count,
+                source: source.to_string(),
+            }),
+            _ => bail!("{source} `{text}`: expected k/K with 1 ≤ k ≤ K"),
+        }
+    }
+
+    /// The shard a launcher gives this process, from its environment
+    /// (`var` reads a variable): OpenMPI (`OMPI_COMM_WORLD_RANK/SIZE`),
+    /// MPICH and other PMI launchers (`PMI_RANK/SIZE`), a Slurm step of
+    /// several tasks (`SLURM_PROCID/SLURM_NTASKS`), or a Slurm job array
+    /// (`SLURM_ARRAY_TASK_ID` counted from `SLURM_ARRAY_TASK_MIN` over
+    /// `SLURM_ARRAY_TASK_COUNT`). `None` when none is set or the launcher
+    /// runs one process.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let num = |name: &str| -> Result<Option<usize>> {
+            match var(name) {
+                None => Ok(None),
+                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| {
+                    anyhow::anyhow!("environment variable {name}=`{v}` is not a count")
+                }),
+            }
+        };
+        let pairs = [
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+            ("PMI_RANK", "PMI_SIZE"),
+            ("SLURM_PROCID", "SLURM_NTASKS"),
+        ];
+        for (rank, size) in pairs {
+            if let (Some(r), Some(n)) = (num(rank)?, num(size)?) {
+                if n > 1 {
+                    if r >= n {
+                        bail!("environment: {rank}={r} is not below {size}={n}");
+                    }
+                    return Ok(Some(Self {
+                        index: r + 1,
+                        count: n,
+                        source: format!("{rank}/{size}"),
+                    }));
+                }
+            }
+        }
+        if let (Some(id), Some(n)) = (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?) {
+            let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            if n > 1 {
+                let k = id.checked_sub(min).filter(|k| *k < n).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "environment: SLURM_ARRAY_TASK_ID={id} is not within SLURM_ARRAY_TASK_MIN={min} + SLURM_ARRAY_TASK_COUNT={n} (use a contiguous array, e.g. --array=0-{})",
+                        n - 1
+                    )
+                })?;
+                return Ok(Some(Self {
+                    index: k + 1,
+                    count: n,
+                    source: "SLURM_ARRAY_TASK_ID".into(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Keep this shard's runs of a plan.
+    pub fn slice(&self, runs: Vec<RunSpec>) -> Vec<RunSpec> {
+        runs.into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.count == self.index - 1)
+            .map(|(_, r)| r)
+            .collect()
+    }
 }
 
 /// Progress of the runs: an overall bar with ETA and, in this process, a
@@ -744,6 +843,20 @@ impl Observer for BarObserver {
 /// Returns the summary.
 pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     let exp = effective(exp, opts.quick, opts.seeds)?;
+    if opts.shard.is_some() && opts.fresh {
+        bail!("--fresh with a shard: shards of one grid share its folder; move earlier runs aside before starting them");
+    }
+    // A shard keeps finished runs and shares the folder, as --resume does.
+    let resumed;
+    let opts = if opts.shard.is_some() && !opts.resume {
+        resumed = ReproduceOptions {
+            resume: true,
+            ..opts.clone()
+        };
+        &resumed
+    } else {
+        opts
+    };
     if opts.batch_seeds && opts.jobs > 1 {
         bail!("--batch-seeds fits in this process: leave out --jobs");
     }
@@ -759,6 +872,18 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     }
     let progress = Progress::new(0, &exp.name, opts.quiet);
     let mut runs = plan(&exp);
+    if let Some(shard) = &opts.shard {
+        let total = runs.len();
+        runs = shard.slice(runs);
+        progress.line(format!(
+            "{}: shard {}/{} (from {}): {} of the {total} runs",
+            exp.name,
+            shard.index,
+            shard.count,
+            shard.source,
+            runs.len()
+        ));
+    }
     let finished = finished_reports(&runs_dir)?;
     let claims = crate::claim::claims_in(&runs_dir)?;
     if let Some((lock, holder)) = claims.iter().find(|(_, h)| !h.is_stale()) {
@@ -819,6 +944,19 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
         run_children(&exp, &runs, &dir, opts, &progress)?;
     }
     progress.overall.finish_and_clear();
+    if opts.shard.is_some() {
+        // The last shard to finish builds the summary.
+        let missing = crate::summary::missing_runs(&dir)?;
+        if !missing.is_empty() {
+            progress.line(format!(
+                "{}: this shard is done; {} run(s) of other shards are not finished yet: the last shard to finish (or `avi report {}`) writes the summary",
+                exp.name,
+                missing.len(),
+                dir.display()
+            ));
+            return Ok(Value::Null);
+        }
+    }
     let summary = crate::summary::rebuild(&dir)?;
     progress.line(format!("wrote {}", dir.join("summary.json").display()));
     Ok(summary)
@@ -1317,6 +1455,77 @@ mod tests {
 
     /// A quick claim list replaces the experiment's claims, and naming a
     /// method the quick run leaves out is an error, not a silent skip.
+    /// `k/K` parses; a launcher's environment gives the shard (OpenMPI,
+    /// PMI, a multi-task Slurm step, a Slurm job array counted from its
+    /// minimum); one process or no launcher is no shard; bad values are
+    /// errors naming the variable.
+    #[test]
+    fn shards_from_the_flag_and_the_launchers() {
+        assert_eq!(Shard::parse("2/3", "--shard").unwrap().index, 2);
+        for bad in ["0/3", "4/3", "3", "a/b", "1/0"] {
+            assert!(Shard::parse(bad, "--shard").is_err(), "{bad}");
+        }
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let get = |pairs: &'static [(&'static str, &'static str)]| {
+            Shard::from_env(env(pairs))
+                .unwrap()
+                .map(|s| (s.index, s.count))
+        };
+        assert_eq!(
+            get(&[("OMPI_COMM_WORLD_RANK", "2"), ("OMPI_COMM_WORLD_SIZE", "3")]),
+            Some((3, 3))
+        );
+        assert_eq!(get(&[("PMI_RANK", "0"), ("PMI_SIZE", "4")]), Some((1, 4)));
+        assert_eq!(
+            get(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2")]),
+            Some((2, 2))
+        );
+        // A job array's task runs one process: its array index counts.
+        assert_eq!(
+            get(&[
+                ("SLURM_PROCID", "0"),
+                ("SLURM_NTASKS", "1"),
+                ("SLURM_ARRAY_TASK_ID", "7"),
+                ("SLURM_ARRAY_TASK_MIN", "5"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ]),
+            Some((3, 4))
+        );
+        assert_eq!(
+            get(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "1")]),
+            None
+        );
+        assert_eq!(get(&[]), None);
+        assert!(Shard::from_env(env(&[("PMI_RANK", "x"), ("PMI_SIZE", "2")])).is_err());
+        assert!(Shard::from_env(env(&[("PMI_RANK", "2"), ("PMI_SIZE", "2")])).is_err());
+        // Slices: every run in exactly one shard.
+        let exp = shipped("linear");
+        let all = plan(&exp);
+        let mut seen: Vec<String> = (1..=3)
+            .flat_map(|k| {
+                Shard {
+                    index: k,
+                    count: 3,
+                    source: String::new(),
+                }
+                .slice(plan(&exp))
+                .into_iter()
+                .map(|r| r.file)
+            })
+            .collect();
+        seen.sort();
+        let mut want: Vec<String> = all.into_iter().map(|r| r.file).collect();
+        want.sort();
+        assert_eq!(seen, want);
+    }
+
     #[test]
     fn quick_claim_list_replaces_the_claims() {
         let exp = shipped("bnn");

@@ -396,12 +396,17 @@ fn report_removes_stale_temporary_files() {
     let def = tiny_definition(dir.path());
     let out = dir.path().join("out");
     ok(&reproduce(&def, &out, &["--quiet", "--seeds", "1"]));
+    // Left by writers that are gone (an hour old: a writer on another host
+    // or of an older version cannot be asked whether it still runs).
+    let old = std::time::SystemTime::now() - Duration::from_secs(7200);
     for p in [
         out.join("tiny/.avi-tmp-Xy12ab"),
         out.join("tiny/runs/.tmpAb12Cd"),
         out.join(".tmpZz99Zz"),
     ] {
-        std::fs::write(p, "{\"half").unwrap();
+        std::fs::write(&p, "{\"half").unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(old).unwrap();
     }
     ok(&Command::new(AVI).arg("report").arg(&out).output().unwrap());
     assert_eq!(leftovers(&out), Vec::<PathBuf>::new());
