@@ -9,7 +9,7 @@ use avi_harness::report::write_json_atomic;
 use avi_harness::reproduce::EXIT_WITH_PARENT;
 use avi_harness::run::{check_output, prepare, resolve_device, run_prepared, DeviceChoice};
 use avi_harness::{demo, interrupt};
-use avi_inference::{FitStatus, Silent};
+use avi_inference::FitStatus;
 use clap::{Parser, Subcommand};
 
 /// Amortized variational inference on libtorch.
@@ -44,6 +44,10 @@ enum Command {
         /// exit 0 (valid) or 2; nothing is fitted or written.
         #[arg(long)]
         check: bool,
+        /// No progress (by default a bar on a terminal, else a line per
+        /// check block of 100 steps on stdout).
+        #[arg(long)]
+        quiet: bool,
     },
     /// Fit a config, then run F-VI from its solution (the paper's §5
     /// diagnostic): the report gains a `diagnosis` section.
@@ -63,6 +67,9 @@ enum Command {
         /// Device: auto, cpu or cuda.
         #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
         device: DeviceChoice,
+        /// No progress output.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Run an experiment from data/experiments/ and write its runs,
     /// summary.json, figures and REPORT.md under OUT/EXPERIMENT/.
@@ -176,6 +183,58 @@ enum Outcome {
     Incomplete(String),
 }
 
+/// Progress of `avi fit`: a bar on stderr when it is a terminal, else a
+/// line on stdout per check block (every 100 steps at most; the training
+/// loop reads its trace back there anyway, so this adds no host
+/// synchronisation), nothing with `--quiet`.
+enum FitProgress {
+    Quiet,
+    Bar(indicatif::ProgressBar),
+    Lines(std::time::Instant),
+}
+
+impl FitProgress {
+    fn new(quiet: bool, steps: usize) -> Self {
+        use std::io::IsTerminal;
+        if quiet {
+            Self::Quiet
+        } else if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(steps as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "[{bar:30}] {pos}/{len} steps, {elapsed} elapsed, ETA {eta}, ELBO {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Self::Bar(bar)
+        } else {
+            Self::Lines(std::time::Instant::now())
+        }
+    }
+
+    fn finish(&self) {
+        if let Self::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl avi_inference::Observer for FitProgress {
+    fn on_check(&mut self, done: usize, total: usize, elbo: f64) {
+        match self {
+            Self::Quiet => {}
+            Self::Bar(bar) => {
+                bar.set_position(done as u64);
+                bar.set_message(format!("{elbo:.2}"));
+            }
+            Self::Lines(start) => println!(
+                "step {done}/{total}: ELBO {elbo:.3} ({:.1} s)",
+                start.elapsed().as_secs_f64()
+            ),
+        }
+    }
+}
+
 /// The input files of a config: the config itself, its data file and its
 /// held-out data file (relative paths resolved against the config's folder).
 fn inputs_of(config: &Path, cfg: &FitConfig) -> Vec<PathBuf> {
@@ -193,7 +252,13 @@ fn inputs_of(config: &Path, cfg: &FitConfig) -> Vec<PathBuf> {
     files
 }
 
-fn fit_command(config: &Path, out: &Path, device: DeviceChoice, check: bool) -> Result<Outcome> {
+fn fit_command(
+    config: &Path,
+    out: &Path,
+    device: DeviceChoice,
+    check: bool,
+    quiet: bool,
+) -> Result<Outcome> {
     let cfg = FitConfig::load(config)?;
     let device = resolve_device(device)?;
     check_output(out, &inputs_of(config, &cfg))?;
@@ -209,7 +274,9 @@ fn fit_command(config: &Path, out: &Path, device: DeviceChoice, check: bool) -> 
         );
         return Ok(Outcome::Done);
     }
-    let (fit, report) = run_prepared(&cfg, &prepared, device, &mut Silent)?;
+    let mut progress = FitProgress::new(quiet, cfg.steps);
+    let (fit, report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
+    progress.finish();
     write_json_atomic(out, &report)?;
     Ok(match fit.status {
         FitStatus::Ok => Outcome::Done,
@@ -223,6 +290,7 @@ fn diagnose_command(
     fvi_steps: usize,
     gradient_draws: usize,
     device: DeviceChoice,
+    quiet: bool,
 ) -> Result<Outcome> {
     let cfg = FitConfig::load(config)?;
     if matches!(cfg.method, avi_inference::MethodConfig::Fvi) {
@@ -244,7 +312,9 @@ fn diagnose_command(
     check_output(out, &inputs_of(config, &cfg))?;
     let dir = config.parent().unwrap_or(Path::new("."));
     let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
-    let (fit, mut report) = run_prepared(&cfg, &prepared, device, &mut Silent)?;
+    let mut progress = FitProgress::new(quiet, cfg.steps);
+    let (fit, mut report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
+    progress.finish();
     if let FitStatus::Diverged { at } = fit.status {
         write_json_atomic(out, &report)?;
         return Ok(Outcome::Diverged(at, out.to_path_buf()));
@@ -274,14 +344,16 @@ fn run(cli: Cli) -> Result<Outcome> {
             out,
             device,
             check,
-        } => fit_command(&config, &out, device, check),
+            quiet,
+        } => fit_command(&config, &out, device, check, quiet),
         Command::Diagnose {
             config,
             out,
             fvi_steps,
             gradient_draws,
             device,
-        } => diagnose_command(&config, &out, fvi_steps, gradient_draws, device),
+            quiet,
+        } => diagnose_command(&config, &out, fvi_steps, gradient_draws, device, quiet),
         Command::Reproduce {
             experiment,
             seeds,

@@ -1351,6 +1351,7 @@ fn run_child(
             child.device,
             "--threads",
             &child.threads.to_string(),
+            "--quiet",
         ])
         .env("OMP_NUM_THREADS", child.threads.to_string())
         .env(EXIT_WITH_PARENT, "1")

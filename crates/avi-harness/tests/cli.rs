@@ -536,3 +536,82 @@ fn diagnose_adds_a_diagnosis() {
     assert_eq!(o.status.code(), Some(2));
     assert!(!dir.path().join("f-r.json").exists());
 }
+
+/// `avi demo` (small N): the fused engine on the CPU, a line per finished
+/// fit, and at the end where the REPORT.md, figures and summary are; the
+/// closed-form gap of A-VI (d = 1) is far below Const's (the paper's
+/// ordering; N = 300, 600 steps).
+#[test]
+fn demo_says_where_its_report_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let o = Command::new(AVI)
+        .args([
+            "demo", "--n", "300", "--steps", "600", "--device", "cpu", "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.matches("(fused engine)").count(), 4, "{text}");
+    assert!(
+        text.contains(&out.join("REPORT.md").display().to_string()),
+        "{text}"
+    );
+    for f in [
+        "REPORT.md",
+        "summary.json",
+        "elbo-vs-iteration.svg",
+        "elbo-vs-time.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let s = read(&out.join("summary.json"));
+    let gap = |m: &str| {
+        s["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["method"] == m)
+            .unwrap()["gap"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(gap("avi-poly1") < 0.5 * gap("const"), "{s}");
+}
+
+/// `avi fit` off a terminal prints a line per check block (every 100
+/// steps) on stdout; `--quiet` prints nothing.
+#[test]
+fn fit_shows_progress_unless_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.json"),
+        config(
+            r#"{"kind": "fvi"}"#,
+            r#"{"simulate": {"n": 30, "seed": 1}}"#,
+            "",
+        ),
+    )
+    .unwrap();
+    let go = |extra: &[&str]| {
+        let o = avi(
+            &[
+                &[
+                    "fit", "--config", "c.json", "--out", "r.json", "--device", "cpu",
+                ],
+                extra,
+            ]
+            .concat(),
+            dir.path(),
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let lines = go(&[]);
+    let steps: Vec<&str> = lines.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(steps.len(), 3, "{lines}");
+    assert!(steps[2].starts_with("step 300/300: ELBO "), "{lines}");
+    assert_eq!(go(&["--quiet"]), "");
+}
