@@ -72,11 +72,7 @@ impl LinearModel {
     /// θ ~ N(0, 1) (or the given `theta`), z_n ~ N(0, 1),
     /// x_n = θ + τ z_n + σ ε_n (digest §7, row 2).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<f64>) -> Result<Vec<f64>> {
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, 1)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let theta = theta.unwrap_or_else(|| StandardNormal.sample(&mut rng));
         Ok((0..n)
