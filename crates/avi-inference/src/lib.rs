@@ -56,5 +56,6 @@ pub use function::{
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
 pub use fused_cuda::CudaFviTrainer;
 pub use method::{
-    amortization_inputs, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor, Variational,
+    amortization_inputs, check_window, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor,
+    Variational,
 };
