@@ -51,15 +51,19 @@ impl Dtype {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FitOptions {
-    /// Number of Adam steps.
+    /// Number of Adam steps, at most [`MAX_STEPS`] (10⁹).
     pub steps: usize,
-    /// Adam learning rate (β = (0.9, 0.999), ε = 1e-8, no weight decay).
+    /// Adam learning rate (β = (0.9, 0.999), ε = 1e-8, no weight decay), in
+    /// [[`MIN_LR`], [`MAX_LR`]] = [1e-30, 1e6], and so is `lr` times every
+    /// [`FitOptions::lr_schedule`] factor: every rate a fit uses is then a
+    /// normal number in f32 and f64, and an Adam step (at most about the
+    /// rate per parameter) stays far from overflowing f32.
     pub lr: f64,
-    /// Monte Carlo draws per gradient step.
+    /// Monte Carlo draws per gradient step, in 1..=[`MAX_DRAWS`] (10⁸).
     pub draws: usize,
     /// Seed of libtorch's generator (initialisation and draws).
     pub seed: u64,
-    /// Fresh draws for the final ELBO estimate.
+    /// Fresh draws for the final ELBO estimate, in 1..=[`MAX_DRAWS`].
     pub eval_draws: usize,
     /// Entropy estimator.
     pub entropy: Entropy,
@@ -86,13 +90,37 @@ pub struct FitOptions {
     pub lr_schedule: Vec<LrStep>,
 }
 
+/// The largest number of steps a fit takes (10⁹; a day at 0.1 ms per step,
+/// and a trace of 24 GB): more is a typo, not an experiment.
+pub const MAX_STEPS: usize = 1_000_000_000;
+
+/// The largest learning rate, and learning rate times schedule factor
+/// (10⁶): Adam moves a parameter by about the rate per step, so larger rates
+/// only scatter the parameters, and 10⁶ leaves f32 far from overflow
+/// (libtorch's Adam converts its first step size lr / (1 − β₁) = 10·lr to
+/// the parameters' dtype: lr = 3e38 overflowed f32 there and panicked).
+pub const MAX_LR: f64 = 1e6;
+
+/// The smallest learning rate, and learning rate times schedule factor
+/// (10⁻³⁰): a normal number in f32 (smaller rates round to subnormals or 0
+/// in an f32 fit).
+pub const MIN_LR: f64 = 1e-30;
+
+/// The largest number of draws per step and of evaluation draws (10⁸,
+/// 25,000 times the experiments' largest count, 4,000 evaluation draws):
+/// `draws` and `eval_draws` size tensors and host vectors, so they must stay
+/// far from overflow; whether a fit's tensors fit in memory is
+/// [`crate::check_fit`]'s question.
+pub const MAX_DRAWS: usize = 100_000_000;
+
 /// One change of the learning rate ([`FitOptions::lr_schedule`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LrStep {
     /// The first (1-based) step taken at the new rate (at least 2).
     pub from: usize,
-    /// The new rate as a multiple of [`FitOptions::lr`] (finite, > 0).
+    /// The new rate as a multiple of [`FitOptions::lr`] (finite, > 0, and
+    /// `lr × factor` in [[`MIN_LR`], [`MAX_LR`]]).
     pub factor: f64,
 }
 
@@ -143,7 +171,8 @@ impl Default for FitOptions {
 }
 
 impl FitOptions {
-    /// Check every setting; the error names the field.
+    /// Check every setting; the error names the field. Option-only checks:
+    /// what depends on the model and the data is [`crate::check_fit`]'s.
     pub fn check(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(InferenceError::config(
@@ -151,11 +180,31 @@ impl FitOptions {
                 format!("{} must be finite and > 0", self.lr),
             ));
         }
-        if self.draws == 0 {
-            return Err(InferenceError::config("draws", "must be at least 1"));
+        if !(MIN_LR..=MAX_LR).contains(&self.lr) {
+            return Err(InferenceError::config(
+                "lr",
+                format!("{:e} must be in [{MIN_LR:e}, {MAX_LR:e}]", self.lr),
+            ));
         }
-        if self.eval_draws == 0 {
-            return Err(InferenceError::config("eval_draws", "must be at least 1"));
+        if self.steps > MAX_STEPS {
+            return Err(InferenceError::config(
+                "steps",
+                format!(
+                    "{} is more than the largest supported, {MAX_STEPS}",
+                    self.steps
+                ),
+            ));
+        }
+        for (field, value) in [("draws", self.draws), ("eval_draws", self.eval_draws)] {
+            if value == 0 {
+                return Err(InferenceError::config(field, "must be at least 1"));
+            }
+            if value > MAX_DRAWS {
+                return Err(InferenceError::config(
+                    field,
+                    format!("{value} is more than the largest supported, {MAX_DRAWS}"),
+                ));
+            }
         }
         if self.batch_size == Some(0) {
             return Err(InferenceError::config("batch_size", "must be at least 1"));
@@ -181,6 +230,17 @@ impl FitOptions {
                 return Err(InferenceError::config(
                     "lr_schedule",
                     format!("factor {} must be finite and > 0", s.factor),
+                ));
+            }
+            let rate = self.lr * s.factor;
+            if !(MIN_LR..=MAX_LR).contains(&rate) {
+                return Err(InferenceError::config(
+                    "lr_schedule",
+                    format!(
+                        "factor {:e} gives the rate lr × factor = {rate:e}, which must be in \
+                         [{MIN_LR:e}, {MAX_LR:e}]",
+                        s.factor
+                    ),
                 ));
             }
             previous = s.from;
@@ -427,7 +487,7 @@ pub fn evaluate_elbo(
         Output::Gaussian { .. } => (var.n * var.local_dim).max(1),
         Output::Categorical { .. } => 1,
     };
-    let chunk = (4_000_000 / per_draw).clamp(1, draws);
+    let chunk = (crate::limits::EVAL_CHUNK_ELEMENTS / per_draw).clamp(1, draws);
     let mut values = Vec::with_capacity(draws);
     tch::no_grad(|| -> Result<()> {
         let mut left = draws;
@@ -583,7 +643,7 @@ impl<'a> Trainer<'a> {
         opts: &FitOptions,
         device: Device,
     ) -> Result<Self> {
-        opts.check()?;
+        check_data_size(model, x, method, opts, device)?;
         let kind = opts.dtype.kind();
         let x = x.to_device(device).to_kind(kind);
         model.check_data(&x)?;
@@ -922,13 +982,42 @@ fn device_index(device: Device) -> i64 {
     }
 }
 
+/// [`crate::check_fit_within`] for the data `x` (N = its first dimension)
+/// against the memory available on `device`; data without a first
+/// dimension go to the model's own check.
+pub(crate) fn check_data_size(
+    model: &dyn Model,
+    x: &Tensor,
+    method: &MethodConfig,
+    opts: &FitOptions,
+    device: Device,
+) -> Result<()> {
+    let Some(&n) = x.size().first() else {
+        model.check_data(x)?;
+        return Err(InferenceError::config(
+            "data",
+            "the data have no observations",
+        ));
+    };
+    let n = usize::try_from(n).unwrap_or(0);
+    crate::limits::check_fit_within(
+        model,
+        n,
+        method,
+        opts,
+        crate::limits::available_memory(device),
+    )
+}
+
 /// Fit `method` to data `x` under `model` by stochastic-gradient VI.
 ///
 /// `x` may live on any device; it is moved to `device` and converted to the
-/// fit's dtype. Seeds libtorch's global generator with `opts.seed`; fits in
-/// one process are serialised on a lock so that each is reproducible from its
-/// seed whatever runs beside it. Non-finite ELBO estimates or parameters stop
-/// the fit with [`FitStatus::Diverged`]; the result is still returned.
+/// fit's dtype. Every size is checked first, before anything is allocated
+/// ([`crate::check_fit`], against the memory available on `device`). Seeds
+/// libtorch's global generator with `opts.seed`; fits in one process are
+/// serialised on a lock so that each is reproducible from its seed whatever
+/// runs beside it. Non-finite ELBO estimates or parameters stop the fit with
+/// [`FitStatus::Diverged`]; the result is still returned.
 pub fn fit(
     model: &dyn Model,
     x: &Tensor,
@@ -938,6 +1027,7 @@ pub fn fit(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<Fit> {
+    check_data_size(model, x, method, opts, device)?;
     let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     if opts.engine == Engine::Fused {
         return fit_fused(model, x, method, fixed_theta, opts, device, observer);
@@ -1348,7 +1438,94 @@ fn fit_fused(
 
 #[cfg(test)]
 mod tests {
-    use super::{final_status, FitStatus};
+    use super::*;
+
+    fn field_of(opts: &FitOptions) -> String {
+        match opts.check() {
+            Err(InferenceError::InvalidConfig { field, reason }) => {
+                eprintln!("{field}: {reason}");
+                field.to_string()
+            }
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    /// The learning rate, every rate of its schedule, the step count and
+    /// the draw counts are bounded (before: lr 3e38 passed and panicked in
+    /// the fit, 2³² + 1 steps ran "forever", draw counts near 2⁶⁴
+    /// overflowed a capacity); the bounds themselves are accepted.
+    #[test]
+    fn options_are_bounded() {
+        let ok = FitOptions::default();
+        assert!(ok.check().is_ok());
+        for lr in [3e38, 1.0000001e6, 1e-31, 0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(field_of(&FitOptions { lr, ..ok.clone() }), "lr", "{lr}");
+        }
+        for lr in [MAX_LR, MIN_LR] {
+            assert!(FitOptions { lr, ..ok.clone() }.check().is_ok());
+        }
+        let schedule = |lr: f64, factor: f64| FitOptions {
+            lr,
+            lr_schedule: vec![LrStep { from: 10, factor }],
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&schedule(1.0, 3e38)), "lr_schedule");
+        assert_eq!(field_of(&schedule(1e3, 1e4)), "lr_schedule");
+        assert_eq!(field_of(&schedule(1e-20, 1e-20)), "lr_schedule");
+        assert!(schedule(1e3, 1e3).check().is_ok());
+        assert_eq!(
+            field_of(&FitOptions {
+                steps: 4_294_967_297,
+                ..ok.clone()
+            }),
+            "steps"
+        );
+        assert!(FitOptions {
+            steps: MAX_STEPS,
+            ..ok.clone()
+        }
+        .check()
+        .is_ok());
+        for draws in [0, MAX_DRAWS + 1, 1 << 32, usize::MAX] {
+            assert_eq!(
+                field_of(&FitOptions {
+                    draws,
+                    ..ok.clone()
+                }),
+                "draws"
+            );
+            assert_eq!(
+                field_of(&FitOptions {
+                    eval_draws: draws,
+                    ..ok.clone()
+                }),
+                "eval_draws"
+            );
+        }
+        assert_eq!(
+            field_of(&FitOptions {
+                batch_size: Some(0),
+                ..ok.clone()
+            }),
+            "batch_size"
+        );
+    }
+
+    /// Values that JSON cannot give a count (negative, fractional) are
+    /// refused when the options are read.
+    #[test]
+    fn negative_counts_do_not_parse() {
+        let text = serde_json::to_string(&FitOptions::default()).unwrap();
+        for (from, to) in [
+            ("\"draws\":100", "\"draws\":-1"),
+            ("\"steps\":5000", "\"steps\":-5000"),
+            ("\"eval_draws\":1000", "\"eval_draws\":1e3"),
+        ] {
+            assert!(text.contains(from), "{text}");
+            let bad = text.replace(from, to);
+            assert!(serde_json::from_str::<FitOptions>(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_non_finite_final_elbo_marks_a_finished_run_diverged() {

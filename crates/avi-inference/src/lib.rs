@@ -38,6 +38,7 @@ pub mod fit;
 pub mod function;
 pub mod fused;
 pub mod fused_cuda;
+pub mod limits;
 pub mod method;
 
 pub use batched::{fit_batched, BatchedTrainer};
@@ -47,7 +48,7 @@ pub use family::GaussianParams;
 pub use fit::{
     elbo_draws, elbo_draws_batch, evaluate_elbo, fit, generator_guard, host_vec, Dtype, Engine,
     Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, LrStep, Observer, Silent,
-    Trace, Trainer,
+    Trace, Trainer, MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
 };
 pub use function::{
     Activation, FunctionConfig, FunctionParts, Heads, InferenceFunction, Mlp, NetParts, Output,
@@ -55,6 +56,7 @@ pub use function::{
 };
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
 pub use fused_cuda::CudaFviTrainer;
+pub use limits::{available_memory, check_fit, check_fit_within, memory_estimate};
 pub use method::{
     amortization_inputs, check_window, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor,
     Variational,
