@@ -46,9 +46,10 @@ pub use diagnose::{diagnose, Diagnosis};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{
-    elbo_draws, elbo_draws_batch, evaluate_elbo, fit, generator_guard, host_vec, Dtype, Engine,
-    Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, LrStep, Observer, Silent,
-    Trace, Trainer, MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
+    elbo_draws, elbo_draws_batch, elbo_warnings, evaluate_elbo, fit, generator_guard, host_vec,
+    Dtype, Engine, Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, LrStep,
+    Observer, Silent, Trace, Trainer, ELBO_WARN_PER_VALUE, MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
+    SE_WARN_NATS, SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
 pub use function::{
     Activation, FunctionConfig, FunctionParts, Heads, InferenceFunction, Mlp, NetParts, Output,
