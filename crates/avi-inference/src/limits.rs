@@ -41,7 +41,10 @@ struct Estimate {
 
 impl Estimate {
     fn total(&self) -> u128 {
-        let resident: u128 = self.resident.iter().map(|p| p.bytes).sum();
+        let resident = self
+            .resident
+            .iter()
+            .fold(0u128, |acc, p| acc.saturating_add(p.bytes));
         resident.saturating_add(self.step.bytes.max(self.eval.bytes))
     }
 
@@ -581,6 +584,37 @@ mod tests {
         let bnn = BnnModel::default();
         let b = memory_estimate(&bnn, 1000, &fvi, &opts);
         assert!(b > 100 * 1000 * 784 * 4, "{b}");
+    }
+
+    /// The estimate takes unchecked sizes: at their extremes it saturates
+    /// (before: an overflowing sum of its parts for a window of 2⁶⁴ − 1).
+    #[test]
+    fn the_estimate_saturates_at_extreme_sizes() {
+        let linear = LinearModel::new(1.155, 2.43).unwrap();
+        let huge = FitOptions {
+            steps: usize::MAX,
+            draws: usize::MAX,
+            eval_draws: usize::MAX,
+            batch_size: Some(usize::MAX),
+            ..FitOptions::default()
+        };
+        let wide = MethodConfig::Avi {
+            function: FunctionConfig::Mlp {
+                width: usize::MAX,
+                depth: usize::MAX,
+                activation: Activation::Relu,
+                heads: Heads::Separate,
+            },
+            standardize: true,
+            window: [usize::MAX, usize::MAX],
+            edges: Edges::Free,
+        };
+        for method in [MethodConfig::Fvi, MethodConfig::Const, wide] {
+            assert_eq!(
+                memory_estimate(&linear, usize::MAX, &method, &huge),
+                u64::MAX
+            );
+        }
     }
 
     #[test]
