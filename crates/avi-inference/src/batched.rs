@@ -69,6 +69,16 @@ impl<'a> BatchedTrainer<'a> {
         if seeds.is_empty() {
             return Err(InferenceError::config("seeds", "at least one seed"));
         }
+        // Every size, and the memory of R runs at once, before allocating.
+        let n = usize::try_from(x.size().first().copied().unwrap_or(0)).unwrap_or(0);
+        crate::limits::check_runs(
+            model,
+            n,
+            method,
+            opts,
+            seeds.len(),
+            crate::limits::available_memory(device),
+        )?;
         let shared = match method {
             MethodConfig::Fvi => false,
             MethodConfig::Const => true,

@@ -9,8 +9,9 @@
 use avi_models::Model;
 use tch::{Kind, Tensor};
 
-use crate::fit::{elbo_draws, evaluate_elbo, Fit, FitOptions, Trainer};
-use crate::{InferenceError, Result};
+use crate::fit::{elbo_draws, evaluate_elbo, Fit, FitOptions, Trainer, MAX_DRAWS, MAX_STEPS};
+use crate::limits::{available_memory, check_fit_within};
+use crate::{InferenceError, MethodConfig, Result};
 
 /// The outcome of [`diagnose`].
 #[derive(Debug, Clone, PartialEq)]
@@ -44,12 +45,34 @@ pub fn diagnose(
     fvi_steps: usize,
     gradient_draws: usize,
 ) -> Result<Diagnosis> {
-    if gradient_draws == 0 {
+    if gradient_draws == 0 || gradient_draws > MAX_DRAWS {
         return Err(InferenceError::config(
             "gradient_draws",
-            "must be at least 1",
+            format!("{gradient_draws} must be in 1..={MAX_DRAWS}"),
         ));
     }
+    if fvi_steps > MAX_STEPS {
+        return Err(InferenceError::config(
+            "fvi_steps",
+            format!("{fvi_steps} is more than the largest supported, {MAX_STEPS}"),
+        ));
+    }
+    // The F-VI copy of the solution and its steps (with the larger of the
+    // two draw counts) must fit beside the fit, before allocating them.
+    let device = fit.variational.vs.device();
+    let refine = FitOptions {
+        draws: opts.draws.max(gradient_draws),
+        steps: fvi_steps,
+        batch_size: None,
+        ..opts.clone()
+    };
+    check_fit_within(
+        model,
+        fit.variational.n,
+        &MethodConfig::Fvi,
+        &refine,
+        available_memory(device),
+    )?;
     let start = fit.variational.to_free();
     let x = x.to_device(start.vs.device()).to_kind(opts.dtype.kind());
     // F-VI gradient at the amortized solution.

@@ -51,15 +51,19 @@ impl Dtype {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FitOptions {
-    /// Number of Adam steps.
+    /// Number of Adam steps, at most [`MAX_STEPS`] (10⁹).
     pub steps: usize,
-    /// Adam learning rate (β = (0.9, 0.999), ε = 1e-8, no weight decay).
+    /// Adam learning rate (β = (0.9, 0.999), ε = 1e-8, no weight decay), in
+    /// [[`MIN_LR`], [`MAX_LR`]] = [1e-30, 1e6], and so is `lr` times every
+    /// [`FitOptions::lr_schedule`] factor: every rate a fit uses is then a
+    /// normal number in f32 and f64, and an Adam step (at most about the
+    /// rate per parameter) stays far from overflowing f32.
     pub lr: f64,
-    /// Monte Carlo draws per gradient step.
+    /// Monte Carlo draws per gradient step, in 1..=[`MAX_DRAWS`] (10⁸).
     pub draws: usize,
     /// Seed of libtorch's generator (initialisation and draws).
     pub seed: u64,
-    /// Fresh draws for the final ELBO estimate.
+    /// Fresh draws for the final ELBO estimate, in 1..=[`MAX_DRAWS`].
     pub eval_draws: usize,
     /// Entropy estimator.
     pub entropy: Entropy,
@@ -86,13 +90,37 @@ pub struct FitOptions {
     pub lr_schedule: Vec<LrStep>,
 }
 
+/// The largest number of steps a fit takes (10⁹; a day at 0.1 ms per step,
+/// and a trace of 24 GB): more is a typo, not an experiment.
+pub const MAX_STEPS: usize = 1_000_000_000;
+
+/// The largest learning rate, and learning rate times schedule factor
+/// (10⁶): Adam moves a parameter by about the rate per step, so larger rates
+/// only scatter the parameters, and 10⁶ leaves f32 far from overflow
+/// (libtorch's Adam converts its first step size lr / (1 − β₁) = 10·lr to
+/// the parameters' dtype: lr = 3e38 overflowed f32 there and panicked).
+pub const MAX_LR: f64 = 1e6;
+
+/// The smallest learning rate, and learning rate times schedule factor
+/// (10⁻³⁰): a normal number in f32 (smaller rates round to subnormals or 0
+/// in an f32 fit).
+pub const MIN_LR: f64 = 1e-30;
+
+/// The largest number of draws per step and of evaluation draws (10⁸,
+/// 25,000 times the experiments' largest count, 4,000 evaluation draws):
+/// `draws` and `eval_draws` size tensors and host vectors, so they must stay
+/// far from overflow; whether a fit's tensors fit in memory is
+/// [`crate::check_fit`]'s question.
+pub const MAX_DRAWS: usize = 100_000_000;
+
 /// One change of the learning rate ([`FitOptions::lr_schedule`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LrStep {
     /// The first (1-based) step taken at the new rate (at least 2).
     pub from: usize,
-    /// The new rate as a multiple of [`FitOptions::lr`] (finite, > 0).
+    /// The new rate as a multiple of [`FitOptions::lr`] (finite, > 0, and
+    /// `lr × factor` in [[`MIN_LR`], [`MAX_LR`]]).
     pub factor: f64,
 }
 
@@ -143,7 +171,8 @@ impl Default for FitOptions {
 }
 
 impl FitOptions {
-    /// Check every setting; the error names the field.
+    /// Check every setting; the error names the field. Option-only checks:
+    /// what depends on the model and the data is [`crate::check_fit`]'s.
     pub fn check(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(InferenceError::config(
@@ -151,11 +180,31 @@ impl FitOptions {
                 format!("{} must be finite and > 0", self.lr),
             ));
         }
-        if self.draws == 0 {
-            return Err(InferenceError::config("draws", "must be at least 1"));
+        if !(MIN_LR..=MAX_LR).contains(&self.lr) {
+            return Err(InferenceError::config(
+                "lr",
+                format!("{:e} must be in [{MIN_LR:e}, {MAX_LR:e}]", self.lr),
+            ));
         }
-        if self.eval_draws == 0 {
-            return Err(InferenceError::config("eval_draws", "must be at least 1"));
+        if self.steps > MAX_STEPS {
+            return Err(InferenceError::config(
+                "steps",
+                format!(
+                    "{} is more than the largest supported, {MAX_STEPS}",
+                    self.steps
+                ),
+            ));
+        }
+        for (field, value) in [("draws", self.draws), ("eval_draws", self.eval_draws)] {
+            if value == 0 {
+                return Err(InferenceError::config(field, "must be at least 1"));
+            }
+            if value > MAX_DRAWS {
+                return Err(InferenceError::config(
+                    field,
+                    format!("{value} is more than the largest supported, {MAX_DRAWS}"),
+                ));
+            }
         }
         if self.batch_size == Some(0) {
             return Err(InferenceError::config("batch_size", "must be at least 1"));
@@ -181,6 +230,17 @@ impl FitOptions {
                 return Err(InferenceError::config(
                     "lr_schedule",
                     format!("factor {} must be finite and > 0", s.factor),
+                ));
+            }
+            let rate = self.lr * s.factor;
+            if !(MIN_LR..=MAX_LR).contains(&rate) {
+                return Err(InferenceError::config(
+                    "lr_schedule",
+                    format!(
+                        "factor {:e} gives the rate lr × factor = {rate:e}, which must be in \
+                         [{MIN_LR:e}, {MAX_LR:e}]",
+                        s.factor
+                    ),
                 ));
             }
             previous = s.from;
@@ -294,6 +354,166 @@ pub struct Fit {
     /// The fitted variational parameters (for further work, e.g. F-VI steps
     /// started from an A-VI solution).
     pub variational: Variational,
+    /// Why the final ELBO of a fit that finished may not be trusted, in
+    /// words (empty when nothing is amiss); see [`elbo_warnings`] for the
+    /// bounds. Each names the local factors most out of line.
+    pub warnings: Vec<String>,
+}
+
+/// The Monte Carlo standard error of a final ELBO is suspicious above
+/// `SE_WARN_REL × |ELBO| + SE_WARN_NATS`. Among the 705 fits of the
+/// committed results, 20 are above 1 %: 18 are nonlinear fits that never
+/// converged (ELBO −10⁵ to −10³⁰, finished with status ok), 2 are the short
+/// runs of the quick BNN check (1.5 % and 4.9 %); every other fit is below
+/// 0.8 %. 10 nats keep small problems, whose |ELBO| is a few hundred
+/// nats, from being flagged for ordinary noise.
+pub const SE_WARN_REL: f64 = 0.01;
+
+/// See [`SE_WARN_REL`].
+pub const SE_WARN_NATS: f64 = 10.0;
+
+/// A final ELBO below the median of the trace's last
+/// [`TRACE_WARN_STEPS`] estimates by more than `TRACE_WARN_SPREADS` times
+/// their spread (1.4826 × median absolute deviation, the sd of Gaussian
+/// noise) plus [`SE_WARN_REL`] × |median| + [`SE_WARN_NATS`] disagrees with
+/// what the optimisation saw: a steady fit's final estimate lies within
+/// about one spread/√(steps) of that median (a still-rising fit lies
+/// above it), so a shortfall of five spreads is no noise.
+pub const TRACE_WARN_SPREADS: f64 = 5.0;
+
+/// The number of last trace steps compared with the final ELBO (see
+/// [`TRACE_WARN_SPREADS`]).
+pub const TRACE_WARN_STEPS: usize = 50;
+
+/// A final ELBO below `−ELBO_WARN_PER_VALUE` nats per observed value is
+/// absurd: a value 141 noise sds from its mean costs 10⁴ nats. In the
+/// committed results the BNN's Const fit (−2.5·10⁶ for 10⁴ images of 784
+/// pixels) is at 0.3 nats per pixel, the nonlinear fits that converge at
+/// about 3 nats per observation, and only the non-converging fits of the
+/// nonlinear model on the authors' simulation reach 3·10⁴ (−3.1·10⁸ for
+/// N = 10⁴).
+pub const ELBO_WARN_PER_VALUE: f64 = 1e4;
+
+/// How many local factors a warning names.
+const WARN_FACTORS: usize = 5;
+
+/// The median of non-empty `v` (sorted copy).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let k = s.len();
+    if k % 2 == 1 {
+        s[k / 2]
+    } else {
+        0.5 * (s[k / 2 - 1] + s[k / 2])
+    }
+}
+
+/// The warnings of a finished fit's final ELBO `elbo` ± `se` (see
+/// [`Fit::warnings`]): its standard error is beyond [`SE_WARN_REL`] ×
+/// |ELBO| + [`SE_WARN_NATS`]; it is far below the trace's last values
+/// ([`TRACE_WARN_SPREADS`]); or it is below −[`ELBO_WARN_PER_VALUE`] nats
+/// per observed value (`values` = N·d_x). A non-finite ELBO gives none (the
+/// fit's status says it diverged). When there is a warning and `q_z` holds
+/// Gaussian factors, a last entry names the factors most out of line: the
+/// largest standard deviations (they carry the draws that dominate the
+/// estimate) and the means farthest from the median mean.
+pub fn elbo_warnings(
+    elbo: f64,
+    se: f64,
+    trace: &Trace,
+    values: usize,
+    q_z: &GaussianSummary,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if !elbo.is_finite() {
+        return out;
+    }
+    // NaN (one evaluation draw) says nothing; infinite is beyond any bound.
+    if se > SE_WARN_REL * elbo.abs() + SE_WARN_NATS {
+        out.push(format!(
+            "the final ELBO {elbo:.6e} has a Monte Carlo standard error of {se:.3e}, more than \
+             {}% of its size + {SE_WARN_NATS} nats: a few draws dominate the estimate",
+            SE_WARN_REL * 100.0
+        ));
+    }
+    let last: Vec<f64> = trace
+        .elbo
+        .iter()
+        .rev()
+        .take(TRACE_WARN_STEPS)
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
+    if !last.is_empty() {
+        let m = median(&last);
+        let deviations: Vec<f64> = last.iter().map(|v| (v - m).abs()).collect();
+        let spread = 1.4826 * median(&deviations);
+        let bound = TRACE_WARN_SPREADS * spread + SE_WARN_REL * m.abs() + SE_WARN_NATS;
+        if elbo < m - bound {
+            out.push(format!(
+                "the final ELBO {elbo:.6e} is far below the estimates of the last {} steps \
+                 (median {m:.6e}, spread {spread:.3e}): the final parameters are worse than \
+                 the optimisation saw, or a few evaluation draws dominate",
+                last.len()
+            ));
+        }
+    }
+    let per_value = elbo / values.max(1) as f64;
+    if per_value < -ELBO_WARN_PER_VALUE {
+        out.push(format!(
+            "the final ELBO {elbo:.6e} is {per_value:.3e} nats per observed value \
+             (below −{ELBO_WARN_PER_VALUE:e}): a parameter has run off"
+        ));
+    }
+    if !out.is_empty() {
+        if let Some(worst) = worst_factors(q_z) {
+            out.push(worst);
+        }
+    }
+    out
+}
+
+/// The local factors of a Gaussian `q_z` (`[N, L]`) most out of line, in
+/// words: the [`WARN_FACTORS`] largest standard deviations and the means
+/// farthest from the median mean (0-based n, the worst of its L
+/// coordinates). `None` without Gaussian factors.
+fn worst_factors(q_z: &GaussianSummary) -> Option<String> {
+    let l = *q_z.shape.get(1)?;
+    if l == 0 || q_z.sd.is_empty() || q_z.sd.len() != q_z.mean.len() {
+        return None;
+    }
+    let centre = median(&q_z.mean);
+    let rank = |score: &dyn Fn(usize) -> f64| -> Vec<(usize, f64)> {
+        let mut per_n: Vec<(usize, f64)> = q_z
+            .sd
+            .chunks(l)
+            .enumerate()
+            .map(|(n, _)| {
+                let s = (0..l)
+                    .map(|j| score(n * l + j))
+                    .fold(f64::NEG_INFINITY, f64::max);
+                (n, s)
+            })
+            .collect();
+        per_n.sort_by(|a, b| b.1.total_cmp(&a.1));
+        per_n.truncate(WARN_FACTORS);
+        per_n
+    };
+    let list = |v: &[(usize, f64)]| {
+        v.iter()
+            .map(|(n, s)| format!("{n} ({s:.3e})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sds = rank(&|i| q_z.sd[i]);
+    let means = rank(&|i| (q_z.mean[i] - centre).abs());
+    Some(format!(
+        "local factors most out of line (0-based n): largest sd {}; mean farthest from the \
+         median mean {centre:.3e}: {} (distance)",
+        list(&sds),
+        list(&means)
+    ))
 }
 
 /// Hooks called by [`fit`]; every method has a no-op default.
@@ -427,7 +647,7 @@ pub fn evaluate_elbo(
         Output::Gaussian { .. } => (var.n * var.local_dim).max(1),
         Output::Categorical { .. } => 1,
     };
-    let chunk = (4_000_000 / per_draw).clamp(1, draws);
+    let chunk = (crate::limits::EVAL_CHUNK_ELEMENTS / per_draw).clamp(1, draws);
     let mut values = Vec::with_capacity(draws);
     tch::no_grad(|| -> Result<()> {
         let mut left = draws;
@@ -443,12 +663,24 @@ pub fn evaluate_elbo(
     })?;
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        f64::NAN
-    };
-    Ok((mean, (var / n).sqrt()))
+    Ok((mean, standard_error(&values, mean)))
+}
+
+/// The standard error `sd / √n` of the mean `mean` of `values` (NaN for
+/// fewer than two), computed on deviations scaled by the largest one, so
+/// that values of 10¹⁷⁴ give a finite error instead of an overflowing sum
+/// of squares.
+fn standard_error(values: &[f64], mean: f64) -> f64 {
+    if values.len() < 2 {
+        return f64::NAN;
+    }
+    let n = values.len() as f64;
+    let scale = values.iter().map(|v| (v - mean).abs()).fold(0.0, f64::max);
+    if scale == 0.0 || !scale.is_finite() {
+        return scale;
+    }
+    let ss: f64 = values.iter().map(|v| ((v - mean) / scale).powi(2)).sum();
+    scale * (ss / (n - 1.0) / n).sqrt()
 }
 
 /// A tensor's values as f64 on the host, flattened in row-major order
@@ -583,7 +815,7 @@ impl<'a> Trainer<'a> {
         opts: &FitOptions,
         device: Device,
     ) -> Result<Self> {
-        opts.check()?;
+        check_data_size(model, x, method, opts, device)?;
         let kind = opts.dtype.kind();
         let x = x.to_device(device).to_kind(kind);
         model.check_data(&x)?;
@@ -922,13 +1154,43 @@ fn device_index(device: Device) -> i64 {
     }
 }
 
+/// [`crate::check_fit_within`] for the data `x` (N = its first dimension)
+/// against the memory available on `device`; data without a first
+/// dimension go to the model's own check.
+pub(crate) fn check_data_size(
+    model: &dyn Model,
+    x: &Tensor,
+    method: &MethodConfig,
+    opts: &FitOptions,
+    device: Device,
+) -> Result<()> {
+    let Some(&n) = x.size().first() else {
+        model.check_data(x)?;
+        return Err(InferenceError::config(
+            "data",
+            "the data have no observations",
+        ));
+    };
+    let n = usize::try_from(n).unwrap_or(0);
+    crate::limits::check_fit_within(
+        model,
+        n,
+        method,
+        opts,
+        crate::limits::available_memory(device),
+    )
+}
+
 /// Fit `method` to data `x` under `model` by stochastic-gradient VI.
 ///
 /// `x` may live on any device; it is moved to `device` and converted to the
-/// fit's dtype. Seeds libtorch's global generator with `opts.seed`; fits in
-/// one process are serialised on a lock so that each is reproducible from its
-/// seed whatever runs beside it. Non-finite ELBO estimates or parameters stop
-/// the fit with [`FitStatus::Diverged`]; the result is still returned.
+/// fit's dtype. Every size is checked first, before anything is allocated
+/// ([`crate::check_fit`], against the memory available on `device`). Seeds
+/// libtorch's global generator with `opts.seed`; fits in one process are
+/// serialised on a lock so that each is reproducible from its seed whatever
+/// runs beside it. Non-finite ELBO estimates or parameters stop the fit with
+/// [`FitStatus::Diverged`]; the result is still returned. A final ELBO that
+/// finished but looks unreliable is described in [`Fit::warnings`].
 pub fn fit(
     model: &dyn Model,
     x: &Tensor,
@@ -938,6 +1200,7 @@ pub fn fit(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<Fit> {
+    check_data_size(model, x, method, opts, device)?;
     let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     if opts.engine == Engine::Fused {
         return fit_fused(model, x, method, fixed_theta, opts, device, observer);
@@ -1242,6 +1505,10 @@ pub(crate) fn finish(
             Some(host_vec(&var.local_log_probs().exp())?),
         ),
     };
+    let warnings = match status {
+        FitStatus::Ok => elbo_warnings(elbo, elbo_se, &trace, x.numel(), &q_z),
+        FitStatus::Diverged { .. } => Vec::new(),
+    };
     Ok(Fit {
         q_theta,
         q_z,
@@ -1254,6 +1521,7 @@ pub(crate) fn finish(
         status,
         num_parameters: var.num_parameters(),
         variational: var,
+        warnings,
     })
 }
 
@@ -1348,7 +1616,163 @@ fn fit_fused(
 
 #[cfg(test)]
 mod tests {
-    use super::{final_status, FitStatus};
+    use super::*;
+
+    fn field_of(opts: &FitOptions) -> String {
+        match opts.check() {
+            Err(InferenceError::InvalidConfig { field, reason }) => {
+                eprintln!("{field}: {reason}");
+                field.to_string()
+            }
+            other => panic!("expected an invalid setting, got {other:?}"),
+        }
+    }
+
+    /// The learning rate, every rate of its schedule, the step count and
+    /// the draw counts are bounded (before: lr 3e38 passed and panicked in
+    /// the fit, 2³² + 1 steps ran "forever", draw counts near 2⁶⁴
+    /// overflowed a capacity); the bounds themselves are accepted.
+    #[test]
+    fn options_are_bounded() {
+        let ok = FitOptions::default();
+        assert!(ok.check().is_ok());
+        for lr in [3e38, 1.0000001e6, 1e-31, 0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(field_of(&FitOptions { lr, ..ok.clone() }), "lr", "{lr}");
+        }
+        for lr in [MAX_LR, MIN_LR] {
+            assert!(FitOptions { lr, ..ok.clone() }.check().is_ok());
+        }
+        let schedule = |lr: f64, factor: f64| FitOptions {
+            lr,
+            lr_schedule: vec![LrStep { from: 10, factor }],
+            ..ok.clone()
+        };
+        assert_eq!(field_of(&schedule(1.0, 3e38)), "lr_schedule");
+        assert_eq!(field_of(&schedule(1e3, 1e4)), "lr_schedule");
+        assert_eq!(field_of(&schedule(1e-20, 1e-20)), "lr_schedule");
+        assert!(schedule(1e3, 1e3).check().is_ok());
+        assert_eq!(
+            field_of(&FitOptions {
+                steps: 4_294_967_297,
+                ..ok.clone()
+            }),
+            "steps"
+        );
+        assert!(FitOptions {
+            steps: MAX_STEPS,
+            ..ok.clone()
+        }
+        .check()
+        .is_ok());
+        for draws in [0, MAX_DRAWS + 1, 1 << 32, usize::MAX] {
+            assert_eq!(
+                field_of(&FitOptions {
+                    draws,
+                    ..ok.clone()
+                }),
+                "draws"
+            );
+            assert_eq!(
+                field_of(&FitOptions {
+                    eval_draws: draws,
+                    ..ok.clone()
+                }),
+                "eval_draws"
+            );
+        }
+        assert_eq!(
+            field_of(&FitOptions {
+                batch_size: Some(0),
+                ..ok.clone()
+            }),
+            "batch_size"
+        );
+    }
+
+    /// Values that JSON cannot give a count (negative, fractional) are
+    /// refused when the options are read.
+    #[test]
+    fn negative_counts_do_not_parse() {
+        let text = serde_json::to_string(&FitOptions::default()).unwrap();
+        for (from, to) in [
+            ("\"draws\":100", "\"draws\":-1"),
+            ("\"steps\":5000", "\"steps\":-5000"),
+            ("\"eval_draws\":1000", "\"eval_draws\":1e3"),
+        ] {
+            assert!(text.contains(from), "{text}");
+            let bad = text.replace(from, to);
+            assert!(serde_json::from_str::<FitOptions>(&bad).is_err(), "{bad}");
+        }
+    }
+
+    fn summary(mean: Vec<f64>, sd: Vec<f64>) -> GaussianSummary {
+        let n = mean.len();
+        GaussianSummary {
+            mean,
+            sd,
+            shape: vec![n, 1],
+        }
+    }
+
+    fn trace(values: &[f64]) -> Trace {
+        Trace {
+            iteration: (1..=values.len()).collect(),
+            elbo: values.to_vec(),
+            seconds: vec![0.0; values.len()],
+        }
+    }
+
+    /// Each warning fires on a constructed case beyond its bound and not
+    /// just inside it; the worst factors are named.
+    #[test]
+    fn elbo_warnings_fire_beyond_their_bounds() {
+        let mut mean = vec![0.1; 40];
+        let mut sd = vec![0.5; 40];
+        mean[7] = -4e3;
+        sd[31] = 2e4;
+        let q = summary(mean, sd);
+        // A steady trace around −1,000 (spread ≈ 1.48 from ±1 noise).
+        let steady: Vec<f64> = (0..200)
+            .map(|i| -1000.0 + if i % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let t = trace(&steady);
+        // Nothing: the final ELBO where the trace is, a small error.
+        assert!(elbo_warnings(-1000.2, 0.5, &t, 40, &q).is_empty());
+        // Standard error: bound 0.01 × 1000 + 10 = 20.
+        assert!(elbo_warnings(-1000.0, 19.9, &t, 40, &q).is_empty());
+        let w = elbo_warnings(-1000.0, 20.1, &t, 40, &q);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("standard error"), "{w:?}");
+        assert!(w[1].contains("largest sd 31 (2.000e4)"), "{w:?}");
+        assert!(w[1].contains(": 7 (4.000e3)"), "{w:?}");
+        // Far below the trace: bound 5 × 1.4826 + 0.01 × 1000 + 10 ≈ 27.4;
+        // above it is no warning (a fit still rising).
+        assert!(elbo_warnings(-1027.0, 0.5, &t, 40, &q).is_empty());
+        assert!(elbo_warnings(-900.0, 0.5, &t, 40, &q).is_empty());
+        let w = elbo_warnings(-1028.0, 0.5, &t, 40, &q);
+        assert!(w.len() == 2 && w[0].contains("far below"), "{w:?}");
+        // Absurd per value: −8.5e300 for 40 values, even with a tiny error
+        // and a trace that saw it too.
+        let absurd = trace(&[-8.5e300; 60]);
+        let w = elbo_warnings(-8.5e300, 1e290, &absurd, 40, &q);
+        assert!(w.len() == 2 && w[0].contains("per observed value"), "{w:?}");
+        // Bound 10⁴ nats per value: 3.99e5 for 40 values is inside, 4.01e5
+        // beyond.
+        assert!(elbo_warnings(-3.99e5, 0.0, &trace(&[-3.99e5; 60]), 40, &q).is_empty());
+        let w = elbo_warnings(-4.01e5, 0.0, &trace(&[-4.01e5; 60]), 40, &q);
+        assert!(w.len() == 2 && w[0].contains("per observed value"), "{w:?}");
+        // The report's case: −6.2e5 ± 5.4e5.
+        let w = elbo_warnings(-6.2e5, 5.4e5, &trace(&[-6.0e5; 60]), 100, &q);
+        assert!(w.iter().any(|m| m.contains("standard error")), "{w:?}");
+        // Non-finite: the status says it; no factors for categorical ones.
+        assert!(elbo_warnings(f64::NAN, 1.0, &t, 40, &q).is_empty());
+        let none = GaussianSummary {
+            mean: vec![],
+            sd: vec![],
+            shape: vec![40, 0],
+        };
+        assert_eq!(elbo_warnings(-1000.0, 30.0, &t, 40, &none).len(), 1);
+    }
 
     #[test]
     fn a_non_finite_final_elbo_marks_a_finished_run_diverged() {

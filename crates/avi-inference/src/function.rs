@@ -4,38 +4,129 @@
 //! observation, a row of an `[N, I]` tensor, to the parameters of the
 //! Gaussian factor `q(z_n)`, two `[N, L]` tensors.
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Kind, Tensor};
 
 use crate::family::GaussianParams;
+use crate::method::{check_key, read_field};
 use crate::{InferenceError, Result};
 
 /// Which inference function A-VI learns (the config's `"fn"` object).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+///
+/// Serialized as an internally tagged object (`{"kind": "poly", "degree":
+/// 1}`); read by a hand-written [`Deserialize`] that refuses fields its
+/// kind does not take and reads each field with its own deserializer, so
+/// that a path-tracking reader names the field at fault (`fn.width`), as
+/// for [`crate::MethodConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FunctionConfig {
     /// Polynomial mean of degree `degree` in a scalar input, plus one shared
     /// log-sd (the linear model's family, digest §4.2). Degree 0 is Const.
     Poly {
-        /// The polynomial degree d ≥ 0.
+        /// The polynomial degree d, 0 ≤ d ≤ 10.
         degree: usize,
     },
     /// A multilayer perceptron (digest §4.3–4.5): `depth` hidden layers of
     /// `width` units, then linear heads for the mean and the log-sd.
     Mlp {
-        /// Hidden width k ≥ 1.
+        /// Hidden width k, 1 ≤ k ≤ 65,536.
         width: usize,
-        /// Number of hidden layers (default 2, as in the paper).
-        #[serde(default = "default_depth")]
+        /// Number of hidden layers, 1 to 16 (default 2, as in the paper).
         depth: usize,
         /// Hidden activation (default ReLU).
-        #[serde(default)]
         activation: Activation,
-        /// `"shared"`: one trunk with two heads (saw, BNN); `"separate"`: two
-        /// independent networks for mean and log-sd (nonlinear model).
-        #[serde(default)]
+        /// `"shared"` (default): one trunk with two heads (saw, BNN);
+        /// `"separate"`: two independent networks for mean and log-sd
+        /// (nonlinear model).
         heads: Heads,
     },
+}
+
+/// The `"kind"` of a [`FunctionConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FunctionKind {
+    Poly,
+    Mlp,
+}
+
+/// Every field of a function config, `kind` included.
+const FUNCTION_FIELDS: &[&str] = &["kind", "degree", "width", "depth", "activation", "heads"];
+
+impl FunctionKind {
+    /// The fields a function of this kind takes.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Self::Poly => &["kind", "degree"],
+            Self::Mlp => &["kind", "width", "depth", "activation", "heads"],
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FunctionConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_map(FunctionVisitor)
+    }
+}
+
+struct FunctionVisitor;
+
+impl<'de> Visitor<'de> for FunctionVisitor {
+    type Value = FunctionConfig;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a function object with a \"kind\" (\"poly\" or \"mlp\")")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<FunctionConfig, A::Error> {
+        let mut kind: Option<FunctionKind> = None;
+        let mut degree: Option<usize> = None;
+        let mut width: Option<usize> = None;
+        let mut depth: Option<usize> = None;
+        let mut activation: Option<Activation> = None;
+        let mut heads: Option<Heads> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            check_key(&key, kind.map_or(FUNCTION_FIELDS, FunctionKind::fields))?;
+            match key.as_str() {
+                "kind" => read_field(&mut map, &mut kind, "kind")?,
+                "degree" => read_field(&mut map, &mut degree, "degree")?,
+                "width" => read_field(&mut map, &mut width, "width")?,
+                "depth" => read_field(&mut map, &mut depth, "depth")?,
+                "activation" => read_field(&mut map, &mut activation, "activation")?,
+                "heads" => read_field(&mut map, &mut heads, "heads")?,
+                _ => unreachable!("check_key accepts the fields above only"),
+            }
+        }
+        let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
+        // Fields read before the kind, which it does not take.
+        for (name, given) in [
+            ("degree", degree.is_some()),
+            ("width", width.is_some()),
+            ("depth", depth.is_some()),
+            ("activation", activation.is_some()),
+            ("heads", heads.is_some()),
+        ] {
+            if given {
+                check_key(name, kind.fields())?;
+            }
+        }
+        Ok(match kind {
+            FunctionKind::Poly => FunctionConfig::Poly {
+                degree: degree.ok_or_else(|| de::Error::missing_field("degree"))?,
+            },
+            FunctionKind::Mlp => FunctionConfig::Mlp {
+                width: width.ok_or_else(|| de::Error::missing_field("width"))?,
+                depth: depth.unwrap_or_else(default_depth),
+                activation: activation.unwrap_or_default(),
+                heads: heads.unwrap_or_default(),
+            },
+        })
+    }
 }
 
 fn default_depth() -> usize {
@@ -73,20 +164,20 @@ impl FunctionConfig {
                     Output::Gaussian { dim } => dim,
                     Output::Categorical { .. } => {
                         return Err(InferenceError::config(
-                            "fn.kind",
+                            "method.fn.kind",
                             "a polynomial gives Gaussian factors; use an MLP for discrete z",
                         ))
                     }
                 };
                 if *degree > 10 {
                     return Err(InferenceError::config(
-                        "fn.degree",
+                        "method.fn.degree",
                         format!("{degree} is too large (at most 10)"),
                     ));
                 }
                 if input_dim != 1 || local_dim != 1 {
                     return Err(InferenceError::config(
-                        "fn.kind",
+                        "method.fn.kind",
                         format!(
                             "a polynomial takes one scalar input and gives a scalar z \
                              (here the input has {input_dim} columns and z has {local_dim} dimensions); use an MLP"
@@ -103,19 +194,19 @@ impl FunctionConfig {
             } => {
                 if *heads == Heads::Separate && matches!(output, Output::Categorical { .. }) {
                     return Err(InferenceError::config(
-                        "fn.heads",
+                        "method.fn.heads",
                         "\"separate\" needs Gaussian factors (mean and log-sd networks); use \"shared\"",
                     ));
                 }
                 if *width == 0 || *width > 1 << 16 {
                     return Err(InferenceError::config(
-                        "fn.width",
+                        "method.fn.width",
                         format!("{width} must be in 1..=65536"),
                     ));
                 }
                 if *depth == 0 || *depth > 16 {
                     return Err(InferenceError::config(
-                        "fn.depth",
+                        "method.fn.depth",
                         format!("{depth} must be in 1..=16"),
                     ));
                 }

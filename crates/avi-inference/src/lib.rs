@@ -38,6 +38,7 @@ pub mod fit;
 pub mod function;
 pub mod fused;
 pub mod fused_cuda;
+pub mod limits;
 pub mod method;
 
 pub use batched::{fit_batched, BatchedTrainer};
@@ -45,9 +46,10 @@ pub use diagnose::{diagnose, Diagnosis};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{
-    elbo_draws, elbo_draws_batch, evaluate_elbo, fit, generator_guard, host_vec, Dtype, Engine,
-    Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, LrStep, Observer, Silent,
-    Trace, Trainer,
+    elbo_draws, elbo_draws_batch, elbo_warnings, evaluate_elbo, fit, generator_guard, host_vec,
+    Dtype, Engine, Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, LrStep,
+    Observer, Silent, Trace, Trainer, ELBO_WARN_PER_VALUE, MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
+    SE_WARN_NATS, SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
 pub use function::{
     Activation, FunctionConfig, FunctionParts, Heads, InferenceFunction, Mlp, NetParts, Output,
@@ -55,6 +57,8 @@ pub use function::{
 };
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
 pub use fused_cuda::CudaFviTrainer;
+pub use limits::{available_memory, check_fit, check_fit_within, memory_estimate};
 pub use method::{
-    amortization_inputs, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor, Variational,
+    amortization_inputs, check_window, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor,
+    Variational,
 };

@@ -1,6 +1,7 @@
 //! The variational families: F-VI, Const and A-VI (paper Eqs. 2–3, digest
 //! §1.2–1.3, §4.1), and the state that holds their parameters.
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -12,9 +13,18 @@ fn yes() -> bool {
     true
 }
 
-/// Which family the local factors q(z_n) come from (the config's `"method"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+/// Which family the local factors q(z_n) come from (the config's `"method"`):
+/// an object with a `"kind"` (`"fvi"`, `"const"` or `"avi"`) and, for A-VI,
+/// its fields.
+///
+/// Serialized as an internally tagged object (`{"kind": "fvi"}`). Read by
+/// a hand-written [`Deserialize`] that refuses every field its kind does not
+/// take (`{"kind": "fvi", "window": [1, 1]}` is an error, not F-VI) and
+/// reads each field with its own deserializer, so that a path-tracking
+/// reader (`serde_path_to_error`) names the field at fault
+/// (`method.fn.width`, `method.window`), not only `method`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MethodConfig {
     /// F-VI: a free (mean, log-sd) for every z_n, the richest family (Eq. 2).
     Fvi,
@@ -22,22 +32,129 @@ pub enum MethodConfig {
     Const,
     /// A-VI: (mean, log-sd) of q(z_n) = f_φ(input_n), Eq. 3.
     Avi {
-        /// The inference function class.
+        /// The inference function class (the config's `"fn"`).
         #[serde(rename = "fn")]
         function: FunctionConfig,
         /// Feed the function `(x − mean(x)) / sd(x)` (a fixed affine map of
         /// the data, computed once) instead of raw x. Default `true`; `false`
         /// reproduces the authors' raw inputs.
-        #[serde(default = "yes")]
         standardize: bool,
         /// Expanded domain (Remark 3.7): `[before, after]` feeds
-        /// `x_{n−before} … x_{n+after}` to the function. Default `[0, 0]`.
-        #[serde(default)]
+        /// `x_{n−before} … x_{n+after}` to the function. Default `[0, 0]`;
+        /// `before + after` must be less than N.
         window: [usize; 2],
-        /// What indices without a full window get.
-        #[serde(default)]
+        /// What indices without a full window get (default `"pad"`).
         edges: Edges,
     },
+}
+
+/// The `"kind"` of a [`MethodConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum MethodKind {
+    Fvi,
+    Const,
+    Avi,
+}
+
+/// The fields of an A-VI method, `kind` included.
+const AVI_FIELDS: &[&str] = &["kind", "fn", "standardize", "window", "edges"];
+
+impl MethodKind {
+    /// The fields a method of this kind takes.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Self::Fvi | Self::Const => &["kind"],
+            Self::Avi => AVI_FIELDS,
+        }
+    }
+}
+
+/// Store the value of `field` read from `map` in `slot`, refusing a
+/// repeated field.
+pub(crate) fn read_field<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    slot: &mut Option<T>,
+    field: &'static str,
+) -> std::result::Result<(), A::Error> {
+    if slot.is_some() {
+        return Err(de::Error::duplicate_field(field));
+    }
+    *slot = Some(map.next_value()?);
+    Ok(())
+}
+
+/// Refuse `key` unless it is one of `fields` (the fields of the kind read
+/// so far, or of every kind while none has been read).
+pub(crate) fn check_key<E: de::Error>(
+    key: &str,
+    fields: &'static [&'static str],
+) -> std::result::Result<(), E> {
+    if fields.contains(&key) {
+        Ok(())
+    } else {
+        Err(E::unknown_field(key, fields))
+    }
+}
+
+impl<'de> Deserialize<'de> for MethodConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_map(MethodVisitor)
+    }
+}
+
+struct MethodVisitor;
+
+impl<'de> Visitor<'de> for MethodVisitor {
+    type Value = MethodConfig;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a method object with a \"kind\" (\"fvi\", \"const\" or \"avi\")")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<MethodConfig, A::Error> {
+        let mut kind: Option<MethodKind> = None;
+        let mut function: Option<FunctionConfig> = None;
+        let mut standardize: Option<bool> = None;
+        let mut window: Option<[usize; 2]> = None;
+        let mut edges: Option<Edges> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            check_key(&key, kind.map_or(AVI_FIELDS, MethodKind::fields))?;
+            match key.as_str() {
+                "kind" => read_field(&mut map, &mut kind, "kind")?,
+                "fn" => read_field(&mut map, &mut function, "fn")?,
+                "standardize" => read_field(&mut map, &mut standardize, "standardize")?,
+                "window" => read_field(&mut map, &mut window, "window")?,
+                "edges" => read_field(&mut map, &mut edges, "edges")?,
+                _ => unreachable!("check_key accepts the fields above only"),
+            }
+        }
+        let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
+        // Fields read before the kind, which it does not take.
+        for (name, given) in [
+            ("fn", function.is_some()),
+            ("standardize", standardize.is_some()),
+            ("window", window.is_some()),
+            ("edges", edges.is_some()),
+        ] {
+            if given {
+                check_key(name, kind.fields())?;
+            }
+        }
+        Ok(match kind {
+            MethodKind::Fvi => MethodConfig::Fvi,
+            MethodKind::Const => MethodConfig::Const,
+            MethodKind::Avi => MethodConfig::Avi {
+                function: function.ok_or_else(|| de::Error::missing_field("fn"))?,
+                standardize: standardize.unwrap_or_else(yes),
+                window: window.unwrap_or_default(),
+                edges: edges.unwrap_or_default(),
+            },
+        })
+    }
 }
 
 /// Treatment of the indices whose window runs past the data (Remark 3.7).
@@ -227,13 +344,8 @@ impl Variational {
                 window,
                 edges,
             } => {
+                check_window(*window, n)?;
                 let [before, after] = *window;
-                if before + after >= n {
-                    return Err(InferenceError::config(
-                        "method.window",
-                        format!("[{before}, {after}] is as long as the data (N = {n})"),
-                    ));
-                }
                 let stats = standardize.then(|| data_stats(x, kind));
                 let inputs = window_inputs(x, *window, pad, stats.as_ref(), kind)?;
                 let input_dim = inputs.size()[1] as usize;
@@ -476,6 +588,24 @@ pub fn amortization_inputs(
     window_inputs(x, window, pad, stats.as_ref(), kind)
 }
 
+/// Check an expanded-domain window `[before, after]` for N observations:
+/// `before + after < N` (a window shorter than the data), computed without
+/// overflow. The error names `method.window`.
+pub fn check_window(window: [usize; 2], n: usize) -> Result<()> {
+    let [before, after] = window;
+    match before.checked_add(after) {
+        Some(span) if span < n => Ok(()),
+        Some(_) => Err(InferenceError::config(
+            "method.window",
+            format!("[{before}, {after}] is as long as the data (N = {n})"),
+        )),
+        None => Err(InferenceError::config(
+            "method.window",
+            format!("[{before}, {after}] is longer than any data set (before + after overflows)"),
+        )),
+    }
+}
+
 /// Per-dimension `[1, d]` mean and population sd of `[N]` or `[N, d]` data
 /// (a constant dimension gets sd 1, i.e. is centred only).
 fn data_stats(x: &Tensor, kind: Kind) -> (Tensor, Tensor) {
@@ -498,7 +628,20 @@ fn window_inputs(
     let x = x.to_kind(kind);
     let x = if x.dim() == 1 { x.unsqueeze(1) } else { x };
     let (n, d) = (x.size()[0], x.size()[1]);
+    // A padded series of N + before + after rows must have a length in i64.
+    let too_long = || {
+        InferenceError::config(
+            "method.window",
+            format!("{window:?} is longer than any data set"),
+        )
+    };
     let [before, after] = window;
+    let w = before
+        .checked_add(after)
+        .and_then(|s| s.checked_add(1))
+        .and_then(|w| i64::try_from(w).ok())
+        .filter(|w| w.checked_add(n).is_some())
+        .ok_or_else(too_long)?;
     let padded = Tensor::cat(
         &[
             Tensor::full([before as i64, d], pad, (kind, x.device())),
@@ -511,7 +654,6 @@ fn window_inputs(
         Some((mean, sd)) => (padded - mean) / sd,
         None => padded,
     };
-    let w = (before + after + 1) as i64;
     // unfold: [N, d, w] windows; order the columns by time, then dimension.
     Ok(padded
         .unfold(0, w, 1)
@@ -524,6 +666,265 @@ fn window_inputs(
 mod tests {
     use super::*;
     use crate::function::{Activation, Heads};
+
+    /// A config holding a method, read as the harness reads its configs:
+    /// `serde_path_to_error` over JSON text, the error printed as
+    /// ``field `{path}`: {message}``.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Config {
+        #[allow(dead_code)]
+        steps: usize,
+        method: MethodConfig,
+    }
+
+    fn read(method: &str) -> std::result::Result<MethodConfig, String> {
+        let text = format!("{{\"steps\": 10, \"method\": {method}}}");
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize::<_, Config>(de)
+            .map(|c| c.method)
+            .map_err(|e| format!("field `{}`: {}", e.path(), e.inner()))
+    }
+
+    fn refused(method: &str) -> String {
+        let e = read(method).expect_err(method);
+        eprintln!("{method} -> {e}");
+        e
+    }
+
+    /// F-VI and Const take no field but `kind`: any other is an error
+    /// (before, a unit variant of the internally tagged enum ignored it and
+    /// `{"kind": "fvi", "structure": "markov"}` was plain F-VI), whatever
+    /// the order of the keys.
+    #[test]
+    fn fvi_and_const_refuse_unknown_fields() {
+        for m in [r#"{"kind": "fvi", "x": 1}"#, r#"{"kind": "const", "x": 1}"#] {
+            let e = refused(m);
+            assert!(e.contains("unknown field `x`, expected `kind`"), "{e}");
+        }
+        // Before the kind is known, the expected fields are every method's.
+        let e = refused(r#"{"x": 1, "kind": "fvi"}"#);
+        assert!(
+            e.contains("unknown field `x`, expected one of `kind`, `fn`"),
+            "{e}"
+        );
+        let e = refused(r#"{"kind": "fvi", "structure": "markov"}"#);
+        assert!(e.contains("unknown field `structure`"), "{e}");
+        // A field of A-VI is not one of F-VI's, before or after the kind.
+        for m in [
+            r#"{"kind": "fvi", "window": [1, 1]}"#,
+            r#"{"window": [1, 1], "kind": "const"}"#,
+        ] {
+            let e = refused(m);
+            assert!(e.contains("unknown field `window`, expected `kind`"), "{e}");
+        }
+        let e = refused(r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "x": 1}"#);
+        assert!(e.contains("unknown field `x`"), "{e}");
+        let e = refused(r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1, "width": 3}}"#);
+        assert!(
+            e.contains("unknown field `width`, expected `kind` or `degree`"),
+            "{e}"
+        );
+        assert_eq!(read(r#"{"kind": "fvi"}"#).unwrap(), MethodConfig::Fvi);
+        assert_eq!(read(r#"{"kind": "const"}"#).unwrap(), MethodConfig::Const);
+    }
+
+    /// A bad value inside `method` is reported at its own path (before,
+    /// the internally tagged enums buffered their content and the error
+    /// named only `method`).
+    #[test]
+    fn errors_inside_a_method_name_the_inner_field() {
+        let cases = [
+            (
+                r#"{"kind": "avi", "fn": {"kind": "mlp", "width": "x"}}"#,
+                "field `method.fn.width`: invalid type: string \"x\", expected usize",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "poly", "degree": -1}}"#,
+                "field `method.fn.degree`: invalid value: integer `-1`, expected usize",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "mlp", "width": 8, "activation": "tanh"}}"#,
+                "field `method.fn.activation`: unknown variant `tanh`",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "mlp", "width": 8, "heads": 2}}"#,
+                "field `method.fn.heads`: ",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "window": [1]}"#,
+                "field `method.window`: invalid length 1, expected an array of length 2",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "window": [1, "a"]}"#,
+                "field `method.window[1]`: invalid type: string \"a\", expected usize",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "edges": "wrap"}"#,
+                "field `method.edges`: unknown variant `wrap`",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "standardize": 1}"#,
+                "field `method.standardize`: invalid type: integer `1`, expected a boolean",
+            ),
+            (
+                r#"{"kind": "vi"}"#,
+                "field `method.kind`: unknown variant `vi`",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "mlp"}}"#,
+                "field `method.fn`: missing field `width`",
+            ),
+            (r#"{"kind": "avi"}"#, "field `method`: missing field `fn`"),
+            (
+                r#"{"fn": {"kind": "poly", "degree": 1}}"#,
+                "field `method`: missing field `kind`",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "edges": "pad", "edges": "pad"}"#,
+                "field `method`: duplicate field `edges`",
+            ),
+            (
+                r#""fvi""#,
+                "field `method`: invalid type: string \"fvi\", expected a method object",
+            ),
+        ];
+        for (method, want) in cases {
+            let e = refused(method);
+            assert!(e.starts_with(want), "{method}: {e}\nwanted {want}");
+        }
+    }
+
+    /// Defaults of omitted fields, and the serialized form unchanged
+    /// (internally tagged, every field written).
+    #[test]
+    fn defaults_and_serialized_form() {
+        let m = read(r#"{"fn": {"width": 8, "kind": "mlp"}, "kind": "avi"}"#).unwrap();
+        assert_eq!(
+            m,
+            MethodConfig::Avi {
+                function: FunctionConfig::Mlp {
+                    width: 8,
+                    depth: 2,
+                    activation: Activation::Relu,
+                    heads: Heads::Shared,
+                },
+                standardize: true,
+                window: [0, 0],
+                edges: Edges::Pad,
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"kind":"avi","fn":{"kind":"mlp","width":8,"depth":2,"activation":"relu","heads":"shared"},"standardize":true,"window":[0,0],"edges":"pad"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&MethodConfig::Fvi).unwrap(),
+            r#"{"kind":"fvi"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&MethodConfig::Const).unwrap(),
+            r#"{"kind":"const"}"#
+        );
+        let poly = read(
+            r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 2}, "standardize": false, "window": [1, 3], "edges": "free"}"#,
+        )
+        .unwrap();
+        let again: MethodConfig =
+            serde_json::from_str(&serde_json::to_string(&poly).unwrap()).unwrap();
+        assert_eq!(again, poly);
+    }
+
+    /// Every method of the committed configs and results (any `"method"`
+    /// object in a JSON file under `data/`) still loads, and survives a
+    /// write and a read.
+    #[test]
+    fn committed_methods_load() {
+        fn walk(v: &serde_json::Value, found: &mut Vec<serde_json::Value>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        if k == "method" && v.get("kind").is_some() {
+                            found.push(v.clone());
+                        }
+                        walk(v, found);
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
+                _ => {}
+            }
+        }
+        fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    files(&path, out);
+                } else if path.extension().is_some_and(|e| e == "json") {
+                    out.push(path);
+                }
+            }
+        }
+        let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data");
+        let mut paths = Vec::new();
+        files(&data, &mut paths);
+        let mut methods = Vec::new();
+        for p in &paths {
+            let text = std::fs::read_to_string(p).unwrap();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                walk(&v, &mut methods);
+            }
+        }
+        assert!(methods.len() > 50, "found {} methods", methods.len());
+        for v in &methods {
+            let m: MethodConfig =
+                serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{v}: {e}"));
+            let again: MethodConfig =
+                serde_json::from_value(serde_json::to_value(&m).unwrap()).unwrap();
+            assert_eq!(again, m);
+        }
+    }
+
+    /// A window whose length overflows `usize` is an error naming
+    /// `method.window` (before: an overflow panic in `before + after`).
+    #[test]
+    fn overflowing_windows_are_errors() {
+        let _generator = crate::generator_guard();
+        let x = Tensor::randn([10], (Kind::Double, Device::Cpu));
+        for window in [
+            [usize::MAX, 1],
+            [1, usize::MAX],
+            [usize::MAX, usize::MAX],
+            [9, 1],
+        ] {
+            let m = MethodConfig::Avi {
+                function: FunctionConfig::Poly { degree: 1 },
+                standardize: true,
+                window,
+                edges: Edges::Free,
+            };
+            let e = Variational::new(
+                &m,
+                &x,
+                0.0,
+                1,
+                Output::Gaussian { dim: 1 },
+                None,
+                avi_models::Init::default(),
+                Kind::Double,
+                Device::Cpu,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("method.window"), "{e}");
+            let e = amortization_inputs(&x, window, 0.0, false, Kind::Double);
+            assert!(
+                window == [9, 1] || e.unwrap_err().to_string().contains("method.window"),
+                "{window:?}"
+            );
+        }
+        assert!(check_window([4, 5], 10).is_ok());
+        assert!(check_window([5, 5], 10).is_err());
+    }
 
     fn variational(method: &MethodConfig, x: &Tensor) -> Variational {
         tch::manual_seed(3);

@@ -162,11 +162,7 @@ impl BnnModel {
     /// Simulate N observations (row-major N×pixels) with a seeded ChaCha8
     /// generator: θ from its prior unless given, z ~ N(0, I), x = Ω(z) + ε.
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<&[f64]>) -> Result<Vec<f64>> {
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, self.pixels.saturating_add(self.latent))?;
         let p = crate::Model::theta_dim(self);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut normal = |k: usize| -> Vec<f64> {
@@ -229,6 +225,18 @@ impl crate::Model for BnnModel {
 
     fn local_dim(&self) -> usize {
         self.latent
+    }
+
+    fn observation_dim(&self) -> usize {
+        self.pixels
+    }
+
+    fn work_per_observation(&self) -> usize {
+        // The decoder's layers per draw and image: z, two hidden layers
+        // (before and after the activation) and the pixel means.
+        self.latent
+            .saturating_add(self.hidden.saturating_mul(4))
+            .saturating_add(self.pixels)
     }
 
     fn check_data(&self, x: &Tensor) -> Result<()> {

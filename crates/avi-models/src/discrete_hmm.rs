@@ -101,11 +101,7 @@ impl DiscreteHmm {
     /// unless given (K values).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<&[f64]>) -> Result<Vec<f64>> {
         let k = self.states();
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, 1)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mu: Vec<f64> = match theta {
             Some(t) if t.len() == k => t.to_vec(),

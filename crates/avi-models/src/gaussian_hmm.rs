@@ -65,11 +65,7 @@ impl GaussianHmm {
     /// Simulate x_1..x_N with a seeded ChaCha8 generator; θ ~ N(0, 1) unless
     /// given.
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<f64>) -> Result<Vec<f64>> {
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, 1)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let theta = theta.unwrap_or_else(|| StandardNormal.sample(&mut rng));
         let mut z = 0.0;

@@ -171,6 +171,55 @@ pub trait Model {
     fn pad_value(&self) -> f64 {
         0.0
     }
+
+    /// The number of values d_x of one observation x_n: 1 (the default) for
+    /// scalar observations, the row length of `[N, d_x]` data otherwise.
+    fn observation_dim(&self) -> usize {
+        1
+    }
+
+    /// Roughly how many tensor elements [`Model::log_joint`] computes per
+    /// draw and per observation (its intermediate tensors), for memory
+    /// estimates before a fit: by default L + d_x (one value per local
+    /// latent and per observed value). A model whose likelihood evaluates
+    /// wider intermediates (a decoder's hidden layers) says so.
+    fn work_per_observation(&self) -> usize {
+        self.local_dim().saturating_add(self.observation_dim())
+    }
+}
+
+/// The largest number of observations N a model simulates or a fit accepts
+/// (2³⁰ ≈ 1.07·10⁹): far beyond every experiment (at most 6·10⁴ images),
+/// and small enough that N times a draw count or an observation's values
+/// stays far from `i64` and `usize` overflow.
+pub const MAX_OBSERVATIONS: usize = 1 << 30;
+
+/// The largest number of data values N·d_x a model simulates (2³¹, 17 GB as
+/// f64): a range guard against overflowing sizes; whether such a data set
+/// fits in memory is checked before a fit (`avi_inference::check_fit`).
+pub const MAX_DATA_VALUES: usize = 1 << 31;
+
+/// Check a requested sample size before simulating: `n` observations of
+/// `values` numbers each, with 1 ≤ n ≤ [`MAX_OBSERVATIONS`] and
+/// n·values ≤ [`MAX_DATA_VALUES`].
+pub fn check_sample_size(n: usize, values: usize) -> Result<()> {
+    if n == 0 {
+        return Err(ModelError::InvalidData(
+            "cannot simulate an empty data set (n = 0)".into(),
+        ));
+    }
+    if n > MAX_OBSERVATIONS {
+        return Err(ModelError::InvalidData(format!(
+            "n = {n} observations is more than the largest supported, {MAX_OBSERVATIONS}"
+        )));
+    }
+    match n.checked_mul(values) {
+        Some(total) if total <= MAX_DATA_VALUES => Ok(()),
+        _ => Err(ModelError::InvalidData(format!(
+            "n = {n} observations of {values} values each is more than the largest \
+             supported data set, {MAX_DATA_VALUES} values"
+        ))),
+    }
 }
 
 /// Check the `[M, D]` / `[M, N, L]` shape contract of [`Model::log_joint`].
@@ -242,4 +291,27 @@ pub fn check_finite_data(x: &[f64]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sample sizes whose vectors would overflow `usize` or take tens of
+    /// GB are refused before simulating (before: a capacity-overflow
+    /// panic at 2⁶⁴ − 1, a 34 GB allocation near 2³²); the bounds run.
+    #[test]
+    fn simulations_refuse_oversized_samples() {
+        let linear = LinearModel::new(1.0, 1.0).unwrap();
+        for n in [0, MAX_OBSERVATIONS + 1, 1 << 32, usize::MAX] {
+            assert!(linear.simulate(n, 1, None).is_err(), "{n}");
+        }
+        let bnn = BnnModel::new(2, 3, 4).unwrap();
+        // 2²⁹ images of 4 + 2 values: 3.2·10⁹ values, beyond 2³¹.
+        assert!(bnn.simulate(1 << 29, 1, None).is_err());
+        assert!(check_sample_size(MAX_OBSERVATIONS, 2).is_ok());
+        assert!(check_sample_size(MAX_OBSERVATIONS, 3).is_err());
+        assert!(check_sample_size(usize::MAX / 2, usize::MAX).is_err());
+        assert_eq!(bnn.simulate(3, 1, None).unwrap().len(), 12);
+    }
 }

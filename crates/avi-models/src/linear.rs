@@ -72,11 +72,7 @@ impl LinearModel {
     /// θ ~ N(0, 1) (or the given `theta`), z_n ~ N(0, 1),
     /// x_n = θ + τ z_n + σ ε_n (digest §7, row 2).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<f64>) -> Result<Vec<f64>> {
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, 1)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let theta = theta.unwrap_or_else(|| StandardNormal.sample(&mut rng));
         Ok((0..n)
@@ -103,21 +99,41 @@ impl LinearModel {
 
     /// The exact F-VI optimum (means, standard deviations and ELBO) for data
     /// `x`, computed in closed form in f64.
+    ///
+    /// The flat prior on θ makes the model shift-equivariant: adding c to
+    /// every x_n adds c to θ and leaves z and the density unchanged, so the
+    /// optimum's z means, standard deviations and ELBO depend on the data
+    /// only through the deviations x_n − x̄. They are computed from those
+    /// deviations (taken about the midpoint of the data's range, then
+    /// centred), never from x_n − x̄ with a rounded x̄ of large data, so data
+    /// far from 0 (all-equal values at 10²⁰) give the same optimum as the
+    /// same data near 0. Errors when the data's range is too wide for f64
+    /// (deviations or their squares overflow, a range beyond about 10¹⁵⁴):
+    /// the closed form cannot be evaluated there.
     pub fn fvi_optimum(&self, x: &[f64]) -> Result<GaussianReference> {
         check_finite_data(x)?;
         let (t, s2) = (self.tau, self.sigma * self.sigma);
         let n = x.len() as f64;
-        let xbar = x.iter().sum::<f64>() / n;
+        let (xbar, dev) = centred(x)?;
         let slope = t / (s2 + t * t);
-        let z_mean: Vec<f64> = x.iter().map(|&xi| slope * (xi - xbar)).collect();
+        let z_mean: Vec<f64> = dev.iter().map(|&d| slope * d).collect();
         // Posterior precision diagonal: Φ_00 = N/σ², Φ_nn = 1 + τ²/σ².
         let phi_theta = n / s2;
         let phi_z = 1.0 + t * t / s2;
-        let log_joint = self.log_joint_f64(xbar, &z_mean, x);
+        // log p(x̄, z, x) = log p(0, z, x − x̄) (shift equivariance).
+        let log_joint = self.log_joint_f64(0.0, &z_mean, &dev);
         let elbo = optimal_elbo(
             log_joint,
             std::iter::once(phi_theta).chain(std::iter::repeat_n(phi_z, x.len())),
         );
+        if !elbo.is_finite() {
+            return Err(ModelError::InvalidData(format!(
+                "the linear model's closed-form optimum is not representable in f64 for data \
+                 spread over [{:e}, {:e}] (its ELBO overflows)",
+                min(x),
+                max(x)
+            )));
+        }
         Ok(GaussianReference {
             theta_mean: vec![xbar],
             theta_sd: vec![phi_theta.sqrt().recip()],
@@ -157,6 +173,41 @@ impl LinearModel {
         }
         Ok(e_log_p + gaussian_entropy(&[theta_sd]) + gaussian_entropy(z_sd))
     }
+}
+
+fn min(x: &[f64]) -> f64 {
+    x.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(x: &[f64]) -> f64 {
+    x.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// The mean x̄ of non-empty finite data and the deviations x_n − x̄,
+/// computed without forming x_n − x̄ from a rounded x̄ of large values: the
+/// deviations are taken about the midpoint m of the data's range (exact
+/// differences of nearby values, no overflow of a sum of large values),
+/// then centred on their own mean, twice (the second pass removes the
+/// rounding of the first); x̄ = m + the mean removed. Errors when a
+/// deviation overflows (a range wider than f64::MAX).
+fn centred(x: &[f64]) -> Result<(f64, Vec<f64>)> {
+    let (lo, hi) = (min(x), max(x));
+    let mid = lo / 2.0 + hi / 2.0;
+    let n = x.len() as f64;
+    let mut dev: Vec<f64> = x.iter().map(|&v| v - mid).collect();
+    if dev.iter().any(|d| !d.is_finite()) {
+        return Err(ModelError::InvalidData(format!(
+            "the data's range [{lo:e}, {hi:e}] is too wide for f64 arithmetic"
+        )));
+    }
+    let mut shift = 0.0;
+    for _ in 0..2 {
+        // Σ (d / N), not (Σ d) / N: no overflow.
+        let mean: f64 = dev.iter().map(|d| d / n).sum();
+        dev.iter_mut().for_each(|d| *d -= mean);
+        shift += mean;
+    }
+    Ok((mid + shift, dev))
 }
 
 impl Model for LinearModel {
@@ -368,6 +419,81 @@ mod tests {
             .exact_elbo(&x, r.theta_mean[0], r.theta_sd[0], &r.z_mean, &r.z_sd)
             .unwrap();
         assert!((exact - r.elbo).abs() < 1e-9 * r.elbo.abs());
+    }
+
+    /// The flat prior on θ makes the optimum shift-equivariant: N = 100
+    /// equal values give the same optimal ELBO at 0 and at 10²⁰ (the old
+    /// closed form gave −1.67·10¹⁰ there, from x_n − x̄ with a rounded x̄),
+    /// equal to the hand value N (−ln σ − ln 2π) + (N + 1) ½ ln 2π
+    /// − ½ ln(N/σ²) − (N/2) ln(1 + τ²/σ²) ≈ −191.36. Tolerances: 1e-12
+    /// relative between the two data sets (the same f64 operations on zero
+    /// deviations; equal in fact) and against the hand value (the same terms
+    /// summed in another order, rounding ~1e-14).
+    #[test]
+    fn optimum_of_equal_data_is_shift_invariant() {
+        let m = LinearModel::new(1.155, 2.43).unwrap();
+        let (t, s) = (1.155f64, 2.43f64);
+        let n = 100.0;
+        let hand = n * (-s.ln() - 2.0 * HALF_LN_2PI) + (n + 1.0) * HALF_LN_2PI
+            - 0.5 * (n / (s * s)).ln()
+            - 0.5 * n * (1.0 + t * t / (s * s)).ln();
+        assert!((hand + 191.36).abs() < 0.01, "{hand}");
+        for c in [0.0, 1e20, -3e250] {
+            let r = m.fvi_optimum(&[c; 100]).unwrap();
+            assert!(
+                (r.elbo - hand).abs() <= 1e-12 * hand.abs(),
+                "at {c:e}: {} vs {hand}",
+                r.elbo
+            );
+            // θ's mean is the common value: c/2 + c/2 is exact, 1e-15 relative.
+            assert!((r.theta_mean[0] - c).abs() <= 1e-15 * c.abs());
+            assert!(r.z_mean.iter().all(|z| z.abs() < 1e-300));
+        }
+    }
+
+    /// Simulated data moved by c = 10¹² (each value rounded to a multiple
+    /// of 2⁻¹³ by the move) have the optimum of the moved data moved back
+    /// ((x + c) − c is exact): the same ELBO and z means, θ's mean moved by
+    /// c. Tolerance 1e-10 relative on the ELBO and 1e-9 absolute on the z
+    /// means (deviations of O(1) values are exact differences, so only the
+    /// centring's rounding differs, ~1e-16 of the spread); θ's mean within
+    /// 1e-3 of the moved mean (the ulp of 10¹² is 1.2e-4).
+    #[test]
+    fn optimum_moves_with_the_data() {
+        let m = LinearModel::new(1.155, 2.43).unwrap();
+        let x = m.simulate(1_000, 4, None).unwrap();
+        let c = 1e12;
+        let moved: Vec<f64> = x.iter().map(|v| v + c).collect();
+        let back: Vec<f64> = moved.iter().map(|v| v - c).collect();
+        let (a, b) = (
+            m.fvi_optimum(&moved).unwrap(),
+            m.fvi_optimum(&back).unwrap(),
+        );
+        assert!(
+            (a.elbo - b.elbo).abs() <= 1e-10 * b.elbo.abs(),
+            "{} vs {}",
+            a.elbo,
+            b.elbo
+        );
+        let dz = a
+            .z_mean
+            .iter()
+            .zip(&b.z_mean)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max);
+        assert!(dz < 1e-9, "{dz}");
+        assert!((a.theta_mean[0] - c - b.theta_mean[0]).abs() < 1e-3);
+    }
+
+    /// Data spread beyond what f64 can square is refused, not answered
+    /// with an infinite or NaN ELBO.
+    #[test]
+    fn optimum_refuses_data_too_wide_for_f64() {
+        let m = LinearModel::new(1.155, 2.43).unwrap();
+        for x in [vec![-1e200, 1e200], vec![-1.7e308, 1.7e308, 0.0]] {
+            let e = m.fvi_optimum(&x).unwrap_err().to_string();
+            assert!(e.contains("f64"), "{e}");
+        }
     }
 
     /// Perturbing the optimum in any single coordinate lowers the exact ELBO.

@@ -117,11 +117,7 @@ impl MixtureModel {
     /// Simulate N observations (row-major N×D) with a seeded ChaCha8
     /// generator; μ from its prior unless given (K·D values).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<&[f64]>) -> Result<Vec<f64>> {
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, self.d)?;
         let (k, d) = (self.k, self.d);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mu: Vec<f64> = match theta {
@@ -174,6 +170,10 @@ impl Model for MixtureModel {
 
     fn local_dim(&self) -> usize {
         self.k
+    }
+
+    fn observation_dim(&self) -> usize {
+        self.d
     }
 
     fn local_states(&self) -> Option<usize> {

@@ -5,7 +5,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use tch::Tensor;
 
-use crate::{check_draw_shapes, check_scalar_tensor, Model, ModelError, Result, HALF_LN_2PI};
+use crate::{check_draw_shapes, check_scalar_tensor, Model, Result, HALF_LN_2PI};
 
 /// How [`NonlinearModel::simulate`] draws the local latents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,11 +44,7 @@ impl NonlinearModel {
     /// Simulate N observations with a seeded ChaCha8 generator; θ ~ N(0, 1)
     /// unless given.
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<f64>) -> Result<Vec<f64>> {
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, 1)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let theta = theta.unwrap_or_else(|| StandardNormal.sample(&mut rng));
         let z_sd = match self.sim {

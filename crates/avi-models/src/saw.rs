@@ -66,11 +66,7 @@ impl SawModel {
     /// θ ~ N(0, 1) unless given (the paper's experiment uses θ = 3.4159,
     /// α = 0.75).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<f64>) -> Result<Vec<f64>> {
-        if n == 0 {
-            return Err(ModelError::InvalidData(
-                "cannot simulate an empty data set (n = 0)".into(),
-            ));
-        }
+        crate::check_sample_size(n, 1)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let theta = theta.unwrap_or_else(|| StandardNormal.sample(&mut rng));
         let mut prev = self.x0;
