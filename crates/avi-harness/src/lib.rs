@@ -37,6 +37,7 @@
 
 pub mod claim;
 pub mod config;
+pub mod data_files;
 pub mod demo;
 pub mod figures;
 pub mod interrupt;

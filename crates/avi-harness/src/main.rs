@@ -265,11 +265,13 @@ fn fit_command(
     let dir = config.parent().unwrap_or(Path::new("."));
     let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
     if check {
+        let bytes = avi_harness::run::check_prepared(&cfg, &prepared, device)?;
         let resolved = serde_json::to_string_pretty(&cfg)?;
         println!("{resolved}");
         println!(
-            "valid: {} observations, on {}",
+            "valid: {} observations; the fit would need about {} of memory on {} (libtorch engine estimate)",
             prepared.x.len(),
+            avi_harness::run::human_bytes(bytes),
             avi_harness::run::device_name(device)
         );
         return Ok(Outcome::Done);
@@ -278,6 +280,9 @@ fn fit_command(
     let (fit, report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
     progress.finish();
     write_json_atomic(out, &report)?;
+    for w in &fit.warnings {
+        eprintln!("avi: warning: {w}");
+    }
     Ok(match fit.status {
         FitStatus::Ok => Outcome::Done,
         FitStatus::Diverged { at } => Outcome::Diverged(at, out.to_path_buf()),

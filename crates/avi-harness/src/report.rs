@@ -81,6 +81,7 @@ pub fn fit_report(
         "config": cfg,
         "threads": tch::get_num_threads(),
         "status": "ok",
+        "warnings": fit.warnings,
     });
     if !cfg.report_q_z {
         r["q_z"] = Value::Null;

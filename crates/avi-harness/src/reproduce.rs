@@ -1161,6 +1161,9 @@ fn done_line(exp: &str, run: &RunSpec, report: &Value) -> String {
             String::new()
         } else {
             format!(", {}", report["status"].as_str().unwrap_or("?"))
+        } + &match report["warnings"].as_array().map_or(0, Vec::len) {
+            0 => String::new(),
+            k => format!(", {k} warning(s) in its report"),
         }
     )
 }

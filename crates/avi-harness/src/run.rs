@@ -266,6 +266,15 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             }
             .unwrap_or(default_dim);
             let model = BuiltModel::new(&cfg.model, dim)?;
+            // Sizes checked before the simulation allocates anything.
+            avi_inference::check_fit_within(
+                model.as_model(),
+                s.n,
+                &cfg.method,
+                &cfg.options(),
+                None,
+            )?;
+            check_host_data(s.n, model.vector_dim().unwrap_or(1))?;
             let values = model.simulate(s.n, s.seed, s.theta.as_deref())?;
             let dim = model.vector_dim();
             (model, Data { values, dim })
@@ -318,6 +327,53 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
         reference_elbo,
         test_x,
     })
+}
+
+/// The simulated data (f64, twice: the values and their tensor) must fit
+/// in the host memory available.
+fn check_host_data(n: usize, dim: usize) -> Result<()> {
+    let bytes = (n as u128) * (dim as u128) * 16;
+    if let Some(free) = avi_inference::available_memory(Device::Cpu) {
+        if bytes > u128::from(free) {
+            bail!(
+                "field `data.simulate.n`: {n} observations of {dim} values need about {} of host memory, {} is available",
+                human_bytes(u64::try_from(bytes).unwrap_or(u64::MAX)),
+                human_bytes(free)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bytes as `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Check a prepared config as a fit on `device` would (every range, and
+/// the memory the fit would need against what `device` has, where known);
+/// returns that estimate in bytes.
+pub fn check_prepared(cfg: &FitConfig, prepared: &Prepared, device: Device) -> Result<u64> {
+    let model = prepared.model.as_model();
+    let n = prepared.x.len();
+    let opts = cfg.options();
+    avi_inference::check_fit_within(
+        model,
+        n,
+        &cfg.method,
+        &opts,
+        avi_inference::available_memory(device),
+    )?;
+    Ok(avi_inference::memory_estimate(model, n, &cfg.method, &opts))
 }
 
 /// Data that f32 cannot hold is named as such (not as "inf is not finite"
