@@ -300,8 +300,7 @@ fn yes() -> bool {
 impl FitConfig {
     /// Read and validate a config file. Errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = read_json_text(path, "config")?;
         Self::parse(&text).with_context(|| format!("config {}", path.display()))
     }
 
@@ -370,6 +369,32 @@ impl Data {
     }
 }
 
+/// The UTF-8 byte-order mark some editors put at the start of a text file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Read the JSON text of `path`: a leading UTF-8 byte-order mark is dropped,
+/// bytes that are not UTF-8 are refused. Errors name the file as
+/// `{what} {path}` (`what` is e.g. `"config"`, `"data file"`,
+/// `"experiment"`): `cannot read config c.json: …` when the file cannot be
+/// read, `config c.json: not UTF-8 text (byte 17)` with the offset of the
+/// first bad byte in the file.
+pub fn read_json_text(path: &Path, what: &str) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let skip = if bytes.starts_with(BOM) { BOM.len() } else { 0 };
+    match String::from_utf8(bytes) {
+        Ok(mut text) => {
+            text.drain(..skip);
+            Ok(text)
+        }
+        Err(e) => bail!(
+            "{what} {}: not UTF-8 text (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Observations {
@@ -388,8 +413,7 @@ struct DataFile {
 /// length) from `path`; rejects an empty list, ragged arrays and non-finite
 /// values.
 pub fn load_data_file(path: &Path) -> Result<Data> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read data file {}", path.display()))?;
+    let text = read_json_text(path, "data file")?;
     let de = &mut serde_json::Deserializer::from_str(&text);
     let data: DataFile = serde_path_to_error::deserialize(de)
         .map_err(|e| {
@@ -504,5 +528,61 @@ mod tests {
             assert!(format!("{e:#}").contains("lr_schedule"), "{bad}: {e:#}");
         }
         assert!(FitConfig::parse(&with(r#"[{"from": 6, "factr": 0.1}]"#)).is_err());
+    }
+
+    /// Write `bytes` to `name` in a fresh folder.
+    fn file_with(bytes: &[u8], name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        (dir, path)
+    }
+
+    /// A UTF-8 byte-order mark before a config or a data file is skipped;
+    /// bytes that are not UTF-8 are an error naming the file and the offset.
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_non_utf8_refused() {
+        let mut bytes = BOM.to_vec();
+        bytes.extend_from_slice(GOOD.as_bytes());
+        let (_d, path) = file_with(&bytes, "c.json");
+        assert_eq!(
+            FitConfig::load(&path).unwrap(),
+            FitConfig::parse(GOOD).unwrap()
+        );
+        assert_eq!(read_json_text(&path, "config").unwrap(), GOOD);
+
+        let (_d, path) = file_with(b"\xEF\xBB\xBF{\"x\": [1.5, -2]}", "x.json");
+        let data = load_data_file(&path).unwrap();
+        assert_eq!(data.values, [1.5, -2.0]);
+        assert_eq!(data.dim, None);
+
+        // Byte 13 of the file (counting the mark) is a lone continuation byte.
+        let mut bad = BOM.to_vec();
+        bad.extend_from_slice(b"{\"x\": [1, \x80]}");
+        let (_d, path) = file_with(&bad, "x.json");
+        let e = format!("{:#}", read_json_text(&path, "data file").unwrap_err());
+        assert_eq!(
+            e,
+            format!("data file {}: not UTF-8 text (byte 13)", path.display())
+        );
+        let e = format!("{:#}", load_data_file(&path).unwrap_err());
+        assert!(e.contains("x.json") && e.contains("not UTF-8"), "{e}");
+        let (_d, path) = file_with(b"{\"steps\": \xff}", "c.json");
+        let e = format!("{:#}", FitConfig::load(&path).unwrap_err());
+        assert!(
+            e.contains("config") && e.contains("c.json") && e.contains("byte 10"),
+            "{e}"
+        );
+        // A mark anywhere else is not skipped: JSON does not allow it.
+        let inside = format!("{{\u{feff}{}", &GOOD[1..]);
+        let (_d, path) = file_with(inside.as_bytes(), "c.json");
+        assert!(FitConfig::load(&path).is_err());
+
+        let missing = path.with_file_name("nope.json");
+        let e = format!("{:#}", read_json_text(&missing, "experiment").unwrap_err());
+        assert!(
+            e.starts_with("cannot read experiment ") && e.contains("nope.json"),
+            "{e}"
+        );
     }
 }
