@@ -297,6 +297,55 @@ fn yes() -> bool {
     true
 }
 
+/// serde's derived deserializers of structs and internally tagged enums also
+/// take a JSON array, reading its elements as the fields in declaration
+/// order (`"simulate": [100, 7]` would be n = 100, seed = 7). A config
+/// spells every field by name: wherever the parsed config is an object,
+/// `text` must hold an object too.
+fn objects_given_as_objects(text: &str, cfg: &FitConfig) -> Result<()> {
+    // Both parses succeed here: `text` was just read into `cfg`.
+    let given: serde_json::Value = serde_json::from_str(text)?;
+    let parsed = serde_json::to_value(cfg)?;
+    match first_array_for_object(&given, &parsed, String::new()) {
+        None => Ok(()),
+        Some(field) if field.is_empty() => {
+            bail!("the config must be a JSON object {{…}}, not an array")
+        }
+        Some(field) => {
+            bail!("field `{field}`: expected an object {{…}} with named fields, found an array")
+        }
+    }
+}
+
+/// The path (`data.simulate`, `lr_schedule[0]`) of the first place where
+/// `given` holds an array and `parsed` an object; fields missing from
+/// `given` (defaults) are skipped.
+fn first_array_for_object(
+    given: &serde_json::Value,
+    parsed: &serde_json::Value,
+    path: String,
+) -> Option<String> {
+    use serde_json::Value;
+    match (given, parsed) {
+        (Value::Array(_), Value::Object(_)) => Some(path),
+        (Value::Object(g), Value::Object(p)) => p.iter().find_map(|(key, pv)| {
+            let gv = g.get(key)?;
+            let sub = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            first_array_for_object(gv, pv, sub)
+        }),
+        (Value::Array(g), Value::Array(p)) => g
+            .iter()
+            .zip(p)
+            .enumerate()
+            .find_map(|(i, (gv, pv))| first_array_for_object(gv, pv, format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
 impl FitConfig {
     /// Read and validate a config file. Errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self> {
@@ -316,6 +365,7 @@ impl FitConfig {
                 anyhow::anyhow!("field `{path}`: {inner}")
             }
         })?;
+        objects_given_as_objects(text, &cfg)?;
         cfg.options().check()?;
         if let Some(m) = &cfg.mse {
             if !matches!(cfg.model, ModelConfig::Bnn { .. }) {
@@ -584,5 +634,66 @@ mod tests {
             e.starts_with("cannot read experiment ") && e.contains("nope.json"),
             "{e}"
         );
+    }
+
+    /// serde's derived deserializers take an array for a struct (fields in
+    /// order) and for an internally tagged enum (the tag first); a config
+    /// names every field, so each such array is an error naming its field.
+    #[test]
+    fn objects_given_as_arrays_are_refused() {
+        let bnn = r#"{"model": {"kind": "bnn", "latent": 2, "hidden": 3},
+            "data": {"fashion_mnist": {"split": "test", "n": 5}},
+            "method": {"kind": "fvi"}, "mse": {"every": 2, "test": {"file": "t.json"}}}"#;
+        assert!(FitConfig::parse(bnn).is_ok());
+        let cases = [
+            (
+                GOOD.replace(r#"{"n": 100, "seed": 7}"#, "[100, 7]"),
+                "data.simulate",
+            ),
+            (
+                GOOD.replace(
+                    r#"{"kind": "linear", "tau": 1.155, "sigma": 2.43}"#,
+                    r#"["linear", 1.155, 2.43]"#,
+                ),
+                "model",
+            ),
+            (
+                GOOD.replace(r#"{"kind": "poly", "degree": 1}"#, r#"["poly", 1]"#),
+                "method.fn",
+            ),
+            (
+                GOOD.replace(
+                    r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}}"#,
+                    r#"["avi", {"kind": "poly", "degree": 1}]"#,
+                ),
+                "method",
+            ),
+            (
+                GOOD.replace("\"lr\": 0.01", "\"lr\": 0.01, \"lr_schedule\": [[6, 0.1]]"),
+                "lr_schedule[0]",
+            ),
+            (
+                bnn.replace(r#"{"split": "test", "n": 5}"#, r#"["test", 5]"#),
+                "data.fashion_mnist",
+            ),
+            (
+                bnn.replace(r#"{"every": 2, "test": {"file": "t.json"}}"#, "[2]"),
+                "mse",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = format!("{:#}", FitConfig::parse(&text).unwrap_err());
+            assert!(e.contains(&format!("field `{field}`")), "{field}: {e}");
+        }
+        let whole = r#"[{"kind": "linear", "tau": 1, "sigma": 1}, {"simulate": {"n": 5, "seed": 1}}, {"kind": "fvi"}]"#;
+        let e = format!("{:#}", FitConfig::parse(whole).unwrap_err());
+        assert!(e.contains("must be a JSON object"), "{e}");
+        // Arrays where the config has arrays stay arrays.
+        let c = FitConfig::parse(&GOOD.replace(
+            "\"fn\": {\"kind\": \"poly\", \"degree\": 1}",
+            "\"fn\": {\"kind\": \"poly\", \"degree\": 1}, \"window\": [1, 0]",
+        ))
+        .unwrap();
+        assert!(matches!(c.method, MethodConfig::Avi { window: [1, 0], .. }));
     }
 }
