@@ -445,59 +445,177 @@ pub fn read_json_text(path: &Path, what: &str) -> Result<String> {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Observations {
-    Scalars(Vec<f64>),
-    Vectors(Vec<Vec<f64>>),
+/// One element of a data file's `x`: a number or an array of numbers.
+enum Observation {
+    Scalar(f64),
+    Vector(Vec<f64>),
 }
 
-/// The contents of a data file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+impl<'de> Deserialize<'de> for Observation {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Observation;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or an array of numbers")
+            }
+            fn visit_f64<E>(self, v: f64) -> std::result::Result<Observation, E> {
+                Ok(Observation::Scalar(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<Observation, E> {
+                Ok(Observation::Scalar(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<Observation, E> {
+                Ok(Observation::Scalar(v as f64))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Observation, A::Error> {
+                let mut row = Vec::new();
+                while let Some(v) = seq.next_element::<f64>()? {
+                    row.push(v);
+                }
+                Ok(Observation::Vector(row))
+            }
+        }
+        de.deserialize_any(Visit)
+    }
+}
+
+/// A data file's `x`, flattened: the values row-major and the length of
+/// each element (`None` for a number).
+struct Observations {
+    values: Vec<f64>,
+    lengths: Vec<Option<usize>>,
+}
+
+impl<'de> Deserialize<'de> for Observations {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Observations;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of numbers, or of arrays of numbers")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Observations, A::Error> {
+                let mut obs = Observations {
+                    values: Vec::new(),
+                    lengths: Vec::new(),
+                };
+                while let Some(o) = seq.next_element::<Observation>()? {
+                    match o {
+                        Observation::Scalar(v) => {
+                            obs.values.push(v);
+                            obs.lengths.push(None);
+                        }
+                        Observation::Vector(row) => {
+                            obs.lengths.push(Some(row.len()));
+                            obs.values.extend(row);
+                        }
+                    }
+                }
+                Ok(obs)
+            }
+        }
+        de.deserialize_seq(Visit)
+    }
+}
+
+/// The contents of a data file: an object with the one field `x` (not an
+/// array, which serde's derived struct deserializer would take as `x`).
 struct DataFile {
     x: Observations,
 }
 
+impl<'de> Deserialize<'de> for DataFile {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = DataFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"an object {"x": [...]}"#)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<DataFile, A::Error> {
+                use serde::de::Error;
+                let mut x = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "x" {
+                        return Err(A::Error::unknown_field(&key, &["x"]));
+                    }
+                    if x.is_some() {
+                        return Err(A::Error::duplicate_field("x"));
+                    }
+                    x = Some(map.next_value::<Observations>()?);
+                }
+                let x = x.ok_or_else(|| A::Error::missing_field("x"))?;
+                Ok(DataFile { x })
+            }
+        }
+        de.deserialize_map(Visit)
+    }
+}
+
 /// Read observations `{"x": [...]}` (numbers, or arrays of numbers of one
 /// length) from `path`; rejects an empty list, ragged arrays and non-finite
-/// values.
+/// values. Every error names the file.
 pub fn load_data_file(path: &Path) -> Result<Data> {
     let text = read_json_text(path, "data file")?;
     let de = &mut serde_json::Deserializer::from_str(&text);
-    let data: DataFile = serde_path_to_error::deserialize(de)
-        .map_err(|e| {
-            let path = e.path().to_string();
-            anyhow::anyhow!("field `{path}`: {}", e.into_inner())
-        })
-        .with_context(|| format!("data file {}", path.display()))?;
-    let data = match data.x {
-        Observations::Scalars(values) => Data { values, dim: None },
-        Observations::Vectors(rows) => {
-            let d = rows.first().map_or(0, Vec::len);
-            if d == 0 {
-                bail!("data file {}: `x` holds empty arrays", path.display());
+    let file = path.display();
+    let x = match serde_path_to_error::deserialize::<_, DataFile>(de) {
+        Ok(data) => data.x,
+        Err(e) => {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            if field == "." || field.is_empty() {
+                bail!("data file {file}: {inner}");
             }
-            if let Some(i) = rows.iter().position(|r| r.len() != d) {
-                bail!(
-                    "data file {}: x[{i}] has {} values, x[0] has {d}",
-                    path.display(),
-                    rows[i].len()
-                );
-            }
-            Data {
-                values: rows.concat(),
-                dim: Some(d),
-            }
+            bail!("data file {file}: field `{field}`: {inner}");
         }
     };
-    if data.values.is_empty() {
-        bail!("data file {}: `x` is empty", path.display());
+    if x.lengths.is_empty() {
+        bail!("data file {file}: `x` is empty");
     }
-    if let Some(i) = data.values.iter().position(|v| !v.is_finite()) {
-        bail!("data file {}: value {i} of x is not finite", path.display());
+    let dim = x.lengths[0];
+    if let Some(i) = x.lengths.iter().position(|l| l.is_some() != dim.is_some()) {
+        bail!(
+            "data file {file}: x[{i}] is {}, x[0] {}",
+            if dim.is_some() {
+                "a number"
+            } else {
+                "an array"
+            },
+            if dim.is_some() {
+                "an array"
+            } else {
+                "a number"
+            }
+        );
     }
-    Ok(data)
+    if dim == Some(0) {
+        bail!("data file {file}: `x` holds empty arrays");
+    }
+    if let Some(i) = x.lengths.iter().position(|l| *l != dim) {
+        bail!(
+            "data file {file}: x[{i}] has {} values, x[0] has {}",
+            x.lengths[i].unwrap_or(1),
+            dim.unwrap_or(1)
+        );
+    }
+    if let Some(i) = x.values.iter().position(|v| !v.is_finite()) {
+        bail!("data file {file}: value {i} of x is not finite");
+    }
+    Ok(Data {
+        values: x.values,
+        dim,
+    })
 }
 
 #[cfg(test)]
@@ -695,5 +813,80 @@ mod tests {
         ))
         .unwrap();
         assert!(matches!(c.method, MethodConfig::Avi { window: [1, 0], .. }));
+    }
+
+    /// Every way a data file can be invalid is an error that names it,
+    /// including a positional array for the file's object.
+    #[test]
+    fn invalid_data_files_are_errors_naming_the_file() {
+        let deep = format!("{{\"x\": {}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        let bad: [&[u8]; 17] = [
+            b"",
+            b"   ",
+            b"[[1, 2, 3]]",
+            b"{\"x\": [1, 2",
+            b"{\"x\": []}",
+            b"{\"x\": [[]]}",
+            b"{\"x\": 1}",
+            b"{\"x\": {\"0\": 1}}",
+            b"{\"y\": [1]}",
+            b"{}",
+            b"{\"x\": [1], \"x\": [2]}",
+            b"{\"x\": [1, [2]]}",
+            b"{\"x\": [[2], 1]}",
+            b"{\"x\": [[1, 2], [3]]}",
+            b"{\"x\": [1, 1e999]}",
+            b"{\"x\": [1, NaN]}",
+            deep.as_bytes(),
+        ];
+        for text in bad {
+            let (_d, path) = file_with(text, "obs.json");
+            let e = format!("{:#}", load_data_file(&path).unwrap_err());
+            let shown = String::from_utf8_lossy(&text[..text.len().min(40)]).into_owned();
+            assert!(
+                e.starts_with(&format!("data file {}", path.display())),
+                "{shown}: {e}"
+            );
+        }
+        let (_d, path) = file_with(b"{\"x\": [[1, 2], [3, 4], [5, 6]]}", "obs.json");
+        let data = load_data_file(&path).unwrap();
+        assert_eq!((data.values.len(), data.dim, data.len()), (6, Some(2), 3));
+        let e = format!(
+            "{:#}",
+            load_data_file(&path.with_file_name("gone.json")).unwrap_err()
+        );
+        assert!(
+            e.starts_with("cannot read data file") && e.contains("gone.json"),
+            "{e}"
+        );
+    }
+
+    /// Extreme integers parse (the ranges are `FitOptions::check`'s) or are
+    /// errors naming the field; nothing in this module panics on them.
+    #[test]
+    fn extreme_integers_never_panic() {
+        for v in [
+            "0",
+            "4294967297",
+            "9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-1",
+            "-9223372036854775809",
+            "1e308",
+            "-1e308",
+            "1.5",
+        ] {
+            for field in ["\"steps\": 10", "\"draws\": 4", "\"seed\": 1", "\"n\": 100"] {
+                let key = field.split(':').next().unwrap();
+                let text = GOOD.replace(field, &format!("{key}: {v}"));
+                if let Ok(c) = FitConfig::parse(&text) {
+                    assert_eq!(c.options().seed, c.seed, "{key} = {v}");
+                }
+            }
+        }
+        let e = FitConfig::parse(&GOOD.replace("\"steps\": 10", "\"steps\": 18446744073709551616"))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("steps"), "{e:#}");
     }
 }
