@@ -297,6 +297,26 @@ fn yes() -> bool {
     true
 }
 
+/// `field `data.simulate.n`: ` for an error at that path; nothing at the
+/// top level. A syntax error's unknown last key (`model.?`) is left out, and
+/// a path deeper than nesting makes sensible (an array nested 10,000 deep)
+/// is cut after [`MAX_PATH`] characters.
+fn field_prefix(path: &serde_path_to_error::Path) -> String {
+    let full = path.to_string();
+    let mut field = full.trim_end_matches('?').trim_end_matches('.');
+    if field.is_empty() {
+        return String::new();
+    }
+    if let Some((cut, _)) = field.char_indices().nth(MAX_PATH) {
+        field = &field[..cut];
+        return format!("field `{field}…`: ");
+    }
+    format!("field `{field}`: ")
+}
+
+/// The longest field path an error shows.
+const MAX_PATH: usize = 80;
+
 /// serde's derived deserializers of structs and internally tagged enums also
 /// take a JSON array, reading its elements as the fields in declaration
 /// order (`"simulate": [100, 7]` would be n = 100, seed = 7). A config
@@ -357,13 +377,8 @@ impl FitConfig {
     pub fn parse(text: &str) -> Result<Self> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." || path.is_empty() {
-                anyhow::anyhow!("{inner}")
-            } else {
-                anyhow::anyhow!("field `{path}`: {inner}")
-            }
+            let field = field_prefix(e.path());
+            anyhow::anyhow!("{field}{}", e.into_inner())
         })?;
         objects_given_as_objects(text, &cfg)?;
         cfg.options().check()?;
@@ -572,12 +587,8 @@ pub fn load_data_file(path: &Path) -> Result<Data> {
     let x = match serde_path_to_error::deserialize::<_, DataFile>(de) {
         Ok(data) => data.x,
         Err(e) => {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            if field == "." || field.is_empty() {
-                bail!("data file {file}: {inner}");
-            }
-            bail!("data file {file}: field `{field}`: {inner}");
+            let field = field_prefix(e.path());
+            bail!("data file {file}: {field}{}", e.into_inner());
         }
     };
     if x.lengths.is_empty() {
@@ -859,6 +870,32 @@ mod tests {
             e.starts_with("cannot read data file") && e.contains("gone.json"),
             "{e}"
         );
+    }
+
+    /// Errors name the field, without a syntax error's unknown key and
+    /// with a deep path cut short.
+    #[test]
+    fn error_paths_are_short_and_readable() {
+        let e = FitConfig::parse(&GOOD[..30]).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.starts_with("field `model`: EOF"), "{e}");
+        for top in ["", "{\"steps\": 1,", "{\"steps\": 1, \"st"] {
+            let e = format!("{:#}", FitConfig::parse(top).unwrap_err());
+            assert!(!e.contains("field"), "{top}: {e}");
+        }
+        let deep = GOOD.replace(
+            "\"tau\": 1.155",
+            &format!("\"tau\": {}{}", "[".repeat(10_000), "]".repeat(10_000)),
+        );
+        let e = format!("{:#}", FitConfig::parse(&deep).unwrap_err());
+        assert!(e.starts_with("field `model"), "{e}");
+        assert!(e.len() < 300, "{} characters: {e}", e.len());
+        let (_d, path) = file_with(
+            format!("{{\"x\": [{}1{}]}}", "[".repeat(500), "]".repeat(500)).as_bytes(),
+            "obs.json",
+        );
+        let e = format!("{:#}", load_data_file(&path).unwrap_err());
+        assert!(e.len() < 300 && e.contains("obs.json"), "{e}");
     }
 
     /// Extreme integers parse (the ranges are `FitOptions::check`'s) or are
