@@ -834,9 +834,10 @@ const KNOWN: &[Known] = &[
         what: "a count near 2^64 overflows a Vec's capacity before a size check (panic)",
         matches: |_, o| panicked(o) && o.stderr.contains("capacity overflow"),
     },
-    // bnn latent, hidden or simulate.dim = 18446744073709551615.
+    // bnn latent, hidden or simulate.dim = 18446744073709551615, or
+    // simulate.n = 9223372036854775808 (n × dim).
     Known {
-        what: "avi-models bnn.rs: the size of θ overflows usize (panic)",
+        what: "avi-models bnn.rs: a size (θ's length, n × dim) overflows usize (panic)",
         matches: |_, o| panicked(o) && o.stderr.contains("avi-models/src/bnn.rs"),
     },
     // mixture with simulate.dim = 18446744073709551615.
@@ -908,7 +909,7 @@ fn mutated_configs_and_data_exit_0_or_2_and_write_nothing() {
                         case.steps.join("; "),
                         outcome.status.and_then(|s| s.code()),
                         outcome.elapsed,
-                        outcome.stderr.trim_end()
+                        outcome.stderr.trim()
                     );
                 }
                 let Err(why) = judge(&outcome) else { continue };
@@ -930,7 +931,7 @@ fn mutated_configs_and_data_exit_0_or_2_and_write_nothing() {
                     case.steps.join("; "),
                     outcome.status.and_then(|s| s.code()),
                     outcome.elapsed,
-                    outcome.stderr.trim_end(),
+                    outcome.stderr.trim(),
                     folder.display(),
                     shown(mutated),
                 ));
