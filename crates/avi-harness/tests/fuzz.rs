@@ -34,15 +34,19 @@ use serde_json::Value;
 
 const AVI: &str = env!("CARGO_BIN_EXE_avi");
 
-/// Cases of a plain `cargo test` run (about 40 s in a debug build on 2
-/// loaded cores).
-const DEFAULT_CASES: usize = 80;
+/// Cases of a plain `cargo test` run (about 35 s in a debug build on 2
+/// shared cores).
+const DEFAULT_CASES: usize = 100;
 
 /// The seed of a plain run.
 const DEFAULT_SEED: u64 = 20_240_601;
 
 /// A case still running after this long is a hang.
 const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A case that takes longer than this is too slow: the check must refuse
+/// what it cannot afford before spending on it.
+const SLOW: Duration = Duration::from_secs(10);
 
 /// Address space of each run (`ulimit -v`, KiB): a config that makes even
 /// the check allocate gigabytes fails as an abort instead of swapping the
@@ -492,9 +496,14 @@ fn mutate(doc: &mut J, g: &mut Gen, pool: &Pool) -> String {
                 .pick(if counts.is_empty() { &numbers } else { &counts })
                 .clone();
             let pn = label(doc, &p);
-            let t = match g.below(5) {
+            // Powers of ten, and sizes just inside the supported ranges
+            // (2^30 observations) that are still costly.
+            let t = match g.below(8) {
                 0 => "18446744073709551615".to_string(),
                 1 => "4294967297".to_string(),
+                2 => g
+                    .pick(&["1073741824", "1000000000", "100000000", "50000000"])
+                    .to_string(),
                 _ => format!("1{}", "0".repeat(3 + g.below(17))),
             };
             *doc.at(&p) = J::Raw(t.clone());
@@ -797,6 +806,9 @@ fn judge(o: &Outcome) -> Result<(), String> {
     if !o.stray.is_empty() {
         return Err(format!("wrote {:?}", o.stray));
     }
+    if o.elapsed > SLOW {
+        return Err(format!("slow: {:.1?} (more than {SLOW:?})", o.elapsed));
+    }
     Ok(())
 }
 
@@ -814,6 +826,13 @@ fn aborted(o: &Outcome) -> bool {
     o.status.and_then(|s| s.signal()) == Some(6)
 }
 
+/// The `data.simulate.n` of a case's config, if it has one.
+fn simulated_n(case: &Case) -> Option<u64> {
+    let config = &case.files.iter().find(|(n, _)| n == "c.json")?.1;
+    let value: Value = serde_json::from_slice(config).ok()?;
+    value["data"]["simulate"]["n"].as_u64()
+}
+
 fn panicked(o: &Outcome) -> bool {
     o.status.and_then(|s| s.code()) == Some(101)
 }
@@ -822,28 +841,36 @@ fn panicked(o: &Outcome) -> bool {
 /// (so that any other failure still fails the test). Delete an entry once
 /// its cause is fixed: the test then fails if it comes back.
 const KNOWN: &[Known] = &[
-    // `{"simulate": {"n": 1000000000, …}}`, mixture k = dim = 100000, bnn
-    // latent = hidden = 100000: the data or θ are allocated before anything
-    // bounds their size.
+    // run::prepare simulates (or builds the model) before anything bounds
+    // the memory it needs: `"data": {"simulate": {"n": 1000000000, …}}`
+    // passes the range check (at most 2^30) and LinearModel::simulate
+    // allocates 8 GB (saw: n = 5×10^7 takes 8 s and over 5 GB); mixture
+    // k = dim = 100000 (80 GB in MixtureModel::new), bnn latent = hidden =
+    // 100000 (160 GB). Under this test's address-space limit the
+    // allocation fails and the process aborts.
     Known {
-        what: "a huge count makes the check allocate before a size check: the allocation fails (abort)",
+        what: "a huge but allowed size makes the check allocate before a memory check: the allocation fails (abort)",
         matches: |_, o| aborted(o) && o.stderr.contains("memory allocation of"),
     },
-    // `{"simulate": {"n": 10000000000000000000, …}}`, mixture k = 2^64 − 1.
+    // `"data": {"simulate": {"n": 50000000, …}}` for saw (n ≤ 2^30 passes
+    // the range check): the check simulates and prepares the data, 8 s and
+    // over 5 GB in a debug build (then aborts under this test's limit).
     Known {
-        what: "a count near 2^64 overflows a Vec's capacity before a size check (panic)",
+        what: "an allowed but large simulate.n makes the check slow (it simulates before a memory check)",
+        matches: |c, o| o.elapsed > SLOW && simulated_n(c).is_some_and(|n| n >= 10_000_000),
+    },
+    // mixture k = 18446744073709551615: MixtureModel::new
+    // (avi-models/src/mixture.rs:68) collects k weights.
+    Known {
+        what: "mixture k near 2^64 overflows a Vec's capacity in MixtureModel::new (panic)",
         matches: |_, o| panicked(o) && o.stderr.contains("capacity overflow"),
     },
-    // bnn latent, hidden or simulate.dim = 18446744073709551615, or
-    // simulate.n = 9223372036854775808 (n × dim).
+    // bnn hidden = 18446744073709551615: BnnModel::theta_dim
+    // (avi-models/src/bnn.rs:223) multiplies without a check, reached from
+    // BnnModel::simulate.
     Known {
-        what: "avi-models bnn.rs: a size (θ's length, n × dim) overflows usize (panic)",
+        what: "avi-models bnn.rs: theta_dim overflows usize for a huge hidden width (panic)",
         matches: |_, o| panicked(o) && o.stderr.contains("avi-models/src/bnn.rs"),
-    },
-    // mixture with simulate.dim = 18446744073709551615.
-    Known {
-        what: "avi-models mixture.rs: k × dim overflows usize (panic)",
-        matches: |_, o| panicked(o) && o.stderr.contains("avi-models/src/mixture.rs"),
     },
 ];
 
@@ -1044,4 +1071,9 @@ fn cases_replay_and_the_judge_catches_each_breach() {
         elapsed: TIMEOUT,
     };
     assert!(judge(&hang).is_err());
+    let slow = Outcome {
+        elapsed: SLOW + Duration::from_secs(1),
+        ..outcome(0, "", &[])
+    };
+    assert!(judge(&slow).is_err());
 }
