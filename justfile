@@ -83,6 +83,11 @@ check: bootstrap
     cargo fmt --all --check
     {{torch_env}} cargo clippy --workspace --all-targets -- -D warnings
 
+# fuzz the config and data-file parsers through `avi fit --check` (release build): CASES mutated inputs (AVI_FUZZ_SEED=S picks the stream, AVI_FUZZ_JOBS=J runs J at once)
+[group('test')]
+fuzz CASES="5000": bootstrap
+    {{torch_env}} AVI_FUZZ_CASES={{CASES}} cargo test --release -p avi-harness --test fuzz -- --nocapture
+
 # format the code
 [group('build')]
 fmt:

@@ -297,11 +297,79 @@ fn yes() -> bool {
     true
 }
 
+/// `field `data.simulate.n`: ` for an error at that path; nothing at the
+/// top level. A syntax error's unknown last key (`model.?`) is left out, and
+/// a path deeper than nesting makes sensible (an array nested 10,000 deep)
+/// is cut after [`MAX_PATH`] characters.
+fn field_prefix(path: &serde_path_to_error::Path) -> String {
+    let full = path.to_string();
+    let mut field = full.trim_end_matches('?').trim_end_matches('.');
+    if field.is_empty() {
+        return String::new();
+    }
+    if let Some((cut, _)) = field.char_indices().nth(MAX_PATH) {
+        field = &field[..cut];
+        return format!("field `{field}…`: ");
+    }
+    format!("field `{field}`: ")
+}
+
+/// The longest field path an error shows.
+const MAX_PATH: usize = 80;
+
+/// serde's derived deserializers of structs and internally tagged enums also
+/// take a JSON array, reading its elements as the fields in declaration
+/// order (`"simulate": [100, 7]` would be n = 100, seed = 7). A config
+/// spells every field by name: wherever the parsed config is an object,
+/// `text` must hold an object too.
+fn objects_given_as_objects(text: &str, cfg: &FitConfig) -> Result<()> {
+    // Both parses succeed here: `text` was just read into `cfg`.
+    let given: serde_json::Value = serde_json::from_str(text)?;
+    let parsed = serde_json::to_value(cfg)?;
+    match first_array_for_object(&given, &parsed, String::new()) {
+        None => Ok(()),
+        Some(field) if field.is_empty() => {
+            bail!("the config must be a JSON object {{…}}, not an array")
+        }
+        Some(field) => {
+            bail!("field `{field}`: expected an object {{…}} with named fields, found an array")
+        }
+    }
+}
+
+/// The path (`data.simulate`, `lr_schedule[0]`) of the first place where
+/// `given` holds an array and `parsed` an object; fields missing from
+/// `given` (defaults) are skipped.
+fn first_array_for_object(
+    given: &serde_json::Value,
+    parsed: &serde_json::Value,
+    path: String,
+) -> Option<String> {
+    use serde_json::Value;
+    match (given, parsed) {
+        (Value::Array(_), Value::Object(_)) => Some(path),
+        (Value::Object(g), Value::Object(p)) => p.iter().find_map(|(key, pv)| {
+            let gv = g.get(key)?;
+            let sub = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            first_array_for_object(gv, pv, sub)
+        }),
+        (Value::Array(g), Value::Array(p)) => g
+            .iter()
+            .zip(p)
+            .enumerate()
+            .find_map(|(i, (gv, pv))| first_array_for_object(gv, pv, format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
 impl FitConfig {
     /// Read and validate a config file. Errors name the file and the field.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = read_json_text(path, "config")?;
         Self::parse(&text).with_context(|| format!("config {}", path.display()))
     }
 
@@ -309,14 +377,10 @@ impl FitConfig {
     pub fn parse(text: &str) -> Result<Self> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." || path.is_empty() {
-                anyhow::anyhow!("{inner}")
-            } else {
-                anyhow::anyhow!("field `{path}`: {inner}")
-            }
+            let field = field_prefix(e.path());
+            anyhow::anyhow!("{field}{}", e.into_inner())
         })?;
+        objects_given_as_objects(text, &cfg)?;
         cfg.options().check()?;
         if let Some(m) = &cfg.mse {
             if !matches!(cfg.model, ModelConfig::Bnn { .. }) {
@@ -370,60 +434,199 @@ impl Data {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Observations {
-    Scalars(Vec<f64>),
-    Vectors(Vec<Vec<f64>>),
+/// The UTF-8 byte-order mark some editors put at the start of a text file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Read the JSON text of `path`: a leading UTF-8 byte-order mark is dropped,
+/// bytes that are not UTF-8 are refused. Errors name the file as
+/// `{what} {path}` (`what` is e.g. `"config"`, `"data file"`,
+/// `"experiment"`): `cannot read config c.json: …` when the file cannot be
+/// read, `config c.json: not UTF-8 text (byte 17)` with the offset of the
+/// first bad byte in the file.
+pub fn read_json_text(path: &Path, what: &str) -> Result<String> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let skip = if bytes.starts_with(BOM) { BOM.len() } else { 0 };
+    match String::from_utf8(bytes) {
+        Ok(mut text) => {
+            text.drain(..skip);
+            Ok(text)
+        }
+        Err(e) => bail!(
+            "{what} {}: not UTF-8 text (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ),
+    }
 }
 
-/// The contents of a data file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One element of a data file's `x`: a number or an array of numbers.
+enum Observation {
+    Scalar(f64),
+    Vector(Vec<f64>),
+}
+
+impl<'de> Deserialize<'de> for Observation {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Observation;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or an array of numbers")
+            }
+            fn visit_f64<E>(self, v: f64) -> std::result::Result<Observation, E> {
+                Ok(Observation::Scalar(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<Observation, E> {
+                Ok(Observation::Scalar(v as f64))
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<Observation, E> {
+                Ok(Observation::Scalar(v as f64))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Observation, A::Error> {
+                let mut row = Vec::new();
+                while let Some(v) = seq.next_element::<f64>()? {
+                    row.push(v);
+                }
+                Ok(Observation::Vector(row))
+            }
+        }
+        de.deserialize_any(Visit)
+    }
+}
+
+/// A data file's `x`, flattened: the values row-major and the length of
+/// each element (`None` for a number).
+struct Observations {
+    values: Vec<f64>,
+    lengths: Vec<Option<usize>>,
+}
+
+impl<'de> Deserialize<'de> for Observations {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Observations;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of numbers, or of arrays of numbers")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Observations, A::Error> {
+                let mut obs = Observations {
+                    values: Vec::new(),
+                    lengths: Vec::new(),
+                };
+                while let Some(o) = seq.next_element::<Observation>()? {
+                    match o {
+                        Observation::Scalar(v) => {
+                            obs.values.push(v);
+                            obs.lengths.push(None);
+                        }
+                        Observation::Vector(row) => {
+                            obs.lengths.push(Some(row.len()));
+                            obs.values.extend(row);
+                        }
+                    }
+                }
+                Ok(obs)
+            }
+        }
+        de.deserialize_seq(Visit)
+    }
+}
+
+/// The contents of a data file: an object with the one field `x` (not an
+/// array, which serde's derived struct deserializer would take as `x`).
 struct DataFile {
     x: Observations,
 }
 
-/// Read observations `{"x": [...]}` (numbers, or arrays of numbers of one
-/// length) from `path`; rejects an empty list, ragged arrays and non-finite
-/// values.
-pub fn load_data_file(path: &Path) -> Result<Data> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read data file {}", path.display()))?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    let data: DataFile = serde_path_to_error::deserialize(de)
-        .map_err(|e| {
-            let path = e.path().to_string();
-            anyhow::anyhow!("field `{path}`: {}", e.into_inner())
-        })
-        .with_context(|| format!("data file {}", path.display()))?;
-    let data = match data.x {
-        Observations::Scalars(values) => Data { values, dim: None },
-        Observations::Vectors(rows) => {
-            let d = rows.first().map_or(0, Vec::len);
-            if d == 0 {
-                bail!("data file {}: `x` holds empty arrays", path.display());
+impl<'de> Deserialize<'de> for DataFile {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = DataFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"an object {"x": [...]}"#)
             }
-            if let Some(i) = rows.iter().position(|r| r.len() != d) {
-                bail!(
-                    "data file {}: x[{i}] has {} values, x[0] has {d}",
-                    path.display(),
-                    rows[i].len()
-                );
-            }
-            Data {
-                values: rows.concat(),
-                dim: Some(d),
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<DataFile, A::Error> {
+                use serde::de::Error;
+                let mut x = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "x" {
+                        return Err(A::Error::unknown_field(&key, &["x"]));
+                    }
+                    if x.is_some() {
+                        return Err(A::Error::duplicate_field("x"));
+                    }
+                    x = Some(map.next_value::<Observations>()?);
+                }
+                let x = x.ok_or_else(|| A::Error::missing_field("x"))?;
+                Ok(DataFile { x })
             }
         }
+        de.deserialize_map(Visit)
+    }
+}
+
+/// Read observations `{"x": [...]}` (numbers, or arrays of numbers of one
+/// length) from `path`; rejects an empty list, ragged arrays and non-finite
+/// values. Every error names the file.
+pub fn load_data_file(path: &Path) -> Result<Data> {
+    let text = read_json_text(path, "data file")?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let file = path.display();
+    let x = match serde_path_to_error::deserialize::<_, DataFile>(de) {
+        Ok(data) => data.x,
+        Err(e) => {
+            let field = field_prefix(e.path());
+            bail!("data file {file}: {field}{}", e.into_inner());
+        }
     };
-    if data.values.is_empty() {
-        bail!("data file {}: `x` is empty", path.display());
+    if x.lengths.is_empty() {
+        bail!("data file {file}: `x` is empty");
     }
-    if let Some(i) = data.values.iter().position(|v| !v.is_finite()) {
-        bail!("data file {}: value {i} of x is not finite", path.display());
+    let dim = x.lengths[0];
+    if let Some(i) = x.lengths.iter().position(|l| l.is_some() != dim.is_some()) {
+        bail!(
+            "data file {file}: x[{i}] is {}, x[0] {}",
+            if dim.is_some() {
+                "a number"
+            } else {
+                "an array"
+            },
+            if dim.is_some() {
+                "an array"
+            } else {
+                "a number"
+            }
+        );
     }
-    Ok(data)
+    if dim == Some(0) {
+        bail!("data file {file}: `x` holds empty arrays");
+    }
+    if let Some(i) = x.lengths.iter().position(|l| *l != dim) {
+        bail!(
+            "data file {file}: x[{i}] has {} values, x[0] has {}",
+            x.lengths[i].unwrap_or(1),
+            dim.unwrap_or(1)
+        );
+    }
+    if let Some(i) = x.values.iter().position(|v| !v.is_finite()) {
+        bail!("data file {file}: value {i} of x is not finite");
+    }
+    Ok(Data {
+        values: x.values,
+        dim,
+    })
 }
 
 #[cfg(test)]
@@ -504,5 +707,223 @@ mod tests {
             assert!(format!("{e:#}").contains("lr_schedule"), "{bad}: {e:#}");
         }
         assert!(FitConfig::parse(&with(r#"[{"from": 6, "factr": 0.1}]"#)).is_err());
+    }
+
+    /// Write `bytes` to `name` in a fresh folder.
+    fn file_with(bytes: &[u8], name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        (dir, path)
+    }
+
+    /// A UTF-8 byte-order mark before a config or a data file is skipped;
+    /// bytes that are not UTF-8 are an error naming the file and the offset.
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_non_utf8_refused() {
+        let mut bytes = BOM.to_vec();
+        bytes.extend_from_slice(GOOD.as_bytes());
+        let (_d, path) = file_with(&bytes, "c.json");
+        assert_eq!(
+            FitConfig::load(&path).unwrap(),
+            FitConfig::parse(GOOD).unwrap()
+        );
+        assert_eq!(read_json_text(&path, "config").unwrap(), GOOD);
+
+        let (_d, path) = file_with(b"\xEF\xBB\xBF{\"x\": [1.5, -2]}", "x.json");
+        let data = load_data_file(&path).unwrap();
+        assert_eq!(data.values, [1.5, -2.0]);
+        assert_eq!(data.dim, None);
+
+        // Byte 13 of the file (counting the mark) is a lone continuation byte.
+        let mut bad = BOM.to_vec();
+        bad.extend_from_slice(b"{\"x\": [1, \x80]}");
+        let (_d, path) = file_with(&bad, "x.json");
+        let e = format!("{:#}", read_json_text(&path, "data file").unwrap_err());
+        assert_eq!(
+            e,
+            format!("data file {}: not UTF-8 text (byte 13)", path.display())
+        );
+        let e = format!("{:#}", load_data_file(&path).unwrap_err());
+        assert!(e.contains("x.json") && e.contains("not UTF-8"), "{e}");
+        let (_d, path) = file_with(b"{\"steps\": \xff}", "c.json");
+        let e = format!("{:#}", FitConfig::load(&path).unwrap_err());
+        assert!(
+            e.contains("config") && e.contains("c.json") && e.contains("byte 10"),
+            "{e}"
+        );
+        // A mark anywhere else is not skipped: JSON does not allow it.
+        let inside = format!("{{\u{feff}{}", &GOOD[1..]);
+        let (_d, path) = file_with(inside.as_bytes(), "c.json");
+        assert!(FitConfig::load(&path).is_err());
+
+        let missing = path.with_file_name("nope.json");
+        let e = format!("{:#}", read_json_text(&missing, "experiment").unwrap_err());
+        assert!(
+            e.starts_with("cannot read experiment ") && e.contains("nope.json"),
+            "{e}"
+        );
+    }
+
+    /// serde's derived deserializers take an array for a struct (fields in
+    /// order) and for an internally tagged enum (the tag first); a config
+    /// names every field, so each such array is an error naming its field.
+    #[test]
+    fn objects_given_as_arrays_are_refused() {
+        let bnn = r#"{"model": {"kind": "bnn", "latent": 2, "hidden": 3},
+            "data": {"fashion_mnist": {"split": "test", "n": 5}},
+            "method": {"kind": "fvi"}, "mse": {"every": 2, "test": {"file": "t.json"}}}"#;
+        assert!(FitConfig::parse(bnn).is_ok());
+        let cases = [
+            (
+                GOOD.replace(r#"{"n": 100, "seed": 7}"#, "[100, 7]"),
+                "data.simulate",
+            ),
+            (
+                GOOD.replace(
+                    r#"{"kind": "linear", "tau": 1.155, "sigma": 2.43}"#,
+                    r#"["linear", 1.155, 2.43]"#,
+                ),
+                "model",
+            ),
+            (
+                GOOD.replace(r#"{"kind": "poly", "degree": 1}"#, r#"["poly", 1]"#),
+                "method.fn",
+            ),
+            (
+                GOOD.replace(
+                    r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}}"#,
+                    r#"["avi", {"kind": "poly", "degree": 1}]"#,
+                ),
+                "method",
+            ),
+            (
+                GOOD.replace("\"lr\": 0.01", "\"lr\": 0.01, \"lr_schedule\": [[6, 0.1]]"),
+                "lr_schedule[0]",
+            ),
+            (
+                bnn.replace(r#"{"split": "test", "n": 5}"#, r#"["test", 5]"#),
+                "data.fashion_mnist",
+            ),
+            (
+                bnn.replace(r#"{"every": 2, "test": {"file": "t.json"}}"#, "[2]"),
+                "mse",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = format!("{:#}", FitConfig::parse(&text).unwrap_err());
+            assert!(e.contains(&format!("field `{field}`")), "{field}: {e}");
+        }
+        let whole = r#"[{"kind": "linear", "tau": 1, "sigma": 1}, {"simulate": {"n": 5, "seed": 1}}, {"kind": "fvi"}]"#;
+        let e = format!("{:#}", FitConfig::parse(whole).unwrap_err());
+        assert!(e.contains("must be a JSON object"), "{e}");
+        // Arrays where the config has arrays stay arrays.
+        let c = FitConfig::parse(&GOOD.replace(
+            "\"fn\": {\"kind\": \"poly\", \"degree\": 1}",
+            "\"fn\": {\"kind\": \"poly\", \"degree\": 1}, \"window\": [1, 0]",
+        ))
+        .unwrap();
+        assert!(matches!(c.method, MethodConfig::Avi { window: [1, 0], .. }));
+    }
+
+    /// Every way a data file can be invalid is an error that names it,
+    /// including a positional array for the file's object.
+    #[test]
+    fn invalid_data_files_are_errors_naming_the_file() {
+        let deep = format!("{{\"x\": {}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        let bad: [&[u8]; 17] = [
+            b"",
+            b"   ",
+            b"[[1, 2, 3]]",
+            b"{\"x\": [1, 2",
+            b"{\"x\": []}",
+            b"{\"x\": [[]]}",
+            b"{\"x\": 1}",
+            b"{\"x\": {\"0\": 1}}",
+            b"{\"y\": [1]}",
+            b"{}",
+            b"{\"x\": [1], \"x\": [2]}",
+            b"{\"x\": [1, [2]]}",
+            b"{\"x\": [[2], 1]}",
+            b"{\"x\": [[1, 2], [3]]}",
+            b"{\"x\": [1, 1e999]}",
+            b"{\"x\": [1, NaN]}",
+            deep.as_bytes(),
+        ];
+        for text in bad {
+            let (_d, path) = file_with(text, "obs.json");
+            let e = format!("{:#}", load_data_file(&path).unwrap_err());
+            let shown = String::from_utf8_lossy(&text[..text.len().min(40)]).into_owned();
+            assert!(
+                e.starts_with(&format!("data file {}", path.display())),
+                "{shown}: {e}"
+            );
+        }
+        let (_d, path) = file_with(b"{\"x\": [[1, 2], [3, 4], [5, 6]]}", "obs.json");
+        let data = load_data_file(&path).unwrap();
+        assert_eq!((data.values.len(), data.dim, data.len()), (6, Some(2), 3));
+        let e = format!(
+            "{:#}",
+            load_data_file(&path.with_file_name("gone.json")).unwrap_err()
+        );
+        assert!(
+            e.starts_with("cannot read data file") && e.contains("gone.json"),
+            "{e}"
+        );
+    }
+
+    /// Errors name the field, without a syntax error's unknown key and
+    /// with a deep path cut short.
+    #[test]
+    fn error_paths_are_short_and_readable() {
+        let e = FitConfig::parse(&GOOD[..30]).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.starts_with("field `model`: EOF"), "{e}");
+        for top in ["", "{\"steps\": 1,", "{\"steps\": 1, \"st"] {
+            let e = format!("{:#}", FitConfig::parse(top).unwrap_err());
+            assert!(!e.contains("field"), "{top}: {e}");
+        }
+        let deep = GOOD.replace(
+            "\"tau\": 1.155",
+            &format!("\"tau\": {}{}", "[".repeat(10_000), "]".repeat(10_000)),
+        );
+        let e = format!("{:#}", FitConfig::parse(&deep).unwrap_err());
+        assert!(e.starts_with("field `model"), "{e}");
+        assert!(e.len() < 300, "{} characters: {e}", e.len());
+        let (_d, path) = file_with(
+            format!("{{\"x\": [{}1{}]}}", "[".repeat(500), "]".repeat(500)).as_bytes(),
+            "obs.json",
+        );
+        let e = format!("{:#}", load_data_file(&path).unwrap_err());
+        assert!(e.len() < 300 && e.contains("obs.json"), "{e}");
+    }
+
+    /// Extreme integers parse (the ranges are `FitOptions::check`'s) or are
+    /// errors naming the field; nothing in this module panics on them.
+    #[test]
+    fn extreme_integers_never_panic() {
+        for v in [
+            "0",
+            "4294967297",
+            "9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-1",
+            "-9223372036854775809",
+            "1e308",
+            "-1e308",
+            "1.5",
+        ] {
+            for field in ["\"steps\": 10", "\"draws\": 4", "\"seed\": 1", "\"n\": 100"] {
+                let key = field.split(':').next().unwrap();
+                let text = GOOD.replace(field, &format!("{key}: {v}"));
+                if let Ok(c) = FitConfig::parse(&text) {
+                    assert_eq!(c.options().seed, c.seed, "{key} = {v}");
+                }
+            }
+        }
+        let e = FitConfig::parse(&GOOD.replace("\"steps\": 10", "\"steps\": 18446744073709551616"))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("steps"), "{e:#}");
     }
 }
