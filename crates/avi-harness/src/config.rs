@@ -577,10 +577,29 @@ impl<'de> Deserialize<'de> for DataFile {
     }
 }
 
-/// Read observations `{"x": [...]}` (numbers, or arrays of numbers of one
-/// length) from `path`; rejects an empty list, ragged arrays and non-finite
-/// values. Every error names the file.
+/// Read observations from `path`: JSON `{"x": [...]}` (numbers, or arrays
+/// of numbers of one length), or by extension a `.csv` or NumPy `.npy`
+/// file ([`crate::data_files`]); rejects an empty list, ragged rows and
+/// non-finite values. Every error names the file.
 pub fn load_data_file(path: &Path) -> Result<Data> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    if let Some(ext @ ("csv" | "npy")) = ext.as_deref() {
+        let (values, dim) = if ext == "csv" {
+            crate::data_files::read_csv(path)?
+        } else {
+            crate::data_files::read_npy(path)?
+        };
+        let file = path.display();
+        if values.is_empty() {
+            bail!("data file {file}: no observations");
+        }
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!("data file {file}: value {i} ({}) is not finite", values[i]);
+        }
+        return Ok(Data { values, dim });
+    }
     let text = read_json_text(path, "data file")?;
     let de = &mut serde_json::Deserializer::from_str(&text);
     let file = path.display();

@@ -63,7 +63,8 @@ pub fn read_csv(path: &Path) -> Result<Values> {
 /// Read a NumPy `.npy` file of observations.
 pub fn read_npy(path: &Path) -> Result<Values> {
     let name = path.display();
-    let file = std::fs::File::open(path).with_context(|| format!("cannot read data file {name}"))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read data file {name}"))?;
     let npy = npyz::NpyFile::new(std::io::BufReader::new(file))
         .with_context(|| format!("data file {name}: not a NumPy .npy file"))?;
     let shape: Vec<u64> = npy.shape().to_vec();
@@ -72,9 +73,11 @@ pub fn read_npy(path: &Path) -> Result<Values> {
     let (rows, cols) = match shape.as_slice() {
         [n] => (*n, None),
         [n, d] => (*n, Some(*d)),
-        other => bail!("data file {name}: an array of shape {other:?}; give [N] scalars or [N, D] vectors"),
+        other => bail!(
+            "data file {name}: an array of shape {other:?}; give [N] scalars or [N, D] vectors"
+        ),
     };
-    let total = rows.checked_mul(cols.unwrap_or(1)).unwrap_or(u64::MAX);
+    let total = rows.saturating_mul(cols.unwrap_or(1));
     if total > avi_models::MAX_DATA_VALUES as u64 {
         bail!(
             "data file {name}: {total} values is more than the largest supported, {}",
@@ -93,7 +96,10 @@ pub fn read_npy(path: &Path) -> Result<Values> {
         ),
     };
     if values.len() as u64 != total {
-        bail!("data file {name}: {} values for shape {shape:?}", values.len());
+        bail!(
+            "data file {name}: {} values for shape {shape:?}",
+            values.len()
+        );
     }
     let values = match (cols, fortran) {
         (Some(d), true) => {
@@ -124,7 +130,10 @@ mod tests {
             [n] => format!("({n},)"),
             dims => format!(
                 "({})",
-                dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                dims.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         let mut header = format!(
@@ -157,7 +166,10 @@ mod tests {
         assert_eq!(read_csv(&p).unwrap(), (vec![1.0, 2.0, 3.0, 4.0], Some(2)));
         let p = write(dir.path(), "c.csv", b"1,2\n3\n");
         let e = read_csv(&p).unwrap_err().to_string();
-        assert!(e.contains("c.csv") && e.contains("row 2 has 1 values"), "{e}");
+        assert!(
+            e.contains("c.csv") && e.contains("row 2 has 1 values"),
+            "{e}"
+        );
         let p = write(dir.path(), "d.csv", b"1\n2\nx\n");
         let e = read_csv(&p).unwrap_err().to_string();
         assert!(e.contains("d.csv") && e.contains("row 3, column 1"), "{e}");
@@ -166,19 +178,38 @@ mod tests {
     #[test]
     fn npy_dtypes_shapes_and_orders() {
         let dir = tempfile::tempdir().unwrap();
-        let f8: Vec<u8> = [1.5f64, -2.0, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f8: Vec<u8> = [1.5f64, -2.0, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let p = write(dir.path(), "a.npy", &npy("<f8", false, &[3], &f8));
         assert_eq!(read_npy(&p).unwrap(), (vec![1.5, -2.0, 3.0], None));
         // [[1, 2, 3], [4, 5, 6]] as float32, C order and Fortran order.
-        let c: Vec<u8> = [1f32, 2., 3., 4., 5., 6.].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let c: Vec<u8> = [1f32, 2., 3., 4., 5., 6.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let p = write(dir.path(), "b.npy", &npy("<f4", false, &[2, 3], &c));
-        assert_eq!(read_npy(&p).unwrap(), (vec![1., 2., 3., 4., 5., 6.], Some(3)));
-        let f: Vec<u8> = [1f32, 4., 2., 5., 3., 6.].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            read_npy(&p).unwrap(),
+            (vec![1., 2., 3., 4., 5., 6.], Some(3))
+        );
+        let f: Vec<u8> = [1f32, 4., 2., 5., 3., 6.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let p = write(dir.path(), "c.npy", &npy("<f4", true, &[2, 3], &f));
-        assert_eq!(read_npy(&p).unwrap(), (vec![1., 2., 3., 4., 5., 6.], Some(3)));
+        assert_eq!(
+            read_npy(&p).unwrap(),
+            (vec![1., 2., 3., 4., 5., 6.], Some(3))
+        );
         let p = write(dir.path(), "d.npy", &npy("|u1", false, &[2], &[0, 255]));
         assert_eq!(read_npy(&p).unwrap(), (vec![0.0, 255.0], None));
-        let p = write(dir.path(), "e.npy", &npy("<i8", false, &[1], &7i64.to_le_bytes()));
+        let p = write(
+            dir.path(),
+            "e.npy",
+            &npy("<i8", false, &[1], &7i64.to_le_bytes()),
+        );
         assert_eq!(read_npy(&p).unwrap(), (vec![7.0], None));
         for (name, bytes, needle) in [
             ("f.npy", npy("<c16", false, &[1], &[0; 16]), "not supported"),

@@ -266,13 +266,16 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             }
             .unwrap_or(default_dim);
             let model = BuiltModel::new(&cfg.model, dim)?;
-            // Sizes checked before the simulation allocates anything.
+            // Sizes, and the memory the fit would need against the host's,
+            // checked before the simulation allocates anything (a GPU fit
+            // is checked against the host too: conservative, as its host
+            // holds the data and more memory than the device).
             avi_inference::check_fit_within(
                 model.as_model(),
                 s.n,
                 &cfg.method,
                 &cfg.options(),
-                None,
+                avi_inference::available_memory(Device::Cpu),
             )?;
             check_host_data(s.n, model.vector_dim().unwrap_or(1))?;
             let values = model.simulate(s.n, s.seed, s.theta.as_deref())?;

@@ -822,57 +822,16 @@ struct Known {
     matches: fn(&Case, &Outcome) -> bool,
 }
 
-fn aborted(o: &Outcome) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    o.status.and_then(|s| s.signal()) == Some(6)
-}
-
-/// The `data.simulate.n` of a case's config, if it has one.
-fn simulated_n(case: &Case) -> Option<u64> {
-    let config = &case.files.iter().find(|(n, _)| n == "c.json")?.1;
-    let value: Value = serde_json::from_slice(config).ok()?;
-    value["data"]["simulate"]["n"].as_u64()
-}
-
-fn panicked(o: &Outcome) -> bool {
-    o.status.and_then(|s| s.code()) == Some(101)
-}
-
 /// Known failures outside config.rs, each recognised by its own signature
 /// (so that any other failure still fails the test). Delete an entry once
 /// its cause is fixed: the test then fails if it comes back.
 const KNOWN: &[Known] = &[
-    // run::prepare simulates (or builds the model) before anything bounds
-    // the memory it needs: `"data": {"simulate": {"n": 1000000000, …}}`
-    // passes the range check (at most 2^30) and LinearModel::simulate
-    // allocates 8 GB (saw: n = 5×10^7 takes 8 s and over 5 GB); mixture
-    // k = dim = 100000 (80 GB in MixtureModel::new), bnn latent = hidden =
-    // 100000 (160 GB). Under this test's address-space limit the
-    // allocation fails and the process aborts.
-    Known {
-        what: "a huge but allowed size makes the check allocate before a memory check: the allocation fails (abort)",
-        matches: |_, o| aborted(o) && o.stderr.contains("memory allocation of"),
-    },
-    // `"data": {"simulate": {"n": 50000000, …}}` for saw (n ≤ 2^30 passes
-    // the range check): the check simulates and prepares the data, 8 s and
-    // over 5 GB in a debug build (then aborts under this test's limit).
-    Known {
-        what: "an allowed but large simulate.n makes the check slow (it simulates before a memory check)",
-        matches: |c, o| o.elapsed > SLOW && simulated_n(c).is_some_and(|n| n >= 10_000_000),
-    },
-    // mixture k = 18446744073709551615: MixtureModel::new
-    // (avi-models/src/mixture.rs:68) collects k weights.
-    Known {
-        what: "mixture k near 2^64 overflows a Vec's capacity in MixtureModel::new (panic)",
-        matches: |_, o| panicked(o) && o.stderr.contains("capacity overflow"),
-    },
-    // bnn hidden = 18446744073709551615: BnnModel::theta_dim
-    // (avi-models/src/bnn.rs:223) multiplies without a check, reached from
-    // BnnModel::simulate.
-    Known {
-        what: "avi-models bnn.rs: theta_dim overflows usize for a huge hidden width (panic)",
-        matches: |_, o| panicked(o) && o.stderr.contains("avi-models/src/bnn.rs"),
-    },
+    // None now. The four found by this test (the check allocating before a
+    // memory check for a huge simulate.n, mixture k × D or BNN widths; a
+    // slow check of a large n; mixture k near 2^64; BNN widths whose θ
+    // overflows) were fixed: prepare checks the fit's sizes and memory
+    // before simulating, the mixture and BNN constructors bound k and the
+    // widths.
 ];
 
 /// A readable prefix of a file's bytes.

@@ -696,3 +696,94 @@ fn f32_overflow_is_named() {
     let o = fit(dir.path(), "r.json", &[]);
     refused(&o, &["1e150", "overflows f32", "f64"]);
 }
+
+/// Defect 5 through the binary: sizes that used to panic, abort or
+/// allocate for minutes are refused by `avi fit --check` (and the fit)
+/// with one line naming the field, before anything is simulated.
+#[test]
+fn extreme_sizes_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = |model: &str, data: &str, method: &str, extra: &str| {
+        format!(
+            r#"{{"model": {model}, "data": {{"simulate": {data}}}, "method": {method}{extra}}}"#
+        )
+    };
+    let linear = r#"{"kind": "linear", "tau": 1, "sigma": 1}"#;
+    let fvi = r#"{"kind": "fvi"}"#;
+    let small = r#"{"n": 100, "seed": 7}"#;
+    for (cfg, needle) in [
+        (
+            base(linear, r#"{"n": 1000000000, "seed": 7}"#, fvi, ""),
+            "GiB",
+        ),
+        (
+            base(linear, r#"{"n": 4294967296, "seed": 7}"#, fvi, ""),
+            "data",
+        ),
+        (base(linear, small, fvi, r#", "lr": 3e38"#), "lr"),
+        (
+            base(linear, small, fvi, r#", "steps": 4294967297"#),
+            "steps",
+        ),
+        (
+            base(linear, small, fvi, r#", "draws": 18446744073709551615"#),
+            "draws",
+        ),
+        (
+            base(linear, small, fvi, r#", "eval_draws": 4294967296"#),
+            "eval_draws",
+        ),
+        (
+            base(
+                linear,
+                small,
+                r#"{"kind": "avi", "fn": {"kind": "mlp", "width": 8}, "window": [18446744073709551615, 1]}"#,
+                "",
+            ),
+            "method.window",
+        ),
+        (
+            base(
+                linear,
+                small,
+                r#"{"kind": "fvi", "structure": "markov"}"#,
+                "",
+            ),
+            "structure",
+        ),
+        (
+            base(
+                r#"{"kind": "mixture", "k": 18446744073709551615, "prior_sd": 1, "noise_sd": 1}"#,
+                small,
+                fvi,
+                "",
+            ),
+            "k",
+        ),
+        (
+            base(
+                r#"{"kind": "bnn", "latent": 2, "hidden": 18446744073709551615}"#,
+                r#"{"n": 5, "seed": 7, "dim": 5}"#,
+                fvi,
+                "",
+            ),
+            "hidden",
+        ),
+        (
+            base(
+                r#"{"kind": "bnn", "latent": 2, "hidden": 8}"#,
+                r#"{"n": 5, "seed": 7, "dim": 5}"#,
+                fvi,
+                r#", "batch_size": 9223372036854775808"#,
+            ),
+            "batch_size",
+        ),
+    ] {
+        std::fs::write(dir.path().join("c.json"), &cfg).unwrap();
+        for extra in [&["--check"][..], &[][..]] {
+            let o = fit(dir.path(), "r.json", extra);
+            refused(&o, &[needle]);
+        }
+        assert!(!dir.path().join("r.json").exists());
+    }
+}

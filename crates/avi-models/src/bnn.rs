@@ -8,6 +8,9 @@ use tch::{Kind, Tensor};
 
 use crate::{ModelError, Result, HALF_LN_2PI};
 
+/// The largest latent, hidden or pixel width [`BnnModel::new`] accepts.
+pub const MAX_WIDTH: usize = 1 << 16;
+
 /// Bayesian neural network model (Eq. 16), by default with the paper's unit
 /// variances (σ = 1):
 ///
@@ -57,6 +60,22 @@ impl BnnModel {
                     reason: "must be at least 1",
                 });
             }
+            if v > MAX_WIDTH {
+                return Err(ModelError::InvalidParameter {
+                    name,
+                    value: v as f64,
+                    reason: "is wider than supported (at most 65,536)",
+                });
+            }
+        }
+        // θ: latent → hidden → hidden → pixels weights and biases; each
+        // width is at most 2^16, so this cannot overflow.
+        let theta = (latent + 1) * hidden + (hidden + 1) * hidden + (hidden + 1) * pixels;
+        if theta > crate::MAX_DATA_VALUES {
+            return Err(ModelError::InvalidData(format!(
+                "the decoder would have {theta} weights and biases, more than the largest supported, {}",
+                crate::MAX_DATA_VALUES
+            )));
         }
         Ok(Self {
             latent,

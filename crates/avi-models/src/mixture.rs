@@ -8,6 +8,9 @@ use tch::{Kind, Tensor};
 use crate::mixture_reference::check_weights;
 use crate::{Model, ModelError, Result, HALF_LN_2PI};
 
+/// The largest number of mixture components [`MixtureModel::new`] accepts.
+pub const MAX_COMPONENTS: usize = 1 << 16;
+
 /// Bayesian mixture of K Gaussians in ℝ^D with known weights and noise
 /// (Blei, Kucukelbir & McAuliffe 2017, §3, in D dimensions):
 ///
@@ -53,6 +56,19 @@ impl MixtureModel {
             return Err(ModelError::InvalidData(
                 "observations must have at least one dimension".into(),
             ));
+        }
+        if k > MAX_COMPONENTS {
+            return Err(ModelError::InvalidParameter {
+                name: "k",
+                value: k as f64,
+                reason: "is more components than supported (at most 65,536)",
+            });
+        }
+        if k.checked_mul(d).is_none_or(|v| v > crate::MAX_DATA_VALUES) {
+            return Err(ModelError::InvalidData(format!(
+                "θ would hold k × D = {k} × {d} means, more than the largest supported, {}",
+                crate::MAX_DATA_VALUES
+            )));
         }
         for (name, v) in [("prior_sd", prior_sd), ("noise_sd", noise_sd)] {
             if !(v.is_finite() && v > 0.0) {
