@@ -333,13 +333,14 @@ fn cuda_without_a_device_is_an_error() {
 #[test]
 fn divergence_is_reported_with_exit_3() {
     let dir = tempfile::tempdir().unwrap();
-    // An absurd learning rate sends the log-sds to ±1e30: exp overflows.
+    // The largest accepted learning rate (1e6; 1e30 is now refused as bad
+    // input) sends the log-sds to ±1e6: exp overflows.
     let cfg = config(
         r#"{"kind": "fvi"}"#,
         r#"{"simulate": {"n": 20, "seed": 1}}"#,
         "",
     )
-    .replace("\"lr\": 0.05", "\"lr\": 1e30");
+    .replace("\"lr\": 0.05", "\"lr\": 1e6");
     std::fs::write(dir.path().join("c.json"), cfg).unwrap();
     let o = avi(
         &[

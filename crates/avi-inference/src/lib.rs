@@ -27,6 +27,17 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! **Threads.** libtorch starts with one CPU thread per core. At the
+//! paper's sizes one thread is the fastest, and the default collapses when
+//! other processes share the cores (a step measured 45× slower on a loaded
+//! 2-core machine): choose the count with `tch::set_num_threads(1)` before
+//! fitting (the `avi` binary uses 1 unless `--threads` says otherwise). The
+//! fused engine splits its sums over its threads, so its last bits depend
+//! on the count.
+//!
+//! **Sizes.** [`fit`] checks every range and the memory a fit would need
+//! ([`check_fit`], [`memory_estimate`]) before it allocates anything.
 #![warn(missing_docs)]
 
 pub mod batched;
