@@ -151,10 +151,7 @@ pub fn run_demo(out: &Path, device: Device, n: usize, steps: usize) -> Result<Va
         "ms/it"
     );
     for r in &rows {
-        let f = |v: &Value, p: usize| {
-            v.as_f64()
-                .map_or("never".to_string(), |x| format!("{x:.p$}"))
-        };
+        let f = or_never;
         println!(
             "{:<10} {:>7} {:>22} {:>10} {:>10} {:>10} {:>9} {:>7}",
             r["method"].as_str().unwrap_or(""),
@@ -190,6 +187,12 @@ pub fn run_demo(out: &Path, device: Device, n: usize, steps: usize) -> Result<Va
         reports.display()
     );
     Ok(summary)
+}
+
+/// A number with `p` decimals, or `never` when absent.
+fn or_never(v: &Value, p: usize) -> String {
+    v.as_f64()
+        .map_or("never".to_string(), |x| format!("{x:.p$}"))
 }
 
 const FIG_ITERATION: &str = "elbo-vs-iteration.svg";
@@ -232,10 +235,7 @@ fn draw(out: &Path, traces: &[DemoTrace], optimum: f64) -> Result<()> {
 
 /// REPORT.md of the demo: the table and the figures.
 fn report_markdown(s: &Value) -> String {
-    let f = |v: &Value, p: usize| {
-        v.as_f64()
-            .map_or("never".to_string(), |x| format!("{x:.p$}"))
-    };
+    let f = or_never;
     let mut md = format!(
         "# The linear model demo\n\nN = {}, {} steps, 100 draws, device {}; closed-form optimal ELBO {}. Numbers from `summary.json`.\n\n| method | engine | ELBO ± se | gap | iterations to 1% | seconds to 1% | total s |\n|---|---|---|---|---|---|---|\n",
         s["n"], s["steps"], s["device"].as_str().unwrap_or("?"), f(&s["optimal_elbo"], 3)

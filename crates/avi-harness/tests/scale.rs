@@ -7,39 +7,10 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const AVI: &str = env!("CARGO_BIN_EXE_avi");
+mod common;
+use common::tiny_definition;
 
-/// A small linear experiment: 3 methods × 3 seeds of 300 steps, N = 200.
-fn tiny_definition(dir: &Path) -> PathBuf {
-    let mut def: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/experiments/linear.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    def["name"] = "tiny".into();
-    def["data"]["simulate"]["n"] = 200.into();
-    def["steps"] = 300.into();
-    def["draws"] = 10.into();
-    def["eval_draws"] = 200.into();
-    def["seeds"] = serde_json::json!([1954, 1955, 1956]);
-    def["methods"] = Value::Array(
-        def["methods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["label"] != "d=2")
-            .cloned()
-            .collect(),
-    );
-    def["claims"] = serde_json::json!([{
-        "check": "never", "text": "Const never reaches F-VI's ELBO.", "labels": ["const"]
-    }]);
-    let path = dir.join("tiny.json");
-    std::fs::write(&path, def.to_string()).unwrap();
-    path
-}
+const AVI: &str = env!("CARGO_BIN_EXE_avi");
 
 fn ok(o: &Output) {
     assert!(
