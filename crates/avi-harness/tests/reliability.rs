@@ -740,3 +740,42 @@ fn extreme_sizes_are_refused_before_allocating() {
         assert!(!dir.path().join("r.json").exists());
     }
 }
+
+/// Defects 8 and 12 through the binary: a bad value inside `method` names
+/// its inner field path; a fit without `--threads` runs one libtorch
+/// thread and its report says so.
+#[test]
+fn inner_field_paths_and_the_default_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |method: &str| {
+        format!(
+            r#"{{"model": {{"kind": "linear", "tau": 1, "sigma": 1}}, "data": {{"simulate": {{"n": 20, "seed": 7}}}},
+                "method": {method}, "steps": 20, "draws": 2, "eval_draws": 10}}"#
+        )
+    };
+    for (method, path) in [
+        (
+            r#"{"kind": "avi", "fn": {"kind": "mlp", "width": "x"}}"#,
+            "method.fn.width",
+        ),
+        (
+            r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "window": [1]}"#,
+            "method.window",
+        ),
+        (
+            r#"{"kind": "avi", "fn": {"kind": "mlp", "width": 4, "activation": "tanh"}}"#,
+            "method.fn.activation",
+        ),
+        (
+            r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "edges": "wrap"}"#,
+            "method.edges",
+        ),
+        (r#"{"kind": "const", "x": 1}"#, "`x`"),
+    ] {
+        std::fs::write(dir.path().join("c.json"), cfg(method)).unwrap();
+        refused(&fit(dir.path(), "r.json", &[]), &[path]);
+    }
+    std::fs::write(dir.path().join("c.json"), cfg(r#"{"kind": "fvi"}"#)).unwrap();
+    ok(&fit(dir.path(), "r.json", &["--quiet"]));
+    assert_eq!(read(&dir.path().join("r.json"))["threads"], 1);
+}

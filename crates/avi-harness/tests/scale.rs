@@ -154,3 +154,52 @@ fn mpirun_ranks_give_the_single_process_grid() {
     }
     assert_eq!(results(&out), want);
 }
+
+/// Sharding and `--batch-seeds` compose: two shards, each fitting its F-VI
+/// and Const seeds as one batched optimisation, give the runs of the
+/// unsharded batched grid: the same runs, configs, iterations and status,
+/// and every ELBO (trace and final) within 1e-5 relative (f32: a batch of
+/// other seeds sums in another order, as in `batch_seeds_give_the_separate_runs`).
+#[test]
+fn shards_batch_their_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = tiny_definition(dir.path());
+    let one = dir.path().join("one");
+    ok(&avi(&def, &one, &["--quiet", "--batch-seeds"], &[]));
+    let sharded = dir.path().join("sharded");
+    for k in ["1/2", "2/2"] {
+        ok(&avi(
+            &def,
+            &sharded,
+            &["--quiet", "--batch-seeds", "--shard", k],
+            &[],
+        ));
+    }
+    let (want, got) = (results(&one), results(&sharded));
+    assert_eq!(got.0.len(), 9);
+    let close = |a: &Value, b: &Value| {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        (a - b).abs() <= 1e-5 * a.abs()
+    };
+    for ((name, a), (other, b)) in want.0.iter().zip(&got.0) {
+        assert_eq!(name, other);
+        for key in ["config", "iterations", "status", "n"] {
+            assert_eq!(a[key], b[key], "{name}: {key}");
+        }
+        assert!(
+            close(&a["elbo"], &b["elbo"]),
+            "{name}: {} vs {}",
+            a["elbo"],
+            b["elbo"]
+        );
+        let (ta, tb) = (
+            a["trace"]["elbo"].as_array().unwrap(),
+            b["trace"]["elbo"].as_array().unwrap(),
+        );
+        assert_eq!(ta.len(), tb.len(), "{name}");
+        assert!(
+            ta.iter().zip(tb).all(|(x, y)| close(x, y)),
+            "{name}: traces differ beyond 1e-5"
+        );
+    }
+}
