@@ -419,6 +419,10 @@ fn killed_grids_resume_to_the_uninterrupted_result() {
 fn interrupt_exits_130_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let def = tiny_definition(dir.path());
+    // Runs long enough (1,500 steps each) to be interrupted mid-grid.
+    let mut d = read(&def);
+    d["steps"] = 1500.into();
+    std::fs::write(&def, d.to_string()).unwrap();
     for jobs in ["1", "2"] {
         let out = dir.path().join(format!("int{jobs}"));
         let child = reproduce_cmd(&def, &out, &["--quiet", "--jobs", jobs])
@@ -426,7 +430,18 @@ fn interrupt_exits_130_cleanly() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(900));
+        // Interrupt once the grid has started (its definition written: the
+        // handler is installed by then; loading libtorch can take seconds
+        // on a busy machine, and a signal before main is the default one).
+        let started = Instant::now();
+        while !out.join("tiny/experiment.json").is_file() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "jobs {jobs}: never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
         let k = Command::new("kill")
             .args(["-INT", &child.id().to_string()])
             .status()
