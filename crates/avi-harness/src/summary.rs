@@ -1309,4 +1309,578 @@ mod tests {
         assert_eq!(fmt(Some(-1.2e9), 2), "-1.200e9");
         assert_eq!(fmt(None, 1), "n/a");
     }
+    // The claim checker, from small hand-made summary rows (the keys
+    // `summarize` writes). Every boundary is tested on both sides with
+    // dyadic values (0.25, 0.5, 1.5, 2.0 …) that f64 holds exactly, so the
+    // comparisons at a bound are exact (tolerance zero, on purpose: the
+    // tests pin whether the bound itself passes), and "just beyond" is the
+    // next f64 (one ulp), the smallest possible violation. The semantics:
+    //
+    // - Converge: converged > 0 and converged ≥ ⌈min_fraction · runs⌉
+    //   (default fraction 1: all runs); Never: converged = 0.
+    // - Faster: median iterations strictly below (<) the reference's; equal
+    //   fails; a reference that never converges in median counts as +∞, a
+    //   method that never converges in median fails.
+    // - GapBelow: largest gap ≤ max (inclusive).
+    // - GapAbove: smallest gap ≥ min, or ≥ than's largest gap + min
+    //   (inclusive).
+    // - MseRatio: median final training MSE / than's ≤ max and ≥ min
+    //   (both inclusive).
+    // - WindowBound: every best-window gap > 0 (strict) and each one
+    //   strictly below (<) the one before.
+    // - GapShrinks: each step rises by at most slack (≤, inclusive) and the
+    //   last median gap is strictly below (<) the first.
+    // - decide_claim: "not checked" when the named methods hold fewer runs
+    //   than labels × seeds.
+
+    use super::{check_claim, decide_claim};
+    use crate::reproduce::Claim;
+    use serde_json::Value;
+
+    /// The next f64 above a positive `x` (one ulp beyond).
+    fn above(x: f64) -> f64 {
+        assert!(x > 0.0);
+        f64::from_bits(x.to_bits() + 1)
+    }
+
+    /// The next f64 below a positive `x`.
+    fn below(x: f64) -> f64 {
+        assert!(x > 0.0);
+        f64::from_bits(x.to_bits() - 1)
+    }
+
+    fn names(labels: &[&str]) -> Vec<String> {
+        labels.iter().map(|l| l.to_string()).collect()
+    }
+
+    /// A row as `summarize` writes it, for the convergence claims: `median`
+    /// is the median iterations to converge (`None`: never, in median).
+    fn conv_row(label: &str, converged: u64, runs: u64, median: Option<f64>) -> Value {
+        json!({
+            "label": label,
+            "converged": converged,
+            "runs": runs,
+            "iterations_to_converge": { "median": median },
+        })
+    }
+
+    /// A row with gap statistics (3 runs).
+    fn gap_row(label: &str, min: f64, median: f64, max: f64) -> Value {
+        json!({
+            "label": label,
+            "runs": 3,
+            "gap": { "min": min, "median": median, "max": max },
+        })
+    }
+
+    /// A row of a method without an exact reference: `summarize` writes
+    /// `"gap": null`.
+    fn no_gap_row(label: &str) -> Value {
+        json!({ "label": label, "runs": 3, "gap": null })
+    }
+
+    fn mse_row(label: &str, median: f64) -> Value {
+        json!({
+            "label": label,
+            "runs": 3,
+            "mse": { "final_train": { "median": median, "min": median, "max": median } },
+        })
+    }
+
+    fn window_row(label: &str, best: Option<f64>) -> Value {
+        let mut r = json!({ "label": label, "runs": 3 });
+        if let Some(b) = best {
+            r["best_window_gap"] = json!(b);
+        }
+        r
+    }
+
+    /// `(reproduced, detail)` of a claim checked on `rows`.
+    fn check(claim: &Claim, rows: &[Value]) -> (Option<bool>, String) {
+        let v = check_claim(claim, rows);
+        assert_eq!(v["text"], claim.text());
+        (
+            v["reproduced"].as_bool(),
+            v["detail"].as_str().expect("detail").to_string(),
+        )
+    }
+
+    /// Asserts the claim fails and its detail names `offender`.
+    fn fails_naming(claim: &Claim, rows: &[Value], offender: &str) {
+        let (ok, detail) = check(claim, rows);
+        assert_eq!(ok, Some(false), "should fail: {detail}");
+        assert!(
+            detail.contains(offender),
+            "detail should name {offender:?}: {detail}"
+        );
+    }
+
+    fn passes(claim: &Claim, rows: &[Value]) {
+        let (ok, detail) = check(claim, rows);
+        assert_eq!(ok, Some(true), "should pass: {detail}");
+    }
+
+    fn converge(labels: &[&str], min_fraction: Option<f64>) -> Claim {
+        Claim::Converge {
+            text: "they converge".into(),
+            labels: names(labels),
+            min_fraction,
+        }
+    }
+
+    /// Converge: all runs by default; with a fraction, at least
+    /// ⌈fraction · runs⌉ and never zero.
+    #[test]
+    fn converge_needs_every_run_or_the_stated_fraction() {
+        let all = converge(&["a", "b"], None);
+        passes(
+            &all,
+            &[
+                conv_row("a", 3, 3, Some(10.0)),
+                conv_row("b", 3, 3, Some(20.0)),
+            ],
+        );
+        fails_naming(
+            &all,
+            &[
+                conv_row("a", 3, 3, Some(10.0)),
+                conv_row("b", 2, 3, Some(20.0)),
+            ],
+            "b: 2/3 converged",
+        );
+        // ⌈0.5 · 3⌉ = 2 runs must converge: 2 passes, 1 fails.
+        let half = converge(&["a"], Some(0.5));
+        passes(&half, &[conv_row("a", 2, 3, Some(10.0))]);
+        fails_naming(&half, &[conv_row("a", 1, 3, None)], "a: 1/3 converged");
+        // A fraction of zero still needs one converged run.
+        let none = converge(&["a"], Some(0.0));
+        passes(&none, &[conv_row("a", 1, 3, None)]);
+        fails_naming(&none, &[conv_row("a", 0, 3, None)], "a: 0/3 converged");
+        // A method without a row fails. (Its detail lists only the rows
+        // present; `decide_claim` reports the missing method, as "not
+        // checked", before `check_claim` is reached: see
+        // `a_claim_with_runs_missing_is_not_checked`.)
+        let (ok, _) = check(&all, &[conv_row("a", 3, 3, Some(10.0))]);
+        assert_eq!(ok, Some(false));
+    }
+
+    /// Never: a single converged run of any method fails the claim.
+    #[test]
+    fn never_fails_on_one_converged_run() {
+        let never = Claim::Never {
+            text: "they never converge".into(),
+            labels: names(&["a", "b"]),
+        };
+        passes(
+            &never,
+            &[conv_row("a", 0, 3, None), conv_row("b", 0, 3, None)],
+        );
+        fails_naming(
+            &never,
+            &[conv_row("a", 0, 3, None), conv_row("b", 1, 3, None)],
+            "b: 1/3 converged",
+        );
+        let (ok, _) = check(&never, &[conv_row("a", 0, 3, None)]);
+        assert_eq!(ok, Some(false), "a missing method fails");
+    }
+
+    /// Faster: strictly fewer median iterations than the reference; equal
+    /// is not faster; a reference that never converges counts as +∞.
+    #[test]
+    fn faster_is_strictly_below_the_reference() {
+        let faster = Claim::Faster {
+            text: "a is faster than f".into(),
+            labels: names(&["a"]),
+            than: "f".into(),
+        };
+        passes(
+            &faster,
+            &[
+                conv_row("a", 3, 3, Some(199.0)),
+                conv_row("f", 3, 3, Some(200.0)),
+            ],
+        );
+        fails_naming(
+            &faster,
+            &[
+                conv_row("a", 3, 3, Some(200.0)),
+                conv_row("f", 3, 3, Some(200.0)),
+            ],
+            "a: median 200",
+        );
+        fails_naming(
+            &faster,
+            &[
+                conv_row("a", 3, 3, Some(201.0)),
+                conv_row("f", 3, 3, Some(200.0)),
+            ],
+            "a: median 201",
+        );
+        // The method never converges (in median): not faster than anything.
+        fails_naming(
+            &faster,
+            &[conv_row("a", 1, 3, None), conv_row("f", 3, 3, Some(200.0))],
+            "a: median never",
+        );
+        // A reference that never converges is beaten by any method that
+        // does, but not by one that never converges either.
+        passes(
+            &faster,
+            &[conv_row("a", 3, 3, Some(5000.0)), conv_row("f", 0, 3, None)],
+        );
+        fails_naming(
+            &faster,
+            &[conv_row("a", 0, 3, None), conv_row("f", 0, 3, None)],
+            "a: median never",
+        );
+        // A missing reference row is not a reference that never converges:
+        // the claim fails (its detail shows it as "never").
+        fails_naming(&faster, &[conv_row("a", 3, 3, Some(10.0))], "f: median");
+        fails_naming(
+            &faster,
+            &[conv_row("f", 3, 3, Some(200.0))],
+            "a: median never",
+        );
+    }
+
+    /// GapBelow: the largest gap at most `max`, inclusive.
+    #[test]
+    fn gap_below_holds_at_the_bound_and_fails_one_ulp_beyond() {
+        let below_half = Claim::GapBelow {
+            text: "small gaps".into(),
+            labels: names(&["a", "b"]),
+            max: 0.5,
+        };
+        passes(
+            &below_half,
+            &[gap_row("a", 0.0, 0.25, 0.5), gap_row("b", 0.0, 0.0, 0.25)],
+        );
+        fails_naming(
+            &below_half,
+            &[
+                gap_row("a", 0.0, 0.25, 0.5),
+                gap_row("b", 0.0, 0.25, above(0.5)),
+            ],
+            "b: largest gap",
+        );
+        fails_naming(
+            &below_half,
+            &[gap_row("a", 0.0, 0.25, 0.5)],
+            "b: largest gap n/a",
+        );
+        // No exact reference, no gap: not a small gap.
+        fails_naming(
+            &below_half,
+            &[gap_row("a", 0.0, 0.25, 0.5), no_gap_row("b")],
+            "b: largest gap n/a",
+        );
+    }
+
+    /// GapAbove without `than`: the smallest gap at least `min`, inclusive.
+    #[test]
+    fn gap_above_holds_at_the_bound_and_fails_one_ulp_short() {
+        let above_one = Claim::GapAbove {
+            text: "large gaps".into(),
+            labels: names(&["a", "b"]),
+            min: 1.0,
+            than: None,
+        };
+        passes(
+            &above_one,
+            &[gap_row("a", 1.0, 2.0, 4.0), gap_row("b", 1.5, 2.0, 2.5)],
+        );
+        fails_naming(
+            &above_one,
+            &[
+                gap_row("a", 1.0, 2.0, 4.0),
+                gap_row("b", below(1.0), 2.0, 2.5),
+            ],
+            "b: smallest gap",
+        );
+        fails_naming(
+            &above_one,
+            &[gap_row("a", 1.0, 2.0, 4.0)],
+            "b: smallest gap n/a",
+        );
+        fails_naming(
+            &above_one,
+            &[gap_row("a", 1.0, 2.0, 4.0), no_gap_row("b")],
+            "b: smallest gap n/a",
+        );
+    }
+
+    /// GapAbove with `than`: every gap of the method at least `min` above
+    /// the reference's largest gap (not its smallest), inclusive.
+    #[test]
+    fn gap_above_than_clears_the_reference_largest_gap() {
+        let above_ref = Claim::GapAbove {
+            text: "a's gap is larger than f's".into(),
+            labels: names(&["a"]),
+            min: 0.5,
+            than: Some("f".into()),
+        };
+        // f's largest gap 1.0 + margin 0.5: a's smallest must be ≥ 1.5.
+        passes(
+            &above_ref,
+            &[gap_row("a", 1.5, 2.0, 3.0), gap_row("f", 0.25, 0.5, 1.0)],
+        );
+        fails_naming(
+            &above_ref,
+            &[
+                gap_row("a", below(1.5), 2.0, 3.0),
+                gap_row("f", 0.25, 0.5, 1.0),
+            ],
+            "a: smallest gap",
+        );
+        // Clearing f's smallest gap (0.25 + 0.5) but not its largest fails.
+        fails_naming(
+            &above_ref,
+            &[gap_row("a", 1.25, 2.0, 3.0), gap_row("f", 0.25, 0.5, 1.0)],
+            "a: smallest gap 1.25",
+        );
+        // Without the reference's row (or its gap) there is nothing to
+        // clear: the claim fails.
+        fails_naming(
+            &above_ref,
+            &[gap_row("a", 1.5, 2.0, 3.0)],
+            "f: largest gap n/a",
+        );
+        fails_naming(
+            &above_ref,
+            &[gap_row("a", 1.5, 2.0, 3.0), no_gap_row("f")],
+            "f: largest gap n/a",
+        );
+    }
+
+    fn mse_ratio(max: Option<f64>, min: Option<f64>) -> Claim {
+        Claim::MseRatio {
+            text: "mse ratio".into(),
+            labels: names(&["a", "b"]),
+            than: "f".into(),
+            max,
+            min,
+        }
+    }
+
+    /// MseRatio: median final training MSE over the reference's, at most
+    /// `max` and at least `min`, both inclusive.
+    #[test]
+    fn mse_ratio_bounds_are_inclusive() {
+        // 0.5 / 0.25 = 2 exactly.
+        let f = mse_row("f", 0.25);
+        let at_most_2 = mse_ratio(Some(2.0), None);
+        passes(
+            &at_most_2,
+            &[mse_row("a", 0.5), mse_row("b", 0.25), f.clone()],
+        );
+        fails_naming(
+            &at_most_2,
+            &[mse_row("a", 0.5), mse_row("b", above(0.5)), f.clone()],
+            "b: 0.5000 (ratio 2.00)",
+        );
+        let at_least_2 = mse_ratio(None, Some(2.0));
+        passes(
+            &at_least_2,
+            &[mse_row("a", 0.5), mse_row("b", 1.0), f.clone()],
+        );
+        fails_naming(
+            &at_least_2,
+            &[mse_row("a", 0.5), mse_row("b", below(0.5)), f.clone()],
+            "b: 0.5000 (ratio 2.00)",
+        );
+        // Both bounds: the ratio in [1, 2].
+        let between = mse_ratio(Some(2.0), Some(1.0));
+        passes(
+            &between,
+            &[mse_row("a", 0.25), mse_row("b", 0.5), f.clone()],
+        );
+        fails_naming(
+            &between,
+            &[mse_row("a", 0.125), mse_row("b", 0.5), f.clone()],
+            "a: 0.1250 (ratio 0.50)",
+        );
+        fails_naming(
+            &between,
+            &[mse_row("a", 0.25), mse_row("b", 1.0), f.clone()],
+            "b: 1.0000 (ratio 4.00)",
+        );
+        // A missing method, or a missing reference: fails.
+        fails_naming(
+            &between,
+            &[mse_row("a", 0.25), f.clone()],
+            "b: n/a (ratio n/a)",
+        );
+        fails_naming(&between, &[mse_row("a", 0.25), mse_row("b", 0.5)], "f: n/a");
+    }
+
+    /// WindowBound: each best-window gap positive and strictly below the
+    /// previous one.
+    #[test]
+    fn window_bound_is_positive_and_strictly_decreasing() {
+        let bound = Claim::WindowBound {
+            text: "the best gap shrinks with the window".into(),
+            labels: names(&["w1", "w3", "w5"]),
+        };
+        let rows = |a: Option<f64>, b: Option<f64>, c: Option<f64>| {
+            vec![
+                window_row("w1", a),
+                window_row("w3", b),
+                window_row("w5", c),
+            ]
+        };
+        passes(&bound, &rows(Some(0.5), Some(0.25), Some(0.125)));
+        // Equal is not decreasing.
+        fails_naming(
+            &bound,
+            &rows(Some(0.5), Some(0.25), Some(0.25)),
+            "w5 2.500e-1",
+        );
+        fails_naming(
+            &bound,
+            &rows(Some(0.5), Some(0.25), Some(above(0.25))),
+            "w5 2.500e-1",
+        );
+        // Decreasing, but down to zero or below: not positive.
+        fails_naming(
+            &bound,
+            &rows(Some(0.5), Some(0.25), Some(0.0)),
+            "w5 0.000e0",
+        );
+        fails_naming(
+            &bound,
+            &rows(Some(0.5), Some(0.25), Some(-0.125)),
+            "w5 -1.250e-1",
+        );
+        // A method without a bound (not an A-VI method, or no row).
+        fails_naming(&bound, &rows(Some(0.5), None, Some(0.125)), "w3 n/a");
+        fails_naming(
+            &bound,
+            &[window_row("w1", Some(0.5)), window_row("w5", Some(0.125))],
+            "w3 n/a",
+        );
+    }
+
+    fn gap_shrinks(series: &[&[&str]], slack: f64) -> Claim {
+        Claim::GapShrinks {
+            text: "the gap shrinks".into(),
+            series: series.iter().map(|s| names(s)).collect(),
+            slack,
+        }
+    }
+
+    /// GapShrinks: a rise of at most `slack` between neighbours is allowed
+    /// (inclusive), but the last median gap must be strictly below the
+    /// first, in every series.
+    #[test]
+    fn gap_shrinks_allows_slack_but_needs_a_net_drop() {
+        let claim = gap_shrinks(&[&["k1", "k2", "k3"]], 0.5);
+        let rows = |a: f64, b: f64, c: f64| {
+            vec![
+                gap_row("k1", 0.0, a, 8.0),
+                gap_row("k2", 0.0, b, 8.0),
+                gap_row("k3", 0.0, c, 8.0),
+            ]
+        };
+        passes(&claim, &rows(1.0, 1.5, 0.5));
+        fails_naming(&claim, &rows(1.0, above(1.5), 0.5), "k2 1.50");
+        // No net drop: last equal to first fails.
+        fails_naming(&claim, &rows(1.0, 0.5, 1.0), "k3 1.00");
+        // A missing median gap in the series fails.
+        fails_naming(
+            &claim,
+            &[
+                gap_row("k1", 0.0, 1.0, 8.0),
+                no_gap_row("k2"),
+                gap_row("k3", 0.0, 0.5, 8.0),
+            ],
+            "k2 n/a",
+        );
+        fails_naming(
+            &claim,
+            &[gap_row("k1", 0.0, 1.0, 8.0), gap_row("k3", 0.0, 0.5, 8.0)],
+            "k2 n/a",
+        );
+        // Two series: one that shrinks does not excuse one that does not.
+        let two = gap_shrinks(&[&["k1", "k3"], &["w1", "w2"]], 0.0);
+        let mut both = rows(1.0, 1.0, 0.5);
+        both.extend([gap_row("w1", 0.0, 1.0, 8.0), gap_row("w2", 0.0, 0.5, 8.0)]);
+        passes(&two, &both);
+        let mut one = rows(1.0, 1.0, 0.5);
+        one.extend([gap_row("w1", 0.0, 1.0, 8.0), gap_row("w2", 0.0, 2.0, 8.0)]);
+        fails_naming(&two, &one, "w2 2.00");
+        let two = gap_shrinks(&[&["w1", "w2"], &["k1", "k3"]], 0.0);
+        passes(&two, &both);
+        fails_naming(&two, &one, "w2 2.00");
+    }
+
+    /// decide_claim: fewer runs than the definition's seeds (a method short,
+    /// or no row at all) leaves the claim "not checked" with
+    /// `reproduced: null`, naming the methods short of runs; with every run
+    /// present the check decides.
+    #[test]
+    fn a_claim_with_runs_missing_is_not_checked() {
+        let faster = Claim::Faster {
+            text: "a is faster than f".into(),
+            labels: names(&["a"]),
+            than: "f".into(),
+        };
+        let complete = [
+            conv_row("a", 3, 3, Some(10.0)),
+            conv_row("f", 3, 3, Some(20.0)),
+        ];
+        let v = decide_claim(&faster, &complete, 3);
+        assert_eq!(v["reproduced"], true);
+        assert_eq!(v["status"], "reproduced");
+        assert_eq!(v["text"], "a is faster than f");
+        let slower = [
+            conv_row("a", 3, 3, Some(30.0)),
+            conv_row("f", 3, 3, Some(20.0)),
+        ];
+        let v = decide_claim(&faster, &slower, 3);
+        assert_eq!(v["reproduced"], false);
+        assert_eq!(v["status"], "not reproduced");
+
+        let not_checked = |v: &Value, text: &str, names: &str| {
+            assert!(v["reproduced"].is_null(), "{v}");
+            assert_eq!(v["status"], "not checked", "{v}");
+            assert_eq!(v["text"], text);
+            let detail = v["detail"].as_str().unwrap();
+            assert!(detail.starts_with("not checked: "), "{detail}");
+            assert!(detail.contains(names), "{detail} should name {names}");
+        };
+        // The reference has one run short: 5 of 6 present, f named. The
+        // check alone would call the claim reproduced.
+        let short = [
+            conv_row("a", 3, 3, Some(10.0)),
+            conv_row("f", 2, 2, Some(20.0)),
+        ];
+        assert_eq!(check_claim(&faster, &short)["reproduced"], true);
+        let v = decide_claim(&faster, &short, 3);
+        not_checked(&v, "a is faster than f", "5 of 6 runs present; f 2/3");
+        assert!(!v["detail"].as_str().unwrap().contains("a 3/3"), "{v}");
+        // No row for the method at all: 0 runs.
+        let missing = [conv_row("f", 3, 3, Some(20.0))];
+        not_checked(
+            &decide_claim(&faster, &missing, 3),
+            "a is faster than f",
+            "3 of 6 runs present; a 0/3",
+        );
+        // A label named twice counts once (a GapShrinks claim whose series
+        // share a method).
+        let shrinks = Claim::GapShrinks {
+            text: "the gap shrinks".into(),
+            series: vec![names(&["k1", "k2"]), names(&["k1", "k3"])],
+            slack: 0.0,
+        };
+        let rows = [
+            gap_row("k1", 0.0, 1.0, 8.0),
+            gap_row("k2", 0.0, 0.5, 8.0),
+            json!({ "label": "k3", "runs": 1, "gap": { "median": 0.5 } }),
+        ];
+        not_checked(
+            &decide_claim(&shrinks, &rows, 3),
+            "the gap shrinks",
+            "7 of 9 runs present; k3 1/3",
+        );
+    }
 }
