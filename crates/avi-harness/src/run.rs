@@ -83,7 +83,12 @@ impl BuiltModel {
                 NonlinearSimConfig::Model => NonlinearSim::Model,
                 NonlinearSimConfig::Authors => NonlinearSim::Authors,
             })),
-            ModelConfig::Saw { alpha, x0, .. } => Self::Saw(SawModel::new(*alpha, *x0)?),
+            ModelConfig::Saw { alpha, x0, sim, .. } => {
+                Self::Saw(SawModel::new(*alpha, *x0)?.with_sim(match sim {
+                    crate::config::SawSimConfig::Model => avi_models::SawSim::Model,
+                    crate::config::SawSimConfig::Authors => avi_models::SawSim::Authors,
+                }))
+            }
             ModelConfig::GaussianHmm { rho, q, r, s0, .. } => {
                 Self::GaussianHmm(GaussianHmm::new(*rho, *q, *r, *s0)?)
             }

@@ -57,7 +57,7 @@ pub use gaussian_hmm::GaussianHmm;
 pub use linear::LinearModel;
 pub use mixture::MixtureModel;
 pub use nonlinear::{NonlinearModel, NonlinearSim};
-pub use saw::SawModel;
+pub use saw::{SawModel, SawSim};
 
 use tch::Tensor;
 
