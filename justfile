@@ -77,11 +77,12 @@ reproduce EXPERIMENT *ARGS: build
 report DIR: build
     ./target/release/avi report {{DIR}}
 
-# rustfmt check and clippy -D warnings on every target
+# rustfmt check, clippy -D warnings on every target, and rustdoc without warnings
 [group('test')]
 check: bootstrap
     cargo fmt --all --check
     {{torch_env}} cargo clippy --workspace --all-targets -- -D warnings
+    {{torch_env}} RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
 
 # fuzz the config and data-file parsers through `avi fit --check` (release build): CASES mutated inputs (AVI_FUZZ_SEED=S picks the stream, AVI_FUZZ_JOBS=J runs J at once)
 [group('test')]

@@ -114,7 +114,7 @@ enum Command {
         #[arg(long, value_name = "k/K")]
         shard: Option<String>,
         /// Move the earlier contents of OUT/EXPERIMENT/ aside into
-        /// OUT/EXPERIMENT/previous-<UTC time>/ and start afresh (nothing is
+        /// OUT/EXPERIMENT/previous-TIME/ (TIME: the UTC time) and start afresh (nothing is
         /// deleted).
         #[arg(long, conflicts_with = "resume")]
         fresh: bool,

@@ -36,7 +36,7 @@
 //! fused engine splits its sums over its threads, so its last bits depend
 //! on the count.
 //!
-//! **Sizes.** [`fit`] checks every range and the memory a fit would need
+//! **Sizes.** [`fit()`] checks every range and the memory a fit would need
 //! ([`check_fit`], [`memory_estimate`]) before it allocates anything.
 #![warn(missing_docs)]
 
