@@ -249,3 +249,51 @@ fn a_converged_fit_has_no_warnings() {
         }
     }
 }
+
+/// Finite data beyond f32's range are refused by an f32 fit, naming the
+/// value as an f32 overflow (before: converted to inf, then reported as
+/// "not finite" although the data hold a number), on the single-run and
+/// the batched path; the same data pass that check in an f64 fit.
+#[test]
+fn data_beyond_f32_are_named_as_such() {
+    let _serial = serial();
+    let model = LinearModel::new(1.155, 2.43).unwrap();
+    let x = Tensor::from_slice(&[0.5, 1e150, -2.0]);
+    let opts = FitOptions {
+        dtype: Dtype::F32,
+        ..quick()
+    };
+    for result in [
+        fit(
+            &model,
+            &x,
+            &MethodConfig::Fvi,
+            None,
+            &opts,
+            Device::Cpu,
+            &mut Silent,
+        )
+        .map(|_| ()),
+        avi_inference::fit_batched(
+            &model,
+            &x,
+            &MethodConfig::Fvi,
+            &[1, 2],
+            &opts,
+            Device::Cpu,
+            &mut Silent,
+        )
+        .map(|_| ()),
+    ] {
+        let e = result.unwrap_err().to_string();
+        assert!(e.contains("value 1 of x (1e150) overflows f32"), "{e}");
+    }
+    let f64_opts = FitOptions {
+        dtype: Dtype::F64,
+        ..quick()
+    };
+    assert!(avi_inference::check_representable(&x, f64_opts.dtype).is_ok());
+    // Infinite data are not called an overflow (the model's check names them).
+    let inf = Tensor::from_slice(&[0.5, f64::INFINITY]);
+    assert!(avi_inference::check_representable(&inf, Dtype::F32).is_ok());
+}

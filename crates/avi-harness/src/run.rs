@@ -288,9 +288,8 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             (model, Data { values, dim })
         }
     };
-    if cfg.dtype == avi_inference::Dtype::F32 {
-        check_f32(&x, "data")?;
-    }
+    // Checked here too (the fit checks again) so that `--check` sees it.
+    avi_inference::check_representable(&to_tensor(&x), cfg.dtype)?;
     if let Some(t) = cfg.model.fixed_theta() {
         let d = model.as_model().theta_dim();
         if t.len() != d {
@@ -382,23 +381,6 @@ pub fn check_prepared(cfg: &FitConfig, prepared: &Prepared, device: Device) -> R
         avi_inference::available_memory(device),
     )?;
     Ok(avi_inference::memory_estimate(model, n, &cfg.method, &opts))
-}
-
-/// Data that f32 cannot hold is named as such (not as "inf is not finite"
-/// after the conversion).
-fn check_f32(data: &Data, field: &str) -> Result<()> {
-    if let Some(i) = data
-        .values
-        .iter()
-        .position(|v| v.abs() > f64::from(f32::MAX))
-    {
-        bail!(
-            "{field}: value {i} of x ({:e}) overflows f32 (largest {:e}): use \"dtype\": \"f64\"",
-            data.values[i],
-            f32::MAX
-        );
-    }
-    Ok(())
 }
 
 fn load_fashion_mnist(

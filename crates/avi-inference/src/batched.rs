@@ -79,6 +79,7 @@ impl<'a> BatchedTrainer<'a> {
             seeds.len(),
             crate::limits::available_memory(device),
         )?;
+        crate::limits::check_representable(x, opts.dtype)?;
         let shared = match method {
             MethodConfig::Fvi => false,
             MethodConfig::Const => true,

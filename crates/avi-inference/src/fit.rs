@@ -1155,7 +1155,8 @@ fn device_index(device: Device) -> i64 {
 }
 
 /// [`crate::check_fit_within`] for the data `x` (N = its first dimension)
-/// against the memory available on `device`; data without a first
+/// against the memory available on `device`, and
+/// [`crate::check_representable`] for its values; data without a first
 /// dimension go to the model's own check.
 pub(crate) fn check_data_size(
     model: &dyn Model,
@@ -1178,7 +1179,8 @@ pub(crate) fn check_data_size(
         method,
         opts,
         crate::limits::available_memory(device),
-    )
+    )?;
+    crate::limits::check_representable(x, opts.dtype)
 }
 
 /// Fit `method` to data `x` under `model` by stochastic-gradient VI.

@@ -68,7 +68,9 @@ pub use function::{
 };
 pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
 pub use fused_cuda::CudaFviTrainer;
-pub use limits::{available_memory, check_fit, check_fit_within, memory_estimate};
+pub use limits::{
+    available_memory, check_fit, check_fit_within, check_representable, memory_estimate,
+};
 pub use method::{
     amortization_inputs, check_window, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor,
     Variational,

@@ -6,12 +6,41 @@
 //! aborting in an allocation.
 
 use avi_models::{Model, MAX_OBSERVATIONS};
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 use crate::fit::{Dtype, Engine, FitOptions};
 use crate::function::{FunctionConfig, Heads, Output};
 use crate::method::{check_window, Edges, MethodConfig};
 use crate::{InferenceError, Result};
+
+/// Data whose finite values the fit's dtype cannot hold (|x| beyond f32's
+/// largest value in an f32 fit) are refused, naming the first such value:
+/// converted, they would read as infinite and be reported as "not
+/// finite" although the data hold a number. Non-finite values are left to
+/// the model's own check. One reduction over `x`, before the fit.
+pub fn check_representable(x: &Tensor, dtype: Dtype) -> Result<()> {
+    if dtype != Dtype::F32 || x.kind() != Kind::Double || x.numel() == 0 {
+        return Ok(());
+    }
+    let limit = f64::from(f32::MAX);
+    let flat = x.flatten(0, -1);
+    let beyond = flat.abs().gt(limit).logical_and(&flat.isfinite());
+    if beyond.any().int64_value(&[]) == 0 {
+        return Ok(());
+    }
+    let i = beyond
+        .to_kind(Kind::Int64)
+        .argmax(0, false)
+        .int64_value(&[]);
+    Err(InferenceError::config(
+        "data",
+        format!(
+            "value {i} of x ({:e}) overflows f32 (largest {:e}): fit with dtype f64",
+            flat.double_value(&[i]),
+            f32::MAX
+        ),
+    ))
+}
 
 /// Elements per chunk of draws in the final ELBO evaluation
 /// ([`crate::evaluate_elbo`] draws `4·10⁶ / (N·L)` draws at a time, at
