@@ -52,6 +52,10 @@ pub mod fused_cuda;
 pub mod limits;
 pub mod method;
 
+/// The `tch` crate (libtorch's Rust bindings) this crate is built on,
+/// re-exported so that users pin the same version.
+pub use tch;
+
 pub use batched::{fit_batched, BatchedTrainer};
 pub use diagnose::{diagnose, Diagnosis};
 pub use error::{InferenceError, Result};

@@ -59,6 +59,10 @@ pub use mixture::MixtureModel;
 pub use nonlinear::{NonlinearModel, NonlinearSim};
 pub use saw::{SawModel, SawSim};
 
+/// The `tch` crate these models are written against (libtorch's Rust
+/// bindings), re-exported so that a model author uses the same version.
+pub use tch;
+
 use tch::Tensor;
 
 /// Initialisation of the variational parameters a model asks for.
@@ -222,8 +226,10 @@ pub fn check_sample_size(n: usize, values: usize) -> Result<()> {
     }
 }
 
-/// Check the `[M, D]` / `[M, N, L]` shape contract of [`Model::log_joint`].
-pub(crate) fn check_draw_shapes(
+/// Check the `[M, D]` / `[M, N, L]` shape contract of [`Model::log_joint`]
+/// (`theta` `[M, theta_dim]`, `z` `[M, N, local_dim]` with N the first
+/// dimension of `x`): the first check of a model author's `log_joint`.
+pub fn check_draw_shapes(
     theta: &Tensor,
     z: &Tensor,
     x: &Tensor,
