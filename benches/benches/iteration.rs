@@ -15,10 +15,8 @@ use std::time::{Duration, Instant};
 use avi_benches::{bench_device, synchronize};
 use avi_harness::reproduce::{effective, load_experiment, run_config};
 use avi_harness::run::{data_tensor, prepare};
-use avi_inference::{
-    Activation, CudaFviTrainer, Edges, Engine, FitOptions, FunctionConfig, GraphTrainer, Heads,
-    MethodConfig, Trainer,
-};
+use avi_inference::testing::{CudaFviTrainer, GraphTrainer, Trainer};
+use avi_inference::{Activation, Edges, Engine, FitOptions, FunctionConfig, Heads, MethodConfig};
 use avi_models::{GaussianHmm, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tch::{Device, Tensor};

@@ -1,9 +1,9 @@
 //! Shared helpers of the integration tests: fitting a model on CPU with a
 //! few lines, and comparing arrays with stated tolerances.
 
-use avi_inference::{fit, Dtype, Fit, FitOptions, MethodConfig, Silent};
+use avi_inference::{fit, Dtype, Fit, FitOptions, MethodConfig};
 use avi_models::Model;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// Fit `method` on CPU with the given options (scalar observations).
 pub fn fit_cpu(model: &dyn Model, x: &[f64], method: &MethodConfig, opts: &FitOptions) -> Fit {
@@ -25,7 +25,11 @@ pub fn fit_cpu_general(
         Some(d) => xt.view([-1, d as i64]),
         None => xt,
     };
-    fit(model, &xt, method, theta, opts, Device::Cpu, &mut Silent).expect("fit runs")
+    fit(model, &xt, method)
+        .fixed_theta(theta)
+        .options(opts)
+        .run()
+        .expect("fit runs")
 }
 
 /// An A-VI method with a two-layer ReLU MLP of width `width` (shared trunk)

@@ -2,12 +2,10 @@
 //! optimisation with a leading run dimension give the results of R separate
 //! fits.
 
-use avi_inference::{
-    fit, fit_batched, Dtype, Engine, Fit, FitOptions, FitStatus, MethodConfig, Silent,
-};
+use avi_inference::{fit, Dtype, Engine, Fit, FitOptions, FitStatus, MethodConfig};
 use avi_models::{LinearModel, Model, NonlinearModel, SawModel};
 use avi_tests::{max_rel, mlp, serial};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 fn options(engine: Engine, dtype: Dtype) -> FitOptions {
     tch::set_num_threads(1);
@@ -33,7 +31,7 @@ fn separate(
 ) -> Fit {
     let mut o = opts.clone();
     o.seed = seed;
-    fit(model, x, method, None, &o, Device::Cpu, &mut Silent).unwrap()
+    fit(model, x, method).options(&o.clone()).run().unwrap()
 }
 
 /// Compare every output of a batched run with the separate run.
@@ -84,8 +82,11 @@ fn batched_seeds_equal_separate_runs() {
     ];
     for (name, model, x, method) in cases {
         let opts = options(Engine::Graph, Dtype::F64);
-        let batched =
-            fit_batched(model, x, &method, &seeds, &opts, Device::Cpu, &mut Silent).unwrap();
+        let batched = fit(model, x, &method)
+            .seeds(&seeds)
+            .options(&opts.clone())
+            .run_all()
+            .unwrap();
         assert_eq!(batched.len(), seeds.len());
         for (b, &seed) in batched.iter().zip(&seeds) {
             assert_eq!(b.status, FitStatus::Ok, "{name} {seed}");
@@ -120,16 +121,11 @@ fn batched_seeds_equal_separate_runs_in_f32() {
     let x = Tensor::from_slice(&saw.simulate(150, 2012, Some(3.4159)).unwrap());
     let opts = options(Engine::Graph, Dtype::F32);
     let seeds = [7, 8];
-    let batched = fit_batched(
-        &saw,
-        &x,
-        &MethodConfig::Fvi,
-        &seeds,
-        &opts,
-        Device::Cpu,
-        &mut Silent,
-    )
-    .unwrap();
+    let batched = fit(&saw, &x, &MethodConfig::Fvi)
+        .seeds(&seeds)
+        .options(&opts.clone())
+        .run_all()
+        .unwrap();
     for (b, &seed) in batched.iter().zip(&seeds) {
         let alone = separate(&saw, &x, &MethodConfig::Fvi, seed, &opts);
         assert_same(&format!("saw f32, seed {seed}"), b, &alone, 1e-5);
@@ -143,7 +139,10 @@ fn batched_seeds_refuse_what_they_do_not_cover() {
     let x = Tensor::from_slice(&saw.simulate(50, 1, None).unwrap());
     let opts = options(Engine::Graph, Dtype::F32);
     let run = |method: &MethodConfig, seeds: &[u64], o: &FitOptions| {
-        fit_batched(&saw, &x, method, seeds, o, Device::Cpu, &mut Silent)
+        fit(&saw, &x, method)
+            .seeds(seeds)
+            .options(o)
+            .run_all()
             .unwrap_err()
             .to_string()
     };

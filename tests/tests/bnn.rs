@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use avi_inference::{fit, Dtype, FitOptions, MethodConfig, Silent};
+use avi_inference::{fit, Dtype, FitOptions, MethodConfig};
 use avi_models::{fashion_mnist, BnnModel, Model};
 use avi_tests::bnn_encoder;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 #[test]
 fn bnn_fvi_and_avi_improve_the_elbo() {
@@ -28,7 +28,10 @@ fn bnn_fvi_and_avi_improve_the_elbo() {
         ..FitOptions::default()
     };
     for (label, method) in [("fvi", MethodConfig::Fvi), ("avi k=32", bnn_encoder(32))] {
-        let f = fit(&model, &x, &method, None, &opts, Device::Cpu, &mut Silent).unwrap();
+        let f = fit(&model, &x, &method)
+            .options(&opts.clone())
+            .run()
+            .unwrap();
         let start = f.trace.elbo[..20].iter().sum::<f64>() / 20.0;
         let end = f.trace.elbo[f.trace.elbo.len() - 20..].iter().sum::<f64>() / 20.0;
         println!(

@@ -3,10 +3,8 @@
 //! and is ignored here; on a GPU machine: `cargo test --test cuda_fused --
 //! --include-ignored`.
 
-use avi_inference::{
-    fit, host_vec, objective_and_grad, CudaFviTrainer, Engine, Entropy, FitOptions, FitStatus,
-    FusedParams, MethodConfig, Silent,
-};
+use avi_inference::testing::{objective_and_grad, CudaFviTrainer, FusedParams};
+use avi_inference::{fit, host_vec, Engine, Entropy, FitOptions, FitStatus, MethodConfig};
 use avi_models::{FusedModel, LinearModel, NonlinearModel, SawModel};
 use avi_tests::{
     closed_form_options, linear_exact_elbo, linear_gap_tolerance, saw_exact_elbo, serial,
@@ -188,16 +186,11 @@ fn cuda_fused_fit_reaches_the_closed_forms() {
         ..closed_form_options(1954, avi_inference::Dtype::F32)
     };
     let xt = Tensor::from_slice(&x);
-    let f = fit(
-        &lin,
-        &xt,
-        &MethodConfig::Fvi,
-        None,
-        &opts,
-        CUDA,
-        &mut Silent,
-    )
-    .unwrap();
+    let f = fit(&lin, &xt, &MethodConfig::Fvi)
+        .options(&opts.clone())
+        .device(CUDA)
+        .run()
+        .unwrap();
     assert_eq!(f.status, FitStatus::Ok);
     assert_eq!(f.trace.elbo.len(), opts.steps);
     let exact = linear_exact_elbo(&lin, &x, &f);
@@ -219,16 +212,11 @@ fn cuda_fused_fit_reaches_the_closed_forms() {
     opts.lr = 0.03;
     opts.steps = 3000;
     let xt = Tensor::from_slice(&x);
-    let f = fit(
-        &saw,
-        &xt,
-        &MethodConfig::Fvi,
-        None,
-        &opts,
-        CUDA,
-        &mut Silent,
-    )
-    .unwrap();
+    let f = fit(&saw, &xt, &MethodConfig::Fvi)
+        .options(&opts.clone())
+        .device(CUDA)
+        .run()
+        .unwrap();
     let exact = saw_exact_elbo(&saw, &x, &f);
     assert!(opt.elbo - exact <= 0.5, "saw gap {}", opt.elbo - exact);
 }

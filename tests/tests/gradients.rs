@@ -2,7 +2,8 @@
 //! central finite differences in f64, with the Monte Carlo draws held fixed
 //! (the generator is re-seeded before each evaluation).
 
-use avi_inference::{elbo_draws, Dtype, Entropy, FitOptions, MethodConfig, Trainer};
+use avi_inference::testing::Trainer;
+use avi_inference::{elbo_draws, Dtype, Entropy, FitOptions, MethodConfig};
 use avi_models::{
     BnnModel, DiscreteHmm, GaussianHmm, LinearModel, MixtureModel, Model, NonlinearModel,
     NonlinearSim, SawModel,

@@ -9,10 +9,8 @@
 //! `cargo test --test graph_engine -- --ignored` on a GPU machine) checks
 //! that replayed graphs compute what the same steps compute eagerly.
 
-use avi_inference::{
-    fit, Dtype, Engine, FitOptions, GraphTrainer, MethodConfig, Observer, Silent, Trainer,
-    Variational,
-};
+use avi_inference::testing::{GraphTrainer, Trainer};
+use avi_inference::{fit, Dtype, Engine, FitOptions, MethodConfig, Observer, Variational};
 use avi_models::{BnnModel, LinearModel, Model, SawModel};
 use avi_tests::{bnn_encoder, max_rel, mlp, serial};
 use tch::{Device, Kind, Tensor};
@@ -68,16 +66,10 @@ fn graph_engine_follows_the_torch_engine_on_the_cpu() {
                 batch_size,
                 ..options(engine, Dtype::F64)
             };
-            fit(
-                model.as_ref(),
-                &xt,
-                &method,
-                None,
-                &opts,
-                Device::Cpu,
-                &mut Silent,
-            )
-            .unwrap()
+            fit(model.as_ref(), &xt, &method)
+                .options(&opts.clone())
+                .run()
+                .unwrap()
         };
         let (torch, graph) = (run(Engine::Torch), run(Engine::Graph));
         assert_eq!(graph.trace.elbo.len(), 250);
@@ -132,16 +124,11 @@ fn graph_engine_monitors_between_blocks() {
             ..options(engine, Dtype::F64)
         };
         let mut monitor = Monitor(Vec::new());
-        let f = fit(
-            &model,
-            &x,
-            &bnn_encoder(8),
-            None,
-            &opts,
-            Device::Cpu,
-            &mut monitor,
-        )
-        .unwrap();
+        let f = fit(&model, &x, &bnn_encoder(8))
+            .options(&opts.clone())
+            .observer(&mut monitor)
+            .run()
+            .unwrap();
         (f, monitor.0)
     };
     let ((torch, seen_torch), (graph, seen_graph)) = (run(Engine::Torch), run(Engine::Graph));
@@ -175,15 +162,9 @@ fn graph_engine_refuses_shuffled_or_partial_epochs() {
             shuffle,
             ..options(Engine::Graph, Dtype::F32)
         };
-        fit(
-            &model,
-            &x,
-            &MethodConfig::Fvi,
-            None,
-            &opts,
-            Device::Cpu,
-            &mut Silent,
-        )
+        fit(&model, &x, &MethodConfig::Fvi)
+            .options(&opts.clone())
+            .run()
     };
     let err = run(10, true).unwrap_err().to_string();
     assert!(err.contains("shuffle"), "{err}");
@@ -233,19 +214,17 @@ fn cuda_graph_replays_match_eager_steps() {
         assert!(d <= 1e-5, "{}: replayed vs eager {d:e}", model.name());
         // Against the torch engine (tch's unfused Adam, f32): the same path
         // up to accumulated f32 rounding.
-        let torch = fit(
-            model.as_ref(),
-            &xt,
-            &method,
-            None,
-            &FitOptions {
-                batch_size,
-                ..options(Engine::Torch, Dtype::F32)
-            },
-            device,
-            &mut Silent,
-        )
-        .unwrap();
+        let torch = fit(model.as_ref(), &xt, &method)
+            .options(
+                &FitOptions {
+                    batch_size,
+                    ..options(Engine::Torch, Dtype::F32)
+                }
+                .clone(),
+            )
+            .device(device)
+            .run()
+            .unwrap();
         let d = max_rel(&replayed, &torch.trace.elbo);
         assert!(d <= 1e-3, "{}: graph vs torch engine {d:e}", model.name());
     }

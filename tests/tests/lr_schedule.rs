@@ -9,10 +9,8 @@
 //! follow the torch engine as in graph_engine.rs, and batched seeds their
 //! separate runs.
 
-use avi_inference::{
-    fit, fit_batched, Dtype, Engine, FitOptions, FusedTrainer, LrStep, MethodConfig, Silent,
-    Trainer,
-};
+use avi_inference::testing::{FusedTrainer, Trainer};
+use avi_inference::{fit, Dtype, Engine, FitOptions, LrStep, MethodConfig};
 use avi_models::{LinearModel, Model, SawModel};
 use avi_tests::{max_rel, mlp, serial};
 use tch::{Device, Kind, Tensor};
@@ -99,18 +97,7 @@ fn check_engine(
 ) {
     let (model, x, method) = problem;
     let opts = options(engine);
-    let run = |opts: &FitOptions| {
-        fit(
-            model.as_ref(),
-            x,
-            method,
-            None,
-            opts,
-            Device::Cpu,
-            &mut Silent,
-        )
-        .unwrap()
-    };
+    let run = |opts: &FitOptions| fit(model.as_ref(), x, method).options(opts).run().unwrap();
     let fitted = run(&opts);
     assert_eq!(fitted.trace.elbo, by_hand(&opts), "{}", model.name());
     let constant = run(&FitOptions {
@@ -155,16 +142,10 @@ fn graph_engine_follows_the_schedule() {
     let _serial = serial();
     for (model, x, method) in problems() {
         let run = |engine| {
-            fit(
-                model.as_ref(),
-                &x,
-                &method,
-                None,
-                &options(engine),
-                Device::Cpu,
-                &mut Silent,
-            )
-            .unwrap()
+            fit(model.as_ref(), &x, &method)
+                .options(&options(engine).clone())
+                .run()
+                .unwrap()
         };
         let (torch, graph) = (run(Engine::Torch), run(Engine::Graph));
         let d = max_rel(&torch.trace.elbo, &graph.trace.elbo);
@@ -173,17 +154,11 @@ fn graph_engine_follows_the_schedule() {
     let (model, x, method) = problems().swap_remove(0);
     let mut opts = options(Engine::Graph);
     opts.lr_schedule[0].from = 150;
-    let err = fit(
-        model.as_ref(),
-        &x,
-        &method,
-        None,
-        &opts,
-        Device::Cpu,
-        &mut Silent,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = fit(model.as_ref(), &x, &method)
+        .options(&opts.clone())
+        .run()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("lr_schedule") && err.contains("150"), "{err}");
 }
 
@@ -220,30 +195,22 @@ fn batched_seeds_follow_the_schedule() {
     let (model, x, method) = problems().swap_remove(0);
     let opts = options(Engine::Graph);
     let seeds = [5, 6];
-    let batched = fit_batched(
-        model.as_ref(),
-        &x,
-        &method,
-        &seeds,
-        &opts,
-        Device::Cpu,
-        &mut Silent,
-    )
-    .unwrap();
-    for (fit_b, seed) in batched.iter().zip(seeds) {
-        let separate = fit(
-            model.as_ref(),
-            &x,
-            &method,
-            None,
-            &FitOptions {
-                seed,
-                ..opts.clone()
-            },
-            Device::Cpu,
-            &mut Silent,
-        )
+    let batched = fit(model.as_ref(), &x, &method)
+        .seeds(&seeds)
+        .options(&opts.clone())
+        .run_all()
         .unwrap();
+    for (fit_b, seed) in batched.iter().zip(seeds) {
+        let separate = fit(model.as_ref(), &x, &method)
+            .options(
+                &FitOptions {
+                    seed,
+                    ..opts.clone()
+                }
+                .clone(),
+            )
+            .run()
+            .unwrap();
         let d = max_rel(&fit_b.trace.elbo, &separate.trace.elbo);
         assert!(d <= 1e-12, "seed {seed}: traces differ by {d:e}");
     }
@@ -270,7 +237,7 @@ fn cuda_graph_engine_recaptures_after_a_change() {
                 opts.lr_schedule.clear();
             }
             let trainer = Trainer::new(model.as_ref(), &x, &method, None, &opts, device).unwrap();
-            let mut g = avi_inference::GraphTrainer::new(trainer, 50).unwrap();
+            let mut g = avi_inference::testing::GraphTrainer::new(trainer, 50).unwrap();
             if !capture {
                 g = g.without_capture();
             }

@@ -6,15 +6,15 @@
 
 use avi_inference::{
     fit, Dtype, Engine, FitOptions, FitStatus, FunctionConfig, InferenceError, MethodConfig,
-    Silent, MAX_DRAWS, MAX_LR,
+    MAX_DRAWS, MAX_LR,
 };
 use avi_models::{BnnModel, LinearModel, Model};
 use avi_tests::{mlp, serial};
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// The field of the invalid-setting error of a fit, which must fail.
 fn refused(model: &dyn Model, x: &Tensor, method: &MethodConfig, opts: &FitOptions) -> String {
-    match fit(model, x, method, None, opts, Device::Cpu, &mut Silent) {
+    match fit(model, x, method).options(opts).run() {
         Err(e @ InferenceError::InvalidConfig { field, .. }) => {
             eprintln!("{e}");
             field.to_string()
@@ -62,7 +62,9 @@ fn learning_rates_are_bounded_and_the_bound_runs() {
                     dtype,
                     ..quick()
                 };
-                let f = fit(&model, &x, &method, None, &opts, Device::Cpu, &mut Silent)
+                let f = fit(&model, &x, &method)
+                    .options(&opts.clone())
+                    .run()
                     .unwrap_or_else(|e| panic!("{engine:?} {dtype:?}: {e}"));
                 eprintln!("{engine:?} {dtype:?} {}: {:?}", method.label(), f.status);
             }
@@ -183,16 +185,10 @@ fn an_absurd_final_elbo_is_flagged_on_every_engine() {
             engine,
             ..quick()
         };
-        let f = fit(
-            &model,
-            &x,
-            &MethodConfig::Fvi,
-            None,
-            &opts,
-            Device::Cpu,
-            &mut Silent,
-        )
-        .unwrap();
+        let f = fit(&model, &x, &MethodConfig::Fvi)
+            .options(&opts.clone())
+            .run()
+            .unwrap();
         eprintln!("{engine:?}: {} ± {}: {:#?}", f.elbo, f.elbo_se, f.warnings);
         assert_eq!(f.status, FitStatus::Ok, "{engine:?}");
         assert!(
@@ -233,7 +229,10 @@ fn a_converged_fit_has_no_warnings() {
                 engine,
                 ..FitOptions::default()
             };
-            let f = fit(&model, &x, &method, None, &opts, Device::Cpu, &mut Silent).unwrap();
+            let f = fit(&model, &x, &method)
+                .options(&opts.clone())
+                .run()
+                .unwrap();
             let optimum = model
                 .fvi_optimum(&Vec::<f64>::try_from(&x).unwrap())
                 .unwrap()
@@ -264,26 +263,15 @@ fn data_beyond_f32_are_named_as_such() {
         ..quick()
     };
     for result in [
-        fit(
-            &model,
-            &x,
-            &MethodConfig::Fvi,
-            None,
-            &opts,
-            Device::Cpu,
-            &mut Silent,
-        )
-        .map(|_| ()),
-        avi_inference::fit_batched(
-            &model,
-            &x,
-            &MethodConfig::Fvi,
-            &[1, 2],
-            &opts,
-            Device::Cpu,
-            &mut Silent,
-        )
-        .map(|_| ()),
+        fit(&model, &x, &MethodConfig::Fvi)
+            .options(&opts.clone())
+            .run()
+            .map(|_| ()),
+        avi_inference::fit(&model, &x, &MethodConfig::Fvi)
+            .seeds(&[1, 2])
+            .options(&opts.clone())
+            .run_all()
+            .map(|_| ()),
     ] {
         let e = result.unwrap_err().to_string();
         assert!(e.contains("value 1 of x (1e150) overflows f32"), "{e}");

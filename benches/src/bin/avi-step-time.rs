@@ -31,9 +31,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use avi_benches::synchronize;
+use avi_inference::testing::{BatchedTrainer, CudaFviTrainer, FusedTrainer, GraphTrainer, Trainer};
 use avi_inference::{
-    evaluate_elbo, Activation, BatchedTrainer, CudaFviTrainer, Edges, Entropy, FitOptions,
-    FunctionConfig, FusedTrainer, GraphTrainer, Heads, MethodConfig, Trainer, Variational,
+    evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, Heads, MethodConfig,
+    Variational,
 };
 use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};

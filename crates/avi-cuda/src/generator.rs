@@ -53,6 +53,11 @@ impl Generator {
         Ok(Self { ptr, device })
     }
 
+    /// The device whose draws this generator makes.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
     /// Give `device`'s default generator this generator's state (so that
     /// later draws from the default continue this stream).
     pub fn restore_default(&self) -> Result<()> {

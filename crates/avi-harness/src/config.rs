@@ -290,10 +290,13 @@ pub struct FitConfig {
     /// the paper).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lr_schedule: Vec<LrStep>,
-    /// `"torch"` (default), `"fused"` (the fused CPU engine of the scalar
-    /// models: linear, nonlinear, saw) or `"graph"` (the libtorch step with
-    /// a device-side Adam, captured as CUDA graphs on CUDA; mini-batches
-    /// without `shuffle`, whole epochs per graph).
+    /// `"auto"` (default: the fastest engine that supports the model,
+    /// method, options and device; the report's `engine` names the one
+    /// that ran), `"torch"` (libtorch kernels and autograd), `"fused"` (the
+    /// fused CPU engine of the scalar models: linear, nonlinear, saw) or
+    /// `"graph"` (the libtorch step with a device-side Adam, captured as
+    /// CUDA graphs on CUDA; mini-batches without `shuffle`, whole epochs
+    /// per graph).
     #[serde(default)]
     pub engine: avi_inference::Engine,
     /// Reconstruction error monitoring (BNN only; digest §4.4).

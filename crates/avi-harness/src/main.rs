@@ -165,6 +165,9 @@ enum Command {
 /// The `--engine` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum EngineChoice {
+    /// The fastest engine that supports the model, method, options and
+    /// device (the report names the one that ran).
+    Auto,
     /// libtorch kernels and autograd.
     Torch,
     /// The fused CPU engine (linear, nonlinear, saw).
@@ -416,6 +419,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             if let Some(e) = engine {
                 for d in &mut defs {
                     d.engine = match e {
+                        EngineChoice::Auto => avi_inference::Engine::Auto,
                         EngineChoice::Torch => avi_inference::Engine::Torch,
                         EngineChoice::Fused => avi_inference::Engine::Fused,
                         EngineChoice::Graph => avi_inference::Engine::Graph,

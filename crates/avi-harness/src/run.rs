@@ -462,7 +462,7 @@ impl Observer for MseMonitor<'_> {
             None => None,
             Some(t) => {
                 let t = t.to_kind(kind);
-                match var.predict_local(&t)? {
+                match var.predict_params(&t)? {
                     None => None,
                     Some(q) => Some(self.model.reconstruction_mse(&theta, &q.mean, &t)?),
                 }
@@ -487,15 +487,12 @@ pub fn run_prepared(
     let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
     let run = |observer: &mut dyn Observer| {
-        fit(
-            prepared.model.as_model(),
-            &x,
-            &cfg.method,
-            cfg.model.fixed_theta(),
-            &cfg.options(),
-            device,
-            observer,
-        )
+        fit(prepared.model.as_model(), &x, &cfg.method)
+            .fixed_theta(cfg.model.fixed_theta())
+            .options(cfg.options())
+            .device(device)
+            .observer(observer)
+            .run()
     };
     let (result, monitor) = match (&prepared.model, &cfg.mse) {
         (BuiltModel::Bnn(model), Some(m)) => {
@@ -597,15 +594,12 @@ pub fn run_prepared_batched(
     let x = data_tensor(prepared);
     let mut opts = cfg.options();
     opts.engine = avi_inference::Engine::Graph;
-    let fits = avi_inference::fit_batched(
-        prepared.model.as_model(),
-        &x,
-        &cfg.method,
-        seeds,
-        &opts,
-        device,
-        observer,
-    )?;
+    let fits = avi_inference::fit(prepared.model.as_model(), &x, &cfg.method)
+        .seeds(seeds)
+        .options(&opts.clone())
+        .device(device)
+        .observer(observer)
+        .run_all()?;
     let mut out = Vec::with_capacity(fits.len());
     for (fit, &seed) in fits.into_iter().zip(seeds) {
         let mut c = cfg.clone();

@@ -9,8 +9,11 @@
 use avi_models::Model;
 use tch::{Kind, Tensor};
 
-use crate::fit::{elbo_draws, evaluate_elbo, Fit, FitOptions, Trainer, MAX_DRAWS, MAX_STEPS};
+use crate::elbo::{elbo_draws, evaluate_elbo};
+use crate::engine::torch::Trainer;
 use crate::limits::{available_memory, check_fit_within};
+use crate::options::{FitOptions, MAX_DRAWS, MAX_STEPS};
+use crate::result::Fit;
 use crate::{InferenceError, MethodConfig, Result};
 
 /// The outcome of [`diagnose`].
@@ -103,7 +106,7 @@ pub fn diagnose(
     for _ in 0..fvi_steps {
         let _elbo = trainer.step()?;
     }
-    let refined = trainer.into_variational();
+    let refined = trainer.into_variational()?;
     let (refined_elbo, refined_se) =
         evaluate_elbo(model, &refined, &x, opts.eval_draws, opts.entropy)?;
     Ok(Diagnosis {

@@ -7,9 +7,9 @@
 //! libtorch, on the device the caller chooses.
 //!
 //! ```no_run
-//! use avi_inference::{fit, FitOptions, FunctionConfig, MethodConfig, Silent};
+//! use avi_inference::{fit, FitOptions, FunctionConfig, MethodConfig};
 //! use avi_models::LinearModel;
-//! use tch::{Device, Tensor};
+//! use tch::Tensor;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let model = LinearModel::new(1.155, 2.43)?;
@@ -21,57 +21,66 @@
 //!     edges: Default::default(),
 //! };
 //! let opts = FitOptions { steps: 2_000, lr: 0.01, ..FitOptions::default() };
-//! let result = fit(&model, &Tensor::from_slice(&x), &method, None, &opts, Device::Cpu, &mut Silent)?;
+//! let x_t = Tensor::from_slice(&x);
+//! let result = fit(&model, &x_t, &method).options(opts).run()?;
 //! let optimum = model.fvi_optimum(&x)?.elbo;
 //! println!("ELBO {:.2} ± {:.2}, optimum {optimum:.2}", result.elbo, result.elbo_se);
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! **Threads.** libtorch starts with one CPU thread per core. At the
-//! paper's sizes one thread is the fastest, and the default collapses when
-//! other processes share the cores (a step measured 45× slower on a loaded
-//! 2-core machine): choose the count with `tch::set_num_threads(1)` before
-//! fitting (the `avi` binary uses 1 unless `--threads` says otherwise). The
-//! fused engine splits its sums over its threads, so its last bits depend
-//! on the count.
+//! **The vocabulary.** [`fit`] starts a [`FitRequest`] (model, data,
+//! method; then options, device, fixed θ, a warm start, seeds, threads,
+//! an [`Observer`]) whose [`FitRequest::run`] returns a [`Fit`]: q(θ) and
+//! q(z_n) as [`GaussianSummary`]s, the [`Trace`], the final ELBO, the
+//! [`FitStatus`], the [`Engine`] that ran and the fitted [`Variational`]
+//! (whose [`Variational::predict_local`] encodes new observations). A
+//! model is anything implementing [`avi_models::Model`]. An inference
+//! function of one's own implements [`InferenceFunction`]: build a
+//! [`Variational`] with it ([`Variational::new`]) and fit it with
+//! [`FitRequest::start_from`], through the same loop, trace, checks and
+//! observer as the built-in ones.
+//!
+//! **Threads.** A fit sets libtorch's CPU thread count to
+//! [`FitRequest::threads`] (default 1). At the paper's sizes one thread is
+//! the fastest, and libtorch's own default (one per core) collapses when
+//! other processes share the cores (a step measured 45× slower on a
+//! loaded 2-core machine). The fused engine splits its sums over its
+//! threads, so its last bits depend on the count.
 //!
 //! **Sizes.** [`fit()`] checks every range and the memory a fit would need
 //! ([`check_fit`], [`memory_estimate`]) before it allocates anything.
 #![warn(missing_docs)]
 
-pub mod batched;
 pub mod convergence;
-pub mod diagnose;
-pub mod error;
-pub mod family;
-pub mod fit;
-pub mod function;
-pub mod fused;
-pub mod fused_cuda;
-pub mod limits;
-pub mod method;
+mod diagnose;
+mod elbo;
+mod engine;
+mod error;
+mod family;
+mod fit;
+mod forms;
+mod function;
+mod limits;
+mod method;
+mod observer;
+mod options;
+mod result;
 
 /// The `tch` crate (libtorch's Rust bindings) this crate is built on,
 /// re-exported so that users pin the same version.
 pub use tch;
 
-pub use batched::{fit_batched, BatchedTrainer};
+/// The error of the CUDA layer ([`InferenceError::Cuda`]): CUDA graphs,
+/// libtorch's fused Adam and the generators, in the `avi-cuda` shim (which
+/// builds without the CUDA headers, graphs then off).
+pub use avi_cuda::CudaError;
 pub use diagnose::{diagnose, Diagnosis};
+pub use elbo::{elbo_draws, elbo_draws_batch, evaluate_elbo, host_vec};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
-pub use fit::{
-    elbo_draws, elbo_draws_batch, elbo_warnings, evaluate_elbo, fit, generator_guard, host_vec,
-    Dtype, Engine, Entropy, Fit, FitOptions, FitStatus, GaussianSummary, GraphTrainer, LrStep,
-    Observer, Silent, Trace, Trainer, ELBO_WARN_PER_VALUE, MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
-    SE_WARN_NATS, SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
-};
-pub use function::{
-    Activation, FunctionConfig, FunctionParts, Heads, InferenceFunction, Mlp, NetParts, Output,
-    Polynomial,
-};
-pub use fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
-pub use fused_cuda::CudaFviTrainer;
+pub use fit::{fit, FitRequest, MAX_THREADS};
+pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use limits::{
     available_memory, check_fit, check_fit_within, check_representable, memory_estimate,
 };
@@ -79,3 +88,26 @@ pub use method::{
     amortization_inputs, check_window, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor,
     Variational,
 };
+pub use observer::{Observer, Silent};
+pub use options::{
+    CheckedOptions, Dtype, Engine, Entropy, FitOptions, LrStep, MAX_DRAWS, MAX_LR, MAX_STEPS,
+    MIN_LR,
+};
+pub use result::{
+    elbo_warnings, Clock, Fit, FitStatus, GaussianSummary, Trace, ELBO_WARN_PER_VALUE,
+    SE_WARN_NATS, SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
+};
+
+/// The engines' own types, for the workspace's tests and benchmark tools:
+/// not part of the public vocabulary, and free to change between
+/// releases. Use [`fit`] instead.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::engine::batched::BatchedTrainer;
+    pub use crate::engine::fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
+    pub use crate::engine::fused_cuda::CudaFviTrainer;
+    pub use crate::engine::global_guard as generator_guard;
+    pub use crate::engine::graph::GraphTrainer;
+    pub use crate::engine::torch::Trainer;
+    pub use crate::function::{FunctionParts, NetParts};
+}

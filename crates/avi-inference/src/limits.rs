@@ -8,9 +8,9 @@
 use avi_models::{Model, MAX_OBSERVATIONS};
 use tch::{Device, Kind, Tensor};
 
-use crate::fit::{Dtype, Engine, FitOptions};
 use crate::function::{FunctionConfig, Heads, Output};
 use crate::method::{check_window, Edges, MethodConfig};
+use crate::options::{Dtype, Engine, FitOptions};
 use crate::{InferenceError, Result};
 
 /// Data whose finite values the fit's dtype cannot hold (|x| beyond f32's
@@ -445,8 +445,8 @@ pub(crate) fn check_runs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fit::{MAX_DRAWS, MAX_STEPS};
     use crate::function::Activation;
+    use crate::options::{MAX_DRAWS, MAX_STEPS};
     use avi_models::{BnnModel, LinearModel};
 
     const GIB: u64 = 1 << 30;

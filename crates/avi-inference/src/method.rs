@@ -7,6 +7,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::family::GaussianParams;
 use crate::function::{FunctionConfig, InferenceFunction, Output};
+use crate::result::GaussianSummary;
 use crate::{InferenceError, Result};
 
 fn yes() -> bool {
@@ -450,9 +451,21 @@ impl Variational {
         })
     }
 
-    /// [`Variational::predict_raw`] as Gaussian `[N', L]` means and log-sds
-    /// (Gaussian local factors only).
-    pub fn predict_local(&self, x_new: &Tensor) -> Result<Option<GaussianParams>> {
+    /// q(z_n) of new observations `x_new` (`[N']` or `[N', d_x]`, any
+    /// device) through the fitted inference function: `[N', L]` means and
+    /// standard deviations on the host, the same [`GaussianSummary`] as
+    /// [`crate::Fit::q_z`] (Gaussian local factors only). Const gives its
+    /// one factor for every n; F-VI has nothing to say about new data
+    /// (`None`).
+    pub fn predict_local(&self, x_new: &Tensor) -> Result<Option<GaussianSummary>> {
+        self.predict_params(x_new)?
+            .map(|p| crate::elbo::summarize(&p))
+            .transpose()
+    }
+
+    /// [`Variational::predict_local`] as tensors on the parameters' device
+    /// (means and log-sds), for further computation there.
+    pub fn predict_params(&self, x_new: &Tensor) -> Result<Option<GaussianParams>> {
         Ok(self
             .predict_raw(x_new)?
             .map(|raw| self.output.gaussian(&raw)))
@@ -888,7 +901,7 @@ mod tests {
     /// `method.window` (before: an overflow panic in `before + after`).
     #[test]
     fn overflowing_windows_are_errors() {
-        let _generator = crate::generator_guard();
+        let _generator = crate::engine::test_serial();
         let x = Tensor::randn([10], (Kind::Double, Device::Cpu));
         for window in [
             [usize::MAX, 1],
@@ -950,7 +963,7 @@ mod tests {
     fn predictions_on_the_training_data_are_the_fitted_factors() {
         // Draws from libtorch's process-wide generator: not while another
         // test has seeded it.
-        let _generator = crate::generator_guard();
+        let _generator = crate::engine::test_serial();
         let x = Tensor::randn([40], (Kind::Double, Device::Cpu)).multiply_scalar(3.0) + 2.0;
         let avi = MethodConfig::Avi {
             function: FunctionConfig::Mlp {

@@ -12,9 +12,11 @@ use avi_cuda::{FviDebug, FviKernels, FviSettings, FviState};
 use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
 use tch::{Device, Kind, Tensor};
 
-use crate::fit::{BlockGraph, Entropy, FitOptions};
-use crate::fused::{flat_params, flat_variational, initial_variational};
+use crate::engine::fused::{flat_params, flat_variational, initial_variational};
+use crate::engine::graph::BlockGraph;
+use crate::engine::{Block, Draws, Stepper};
 use crate::method::{MethodConfig, Variational};
+use crate::options::{Entropy, FitOptions};
 use crate::{InferenceError, Result};
 
 /// F-VI of a scalar model on a CUDA device, in blocks of steps.
@@ -27,6 +29,7 @@ pub struct CudaFviTrainer {
     graph: BlockGraph,
     kind: Kind,
     device: Device,
+    rng: Draws,
 }
 
 impl std::fmt::Debug for CudaFviTrainer {
@@ -84,7 +87,7 @@ impl CudaFviTrainer {
         if block == 0 {
             return Err(InferenceError::config("check_every", "must be at least 1"));
         }
-        let var = initial_variational(model, x, method, opts)?;
+        let (var, rng) = initial_variational(model, x, method, opts, device)?;
         let params = flat_params(&var)?;
         let n = x.len();
         let (mean, log_sd) = params[2..].split_at(n);
@@ -121,6 +124,7 @@ impl CudaFviTrainer {
             graph: BlockGraph::new(device)?,
             kind: opts.dtype.kind(),
             device,
+            rng,
         })
     }
 
@@ -214,6 +218,12 @@ impl CudaFviTrainer {
 
     /// The fitted parameters as an F-VI [`Variational`] on the device.
     pub fn into_variational(self) -> Result<Variational> {
+        self.variational()
+    }
+
+    /// A copy of the current parameters as an F-VI [`Variational`] on the
+    /// device.
+    fn variational(&self) -> Result<Variational> {
         let n = self.state.x.size()[0] as usize;
         let mut params = crate::host_vec(&self.state.theta_params)?;
         params.extend(crate::host_vec(&self.state.mean)?);
@@ -224,5 +234,53 @@ impl CudaFviTrainer {
     /// Number of learned scalars (2N + 2).
     pub fn num_parameters(&self) -> usize {
         2 * self.state.x.size()[0] as usize + 2
+    }
+}
+
+impl Stepper for CudaFviTrainer {
+    fn block(&self) -> usize {
+        self.block
+    }
+
+    fn steps(&mut self, len: usize) -> Result<Block> {
+        let values = if len == self.block {
+            self.step_block()?
+        } else {
+            let steps = (0..len).map(|_| self.step()).collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&steps, 0)
+        };
+        Ok(Block {
+            values: Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu))?,
+            stamps: None,
+        })
+    }
+
+    fn set_lr(&mut self, _lr: f64) -> Result<()> {
+        // The engine choice refuses a schedule on CUDA before the run starts.
+        Err(InferenceError::config(
+            "lr_schedule",
+            "the fused CUDA kernels take one learning rate",
+        ))
+    }
+
+    fn params_finite(&self) -> Result<Vec<bool>> {
+        Ok(vec![CudaFviTrainer::params_finite(self)])
+    }
+
+    fn monitor(
+        &mut self,
+        _run: usize,
+        f: &mut dyn FnMut(&Variational) -> Result<()>,
+    ) -> Result<()> {
+        f(&self.variational()?)
+    }
+
+    fn exclusive(&self) -> bool {
+        true
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<(Variational, Draws)>> {
+        let var = self.variational()?;
+        Ok(vec![(var, self.rng)])
     }
 }

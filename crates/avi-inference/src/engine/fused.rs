@@ -63,8 +63,10 @@ use rayon::prelude::*;
 use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use crate::fit::{host_vec, params_finite, Entropy, FitOptions};
+use crate::elbo::host_vec;
+use crate::engine::{params_finite, seeded, Block, Draws as EngineDraws, Stepper};
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
+use crate::options::{Entropy, FitOptions};
 use crate::{InferenceError, Result};
 
 mod math;
@@ -841,6 +843,7 @@ pub struct FusedTrainer {
     pool: Option<rayon::ThreadPool>,
     state: State,
     kind: Kind,
+    rng: EngineDraws,
 }
 
 impl std::fmt::Debug for FusedTrainer {
@@ -883,7 +886,7 @@ impl FusedTrainer {
             ));
         }
         let kind = opts.dtype.kind();
-        let var = initial_variational(model, x, method, opts)?;
+        let (var, rng) = initial_variational(model, x, method, opts, device)?;
         let state = match method {
             MethodConfig::Fvi | MethodConfig::Const => {
                 let params = flat_params(&var)?;
@@ -917,6 +920,7 @@ impl FusedTrainer {
             pool: None,
             state,
             kind,
+            rng,
         })
     }
 
@@ -1092,17 +1096,24 @@ impl FusedTrainer {
     /// from the host values in the fit's dtype; A-VI's own), for evaluation
     /// and further work (e.g. the §5 diagnostic).
     pub fn into_variational(self) -> Result<Variational> {
+        Ok(self.into_parts()?.0)
+    }
+
+    /// The fitted parameters and the generator the fit's evaluation draws
+    /// from.
+    fn into_parts(self) -> Result<(Variational, EngineDraws)> {
         let n = self.x.len();
-        match self.state {
+        let var = match self.state {
             State::Host(host) => {
                 host.synced();
-                Ok(*host.var)
+                *host.var
             }
-            State::Torch { var, .. } => Ok(*var),
+            State::Torch { var, .. } => *var,
             State::Flat { params, shared, .. } => {
-                Ok(flat_variational(&params, shared, n, self.kind, Device::Cpu))
+                flat_variational(&params, shared, n, self.kind, Device::Cpu)
             }
-        }
+        };
+        Ok((var, self.rng))
     }
 
     /// Set the learning rate of the following steps.
@@ -1157,17 +1168,21 @@ impl FusedTrainer {
 /// Validate `x`, seed libtorch's generator with `opts.seed` and initialise
 /// the parameters of `method` on the CPU exactly as [`crate::Trainer::new`]
 /// does (shared by the fused engines).
+/// Returns the parameters with the generator that continues the stream on
+/// `device` (where the fit's final ELBO is evaluated).
 pub(crate) fn initial_variational(
     model: &FusedModel,
     x: &[f64],
     method: &MethodConfig,
     opts: &FitOptions,
-) -> Result<Variational> {
+    device: Device,
+) -> Result<(Variational, EngineDraws)> {
     let full = model.model()?;
     let kind = opts.dtype.kind();
     let xt = Tensor::from_slice(x).to_kind(kind);
-    tch::manual_seed(opts.seed as i64);
-    Variational::for_model(method, full.as_ref(), &xt, None, kind, Device::Cpu)
+    seeded(opts.seed, device, || {
+        Variational::for_model(method, full.as_ref(), &xt, None, kind, Device::Cpu)
+    })
 }
 
 /// The flat parameter vector `[μ_θ, log s_θ, μ_1.., log s_1..]` of an F-VI
@@ -1280,3 +1295,54 @@ fn torch_backward<D: Draws>(
 
 #[cfg(test)]
 mod tests;
+
+impl Stepper for FusedTrainer {
+    /// Steps one at a time on the host; stops after a non-finite estimate.
+    fn steps(&mut self, len: usize) -> Result<Block> {
+        let mut values = Vec::with_capacity(len);
+        let mut stamps = Vec::with_capacity(len);
+        for _ in 0..len {
+            let elbo = self.step()?;
+            values.push(elbo);
+            stamps.push(std::time::Instant::now());
+            if !elbo.is_finite() {
+                break;
+            }
+        }
+        Ok(Block {
+            values,
+            stamps: Some(stamps),
+        })
+    }
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        FusedTrainer::set_lr(self, lr);
+        Ok(())
+    }
+
+    fn params_finite(&self) -> Result<Vec<bool>> {
+        Ok(vec![FusedTrainer::params_finite(self)])
+    }
+
+    fn monitor(
+        &mut self,
+        _run: usize,
+        f: &mut dyn FnMut(&Variational) -> Result<()>,
+    ) -> Result<()> {
+        match &self.state {
+            State::Flat { params, shared, .. } => f(&flat_variational(
+                params,
+                *shared,
+                self.x.len(),
+                self.kind,
+                Device::Cpu,
+            )),
+            State::Host(host) => f(host.synced()),
+            State::Torch { var, .. } => f(var),
+        }
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<(Variational, EngineDraws)>> {
+        Ok(vec![self.into_parts()?])
+    }
+}

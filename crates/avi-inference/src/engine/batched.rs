@@ -20,11 +20,11 @@ use avi_cuda::{FusedAdam, Generator};
 use avi_models::Model;
 use tch::{Device, Tensor};
 
+use crate::elbo::{gaussian_neg_log_q, host_vec};
+use crate::engine::{seeded, Block, Draws, Stepper};
 use crate::family::GaussianParams;
-use crate::fit::{
-    finish, gaussian_neg_log_q, record_block, Fit, FitOptions, FitStatus, Observer, Trace,
-};
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
+use crate::options::FitOptions;
 use crate::{InferenceError, Result};
 
 /// R seeds of one F-VI or Const problem as one batched optimisation.
@@ -107,8 +107,12 @@ impl<'a> BatchedTrainer<'a> {
         model.check_data(&x)?;
         let (mut tm, mut tls, mut local, mut gens) = (vec![], vec![], vec![], vec![]);
         for &seed in seeds {
-            tch::manual_seed(seed as i64);
-            let var = Variational::for_model(method, model, &x, None, kind, device)?;
+            let (var, rng) = seeded(seed, device, || {
+                Variational::for_model(method, model, &x, None, kind, device)
+            })?;
+            let Draws::Own(gen) = rng else {
+                unreachable!("seeded gives the fit its own generator")
+            };
             let ThetaFactor::Free(q) = &var.theta else {
                 unreachable!("no fixed θ was given")
             };
@@ -118,7 +122,7 @@ impl<'a> BatchedTrainer<'a> {
                 LocalFactor::Free(p) | LocalFactor::Shared(p) => p.detach().copy(),
                 LocalFactor::Amortized { .. } => unreachable!("F-VI or Const"),
             });
-            gens.push(Generator::clone_default(device)?);
+            gens.push(gen);
         }
         let leaf = |v: &[Tensor]| Tensor::stack(v, 0).set_requires_grad(true);
         let (theta_mean, theta_log_sd, local) = (leaf(&tm), leaf(&tls), leaf(&local));
@@ -229,93 +233,61 @@ impl<'a> BatchedTrainer<'a> {
         let all = ok(&self.theta_mean)
             .logical_and(&ok(&self.theta_log_sd))
             .logical_and(&ok(&self.local));
-        Ok(crate::host_vec(&all)?.iter().map(|&v| v != 0.0).collect())
+        Ok(host_vec(&all)?.iter().map(|&v| v != 0.0).collect())
     }
 
-    /// Run r's parameters as a [`Variational`] (on the fit's device), with
-    /// the default generator set to run r's stream, so that what follows
-    /// (the final ELBO estimate) draws as the separate run would.
-    fn take_run(&self, r: usize) -> Result<Variational> {
-        self.gens[r].restore_default()?;
+    /// Run r's parameters as a [`Variational`] (on the fit's device; the
+    /// tensors share the batch's storage).
+    fn run_parts(&self, r: usize) -> Variational {
         let r = r as i64;
-        Ok(Variational::from_gaussian_parts(
+        Variational::from_gaussian_parts(
             &self.theta_mean.get(r),
             &self.theta_log_sd.get(r),
             &self.local.get(r),
             self.shared,
             self.n,
-        ))
+        )
     }
 }
 
-/// Fit `method` once per seed as one batched optimisation (see the module
-/// documentation); returns one [`Fit`] per seed, in order, each as
-/// [`crate::fit()`] with that seed and [`crate::Engine::Graph`] would return
-/// it (its trace, status, final ELBO from the run's own continuing draws,
-/// parameters), except that `seconds` and the trace's clock are the batch's
-/// and that a diverged run's final parameters are those at the end of the
-/// batch. `observer` sees the first run's ELBO at each check.
-pub fn fit_batched(
-    model: &dyn Model,
-    x: &Tensor,
-    method: &MethodConfig,
-    seeds: &[u64],
-    opts: &FitOptions,
-    device: Device,
-    observer: &mut dyn Observer,
-) -> Result<Vec<Fit>> {
-    let _generator = crate::generator_guard();
-    let mut trainer = BatchedTrainer::new(model, x, method, seeds, opts, device)?;
-    let runs = trainer.runs();
-    let mut traces = vec![Trace::default(); runs];
-    let mut status = vec![FitStatus::Ok; runs];
-    let mut block: Vec<Tensor> = Vec::with_capacity(opts.check_every);
-    let mut clock: Vec<f64> = Vec::with_capacity(opts.check_every);
-    let start = Instant::now();
-    for step in 1..=opts.steps {
-        if let Some(lr) = opts.lr_change_at(step) {
-            trainer.set_lr(lr);
-        }
-        block.push(trainer.step()?);
-        clock.push(start.elapsed().as_secs_f64());
-        if block.len() == opts.check_every || step == opts.steps {
-            // [k, R] → per run
-            let values = crate::host_vec(&Tensor::stack(&block, 0))?;
-            let k = block.len();
-            let first = step + 1 - k;
-            if let Some(t) = clock.last_mut() {
-                *t = start.elapsed().as_secs_f64();
-            }
-            let finite = trainer.params_finite()?;
-            for r in 0..runs {
-                if status[r] != FitStatus::Ok {
-                    continue;
-                }
-                let mine: Vec<f64> = (0..k).map(|i| values[i * runs + r]).collect();
-                record_block(
-                    &mut traces[r],
-                    &mut status[r],
-                    first,
-                    &mine,
-                    &clock,
-                    finite[r],
-                );
-            }
-            observer.on_check(step, opts.steps, values[(k - 1) * runs]);
-            block.clear();
-            clock.clear();
-            if status.iter().all(|s| *s != FitStatus::Ok) {
-                break;
-            }
-        }
+impl Stepper for BatchedTrainer<'_> {
+    fn runs(&self) -> usize {
+        self.gens.len()
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let mut fits = Vec::with_capacity(runs);
-    for (r, (trace, status)) in traces.into_iter().zip(status).enumerate() {
-        let var = trainer.take_run(r)?;
-        fits.push(finish(
-            model, var, &trainer.x, trace, status, seconds, opts,
-        )?);
+
+    fn steps(&mut self, len: usize) -> Result<Block> {
+        let mut values = Vec::with_capacity(len);
+        let mut stamps = Vec::with_capacity(len);
+        for _ in 0..len {
+            values.push(self.step()?);
+            stamps.push(Instant::now());
+        }
+        // [len, R], step-major
+        Ok(Block {
+            values: host_vec(&Tensor::stack(&values, 0))?,
+            stamps: Some(stamps),
+        })
     }
-    Ok(fits)
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        BatchedTrainer::set_lr(self, lr);
+        Ok(())
+    }
+
+    fn params_finite(&self) -> Result<Vec<bool>> {
+        BatchedTrainer::params_finite(self)
+    }
+
+    fn monitor(&mut self, run: usize, f: &mut dyn FnMut(&Variational) -> Result<()>) -> Result<()> {
+        f(&self.run_parts(run))
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<(Variational, Draws)>> {
+        let vars: Vec<Variational> = (0..self.gens.len()).map(|r| self.run_parts(r)).collect();
+        Ok(vars
+            .into_iter()
+            .zip(self.gens)
+            .map(|(v, g)| (v, Draws::Own(g)))
+            .collect())
+    }
 }

@@ -1,0 +1,335 @@
+//! The libtorch engine: kernels and autograd, every model, method and
+//! device ([`Trainer`]).
+
+use std::time::Instant;
+
+use avi_models::Model;
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use crate::elbo::{draws_from, evaluate_from};
+use crate::engine::{params_finite, seeded, Block, Draws, Stepper};
+use crate::fit::check_data_size;
+use crate::method::{MethodConfig, Variational};
+use crate::options::{Engine, FitOptions};
+use crate::{InferenceError, Result};
+
+/// Adam as tch binds it (host step count) or libtorch's fused kernel with
+/// device step counts ([`Engine::Graph`]).
+enum Optim {
+    Torch(nn::Optimizer),
+    Fused(avi_cuda::FusedAdam),
+}
+
+impl Optim {
+    fn new(var: &Variational, opts: &FitOptions) -> Result<Self> {
+        Ok(match opts.engine {
+            Engine::Graph => Self::Fused(avi_cuda::FusedAdam::new(
+                var.vs.trainable_variables(),
+                opts.lr,
+            )?),
+            _ => Self::Torch(nn::Adam::default().build(&var.vs, opts.lr)?),
+        })
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        match self {
+            Self::Torch(o) => o.set_lr(lr),
+            Self::Fused(o) => o.set_lr(lr),
+        }
+    }
+
+    /// Gradients of `loss`, then one Adam step.
+    fn minimise(&mut self, loss: &Tensor) -> Result<()> {
+        match self {
+            Self::Torch(o) => {
+                o.zero_grad();
+                loss.backward();
+                o.step();
+            }
+            Self::Fused(o) => {
+                o.zero_grad();
+                loss.backward();
+                o.step()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One optimisation problem: a model, its data on the device, the
+/// variational parameters and their Adam state. [`Trainer::step`] performs
+/// one iteration; [`fit`] drives it with checks and a trace.
+pub struct Trainer<'a> {
+    model: &'a dyn Model,
+    pub(crate) x: Tensor,
+    pub(crate) var: Variational,
+    optimizer: Optim,
+    pub(crate) opts: FitOptions,
+    /// Mini-batching: the order of the observations and the next position.
+    order: Option<Tensor>,
+    position: i64,
+    /// The fit's own generator (draws and shuffles).
+    pub(crate) rng: Draws,
+}
+
+impl std::fmt::Debug for Trainer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("model", &self.model.name())
+            .field("var", &self.var)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+impl<'a> Trainer<'a> {
+    /// Validate the options and data, seed libtorch's generator with
+    /// `opts.seed` and initialise the variational parameters of `method`.
+    pub fn new(
+        model: &'a dyn Model,
+        x: &Tensor,
+        method: &MethodConfig,
+        fixed_theta: Option<&[f64]>,
+        opts: &FitOptions,
+        device: Device,
+    ) -> Result<Self> {
+        check_data_size(model, x, method, opts, device)?;
+        let kind = opts.dtype.kind();
+        let x = x.to_device(device).to_kind(kind);
+        model.check_data(&x)?;
+        if opts.batch_size.is_some() && !model.supports_batches() {
+            return Err(InferenceError::config(
+                "batch_size",
+                format!("the {} model does not support mini-batches", model.name()),
+            ));
+        }
+        let n = x.size()[0];
+        let ((var, order), rng) = seeded(opts.seed, device, || {
+            let var = Variational::for_model(method, model, &x, fixed_theta, kind, device)?;
+            let order = opts.batch_size.map(|_| {
+                if opts.shuffle {
+                    Tensor::randperm(n, (Kind::Int64, device))
+                } else {
+                    Tensor::arange(n, (Kind::Int64, device))
+                }
+            });
+            Ok((var, order))
+        })?;
+        let optimizer = Optim::new(&var, opts)?;
+        Ok(Self {
+            model,
+            x,
+            var,
+            optimizer,
+            opts: opts.clone(),
+            order,
+            position: 0,
+            rng,
+        })
+    }
+
+    /// Start from given variational parameters `start` (a warm start)
+    /// instead of the family's initialisation, with a fresh Adam state and
+    /// draws from a generator seeded with `opts.seed`. `start` must live on
+    /// `device` and hold N = the data's length rows.
+    pub fn starting_at(
+        model: &'a dyn Model,
+        x: &Tensor,
+        start: Variational,
+        opts: &FitOptions,
+        device: Device,
+    ) -> Result<Self> {
+        opts.check()?;
+        if opts.batch_size.is_some() {
+            return Err(InferenceError::config(
+                "batch_size",
+                "a warm start supports full batches only",
+            ));
+        }
+        let x = x.to_device(device).to_kind(opts.dtype.kind());
+        model.check_data(&x)?;
+        let n = x.size().first().copied().unwrap_or(0) as usize;
+        if start.n != n || start.vs.device() != device {
+            return Err(InferenceError::config(
+                "start",
+                format!(
+                    "the starting parameters hold {} observations on {:?}; the fit has {n} on {device:?}",
+                    start.n,
+                    start.vs.device()
+                ),
+            ));
+        }
+        if start.local_dim != model.local_dim() {
+            return Err(InferenceError::config(
+                "start",
+                format!(
+                    "the starting parameters have local dimension {}, the model {}",
+                    start.local_dim,
+                    model.local_dim()
+                ),
+            ));
+        }
+        let mut start = start;
+        start.vs.set_kind(opts.dtype.kind());
+        let ((), rng) = seeded(opts.seed, device, || Ok(()))?;
+        let optimizer = Optim::new(&start, opts)?;
+        Ok(Self {
+            model,
+            x,
+            var: start,
+            optimizer,
+            opts: opts.clone(),
+            order: None,
+            position: 0,
+            rng,
+        })
+    }
+
+    /// Continue from given variational parameters (for instance
+    /// [`Variational::to_free`] of a fitted A-VI solution) with a fresh Adam
+    /// state; `x` must already be on the parameters' device, in `opts.dtype`.
+    /// The generator is not re-seeded: the draws continue the stream of
+    /// libtorch's default generator (from a copy of it, handed back by
+    /// [`Trainer::into_variational`]).
+    pub fn from_variational(
+        model: &'a dyn Model,
+        x: &Tensor,
+        var: Variational,
+        opts: &FitOptions,
+    ) -> Result<Self> {
+        opts.check()?;
+        if opts.batch_size.is_some() {
+            return Err(InferenceError::config(
+                "batch_size",
+                "continuing from given parameters supports full batches only",
+            ));
+        }
+        let optimizer = Optim::new(&var, opts)?;
+        let rng = Draws::Own(avi_cuda::Generator::clone_default(x.device())?);
+        Ok(Self {
+            model,
+            x: x.shallow_clone(),
+            var,
+            optimizer,
+            opts: opts.clone(),
+            order: None,
+            position: 0,
+            rng,
+        })
+    }
+
+    /// One iteration: draw, estimate the ELBO, back-propagate, Adam step.
+    /// Returns the ELBO estimate (computed before the update) as a detached
+    /// scalar on the device; nothing is read back to the host.
+    pub fn step(&mut self) -> Result<Tensor> {
+        let batch = match (&self.order, self.opts.batch_size) {
+            (Some(order), Some(b)) => {
+                let n = order.size()[0];
+                let len = (b as i64).min(n - self.position);
+                let idx = order.narrow(0, self.position, len);
+                self.position += len;
+                if self.position >= n {
+                    self.position = 0;
+                    if self.opts.shuffle {
+                        let device = order.device();
+                        self.order = Some(
+                            self.rng
+                                .with_default(|| Tensor::randperm(n, (Kind::Int64, device)))?,
+                        );
+                    }
+                }
+                Some((idx, n as f64 / len as f64))
+            }
+            _ => None,
+        };
+        let elbo = draws_from(
+            self.model,
+            &self.var,
+            &self.x,
+            self.opts.draws,
+            self.opts.entropy,
+            batch.as_ref().map(|(i, s)| (i, *s)),
+            &self.rng,
+        )?
+        .mean(self.opts.dtype.kind());
+        self.optimizer.minimise(&elbo.neg())?;
+        Ok(elbo.detach())
+    }
+
+    /// Set the learning rate of the following steps (Adam's moments carry
+    /// over).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.optimizer.set_lr(lr);
+    }
+
+    /// The current variational parameters.
+    pub fn variational(&self) -> &Variational {
+        &self.var
+    }
+
+    /// Take the variational parameters out of the trainer; libtorch's
+    /// default generator continues from where the trainer's draws ended.
+    pub fn into_variational(self) -> Result<Variational> {
+        self.rng.hand_back()?;
+        Ok(self.var)
+    }
+
+    /// The final ELBO estimate of the current parameters from `draws` fresh
+    /// draws of the trainer's own generator (mean, standard error).
+    pub fn evaluate(&self, draws: usize) -> Result<(f64, f64)> {
+        evaluate_from(
+            self.model,
+            &self.var,
+            &self.x,
+            draws,
+            self.opts.entropy,
+            &self.rng,
+        )
+    }
+
+    /// The data on the device, in the fit's dtype.
+    pub fn data(&self) -> &Tensor {
+        &self.x
+    }
+}
+
+impl Stepper for Trainer<'_> {
+    fn steps(&mut self, len: usize) -> Result<Block> {
+        let mut values = Vec::with_capacity(len);
+        let mut stamps = Vec::with_capacity(len);
+        for _ in 0..len {
+            values.push(self.step()?);
+            stamps.push(Instant::now());
+        }
+        let values = Vec::<f64>::try_from(
+            Tensor::stack(&values, 0)
+                .to_kind(Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        Ok(Block {
+            values,
+            stamps: Some(stamps),
+        })
+    }
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        Trainer::set_lr(self, lr);
+        Ok(())
+    }
+
+    fn params_finite(&self) -> Result<Vec<bool>> {
+        Ok(vec![params_finite(&self.var.vs)])
+    }
+
+    fn monitor(
+        &mut self,
+        _run: usize,
+        f: &mut dyn FnMut(&Variational) -> Result<()>,
+    ) -> Result<()> {
+        f(&self.var)
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<(Variational, Draws)>> {
+        Ok(vec![(self.var, self.rng)])
+    }
+}
