@@ -3,11 +3,12 @@
 //! and is ignored here; on a GPU machine: `cargo test --test cuda_fused --
 //! --include-ignored`.
 
+use avi_inference::FusedModel;
 use avi_inference::{
     fit, host_vec, objective_and_grad, CudaFviTrainer, Engine, Entropy, FitOptions, FitStatus,
     FusedParams, MethodConfig, Silent,
 };
-use avi_models::{FusedModel, LinearModel, NonlinearModel, SawModel};
+use avi_models::{LinearModel, NonlinearModel, SawModel};
 use avi_tests::{
     closed_form_options, linear_exact_elbo, linear_gap_tolerance, saw_exact_elbo, serial,
 };

@@ -31,11 +31,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use avi_benches::synchronize;
+use avi_inference::FusedModel;
 use avi_inference::{
     evaluate_elbo, Activation, BatchedTrainer, CudaFviTrainer, Edges, Entropy, FitOptions,
     FunctionConfig, FusedTrainer, GraphTrainer, Heads, MethodConfig, Trainer, Variational,
 };
-use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use tch::{Device, Tensor};

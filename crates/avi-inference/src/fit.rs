@@ -1537,7 +1537,7 @@ fn fit_fused(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<Fit> {
-    let Some(fused) = model.fused() else {
+    let Some(fused) = crate::forms::fused_form(model) else {
         return Err(InferenceError::config(
             "engine",
             format!(

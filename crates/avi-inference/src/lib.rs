@@ -46,6 +46,7 @@ pub mod diagnose;
 pub mod error;
 pub mod family;
 pub mod fit;
+pub mod forms;
 pub mod function;
 pub mod fused;
 pub mod fused_cuda;
@@ -66,6 +67,7 @@ pub use fit::{
     Observer, Silent, Trace, Trainer, ELBO_WARN_PER_VALUE, MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
     SE_WARN_NATS, SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
+pub use forms::{fused_form, FusedModel, Init};
 pub use function::{
     Activation, FunctionConfig, FunctionParts, Heads, InferenceFunction, Mlp, NetParts, Output,
     Polynomial,

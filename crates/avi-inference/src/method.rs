@@ -285,7 +285,7 @@ impl Variational {
         theta_dim: usize,
         output: Output,
         fixed_theta: Option<&[f64]>,
-        init_hint: avi_models::Init,
+        init_hint: crate::forms::Init,
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
@@ -487,7 +487,7 @@ impl Variational {
         Self::new(
             method,
             x,
-            model.pad_value(),
+            crate::forms::pad_value(model),
             model.theta_dim(),
             match model.local_states() {
                 Some(states) => Output::Categorical { states },
@@ -496,7 +496,7 @@ impl Variational {
                 },
             },
             fixed_theta,
-            model.init(),
+            crate::forms::init_hint(model),
             kind,
             device,
         )
@@ -909,7 +909,7 @@ mod tests {
                 1,
                 Output::Gaussian { dim: 1 },
                 None,
-                avi_models::Init::default(),
+                crate::forms::Init::default(),
                 Kind::Double,
                 Device::Cpu,
             )
@@ -935,7 +935,7 @@ mod tests {
             1,
             Output::Gaussian { dim: 1 },
             None,
-            avi_models::Init::default(),
+            crate::forms::Init::default(),
             Kind::Double,
             Device::Cpu,
         )

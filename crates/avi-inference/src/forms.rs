@@ -1,8 +1,17 @@
-//! Elementwise log joints of the scalar models (linear, nonlinear, saw) and
-//! their analytic derivatives, on the host in f64, for a fused (autograd-free)
-//! gradient engine such as `avi_inference::fused`.
+//! What the fit needs to know about a model beyond its [`Model`] trait: the
+//! per-element form of the scalar models for the fused engine, the
+//! initialisation of the variational parameters, and the padding of
+//! expanded-domain windows. These are inference ideas, so they live here,
+//! not in `avi-models`; the shipped models are recognised by type
+//! ([`Model`] has `Any` as a supertrait) and every other model takes the
+//! defaults (no fused form, [`Init::default`], padding 0).
 //!
-//! Each of these models factorises as
+//! ## The fused form
+//!
+//! Elementwise log joints of the scalar models (linear, nonlinear, saw) and
+//! their analytic derivatives, on the host in f64, for the fused
+//! (autograd-free) gradient engine ([`crate::fused`]). Each of these models
+//! factorises as
 //!
 //! ```text
 //! log p(θ, z, x) = log p(θ) + Σ_n ℓ(θ, z_n, x_n, x_{n−1}) + C(N)
@@ -12,10 +21,18 @@
 //! observation x_{n−1} is data, not a latent). [`FusedModel::term`] returns ℓ
 //! without its constant together with ∂ℓ/∂z_n and ∂ℓ/∂θ; the constants are in
 //! [`FusedModel::constant`] and [`FusedModel::log_prior`]. The sum of the
-//! three equals [`crate::Model::log_joint`] (every normalising constant
-//! included).
+//! three equals [`Model::log_joint`] (every normalising constant included).
+//! The per-element math is kept here, beside the engine that is its only
+//! user, rather than with each model: its split into term, constant and
+//! previous value is the engine's contract; the models keep their own
+//! independent f64 evaluations (`log_joint_f64`), which the tests below
+//! compare it with.
 
-use crate::{LinearModel, Model, NonlinearModel, Result, SawModel, HALF_LN_2PI};
+use std::any::Any;
+
+use avi_models::{BnnModel, LinearModel, Model, NonlinearModel, SawModel, HALF_LN_2PI};
+
+use crate::Result;
 
 /// The scalar models with closed-form elementwise derivatives (θ, z_n and
 /// x_n scalars).
@@ -172,10 +189,61 @@ pub fn saw_term(alpha: f64, theta: f64, z: f64, x: f64, prev: f64) -> (f64, f64,
     (-0.5 * (a * a + b * b), d_theta - a, d_theta)
 }
 
+/// Initialisation of the variational parameters the fit uses for a model.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Init {
+    /// q(θ): `Some((mean, log_sd))` for constant values in every coordinate;
+    /// `None` draws both from N(0, 1).
+    pub theta: Option<(f64, f64)>,
+    /// F-VI's free Gaussian factors: `None` draws means and log-sds from
+    /// U[0, 1); `Some(shift)` draws both from N(0, 1) and adds `shift` to the
+    /// log-sds.
+    pub local_normal_shift: Option<f64>,
+}
+
+/// The model's per-element form for the fused CPU engine, when it has one
+/// (the shipped scalar models linear, nonlinear and saw); `None` for any
+/// other model, a user's own included.
+pub fn fused_form(model: &dyn Model) -> Option<FusedModel> {
+    let any: &dyn Any = model;
+    if let Some(m) = any.downcast_ref::<LinearModel>() {
+        Some(m.into())
+    } else if let Some(m) = any.downcast_ref::<NonlinearModel>() {
+        Some(m.into())
+    } else {
+        any.downcast_ref::<SawModel>().map(Into::into)
+    }
+}
+
+/// How variational parameters start for a model: the authors'
+/// per-experiment initialisation (digest §4.2–4.5). The BNN's q(θ) starts
+/// at mean 0, log-sd −2, and its F-VI factors at m_z ~ N(0, 1),
+/// log s_z ~ N(0, 1) − 1; every other model (a user's own included) takes
+/// [`Init::default`].
+pub fn init_hint(model: &dyn Model) -> Init {
+    let any: &dyn Any = model;
+    if any.is::<BnnModel>() {
+        Init {
+            theta: Some((0.0, -2.0)),
+            local_normal_shift: Some(-1.0),
+        }
+    } else {
+        Init::default()
+    }
+}
+
+/// The value that stands for observations before the first and after the
+/// last when an expanded-domain inference function looks past the data:
+/// the saw model's known `x_0`, 0 for every other model.
+pub fn pad_value(model: &dyn Model) -> f64 {
+    let any: &dyn Any = model;
+    any.downcast_ref::<SawModel>().map_or(0.0, SawModel::x0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NonlinearSim;
+    use avi_models::NonlinearSim;
 
     fn total(m: &FusedModel, theta: f64, z: &[f64], x: &[f64]) -> f64 {
         let prev = m.previous(x);
@@ -229,5 +297,33 @@ mod tests {
             let fd = (m.log_prior(0.4 + h).0 - m.log_prior(0.4 - h).0) / (2.0 * h);
             assert!((dp - fd).abs() <= 1e-6);
         }
+    }
+
+    /// The shipped models are recognised behind `&dyn Model`; others take
+    /// the defaults.
+    #[test]
+    fn recognises_the_shipped_models() {
+        let lin = LinearModel::new(1.155, 2.43).unwrap();
+        let saw = SawModel::new(0.75, 0.3).unwrap();
+        let bnn = BnnModel::new(2, 3, 4).unwrap();
+        let hmm = avi_models::GaussianHmm::new(0.9, 1.0, 1.0, 1.0).unwrap();
+        assert_eq!(fused_form(&lin), Some(FusedModel::from(&lin)));
+        assert_eq!(
+            fused_form(&NonlinearModel::default()),
+            Some(FusedModel::Nonlinear)
+        );
+        assert_eq!(fused_form(&saw), Some(FusedModel::from(&saw)));
+        assert_eq!(fused_form(&bnn), None);
+        assert_eq!(fused_form(&hmm), None);
+        assert_eq!(pad_value(&saw).to_bits(), 0.3f64.to_bits());
+        assert_eq!(pad_value(&lin).to_bits(), 0.0f64.to_bits());
+        assert_eq!(init_hint(&lin), Init::default());
+        assert_eq!(
+            init_hint(&bnn),
+            Init {
+                theta: Some((0.0, -2.0)),
+                local_normal_shift: Some(-1.0)
+            }
+        );
     }
 }
