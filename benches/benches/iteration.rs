@@ -117,7 +117,9 @@ fn bench_step(
     bench_blocks(group, &format!("{label}/graph"), n, device, || {
         graph.step_block().map(|_| ())
     });
-    if let (Some(fused), MethodConfig::Fvi, None) = (model.fused(), method, theta) {
+    if let (Some(fused), MethodConfig::Fvi, None) =
+        (avi_inference::testing::fused_form(model), method, theta)
+    {
         let host = avi_inference::host_vec(x).expect("data");
         let mut k = CudaFviTrainer::new(&fused, &host, method, opts, device, GRAPH_BLOCK)
             .expect("fused CUDA trainer");

@@ -3,9 +3,9 @@
 //! and is ignored here; on a GPU machine: `cargo test --test cuda_fused --
 //! --include-ignored`.
 
-use avi_inference::testing::{objective_and_grad, CudaFviTrainer, FusedParams};
+use avi_inference::testing::{objective_and_grad, CudaFviTrainer, FusedModel, FusedParams};
 use avi_inference::{fit, host_vec, Engine, Entropy, FitOptions, FitStatus, MethodConfig};
-use avi_models::{FusedModel, LinearModel, NonlinearModel, SawModel};
+use avi_models::{LinearModel, NonlinearModel, SawModel};
 use avi_tests::{
     closed_form_options, linear_exact_elbo, linear_gap_tolerance, saw_exact_elbo, serial,
 };

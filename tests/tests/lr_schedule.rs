@@ -171,7 +171,7 @@ fn fused_engine_changes_the_rate_at_the_named_steps() {
         check_engine(Engine::Fused, &problem, |opts| {
             let (model, x, method) = &problem;
             let host = Vec::<f64>::try_from(x.to_kind(Kind::Double)).unwrap();
-            let fused = model.fused().expect("a fused model");
+            let fused = avi_inference::testing::fused_form(model.as_ref()).expect("a fused model");
             let mut trainer = FusedTrainer::new(&fused, &host, method, opts, Device::Cpu)
                 .unwrap()
                 .with_threads(1);

@@ -31,12 +31,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use avi_benches::synchronize;
+use avi_inference::testing::FusedModel;
 use avi_inference::testing::{BatchedTrainer, CudaFviTrainer, FusedTrainer, GraphTrainer, Trainer};
 use avi_inference::{
     evaluate_elbo, Activation, Edges, Entropy, FitOptions, FunctionConfig, Heads, MethodConfig,
     Variational,
 };
-use avi_models::{FusedModel, LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
 use tch::{Device, Tensor};

@@ -5,7 +5,6 @@
 
 use std::ffi::{c_char, c_int, c_void, CString};
 
-use avi_models::FusedModel;
 use tch::{Device, Kind, Tensor};
 
 use crate::{check, CudaError, Result, TensorPtr};
@@ -73,11 +72,32 @@ extern "C" {
     ) -> c_int;
 }
 
+/// The scalar model whose per-element log joint the kernels evaluate (the
+/// three forms are compiled into them; x_0 of the saw model is in
+/// [`FviState::prev`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelModel {
+    /// x_n ~ N(θ + τ z_n, σ²), z_n ~ N(0, 1), flat prior on θ.
+    Linear {
+        /// The loading τ.
+        tau: f64,
+        /// The noise standard deviation σ.
+        sigma: f64,
+    },
+    /// x_n ~ N(θ + z_n (1 + sin z_n), exp(cos z_n)²), z_n, θ ~ N(0, 1).
+    Nonlinear,
+    /// x_n ~ N(α (θ + z_n), 1), z_n ~ N(x_{n−1}, 1), θ ~ N(0, 1).
+    Saw {
+        /// The slope α.
+        alpha: f64,
+    },
+}
+
 /// Settings of one problem.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FviSettings {
     /// The model (its x_0 is in [`FviState::prev`]).
-    pub model: FusedModel,
+    pub model: KernelModel,
     /// Monte Carlo draws per step.
     pub draws: usize,
     /// `−log q` at the draws (true) or the closed-form entropy.
@@ -267,9 +287,9 @@ impl FviKernels {
 
     fn config(&self, s: &FviSettings, n: usize) -> Config {
         let (model, p0, p1) = match s.model {
-            FusedModel::Linear { tau, sigma } => (0, tau as f32, sigma.recip() as f32),
-            FusedModel::Nonlinear => (1, 0.0, 0.0),
-            FusedModel::Saw { alpha, .. } => (2, alpha as f32, 0.0),
+            KernelModel::Linear { tau, sigma } => (0, tau as f32, sigma.recip() as f32),
+            KernelModel::Nonlinear => (1, 0.0, 0.0),
+            KernelModel::Saw { alpha } => (2, alpha as f32, 0.0),
         };
         Config {
             model,

@@ -23,7 +23,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 
 pub mod fvi;
 pub mod generator;
-pub use fvi::{FviDebug, FviKernels, FviSettings, FviState};
+pub use fvi::{FviDebug, FviKernels, FviSettings, FviState, KernelModel};
 pub use generator::Generator;
 
 use tch::{Device, Kind, Tensor};

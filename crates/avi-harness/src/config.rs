@@ -17,161 +17,7 @@ use anyhow::{bail, Context, Result};
 use avi_inference::{Dtype, Entropy, FitOptions, LrStep, MethodConfig};
 use serde::{Deserialize, Serialize};
 
-/// A model and its fixed parameters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ModelConfig {
-    /// The linear model of Eq. 8.
-    Linear {
-        /// Loading τ > 0.
-        tau: f64,
-        /// Noise sd σ > 0.
-        sigma: f64,
-        /// Treat θ as known (no q(θ)).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fixed_theta: Option<Vec<f64>>,
-    },
-    /// The nonlinear model of Eq. 15.
-    Nonlinear {
-        /// Simulator: `"model"` (default) or `"authors"` (z ~ N(0, 25)).
-        #[serde(default)]
-        sim: NonlinearSimConfig,
-        /// Treat θ as known (no q(θ)).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fixed_theta: Option<Vec<f64>>,
-    },
-    /// The saw time series of Eq. 17.
-    Saw {
-        /// Slope α ≠ 0.
-        alpha: f64,
-        /// Known x_0 (default 0).
-        #[serde(default)]
-        x0: f64,
-        /// Simulator: `"model"` (default) or `"authors"` (x_n = α(θ +
-        /// x_{n−1}) + ε, the authors' code). Left out when written if
-        /// `"model"`, so default configs serialize as before.
-        #[serde(default, skip_serializing_if = "SawSimConfig::is_model")]
-        sim: SawSimConfig,
-        /// Treat θ as known (no q(θ)).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fixed_theta: Option<Vec<f64>>,
-    },
-    /// The Bayesian Gaussian mixture (θ = μ_1 … μ_K, each D values).
-    Mixture {
-        /// Number of components K ≥ 1.
-        k: usize,
-        /// Prior sd σ0 of the means.
-        prior_sd: f64,
-        /// Observation noise sd s.
-        noise_sd: f64,
-        /// Mixture weights (default uniform).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        weights: Option<Vec<f64>>,
-        /// Treat θ as known (no q(θ)).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fixed_theta: Option<Vec<f64>>,
-    },
-    /// Discrete HMM with Gaussian emissions (θ = μ_1 … μ_K).
-    DiscreteHmm {
-        /// Initial probabilities π (K values).
-        init: Vec<f64>,
-        /// Transition matrix A, K rows of K probabilities.
-        transition: Vec<Vec<f64>>,
-        /// Emission sd s.
-        emission_sd: f64,
-        /// Prior sd of the state means.
-        prior_sd: f64,
-        /// Treat θ as known (no q(θ)).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fixed_theta: Option<Vec<f64>>,
-    },
-    /// The Bayesian neural network decoder of Eq. 16 (θ: 283,920 weights
-    /// and biases at the paper's sizes).
-    Bnn {
-        /// Latent dimension (default 64).
-        #[serde(default = "default_latent")]
-        latent: usize,
-        /// Hidden width of the decoder (default 256).
-        #[serde(default = "default_hidden")]
-        hidden: usize,
-        /// Pixel noise sd σ (default 1, the paper's unit variance; √½ is
-        /// the authors' code).
-        #[serde(default = "default_bnn_noise_sd")]
-        noise_sd: f64,
-        /// Treat θ as known (no q(θ)).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fixed_theta: Option<Vec<f64>>,
-    },
-    /// The Gaussian HMM of Prop. 3.8 (corrected).
-    GaussianHmm {
-        /// Autoregression ρ.
-        rho: f64,
-        /// Transition sd q > 0.
-        q: f64,
-        /// Emission sd r > 0.
-        r: f64,
-        /// Initial sd s0 > 0.
-        s0: f64,
-        /// Treat θ as known (no q(θ)).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fixed_theta: Option<Vec<f64>>,
-    },
-}
-
-/// The nonlinear model's simulator choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NonlinearSimConfig {
-    /// z ~ N(0, 1), the model itself.
-    #[default]
-    Model,
-    /// z ~ N(0, 25), the authors' code.
-    Authors,
-}
-
-/// The saw model's simulator choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SawSimConfig {
-    /// x_n = α(θ + z_n) + ε, the model itself.
-    #[default]
-    Model,
-    /// x_n = α(θ + x_{n−1}) + ε, the authors' code (z_n drawn, not used).
-    Authors,
-}
-
-impl SawSimConfig {
-    /// Whether this is the default, the model itself.
-    pub fn is_model(&self) -> bool {
-        *self == Self::Model
-    }
-}
-
-impl ModelConfig {
-    /// The fixed θ, if any.
-    pub fn fixed_theta(&self) -> Option<&[f64]> {
-        match self {
-            Self::Linear { fixed_theta, .. }
-            | Self::Nonlinear { fixed_theta, .. }
-            | Self::Saw { fixed_theta, .. }
-            | Self::GaussianHmm { fixed_theta, .. }
-            | Self::Mixture { fixed_theta, .. }
-            | Self::Bnn { fixed_theta, .. }
-            | Self::DiscreteHmm { fixed_theta, .. } => fixed_theta.as_deref(),
-        }
-    }
-}
-
-fn default_bnn_noise_sd() -> f64 {
-    1.0
-}
-
-fn default_latent() -> usize {
-    64
-}
-fn default_hidden() -> usize {
-    256
-}
+pub use crate::models::{ModelConfig, ModelKind, NonlinearSimConfig, SawSimConfig};
 
 /// Where the observations come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -409,7 +255,7 @@ impl FitConfig {
         objects_given_as_objects(text, &cfg)?;
         cfg.options().check()?;
         if let Some(m) = &cfg.mse {
-            if !matches!(cfg.model, ModelConfig::Bnn { .. }) {
+            if !matches!(cfg.model.kind, ModelKind::Bnn(_)) {
                 bail!("field `mse`: reconstruction error is defined for the bnn model only");
             }
             if m.every == 0 {
@@ -716,20 +562,20 @@ mod tests {
         let parse = |json: &str| serde_json::from_str::<ModelConfig>(json);
         let default = parse(r#"{"kind": "saw", "alpha": 0.75}"#).unwrap();
         assert!(matches!(
-            default,
-            ModelConfig::Saw {
+            default.kind,
+            ModelKind::Saw(crate::models::SawConfig {
                 sim: SawSimConfig::Model,
                 ..
-            }
+            })
         ));
         assert!(!serde_json::to_string(&default).unwrap().contains("sim"));
         let authors = parse(r#"{"kind": "saw", "alpha": 0.75, "sim": "authors"}"#).unwrap();
         assert!(matches!(
-            authors,
-            ModelConfig::Saw {
+            authors.kind,
+            ModelKind::Saw(crate::models::SawConfig {
                 sim: SawSimConfig::Authors,
                 ..
-            }
+            })
         ));
         assert!(serde_json::to_string(&authors)
             .unwrap()

@@ -17,7 +17,8 @@ use avi_inference::{Dtype, Entropy, FunctionConfig, MethodConfig, Silent};
 use serde_json::{json, Value};
 use tch::Device;
 
-use crate::config::{DataConfig, FitConfig, ModelConfig, SimulateConfig};
+use crate::config::{DataConfig, FitConfig, ModelConfig, ModelKind, SimulateConfig};
+use crate::models::LinearConfig;
 use crate::report::{num, write_json_atomic};
 use crate::run::{device_name, prepare, run_prepared};
 
@@ -31,11 +32,10 @@ pub fn demo_configs(n: usize, steps: usize, device: Device) -> Vec<(&'static str
         _ => avi_inference::Engine::Graph,
     };
     let base = |method: MethodConfig, lr: f64| FitConfig {
-        model: ModelConfig::Linear {
+        model: ModelConfig::new(ModelKind::Linear(LinearConfig {
             tau: 1.155,
             sigma: 2.43,
-            fixed_theta: None,
-        },
+        })),
         data: DataConfig::Simulate(SimulateConfig {
             n,
             seed: 7,

@@ -41,6 +41,7 @@ pub mod data_files;
 pub mod demo;
 pub mod figures;
 pub mod interrupt;
+pub mod models;
 pub mod report;
 pub mod reproduce;
 pub mod run;

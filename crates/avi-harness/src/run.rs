@@ -6,17 +6,12 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use avi_inference::{fit, Fit, FitStatus, Observer, ThetaFactor, Variational};
 use avi_models::fashion_mnist;
-use avi_models::mixture_reference::log_marginal_given_means;
-use avi_models::{
-    BnnModel, DiscreteHmm, GaussianHmm, GaussianReference, LinearModel, MixtureModel, Model,
-    NonlinearModel, NonlinearSim, SawModel,
-};
+use avi_models::{BnnModel, GaussianReference, LinearModel, Model};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{
-    load_data_file, Data, DataConfig, FashionMnistSplit, FitConfig, ModelConfig, NonlinearSimConfig,
-};
+use crate::config::{load_data_file, Data, DataConfig, FashionMnistSplit, FitConfig, ModelConfig};
+use crate::models::CliModel;
 use crate::report::{fit_report, Reference};
 
 /// The `--device` choice of the command line.
@@ -55,151 +50,63 @@ pub fn device_name(device: Device) -> String {
 }
 
 /// A model built from its config, with its exact references where they exist.
-#[derive(Debug, Clone)]
-pub enum BuiltModel {
-    /// The linear model.
-    Linear(LinearModel),
-    /// The nonlinear model.
-    Nonlinear(NonlinearModel),
-    /// The saw time series.
-    Saw(SawModel),
-    /// The Gaussian HMM.
-    GaussianHmm(GaussianHmm),
-    /// The Bayesian Gaussian mixture.
-    Mixture(MixtureModel),
-    /// The discrete HMM.
-    DiscreteHmm(DiscreteHmm),
-    /// The Bayesian neural network.
-    Bnn(BnnModel),
-}
+#[derive(Debug)]
+pub struct BuiltModel(Box<dyn CliModel>);
 
 impl BuiltModel {
     /// Build and validate the model of a config; `dim` is the dimension of
     /// one observation (used by models with vector observations).
     pub fn new(cfg: &ModelConfig, dim: usize) -> Result<Self> {
-        let built = match cfg {
-            ModelConfig::Linear { tau, sigma, .. } => Self::Linear(LinearModel::new(*tau, *sigma)?),
-            ModelConfig::Nonlinear { sim, .. } => Self::Nonlinear(NonlinearModel::new(match sim {
-                NonlinearSimConfig::Model => NonlinearSim::Model,
-                NonlinearSimConfig::Authors => NonlinearSim::Authors,
-            })),
-            ModelConfig::Saw { alpha, x0, sim, .. } => {
-                Self::Saw(SawModel::new(*alpha, *x0)?.with_sim(match sim {
-                    crate::config::SawSimConfig::Model => avi_models::SawSim::Model,
-                    crate::config::SawSimConfig::Authors => avi_models::SawSim::Authors,
-                }))
-            }
-            ModelConfig::GaussianHmm { rho, q, r, s0, .. } => {
-                Self::GaussianHmm(GaussianHmm::new(*rho, *q, *r, *s0)?)
-            }
-            ModelConfig::Mixture {
-                k,
-                prior_sd,
-                noise_sd,
-                weights,
-                ..
-            } => Self::Mixture(MixtureModel::new(
-                *k,
-                dim,
-                *prior_sd,
-                *noise_sd,
-                weights.as_deref(),
-            )?),
-            ModelConfig::Bnn {
-                latent,
-                hidden,
-                noise_sd,
-                ..
-            } => Self::Bnn(BnnModel::new(*latent, *hidden, dim)?.with_noise_sd(*noise_sd)?),
-            ModelConfig::DiscreteHmm {
-                init,
-                transition,
-                emission_sd,
-                prior_sd,
-                ..
-            } => {
-                if transition.len() != init.len() {
-                    bail!(
-                        "model.transition has {} rows, init has {} states",
-                        transition.len(),
-                        init.len()
-                    );
-                }
-                Self::DiscreteHmm(DiscreteHmm::new(
-                    init,
-                    &transition.concat(),
-                    *emission_sd,
-                    *prior_sd,
-                )?)
-            }
-        };
-        Ok(built)
+        Ok(Self(cfg.kind.entry().build(dim)?))
+    }
+
+    /// The model, with its simulation and references.
+    pub fn model(&self) -> &dyn CliModel {
+        &*self.0
     }
 
     /// The model as a trait object.
     pub fn as_model(&self) -> &dyn Model {
-        match self {
-            Self::Linear(m) => m,
-            Self::Nonlinear(m) => m,
-            Self::Saw(m) => m,
-            Self::GaussianHmm(m) => m,
-            Self::Mixture(m) => m,
-            Self::DiscreteHmm(m) => m,
-            Self::Bnn(m) => m,
-        }
+        &*self.0
+    }
+
+    /// The model as its concrete type, when it is a `T` (for what only one
+    /// model has: the linear model's exact ELBO of any Gaussian q, the BNN's
+    /// reconstruction error).
+    pub fn downcast_ref<T: Model>(&self) -> Option<&T> {
+        let any: &dyn std::any::Any = &*self.0;
+        any.downcast_ref()
     }
 
     /// The observation dimension for models with vector observations.
     pub fn vector_dim(&self) -> Option<usize> {
-        match self {
-            Self::Mixture(m) => Some(m.dim()),
-            Self::Bnn(m) => Some(m.pixels()),
-            _ => None,
-        }
+        self.0.vector_dim()
     }
 
     /// Simulate a data set (θ drawn from its prior unless given).
     pub fn simulate(&self, n: usize, seed: u64, theta: Option<&[f64]>) -> Result<Vec<f64>> {
-        match self {
-            Self::Mixture(m) => return Ok(m.simulate(n, seed, theta)?),
-            Self::DiscreteHmm(m) => return Ok(m.simulate(n, seed, theta)?),
-            Self::Bnn(m) => return Ok(m.simulate(n, seed, theta)?),
-            _ => {}
-        }
-        let theta = match theta {
-            None => None,
-            Some([t]) => Some(*t),
-            Some(t) => bail!(
-                "data.simulate.theta: the {} model's θ has 1 value, got {}",
-                self.as_model().name(),
-                t.len()
-            ),
-        };
-        Ok(match self {
-            Self::Linear(m) => m.simulate(n, seed, theta)?,
-            Self::Nonlinear(m) => m.simulate(n, seed, theta)?,
-            Self::Saw(m) => m.simulate(n, seed, theta)?,
-            Self::GaussianHmm(m) => m.simulate(n, seed, theta)?,
-            Self::Mixture(_) | Self::DiscreteHmm(_) | Self::Bnn(_) => {
-                unreachable!("handled above")
+        if let Some(t) = theta {
+            let d = self.0.theta_dim();
+            if t.len() != d {
+                bail!(
+                    "data.simulate.theta: the {} model's θ has {d} value{}, got {}",
+                    self.0.name(),
+                    if d == 1 { "" } else { "s" },
+                    t.len()
+                );
             }
-        })
+        }
+        Ok(self.0.simulate(n, seed, theta)?)
     }
 
     /// The optimal F-VI ELBO when it is known exactly without fitting: the
     /// closed form of Gaussian models, and `log p(x | θ)` for the mixture with
     /// θ fixed (the exact posterior is in the factorised family).
     pub fn reference_elbo(&self, data: &Data, fixed_theta: Option<&[f64]>) -> Result<Option<f64>> {
-        if let (Self::Mixture(m), Some(mu)) = (self, fixed_theta) {
-            return Ok(Some(log_marginal_given_means(
-                &data.values,
-                m.dim(),
-                mu,
-                m.noise_sd(),
-                &m.weights(),
-            )?));
-        }
-        Ok(self.reference(&data.values, fixed_theta)?.map(|r| r.elbo))
+        Ok(self
+            .0
+            .reference_elbo(&data.values, fixed_theta)?
+            .map(|r| r.elbo))
     }
 
     /// The exact F-VI optimum, when the model has one in closed form.
@@ -208,13 +115,7 @@ impl BuiltModel {
         x: &[f64],
         fixed_theta: Option<&[f64]>,
     ) -> Result<Option<GaussianReference>> {
-        let fixed = fixed_theta.and_then(|t| t.first().copied());
-        Ok(match self {
-            Self::Linear(m) if fixed.is_none() => Some(m.fvi_optimum(x)?),
-            Self::Saw(m) => Some(m.fvi_optimum(x, fixed)?),
-            Self::GaussianHmm(m) => Some(m.fvi_optimum(x, fixed)?),
-            _ => None,
-        })
+        Ok(self.0.fvi_reference(x, fixed_theta)?)
     }
 }
 
@@ -255,21 +156,7 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             if s.n == 0 {
                 bail!("data.simulate.n must be at least 1");
             }
-            let k = match &cfg.model {
-                ModelConfig::Mixture { k, .. } => (*k).max(1),
-                _ => 1,
-            };
-            let default_dim = match &cfg.model {
-                ModelConfig::Bnn { .. } => fashion_mnist::PIXELS,
-                _ => 1,
-            };
-            let dim = match &cfg.model {
-                ModelConfig::Mixture { .. } => s
-                    .dim
-                    .or_else(|| s.theta.as_ref().map(|t| (t.len() / k).max(1))),
-                _ => s.dim,
-            }
-            .unwrap_or(default_dim);
+            let dim = cfg.model.kind.entry().simulated_dim(s);
             let model = BuiltModel::new(&cfg.model, dim)?;
             // Sizes, and the memory the fit would need against the host's,
             // checked before the simulation allocates anything (a GPU fit
@@ -494,8 +381,8 @@ pub fn run_prepared(
             .observer(observer)
             .run()
     };
-    let (result, monitor) = match (&prepared.model, &cfg.mse) {
-        (BuiltModel::Bnn(model), Some(m)) => {
+    let (result, monitor) = match (prepared.model.downcast_ref::<BnnModel>(), &cfg.mse) {
+        (Some(model), Some(m)) => {
             let mut monitor = MseMonitor {
                 inner: observer,
                 model,
@@ -545,9 +432,11 @@ fn prepared_report(
         result,
         reference,
     );
-    if let (BuiltModel::Linear(m), Some(q_theta), FitStatus::Ok) =
-        (&prepared.model, &result.q_theta, result.status)
-    {
+    if let (Some(m), Some(q_theta), FitStatus::Ok) = (
+        prepared.model.downcast_ref::<LinearModel>(),
+        &result.q_theta,
+        result.status,
+    ) {
         // The linear model's ELBO is closed form for any Gaussian q: report the
         // fitted q's exact ELBO too (no Monte Carlo error).
         let exact = m.exact_elbo(

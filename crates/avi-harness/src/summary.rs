@@ -21,14 +21,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use avi_inference::convergence::first_within;
 use avi_inference::{FunctionConfig, MethodConfig};
-use avi_models::hmm_reference::mean_field_cavi;
 use serde_json::{json, Value};
 
 use crate::config::FitConfig;
 use crate::figures::{self, BoxGroup, BoxPlot, LinePlot, Series};
 use crate::report::{num, write_json_atomic};
 use crate::reproduce::{file_stem, load_experiment_file, Claim, Experiment, GapAxis};
-use crate::run::{prepare, BuiltModel};
+use crate::run::prepare;
 
 /// One stored run.
 #[derive(Debug)]
@@ -79,23 +78,13 @@ fn median_never(values: &[Option<f64>]) -> Option<f64> {
 /// data, with its name.
 fn reference(cfg: &FitConfig) -> Result<Option<(f64, &'static str)>> {
     let prepared = prepare(cfg, Path::new("."))?;
-    if let Some(e) = prepared.reference_elbo {
-        let name = match prepared.model {
-            BuiltModel::Mixture(_) => "log p(x | θ) (the exact posterior is factorised)",
-            _ => "closed-form optimal mean-field ELBO",
-        };
-        return Ok(Some((e, name)));
+    let (x, fixed) = (&prepared.x.values, cfg.model.fixed_theta());
+    let model = prepared.model.model();
+    if let Some(r) = model.reference_elbo(x, fixed)? {
+        return Ok(Some((r.elbo, r.what)));
     }
-    if let (BuiltModel::DiscreteHmm(m), Some(mu)) = (&prepared.model, cfg.model.fixed_theta()) {
-        let (_, elbo) = mean_field_cavi(
-            &m.init(),
-            &m.transition(),
-            mu,
-            m.emission_sd(),
-            &prepared.x.values,
-            500,
-        )?;
-        return Ok(Some((elbo, "mean-field CAVI optimum (500 sweeps)")));
+    if let Some(r) = model.iterated_reference(x, fixed)? {
+        return Ok(Some((r.elbo, r.what)));
     }
     Ok(None)
 }
@@ -371,8 +360,8 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
 fn add_window_bounds(exp: &Experiment, rows: &mut [Value]) -> Result<()> {
     let cfg = crate::reproduce::run_config(exp, &exp.methods[0], exp.seeds[0]);
     let prepared = prepare(&cfg, Path::new("."))?;
-    let (BuiltModel::GaussianHmm(m), Some(&[theta]), Some(r)) = (
-        &prepared.model,
+    let (Some(m), Some(&[theta]), Some(r)) = (
+        prepared.model.downcast_ref::<avi_models::GaussianHmm>(),
         cfg.model.fixed_theta(),
         &prepared.reference,
     ) else {

@@ -80,6 +80,7 @@ pub use elbo::{elbo_draws, elbo_draws_batch, evaluate_elbo, host_vec};
 pub use error::{InferenceError, Result};
 pub use family::GaussianParams;
 pub use fit::{fit, FitRequest, MAX_THREADS};
+pub use forms::Init;
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use limits::{
     available_memory, check_fit, check_fit_within, check_representable, memory_estimate,
@@ -109,5 +110,6 @@ pub mod testing {
     pub use crate::engine::global_guard as generator_guard;
     pub use crate::engine::graph::GraphTrainer;
     pub use crate::engine::torch::Trainer;
+    pub use crate::forms::{fused_form, FusedModel};
     pub use crate::function::{FunctionParts, NetParts};
 }

@@ -286,7 +286,7 @@ impl Variational {
         theta_dim: usize,
         output: Output,
         fixed_theta: Option<&[f64]>,
-        init_hint: avi_models::Init,
+        init_hint: crate::forms::Init,
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
@@ -500,7 +500,7 @@ impl Variational {
         Self::new(
             method,
             x,
-            model.pad_value(),
+            crate::forms::pad_value(model),
             model.theta_dim(),
             match model.local_states() {
                 Some(states) => Output::Categorical { states },
@@ -509,7 +509,7 @@ impl Variational {
                 },
             },
             fixed_theta,
-            model.init(),
+            crate::forms::init_hint(model),
             kind,
             device,
         )
@@ -922,7 +922,7 @@ mod tests {
                 1,
                 Output::Gaussian { dim: 1 },
                 None,
-                avi_models::Init::default(),
+                crate::forms::Init::default(),
                 Kind::Double,
                 Device::Cpu,
             )
@@ -948,7 +948,7 @@ mod tests {
             1,
             Output::Gaussian { dim: 1 },
             None,
-            avi_models::Init::default(),
+            crate::forms::Init::default(),
             Kind::Double,
             Device::Cpu,
         )

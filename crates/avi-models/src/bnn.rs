@@ -284,15 +284,6 @@ impl crate::Model for BnnModel {
         Ok(crate::normal_log_prior(theta, 1.0) + self.log_prior_z(z) + self.log_lik(theta, z, x))
     }
 
-    fn init(&self) -> crate::Init {
-        // The authors' BNN initialisation: q(θ) mean 0, log-sd −2; F-VI
-        // m_z ~ N(0, 1), log s_z ~ N(0, 1) − 1.
-        crate::Init {
-            theta: Some((0.0, -2.0)),
-            local_normal_shift: Some(-1.0),
-        }
-    }
-
     fn supports_batches(&self) -> bool {
         true
     }

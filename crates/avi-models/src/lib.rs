@@ -36,7 +36,6 @@ pub mod bnn;
 pub mod discrete_hmm;
 pub mod error;
 pub mod fashion_mnist;
-pub mod fused;
 pub mod gaussian;
 pub mod gaussian_hmm;
 pub mod hmm_reference;
@@ -45,37 +44,26 @@ pub mod mixture;
 pub mod mixture_reference;
 pub mod nonlinear;
 pub mod saw;
+pub mod simulate;
 #[cfg(test)]
 mod test_util;
 
 pub use bnn::BnnModel;
 pub use discrete_hmm::DiscreteHmm;
 pub use error::{ModelError, Result};
-pub use fused::FusedModel;
 pub use gaussian::GaussianReference;
 pub use gaussian_hmm::GaussianHmm;
 pub use linear::LinearModel;
 pub use mixture::MixtureModel;
 pub use nonlinear::{NonlinearModel, NonlinearSim};
 pub use saw::{SawModel, SawSim};
+pub use simulate::{ExactReference, ReferenceElbo, Simulate};
 
 /// The `tch` crate these models are written against (libtorch's Rust
 /// bindings), re-exported so that a model author uses the same version.
 pub use tch;
 
 use tch::Tensor;
-
-/// Initialisation of the variational parameters a model asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Init {
-    /// q(θ): `Some((mean, log_sd))` for constant values in every coordinate;
-    /// `None` draws both from N(0, 1).
-    pub theta: Option<(f64, f64)>,
-    /// F-VI's free Gaussian factors: `None` draws means and log-sds from
-    /// U[0, 1); `Some(shift)` draws both from N(0, 1) and adds `shift` to the
-    /// log-sds.
-    pub local_normal_shift: Option<f64>,
-}
 
 /// ½ log(2π), the normalising constant of a standard normal density.
 pub const HALF_LN_2PI: f64 = 0.918_938_533_204_672_7;
@@ -88,7 +76,12 @@ pub const HALF_LN_2PI: f64 = 0.918_938_533_204_672_7;
 /// (or `[N, d_x]` for vector observations); the result is `[M]`, one log
 /// joint per draw, on the device and in the dtype of the inputs. The result
 /// is differentiable with respect to `theta` and `z`.
-pub trait Model {
+///
+/// `Any` is a supertrait so that code holding a `&dyn Model` can recognise
+/// a concrete model (an inference engine's specialised form of a shipped
+/// model); every `'static` type is `Any`, so a model author writes nothing
+/// for it.
+pub trait Model: std::any::Any {
     /// A short identifier (`"linear"`, ...), as used in configs.
     fn name(&self) -> &'static str;
 
@@ -109,12 +102,6 @@ pub trait Model {
     /// it is one of the terms of [`Model::log_joint`]. A fit with θ fixed
     /// subtracts it, so that its ELBO bounds `log p(x | θ)`.
     fn log_prior(&self, theta: &Tensor) -> Result<Tensor>;
-
-    /// How variational parameters start for this model (the authors'
-    /// per-experiment initialisation, digest §4.2–4.5).
-    fn init(&self) -> Init {
-        Init::default()
-    }
 
     /// Whether [`Model::log_joint_batch`] is implemented (mini-batching).
     fn supports_batches(&self) -> bool {
@@ -161,19 +148,6 @@ pub trait Model {
             "the {} model has continuous local latents: use log_joint",
             self.name()
         )))
-    }
-
-    /// The model's per-element form for the fused CPU engine, when it has
-    /// one (the scalar models linear, nonlinear and saw).
-    fn fused(&self) -> Option<FusedModel> {
-        None
-    }
-
-    /// The value that stands for observations before the first and after the
-    /// last when an expanded-domain inference function looks past the data
-    /// (the saw model's known `x_0`; 0 by default).
-    fn pad_value(&self) -> f64 {
-        0.0
     }
 
     /// The number of values d_x of one observation x_n: 1 (the default) for

@@ -211,10 +211,6 @@ fn centred(x: &[f64]) -> Result<(f64, Vec<f64>)> {
 }
 
 impl Model for LinearModel {
-    fn fused(&self) -> Option<crate::FusedModel> {
-        Some(self.into())
-    }
-
     fn name(&self) -> &'static str {
         "linear"
     }

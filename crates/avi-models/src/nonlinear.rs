@@ -74,10 +74,6 @@ impl NonlinearModel {
 }
 
 impl Model for NonlinearModel {
-    fn fused(&self) -> Option<crate::FusedModel> {
-        Some(self.into())
-    }
-
     fn name(&self) -> &'static str {
         "nonlinear"
     }

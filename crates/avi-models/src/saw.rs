@@ -249,10 +249,6 @@ pub(crate) fn gaussian_exact_elbo(
 }
 
 impl Model for SawModel {
-    fn fused(&self) -> Option<crate::FusedModel> {
-        Some(self.into())
-    }
-
     fn name(&self) -> &'static str {
         "saw"
     }
@@ -295,10 +291,6 @@ impl Model for SawModel {
             + sum_sq(&b).multiply_scalar(self.alpha * self.alpha)
             + theta.squeeze_dim(1).square();
         Ok(quad.multiply_scalar(-0.5) - (2 * n + 1) as f64 * HALF_LN_2PI)
-    }
-
-    fn pad_value(&self) -> f64 {
-        self.x0
     }
 }
 

@@ -60,7 +60,8 @@ use std::thread;
 
 use rayon::prelude::*;
 
-use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
+use crate::forms::FusedModel;
+use avi_models::{check_finite_data, HALF_LN_2PI};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use crate::elbo::host_vec;
@@ -463,7 +464,7 @@ fn work_impl<D: Draws>(c: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Parti
                         acc.run(
                             scratch,
                             #[inline(always)]
-                            |z, x, _| avi_models::fused::linear_term(tau, inv, t, z, x),
+                            |z, x, _| crate::forms::linear_term(tau, inv, t, z, x),
                         )
                     }
                     FusedModel::Nonlinear if acc.tame() => acc.run(
@@ -474,12 +475,12 @@ fn work_impl<D: Draws>(c: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Parti
                     FusedModel::Nonlinear => acc.run(
                         scratch,
                         #[inline(always)]
-                        |z, x, _| avi_models::fused::nonlinear_term(t, z, x),
+                        |z, x, _| crate::forms::nonlinear_term(t, z, x),
                     ),
                     FusedModel::Saw { alpha, .. } => acc.run(
                         scratch,
                         #[inline(always)]
-                        |z, x, prev| avi_models::fused::saw_term(alpha, t, z, x, prev),
+                        |z, x, prev| crate::forms::saw_term(alpha, t, z, x, prev),
                     ),
                 };
                 sums[i].0 += value;

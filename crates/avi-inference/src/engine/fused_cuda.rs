@@ -8,8 +8,9 @@
 //! ([`crate::FusedTrainer`]) and the same initial parameters for a seed; its
 //! own random draws (Philox4x32-10), computed in f32.
 
-use avi_cuda::{FviDebug, FviKernels, FviSettings, FviState};
-use avi_models::{check_finite_data, FusedModel, HALF_LN_2PI};
+use crate::forms::FusedModel;
+use avi_cuda::{FviDebug, FviKernels, FviSettings, FviState, KernelModel};
+use avi_models::{check_finite_data, HALF_LN_2PI};
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::fused::{flat_params, flat_variational, initial_variational};
@@ -102,7 +103,7 @@ impl CudaFviTrainer {
         )?;
         let dims = (n + 1) as f64;
         let settings = FviSettings {
-            model: *model,
+            model: kernel_model(model),
             draws: opts.draws,
             mc_entropy: opts.entropy == Entropy::Mc,
             seed: opts.seed,
@@ -282,5 +283,14 @@ impl Stepper for CudaFviTrainer {
     fn finish(self: Box<Self>) -> Result<Vec<(Variational, Draws)>> {
         let var = self.variational()?;
         Ok(vec![(var, self.rng)])
+    }
+}
+
+/// The kernels' description of a fused model.
+fn kernel_model(model: &FusedModel) -> KernelModel {
+    match *model {
+        FusedModel::Linear { tau, sigma } => KernelModel::Linear { tau, sigma },
+        FusedModel::Nonlinear => KernelModel::Nonlinear,
+        FusedModel::Saw { alpha, .. } => KernelModel::Saw { alpha },
     }
 }

@@ -79,11 +79,11 @@ pub(crate) fn exp_unit(x: f64) -> f64 {
     p * f64::from_bits(k_bits.wrapping_add(1023) << 52)
 }
 
-/// [`avi_models::fused::nonlinear_term`] with [`sin_cos`] and [`exp_unit`]
+/// [`crate::forms::nonlinear_term`] with [`sin_cos`] and [`exp_unit`]
 /// (valid for |z| < [`TRIG_LIMIT`]).
 #[inline(always)]
 pub(crate) fn nonlinear_term(theta: f64, z: f64, x: f64) -> (f64, f64, f64) {
-    avi_models::fused::nonlinear_term_with(theta, z, x, sin_cos, exp_unit)
+    crate::forms::nonlinear_term_with(theta, z, x, sin_cos, exp_unit)
 }
 
 /// (sin, cos) of a + k·π/2 from (s, c) = (sin a, cos a): a rotation by k
@@ -143,7 +143,7 @@ mod tests {
         for i in -3000..=3000 {
             let z = f64::from(i) * 0.01 + 0.003;
             let a = nonlinear_term(0.7, z, 1.3);
-            let b = avi_models::fused::nonlinear_term(0.7, z, 1.3);
+            let b = crate::forms::nonlinear_term(0.7, z, 1.3);
             for (u, v) in [(a.0, b.0), (a.1, b.1), (a.2, b.2)] {
                 let scale = 1.0 + b.0.abs() + v.abs();
                 worst = worst.max((u - v).abs() / scale);
