@@ -9,7 +9,7 @@
 //! avi-build = { path = "…/crates/avi-build" }
 //! ```
 //!
-//! ```no_run
+//! ```ignore
 //! // build.rs
 //! fn main() {
 //!     avi_build::link_libtorch();

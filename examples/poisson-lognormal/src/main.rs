@@ -18,8 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mu, sigma) = (1.0, 0.8);
     let x = PoissonLogNormal::simulate(mu, sigma, 300, 7)?;
     let model = PoissonLogNormal::default();
+    let largest = x.iter().cloned().fold(0.0, f64::max);
     println!(
-        "300 counts simulated with μ = {mu}, log σ = {:.3}",
+        "300 counts simulated with μ = {mu}, log σ = {:.3}; the largest is {largest}",
         f64::ln(sigma)
     );
 
@@ -31,7 +32,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // The encoder on counts it never saw, against the exact optimum of a free
-    // factor for each with θ at q(θ)'s mean.
+    // factor for each with θ at q(θ)'s mean. Beyond the largest count of the
+    // data the MLP extrapolates, and its factors drift from the optimum.
     let theta = &avi.q_theta.as_ref().ok_or("θ was free")?.mean;
     let new = [0.0, 2.0, 10.0, 40.0, 120.0];
     let q = avi
@@ -59,10 +61,10 @@ fn summarise(name: &str, f: &Fit, x: &[f64]) {
             q.mean[0], q.sd[0], q.mean[1], q.sd[1]
         );
     }
-    for n in 0..4 {
+    for (n, x) in x.iter().enumerate().take(4) {
         println!(
-            "  x_{n} = {:>3}: q(z_{n}) = N({:.3}, {:.3}²)",
-            x[n], f.q_z.mean[n], f.q_z.sd[n]
+            "  x_{n} = {x:>3}: q(z_{n}) = N({:.3}, {:.3}²)",
+            f.q_z.mean[n], f.q_z.sd[n]
         );
     }
 }
