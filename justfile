@@ -156,3 +156,39 @@ gpu-bundle: bootstrap
 [group('bench')]
 bench-gpu *ARGS: bootstrap
     {{torch_env}} AVI_BENCH_DEVICE=cuda cargo bench -p avi-benches --bench iteration -- {{ARGS}}
+
+# a fresh cargo project outside the workspace, set up as the README's "Use it as a library" says (path dependencies, avi-build in build.rs, the example's model), builds in release and its binary starts with an empty environment; shares this workspace's target folder and Cargo.lock so that the compiled libtorch bindings are reused
+[group('test')]
+import-check: bootstrap
+    #!/usr/bin/env bash
+    set -euo pipefail
+    {{torch_env}}
+    root="{{justfile_directory()}}"
+    target="${CARGO_TARGET_DIR:-$root/target}"
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/avi-import-check.XXXXXX")
+    trap 'rm -rf "$dir"' EXIT
+    mkdir -p "$dir/src"
+    cat > "$dir/Cargo.toml" <<TOML
+    [package]
+    name = "avi-import-check"
+    version = "0.1.0"
+    edition = "2021"
+
+    [dependencies]
+    avi-models = { path = "$root/crates/avi-models" }
+    avi-inference = { path = "$root/crates/avi-inference" }
+
+    [build-dependencies]
+    avi-build = { path = "$root/crates/avi-build" }
+    TOML
+    printf 'fn main() {\n    avi_build::link_libtorch();\n}\n' > "$dir/build.rs"
+    cp "$root/examples/poisson-lognormal/src/lib.rs" "$dir/src/lib.rs"
+    sed 's/poisson_lognormal::/avi_import_check::/' "$root/examples/poisson-lognormal/src/main.rs" > "$dir/src/main.rs"
+    # the workspace's versions of every dependency: the compiled ones are reused
+    cp "$root/Cargo.lock" "$dir/Cargo.lock"
+    start=$(date +%s)
+    (cd "$dir" && CARGO_TARGET_DIR="$target" cargo build --release --quiet)
+    echo "import-check: built in $(( $(date +%s) - start )) s"
+    # no LD_LIBRARY_PATH, no VIRTUAL_ENV: the run path must find libtorch
+    env -i PATH=/usr/bin:/bin "$target/release/avi-import-check" 300
+    echo "import-check: ok"

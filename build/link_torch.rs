@@ -9,27 +9,16 @@
 //!    `--as-needed` the linker drops the library and CUDA is silently absent
 //!    at run time (tch-rs issue #907).
 //!
-//! The folder comes from torch-sys (`links = "tch"`), which exports it as
-//! `DEP_TCH_LIBTORCH_LIB` to the build scripts of its direct dependents.
+//! Both are done by `avi-build`, the helper that outside users call from
+//! their own build script. Its source is included here as a module rather
+//! than named as a build-dependency of every package: the same code, with no
+//! manifest to change. These packages depend on `torch-sys` directly, so the
+//! helper reads the folder torch-sys linked against, `DEP_TCH_LIBTORCH_LIB`,
+//! and never asks python.
 
-use std::env;
-use std::path::Path;
+#[path = "../crates/avi-build/src/lib.rs"]
+mod avi_build;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = env::var("DEP_TCH_LIBTORCH_LIB") else {
-        // doc-only builds and exotic setups: nothing to add.
-        return;
-    };
-    let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
-    if os != "linux" && os != "macos" {
-        return;
-    }
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    if os == "linux" && Path::new(&lib).join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-L{lib}");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
+    avi_build::link_libtorch();
 }
