@@ -50,6 +50,7 @@ pub fn fit<'a>(model: &'a dyn Model, x: &'a Tensor, method: &MethodConfig) -> Fi
         device: Device::Cpu,
         fixed_theta: None,
         start: None,
+        init_theta: None,
         seeds: None,
         threads: 1,
         observer: None,
@@ -69,6 +70,7 @@ pub struct FitRequest<'a> {
     device: Device,
     fixed_theta: Option<Vec<f64>>,
     start: Option<Variational>,
+    init_theta: Option<(Vec<f64>, Vec<f64>)>,
     seeds: Option<Vec<u64>>,
     threads: usize,
     observer: Option<&'a mut dyn Observer>,
@@ -119,6 +121,15 @@ impl<'a> FitRequest<'a> {
         self
     }
 
+    /// Start q(θ) at these means and log-sds, one per coordinate of θ,
+    /// instead of the model's default initialisation (the rest of the
+    /// family is initialised as usual). The libtorch and graph engines
+    /// take them ([`Engine::Auto`] chooses the libtorch one).
+    pub fn init_theta(mut self, mean: &[f64], log_sd: &[f64]) -> Self {
+        self.init_theta = Some((mean.to_vec(), log_sd.to_vec()));
+        self
+    }
+
     /// Fit once per seed ([`FitRequest::run_all`]); `options.seed` is then
     /// not used. With [`Engine::Graph`] the runs are one batched
     /// optimisation (R runs in one engine) whose every run equals the
@@ -160,7 +171,8 @@ impl<'a> FitRequest<'a> {
             && fused_form(self.model).is_some()
             && self.fixed_theta.is_none()
             && self.options.batch_size.is_none()
-            && self.start.is_none();
+            && self.start.is_none()
+            && self.init_theta.is_none();
         if fused {
             Engine::Fused
         } else {
@@ -249,10 +261,22 @@ impl<'a> FitRequest<'a> {
                 model, x, start, opts, device,
             )?));
         }
+        let init = self.init_theta.clone();
+        let trainer = || -> Result<Trainer<'a>> {
+            let mut start = crate::forms::init_hint(model);
+            if init.is_some() {
+                start.theta = init.clone();
+            }
+            Trainer::with_init(model, x, method, fixed, opts, device, start)
+        };
+        if init.is_some() && !matches!(opts.engine, Engine::Torch | Engine::Graph) {
+            return Err(InferenceError::config(
+                "init_theta",
+                "initial values of q(θ) are taken by the libtorch and graph engines",
+            ));
+        }
         match opts.engine {
-            Engine::Auto | Engine::Torch => Ok(Box::new(Trainer::new(
-                model, x, method, fixed, opts, device,
-            )?)),
+            Engine::Auto | Engine::Torch => Ok(Box::new(trainer()?)),
             Engine::Graph => {
                 // Monitoring happens between blocks: a block must end at
                 // every monitoring step and at every check.
@@ -261,8 +285,7 @@ impl<'a> FitRequest<'a> {
                     every => gcd(opts.check_every, every),
                 };
                 opts.check_schedule_blocks(block, "graph engine")?;
-                let trainer = Trainer::new(model, x, method, fixed, opts, device)?;
-                Ok(Box::new(GraphTrainer::new(trainer, block)?))
+                Ok(Box::new(GraphTrainer::new(trainer()?, block)?))
             }
             Engine::Fused => {
                 let Some(form) = fused_form(model) else {

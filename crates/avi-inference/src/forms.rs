@@ -190,11 +190,11 @@ pub fn saw_term(alpha: f64, theta: f64, z: f64, x: f64, prev: f64) -> (f64, f64,
 }
 
 /// Initialisation of the variational parameters the fit uses for a model.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Init {
-    /// q(θ): `Some((mean, log_sd))` for constant values in every coordinate;
-    /// `None` draws both from N(0, 1).
-    pub theta: Option<(f64, f64)>,
+    /// q(θ): `Some((means, log_sds))`, one value per coordinate of θ (or
+    /// one value for every coordinate); `None` draws both from N(0, 1).
+    pub theta: Option<(Vec<f64>, Vec<f64>)>,
     /// F-VI's free Gaussian factors: `None` draws means and log-sds from
     /// U[0, 1); `Some(shift)` draws both from N(0, 1) and adds `shift` to the
     /// log-sds.
@@ -224,7 +224,7 @@ pub fn init_hint(model: &dyn Model) -> Init {
     let any: &dyn Any = model;
     if any.is::<BnnModel>() {
         Init {
-            theta: Some((0.0, -2.0)),
+            theta: Some((vec![0.0], vec![-2.0])),
             local_normal_shift: Some(-1.0),
         }
     } else {
@@ -321,7 +321,7 @@ mod tests {
         assert_eq!(
             init_hint(&bnn),
             Init {
-                theta: Some((0.0, -2.0)),
+                theta: Some((vec![0.0], vec![-2.0])),
                 local_normal_shift: Some(-1.0)
             }
         );

@@ -320,11 +320,22 @@ impl Variational {
                 ThetaFactor::Fixed(Tensor::from_slice(values).to_kind(kind).to_device(device))
             }
             None => {
-                let (mean, log_sd) = match init_hint.theta {
-                    Some((m, s)) => (
-                        Tensor::full([theta_dim as i64], m, (kind, device)),
-                        Tensor::full([theta_dim as i64], s, (kind, device)),
-                    ),
+                let (mean, log_sd) = match &init_hint.theta {
+                    Some((m, s)) => {
+                        let values = |v: &[f64], what: &str| match v.len() {
+                            1 => Ok(Tensor::full([theta_dim as i64], v[0], (kind, device))),
+                            d if d == theta_dim => {
+                                Ok(Tensor::from_slice(v).to_kind(kind).to_device(device))
+                            }
+                            d => Err(InferenceError::config(
+                                "init_theta",
+                                format!(
+                                    "{d} initial {what}s for the model's {theta_dim} θ coordinates"
+                                ),
+                            )),
+                        };
+                        (values(m, "mean")?, values(s, "log-sd")?)
+                    }
                     None => (
                         Tensor::randn([theta_dim as i64], (kind, device)),
                         Tensor::randn([theta_dim as i64], (kind, device)),
@@ -497,6 +508,21 @@ impl Variational {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
+        let init = crate::forms::init_hint(model);
+        Self::for_model_init(method, model, x, fixed_theta, kind, device, init)
+    }
+
+    /// [`Variational::for_model`] with the initialisation `init` instead of
+    /// the model's default.
+    pub(crate) fn for_model_init(
+        method: &MethodConfig,
+        model: &dyn avi_models::Model,
+        x: &Tensor,
+        fixed_theta: Option<&[f64]>,
+        kind: Kind,
+        device: Device,
+        init: crate::forms::Init,
+    ) -> Result<Self> {
         Self::new(
             method,
             x,
@@ -509,7 +535,7 @@ impl Variational {
                 },
             },
             fixed_theta,
-            crate::forms::init_hint(model),
+            init,
             kind,
             device,
         )

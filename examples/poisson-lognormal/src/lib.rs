@@ -22,10 +22,10 @@
 //! is the exact F-VI optimum of one local factor when θ is known.
 
 use avi_inference::{
-    fit, Fit, FitOptions, FunctionConfig, LrStep, MethodConfig, Result as FitResult, Silent,
+    fit, Fit, FitOptions, FunctionConfig, LrStep, MethodConfig, Result as FitResult,
 };
 use avi_models::tch::{self, Device, Kind, Tensor};
-use avi_models::{check_draw_shapes, check_scalar_tensor, Init, Model, ModelError, HALF_LN_2PI};
+use avi_models::{check_draw_shapes, check_scalar_tensor, Model, ModelError, HALF_LN_2PI};
 
 /// The Poisson log-normal model with independent N(0, `prior_sd`²) priors on
 /// μ and log σ (see the crate docs for the density).
@@ -106,18 +106,6 @@ impl Model for PoissonLogNormal {
     fn log_prior(&self, theta: &Tensor) -> avi_models::Result<Tensor> {
         Ok(avi_models::normal_log_prior(theta, self.prior_sd))
     }
-
-    /// q(θ) starts at μ = 0, σ = 1 with sd e⁻³ in both coordinates, instead
-    /// of the default N(0, 1) draws of the means and log-sds: a start at
-    /// log σ = −2 with a wide q(log σ) gives draws of σ near 0 and of e^z
-    /// near overflow, and the first Monte Carlo gradients are then useless
-    /// (or not finite). The local factors keep the default start.
-    fn init(&self) -> Init {
-        Init {
-            theta: Some((0.0, -3.0)),
-            ..Init::default()
-        }
-    }
 }
 
 /// Adam options for this example: `steps` steps at rate 0.05, divided by 5
@@ -180,7 +168,15 @@ pub fn fit_avi(
     fit_on_cpu(model, x, &avi_method(width), None, opts)
 }
 
-/// The one call of [`avi_inference::fit`] here: on the CPU, silently.
+/// The one call of [`avi_inference::fit`] here: on the CPU (the default
+/// device), one thread (the default).
+///
+/// q(θ) starts at μ = 0, σ = 1 with sd e⁻³ in both coordinates
+/// ([`avi_inference::FitRequest::init_theta`]), instead of the default
+/// N(0, 1) draws of the means and log-sds: a start at log σ = −2 with a
+/// wide q(log σ) gives draws of σ near 0 and of e^z near overflow, and the
+/// first Monte Carlo gradients are then useless (or not finite). The local
+/// factors keep the default start.
 fn fit_on_cpu(
     model: &PoissonLogNormal,
     x: &[f64],
@@ -189,15 +185,13 @@ fn fit_on_cpu(
     opts: &FitOptions,
 ) -> FitResult<Fit> {
     let x = Tensor::from_slice(x);
-    fit(
-        model,
-        &x,
-        method,
-        fixed_theta,
-        opts,
-        Device::Cpu,
-        &mut Silent,
-    )
+    let request = fit(model, &x, method)
+        .options(opts)
+        .fixed_theta(fixed_theta);
+    match fixed_theta {
+        Some(_) => request.run(),
+        None => request.init_theta(&[0.0, 0.0], &[-3.0, -3.0]).run(),
+    }
 }
 
 /// The F-VI objective of one local factor q(z) = N(m, s²) for the count `x`

@@ -40,8 +40,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .variational
         .predict_local(&Tensor::from_slice(&new))?
         .ok_or("an A-VI fit predicts local factors")?;
-    let means = Vec::<f64>::try_from(q.mean.reshape([-1]))?;
-    let sds = Vec::<f64>::try_from(q.log_sd.reshape([-1]).exp())?;
+    let means = q.mean;
+    let sds = q.sd;
     println!("\nnew counts: A-VI q(z) = f(x) against the free factor's optimum at θ = E_q[θ]");
     for ((x, m), s) in new.iter().zip(&means).zip(&sds) {
         let (om, os) = local_optimum(*x, theta[0], theta[1].exp());

@@ -9,6 +9,7 @@ use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 use crate::elbo::{draws_from, evaluate_from};
 use crate::engine::{params_finite, seeded, Block, Draws, Stepper};
 use crate::fit::check_data_size;
+use crate::forms::{init_hint, Init};
 use crate::method::{MethodConfig, Variational};
 use crate::options::{Engine, FitOptions};
 use crate::{InferenceError, Result};
@@ -93,6 +94,28 @@ impl<'a> Trainer<'a> {
         opts: &FitOptions,
         device: Device,
     ) -> Result<Self> {
+        Self::with_init(
+            model,
+            x,
+            method,
+            fixed_theta,
+            opts,
+            device,
+            init_hint(model),
+        )
+    }
+
+    /// [`Trainer::new`] with the initialisation `init` instead of the
+    /// model's default.
+    pub(crate) fn with_init(
+        model: &'a dyn Model,
+        x: &Tensor,
+        method: &MethodConfig,
+        fixed_theta: Option<&[f64]>,
+        opts: &FitOptions,
+        device: Device,
+        init: Init,
+    ) -> Result<Self> {
         check_data_size(model, x, method, opts, device)?;
         let kind = opts.dtype.kind();
         let x = x.to_device(device).to_kind(kind);
@@ -105,7 +128,8 @@ impl<'a> Trainer<'a> {
         }
         let n = x.size()[0];
         let ((var, order), rng) = seeded(opts.seed, device, || {
-            let var = Variational::for_model(method, model, &x, fixed_theta, kind, device)?;
+            let var =
+                Variational::for_model_init(method, model, &x, fixed_theta, kind, device, init)?;
             let order = opts.batch_size.map(|_| {
                 if opts.shuffle {
                     Tensor::randperm(n, (Kind::Int64, device))
