@@ -15,7 +15,7 @@
 use std::env;
 use std::path::Path;
 
-fn main() {
+pub fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = env::var("DEP_TCH_LIBTORCH_LIB") else {
         // doc-only builds and exotic setups: nothing to add.

@@ -25,25 +25,49 @@ use avi_models::hmm_reference::mean_field_cavi;
 use serde_json::{json, Value};
 
 use crate::config::FitConfig;
+use crate::experiment::{file_stem, load_experiment_file, Claim, Experiment, GapAxis};
 use crate::figures::{self, BoxGroup, BoxPlot, LinePlot, Series};
 use crate::report::{num, write_json_atomic};
-use crate::reproduce::{file_stem, load_experiment_file, Claim, Experiment, GapAxis};
 use crate::run::{prepare, BuiltModel};
+use crate::run_report::{MseTrace, RunReport, RunStatus};
 
 /// One stored run.
 #[derive(Debug)]
 struct Run {
     label: String,
     seed: u64,
-    report: Value,
-    elbo: Vec<f64>,
-    seconds: Vec<f64>,
+    /// Where the report was read from (named in errors).
+    path: PathBuf,
+    report: RunReport,
 }
 
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect())
-        .unwrap_or_default()
+impl Run {
+    fn elbo(&self) -> &[f64] {
+        &self.report.trace.elbo
+    }
+
+    fn seconds(&self) -> &[f64] {
+        &self.report.trace.seconds
+    }
+
+    fn ok(&self) -> bool {
+        self.report.effective_status() == RunStatus::Ok
+    }
+
+    /// The MSE section of a run of an experiment that monitors it.
+    fn mse(&self) -> Result<&MseTrace> {
+        self.report.mse.as_ref().with_context(|| {
+            format!(
+                "run report {}: the experiment monitors the MSE but the report has no `mse`",
+                self.path.display()
+            )
+        })
+    }
+}
+
+/// Test-set MSEs, NaN where there is none.
+fn test_mse(m: &MseTrace) -> Vec<f64> {
+    m.test.iter().map(|v| v.unwrap_or(f64::NAN)).collect()
 }
 
 fn stats(values: &[f64]) -> Value {
@@ -100,18 +124,6 @@ fn reference(cfg: &FitConfig) -> Result<Option<(f64, &'static str)>> {
     Ok(None)
 }
 
-/// The status of a stored run: `"ok"` only when the run finished and its
-/// final ELBO is a number. Reports written before a non-finite final ELBO
-/// counted as divergence (`"status": "ok"`, `"elbo": null`) read as
-/// `"diverged"`, as the fit would report them now.
-fn run_status(report: &Value) -> &str {
-    match report["status"].as_str() {
-        Some("ok") if report["elbo"].is_number() => "ok",
-        Some("ok") | None => "diverged",
-        Some(other) => other,
-    }
-}
-
 fn width_of(method: &MethodConfig) -> Option<usize> {
     match method {
         MethodConfig::Avi {
@@ -151,15 +163,11 @@ fn load_runs(dir: &Path, exp: &Experiment) -> Result<Vec<Run>> {
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let report: Value = serde_json::from_str(&text)
-                .with_context(|| format!("run report {}", path.display()))?;
+            let report = crate::run_report::load(&path)?;
             runs.push(Run {
                 label: m.label.clone(),
                 seed,
-                elbo: floats(&report["trace"]["elbo"]),
-                seconds: floats(&report["trace"]["seconds"]),
+                path,
                 report,
             });
         }
@@ -183,7 +191,7 @@ fn final_window(trace: &[f64], half: usize) -> f64 {
 fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
     // References per distinct model and data.
     let mut references: BTreeMap<String, Option<(f64, &'static str)>> = BTreeMap::new();
-    let key_of = |m: &crate::reproduce::MethodEntry| {
+    let key_of = |m: &crate::experiment::MethodEntry| {
         serde_json::to_string(&(
             m.model.as_ref().unwrap_or(&exp.model),
             m.data.as_ref().unwrap_or(&exp.data),
@@ -193,7 +201,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
     for m in &exp.methods {
         let key = key_of(m);
         if let std::collections::btree_map::Entry::Vacant(e) = references.entry(key) {
-            let cfg = crate::reproduce::run_config(exp, m, exp.seeds[0]);
+            let cfg = crate::experiment::run_config(exp, m, exp.seeds[0]);
             e.insert(reference(&cfg)?);
         }
     }
@@ -206,8 +214,11 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             .iter()
             .find(|m| m.label == r.label)
             .context("run of an unknown method")?;
-        if matches!(m.method, MethodConfig::Fvi) && run_status(&r.report) == "ok" {
-            fvi_final.insert((key_of(m), r.seed), final_window(&r.elbo, exp.final_window));
+        if matches!(m.method, MethodConfig::Fvi) && r.ok() {
+            fvi_final.insert(
+                (key_of(m), r.seed),
+                final_window(r.elbo(), exp.final_window),
+            );
         }
     }
     let mut rows = Vec::new();
@@ -217,23 +228,22 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
         let exact = references[&key];
         let mut per_seed = Vec::new();
         for r in runs.iter().filter(|r| r.label == m.label) {
-            devices.insert(r.report["device"].as_str().unwrap_or("?").to_string());
-            let ok = run_status(&r.report) == "ok";
-            let fin = final_window(&r.elbo, exp.final_window);
-            let elbo = r.report["elbo"].as_f64().unwrap_or(f64::NAN);
+            devices.insert(r.report.device.clone());
+            let ok = r.ok();
+            let fin = final_window(r.elbo(), exp.final_window);
+            let elbo = r.report.elbo;
             let target = exact
                 .map(|e| e.0)
                 .or_else(|| fvi_final.get(&(key.clone(), r.seed)).copied());
             let (conv, mse) = match &exp.mse {
                 Some(crit) => {
-                    let train = floats(&r.report["mse"]["train"]);
-                    let iters = floats(&r.report["mse"]["iteration"]);
-                    let secs = floats(&r.report["mse"]["seconds"]);
-                    let test = floats(&r.report["mse"]["test"]);
+                    let mse = r.mse()?;
+                    let (train, iters, secs) = (&mse.train, &mse.iteration, &mse.seconds);
+                    let test = test_mse(mse);
                     let at = train
                         .iter()
                         .position(|v| v.is_finite() && *v < crit.threshold);
-                    let conv = at.filter(|_| ok).map(|i| (iters[i], secs[i]));
+                    let conv = at.filter(|_| ok).map(|i| (iters[i] as f64, secs[i]));
                     (
                         conv,
                         json!({
@@ -245,32 +255,32 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 }
                 None => {
                     let conv = match (target, ok) {
-                        (Some(t), true) => first_within(&r.elbo, t, exp.rel_tol, 10),
+                        (Some(t), true) => first_within(r.elbo(), t, exp.rel_tol, 10),
                         _ => None,
                     };
                     let conv = conv.map(|c| {
-                        let s = r.seconds.get(c).or(r.seconds.last()).copied();
+                        let s = r.seconds().get(c).or(r.seconds().last()).copied();
                         (c as f64, s.unwrap_or(f64::NAN))
                     });
                     (conv, Value::Null)
                 }
             };
-            let run_seconds = r.report["seconds"].as_f64().unwrap_or(f64::NAN);
-            let iterations = r.report["iterations"].as_f64().unwrap_or(f64::NAN);
+            let run_seconds = r.report.seconds;
+            let iterations = r.report.iterations as f64;
             per_seed.push(json!({
                 "seed": r.seed,
                 "final_elbo": num(fin),
                 "elbo": num(elbo),
-                "elbo_se": r.report["elbo_se"],
+                "elbo_se": num(r.report.elbo_se),
                 "gap": exact.map(|e| num(e.0 - elbo)),
                 "target": target.map(num),
                 "iterations_to_converge": conv.map(|c| c.0),
                 "seconds_to_converge": conv.map(|c| num(c.1)),
                 "seconds": num(run_seconds),
                 "ms_per_iteration": num(1e3 * run_seconds / iterations.max(1.0)),
-                "status": run_status(&r.report),
+                "status": r.report.effective_status().as_str(),
                 "mse": mse,
-                "diagnosis": r.report.get("diagnosis").cloned().unwrap_or(Value::Null),
+                "diagnosis": serde_json::to_value(&r.report.diagnosis)?,
                 "run": format!("runs/{}-{}.json", file_stem(&m.label), r.seed),
             }));
         }
@@ -369,7 +379,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
 /// function on each A-VI method's window (indices with identical windows
 /// must share a factor; [`avi_models::GaussianHmm::tied_optimum_elbo`]).
 fn add_window_bounds(exp: &Experiment, rows: &mut [Value]) -> Result<()> {
-    let cfg = crate::reproduce::run_config(exp, &exp.methods[0], exp.seeds[0]);
+    let cfg = crate::experiment::run_config(exp, &exp.methods[0], exp.seeds[0]);
     let prepared = prepare(&cfg, Path::new("."))?;
     let (BuiltModel::GaussianHmm(m), Some(&[theta]), Some(r)) = (
         &prepared.model,
@@ -635,11 +645,11 @@ fn draw_figures(dir: &Path, exp: &Experiment, runs: &[Run], summary: &Value) -> 
     let mut by_time = Vec::new();
     let mut by_iter = Vec::new();
     for r in runs.iter().filter(|r| r.seed == seed && shown(&r.label)) {
-        let s = smooth(&r.elbo, 10);
+        let s = smooth(r.elbo(), 10);
         by_time.push(Series {
             label: r.label.clone(),
             points: thin(
-                r.seconds.iter().zip(&s).map(|(t, e)| (*t, -e)).collect(),
+                r.seconds().iter().zip(&s).map(|(t, e)| (*t, -e)).collect(),
                 1500,
             ),
         });
@@ -692,7 +702,7 @@ fn draw_figures(dir: &Path, exp: &Experiment, runs: &[Run], summary: &Value) -> 
     // Fig. 4: time (and iterations) to convergence over seeds.
     let longest = runs
         .iter()
-        .filter_map(|r| r.seconds.last().copied())
+        .filter_map(|r| r.seconds().last().copied())
         .fold(0.0, f64::max);
     let rows = summary["methods"].as_array().cloned().unwrap_or_default();
     let groups = |key: &str| -> Vec<BoxGroup> {
@@ -742,16 +752,15 @@ fn draw_figures(dir: &Path, exp: &Experiment, runs: &[Run], summary: &Value) -> 
         let mut train = Vec::new();
         let mut test = Vec::new();
         for r in runs.iter().filter(|r| r.seed == seed && shown(&r.label)) {
-            let secs = floats(&r.report["mse"]["seconds"]);
-            let iters = floats(&r.report["mse"]["iteration"]);
-            let every = r.report["mse"]["every"].as_f64().unwrap_or(1.0);
-            let tr = floats(&r.report["mse"]["train"]);
-            let te = floats(&r.report["mse"]["test"]);
+            let mse = r.mse()?;
+            let (secs, iters, tr) = (&mse.seconds, &mse.iteration, &mse.train);
+            let every = mse.every as f64;
+            let te = test_mse(mse);
             train.push(Series {
                 label: r.label.clone(),
                 points: secs
                     .iter()
-                    .zip(&tr)
+                    .zip(tr)
                     .map(|(t, v)| (t.max(1e-3), *v))
                     .collect(),
             });
@@ -761,7 +770,7 @@ fn draw_figures(dir: &Path, exp: &Experiment, runs: &[Run], summary: &Value) -> 
                     points: iters
                         .iter()
                         .zip(&te)
-                        .map(|(i, v)| (i / every, *v))
+                        .map(|(i, v)| (*i as f64 / every, *v))
                         .collect(),
                 });
             }
@@ -894,7 +903,7 @@ fn draw_gap_figures(dir: &Path, exp: &Experiment, rows: &[Value], axis: GapAxis)
 }
 
 fn draw_fig8(dir: &Path, exp: &Experiment) -> Result<()> {
-    let cfg = crate::reproduce::run_config(exp, &exp.methods[0], exp.seeds[0]);
+    let cfg = crate::experiment::run_config(exp, &exp.methods[0], exp.seeds[0]);
     let prepared = prepare(&cfg, Path::new("."))?;
     let Some(r) = &prepared.reference else {
         bail!("fig8: the experiment's model has no closed-form F-VI optimum");
@@ -1167,7 +1176,7 @@ fn report_markdown(exp: &Experiment, s: &Value) -> String {
 /// not there (`runs/LABEL-SEED.json` names).
 pub fn missing_runs(dir: &Path) -> Result<Vec<String>> {
     let exp = load_experiment_file(&dir.join("experiment.json"))?;
-    Ok(crate::reproduce::plan(&exp)
+    Ok(crate::experiment::plan(&exp)
         .into_iter()
         .map(|r| r.file)
         .filter(|f| !dir.join("runs").join(f).is_file())
@@ -1202,7 +1211,7 @@ pub fn report_all(dir: &Path, seeds: Option<usize>) -> Result<Vec<PathBuf>> {
                 .unwrap_or("")
                 .to_string();
             (
-                crate::reproduce::EXPERIMENTS
+                crate::experiment::EXPERIMENTS
                     .iter()
                     .position(|e| *e == name)
                     .unwrap_or(99),
@@ -1271,24 +1280,39 @@ pub fn report_all(dir: &Path, seeds: Option<usize>) -> Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{cell_range, fmt, run_status};
+    use super::{cell_range, fmt};
+    use crate::run_report::{RunReport, RunStatus};
     use serde_json::json;
 
     /// A finished run without a final ELBO (written by older binaries) reads
-    /// as diverged; finished and diverged runs keep their status.
+    /// as diverged; finished and diverged runs keep their status. A report
+    /// without a status or an ELBO no longer loads (it named no status
+    /// before reports were typed).
     #[test]
     fn a_run_without_a_final_elbo_reads_as_diverged() {
-        assert_eq!(run_status(&json!({"status": "ok", "elbo": -5.0})), "ok");
+        let report = |status: Option<&str>, elbo: Option<Option<f64>>| {
+            let mut r = json!({
+                "config": {}, "device": "cpu", "elbo_se": 0.1, "iterations": 1,
+                "method": {}, "model": {}, "n": 1, "num_parameters": 1,
+                "q_theta": null, "q_z": null, "seconds": 1.0,
+                "trace": {"iteration": [], "elbo": [], "seconds": []},
+            });
+            if let Some(s) = status {
+                r["status"] = json!(s);
+            }
+            if let Some(e) = elbo {
+                r["elbo"] = json!(e);
+            }
+            RunReport::from_json(&r.to_string()).map(|r| r.effective_status())
+        };
+        assert_eq!(report(Some("ok"), Some(Some(-5.0))).unwrap(), RunStatus::Ok);
+        assert_eq!(report(Some("ok"), Some(None)).unwrap(), RunStatus::Diverged);
+        assert!(report(Some("ok"), None).is_err());
         assert_eq!(
-            run_status(&json!({"status": "ok", "elbo": null})),
-            "diverged"
+            report(Some("diverged"), Some(Some(-5.0))).unwrap(),
+            RunStatus::Diverged
         );
-        assert_eq!(run_status(&json!({"status": "ok"})), "diverged");
-        assert_eq!(
-            run_status(&json!({"status": "diverged", "elbo": -5.0})),
-            "diverged"
-        );
-        assert_eq!(run_status(&json!({"elbo": -5.0})), "diverged");
+        assert!(report(None, Some(Some(-5.0))).is_err());
     }
 
     /// Ordinary values keep their decimals; diverged ones are written in
@@ -1334,7 +1358,7 @@ mod tests {
     //   than labels × seeds.
 
     use super::{check_claim, decide_claim};
-    use crate::reproduce::Claim;
+    use crate::experiment::Claim;
     use serde_json::Value;
 
     /// The next f64 above a positive `x` (one ulp beyond).
