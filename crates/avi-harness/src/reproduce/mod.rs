@@ -29,11 +29,13 @@ use serde_json::Value;
 use tch::Device;
 
 use crate::claim::{Claimed, Holder, RunClaim};
-use crate::config::{DataConfig, FitConfig, MseConfig};
 use crate::experiment::{Experiment, RunSpec};
 use crate::report::{remove_stale_temp_files, write_json_atomic};
 use crate::run::{diagnosis_section, prepare, run_prepared, Prepared};
-use crate::run_report::{QTheta, RunReport, RunStatus};
+use crate::run_report::{RunReport, RunStatus};
+
+mod stored;
+use stored::*;
 
 /// The experiment schema's entry points, at their older path.
 pub use crate::experiment::{effective, load_experiment, load_experiment_file, plan, run_config};
@@ -359,122 +361,6 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     Ok(summary)
 }
 
-/// The run reports (`*.json`) in `runs_dir`.
-fn finished_reports(runs_dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(runs_dir)
-        .with_context(|| format!("cannot read {}", runs_dir.display()))?
-    {
-        let p = entry?.path();
-        if p.extension().is_some_and(|e| e == "json") {
-            out.push(p);
-        }
-    }
-    Ok(out)
-}
-
-/// Move everything in an experiment folder (but earlier `previous-*`
-/// folders) into a new `previous-<UTC time>/` in it; returns that folder.
-fn move_aside(dir: &Path) -> Result<PathBuf> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let stamp = crate::claim::utc(now).replace(':', "");
-    let mut old = dir.join(format!("previous-{stamp}"));
-    let mut k = 2;
-    while old.exists() {
-        old = dir.join(format!("previous-{stamp}-{k}"));
-        k += 1;
-    }
-    std::fs::create_dir(&old).with_context(|| format!("cannot create {}", old.display()))?;
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let p = entry?.path();
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.starts_with("previous-") {
-            continue;
-        }
-        std::fs::rename(&p, old.join(&name))
-            .with_context(|| format!("cannot move {} into {}", p.display(), old.display()))?;
-    }
-    Ok(old)
-}
-
-/// Check that a stored run report was made with the config it would run
-/// with now (same definition, size, engine, …); the error names the run and
-/// the first differing field. `--batch-seeds` reports name the graph engine
-/// they ran on.
-fn check_stored_run(path: &Path, expected: &FitConfig, batch_seeds: bool) -> Result<()> {
-    let report = crate::run_report::load(path).with_context(|| {
-        format!(
-            "{} is not a run report (move it away or start with --fresh)",
-            path.display()
-        )
-    })?;
-    let stored: FitConfig = serde_json::from_value(report.config.clone()).with_context(|| {
-        format!(
-            "{}: its `config` cannot be read (move it away or start with --fresh)",
-            path.display()
-        )
-    })?;
-    let mut want = expected.clone();
-    if batch_seeds && report.batched_seeds.is_some() {
-        want.engine = avi_inference::Engine::Graph;
-    }
-    let (a, b) = (comparable(&stored)?, comparable(&want)?);
-    if let Some(d) = first_difference(&a, &b, "config") {
-        bail!(
-            "{} was made with a different config ({d}): it is kept; resume with the options it was made with, or start with --fresh",
-            path.display()
-        );
-    }
-    Ok(())
-}
-
-/// A config as JSON for comparison, data file paths made canonical where
-/// the file exists (the same data seen from another working folder).
-fn comparable(cfg: &FitConfig) -> Result<Value> {
-    let mut c = cfg.clone();
-    let canon = |d: &mut DataConfig| {
-        if let DataConfig::File(p) = d {
-            if let Ok(abs) = p.canonicalize() {
-                *p = abs;
-            }
-        }
-    };
-    canon(&mut c.data);
-    if let Some(MseConfig { test: Some(d), .. }) = &mut c.mse {
-        canon(d);
-    }
-    Ok(serde_json::to_value(&c)?)
-}
-
-/// The first place where `a` (stored) and `b` (expected) differ:
-/// `path: A in the stored run, B now`.
-fn first_difference(a: &Value, b: &Value, path: &str) -> Option<String> {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            keys.into_iter().find_map(|k| {
-                first_difference(
-                    x.get(k).unwrap_or(&Value::Null),
-                    y.get(k).unwrap_or(&Value::Null),
-                    &format!("{path}.{k}"),
-                )
-            })
-        }
-        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
-            .iter()
-            .zip(y)
-            .enumerate()
-            .find_map(|(i, (u, v))| first_difference(u, v, &format!("{path}[{i}]"))),
-        _ if a == b => None,
-        _ => Some(format!("`{path}`: {a} in the stored run, {b} now")),
-    }
-}
-
 /// Claim `run` in `runs_dir` before fitting it. `None`: skip it (another
 /// live process runs it, with `--resume`, or its report appeared
 /// meanwhile); without `--resume` a live or stale claim of another process
@@ -522,26 +408,6 @@ fn claim_run(
             report.display(),
             h.describe()
         ),
-    }
-}
-
-/// Largest q(θ) kept in an experiment's run reports (the BNN's 283,920
-/// means and sds would make each report ≈ 10 MB).
-const MAX_STORED_THETA: usize = 1000;
-
-/// Drop a large q(θ) from a run report; true when something was dropped.
-fn slim(report: &mut RunReport) -> bool {
-    let len = match &report.q_theta {
-        Some(QTheta::Gaussian(g)) => g.mean.len(),
-        _ => 0,
-    };
-    if len > MAX_STORED_THETA {
-        report.q_theta = Some(QTheta::Omitted {
-            omitted: format!("{len} values; fit the run's config with avi fit to get them"),
-        });
-        true
-    } else {
-        false
     }
 }
 
