@@ -2,8 +2,8 @@
 //! folder's `experiment.json` hold (a model, data, run length, draws, seeds,
 //! the methods to compare and the paper's claims about them), its loading
 //! and checking, `--quick` and `--seeds` ([`effective`]) and the runs it
-//! asks for ([`plan`]). Read by [`crate::reproduce`] (which runs them) and
-//! [`crate::summary`] (which summarises them); imports neither.
+//! asks for ([`plan`]). Read by `avi reproduce` (which runs them) and the
+//! summaries (which summarise them); imports neither.
 
 use std::path::{Path, PathBuf};
 
