@@ -19,6 +19,7 @@
 #[path = "../crates/avi-build/src/lib.rs"]
 mod avi_build;
 
-fn main() {
+/// Emit the link arguments (see the module documentation).
+pub fn main() {
     avi_build::link_libtorch();
 }

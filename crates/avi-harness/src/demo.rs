@@ -129,13 +129,13 @@ pub fn run_demo(out: &Path, device: Device, n: usize, steps: usize) -> Result<Va
             "num_parameters": fit.num_parameters,
             "elbo": num(fit.elbo),
             "elbo_se": num(fit.elbo_se),
-            "exact_elbo": report["reference"]["exact_elbo"],
+            "exact_elbo": report.reference.as_ref().and_then(|r| r.exact_elbo).map(num),
             "gap": num(reference - fit.elbo),
             "iterations_to_1pct": conv,
             "seconds_to_1pct": conv_seconds.map(num),
             "seconds": num(fit.seconds),
             "ms_per_iteration": num(1e3 * fit.seconds / fit.iterations.max(1) as f64),
-            "status": report["status"],
+            "status": report.status.as_str(),
         }));
     }
     println!("closed-form optimal ELBO: {optimum:.3}");

@@ -29,7 +29,7 @@
 //!     "data": {"simulate": {"n": 1000, "seed": 7}}, "method": {"kind": "fvi"}}"#)?;
 //! let prepared = run::prepare(&cfg, std::path::Path::new("."))?;
 //! let (fit, report) = run::run_prepared(&cfg, &prepared, tch::Device::Cpu, &mut avi_inference::Silent)?;
-//! println!("{} {}", fit.elbo, report["reference"]["gap"]);
+//! println!("{} {:?}", fit.elbo, report.reference.map(|r| r.gap));
 //! # Ok(())
 //! # }
 //! ```
@@ -39,10 +39,12 @@ pub mod claim;
 pub mod config;
 pub mod data_files;
 pub mod demo;
+pub mod experiment;
 pub mod figures;
 pub mod interrupt;
 pub mod models;
 pub mod report;
 pub mod reproduce;
 pub mod run;
+pub mod run_report;
 pub mod summary;

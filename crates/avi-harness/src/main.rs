@@ -338,15 +338,13 @@ fn diagnose_command(
         write_json_atomic(out, &report)?;
         return Ok(Outcome::Diverged(at, out.to_path_buf()));
     }
-    report["diagnosis"] =
-        avi_harness::run::diagnosis_section(&cfg, &prepared, &fit, fvi_steps, gradient_draws)?;
-    let d = &report["diagnosis"];
-    let f = |k: &str| d[k].as_f64().unwrap_or(f64::NAN);
-    write_json_atomic(out, &report)?;
+    let d = avi_harness::run::diagnosis_section(&cfg, &prepared, &fit, fvi_steps, gradient_draws)?;
     println!(
         "amortized ELBO {:.3} ± {:.3}; after {} F-VI steps {:.3} ± {:.3}; gain {:.3} ± {:.3}; F-VI gradient norm {:.4}",
-        f("amortized_elbo"), f("amortized_se"), fvi_steps, f("refined_elbo"), f("refined_se"), f("gain"), f("gain_se"), f("gradient_norm")
+        d.amortized_elbo, d.amortized_se, fvi_steps, d.refined_elbo, d.refined_se, d.gain, d.gain_se, d.gradient_norm
     );
+    report.diagnosis = Some(d);
+    write_json_atomic(out, &report)?;
     Ok(Outcome::Done)
 }
 
@@ -393,10 +391,10 @@ fn run(cli: Cli) -> Result<Outcome> {
                 Some(text) => Some(Shard::parse(&text, "--shard")?),
                 None => Shard::from_env(|k| std::env::var(k).ok())?,
             };
-            use avi_harness::reproduce::{
-                default_experiments_dir, load_experiment, load_experiment_file, reproduce,
-                ReproduceOptions, EXPERIMENTS,
+            use avi_harness::experiment::{
+                default_experiments_dir, load_experiment, load_experiment_file, EXPERIMENTS,
             };
+            use avi_harness::reproduce::{reproduce, ReproduceOptions};
             let dir = experiments.unwrap_or_else(default_experiments_dir);
             let mut defs = if experiment == "all" {
                 EXPERIMENTS

@@ -1,4 +1,4 @@
-//! The `avi fit` report (JSON) and atomic file writing.
+//! Building the `avi fit` report ([`RunReport`]) and atomic file writing.
 //!
 //! JSON has no NaN or infinity: every non-finite number is written as
 //! `null`.
@@ -8,9 +8,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use avi_inference::{Fit, FitStatus, GaussianSummary};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::FitConfig;
+use crate::run_report::{
+    Gaussian, Provenance, QTheta, ReferenceSection, RunReport, RunStatus, TraceSection, Values, QZ,
+};
 
 /// A float as JSON, `null` when not finite.
 pub fn num(v: f64) -> Value {
@@ -36,10 +40,13 @@ pub fn rows(v: &[f64], width: usize) -> Value {
     }
 }
 
-fn gaussian(s: &GaussianSummary) -> Value {
+fn gaussian(s: &GaussianSummary) -> Gaussian {
     // [D] for q(θ), [N, L] for q(z): N values when L = 1, else N rows of L.
     let width = if s.shape.len() == 2 { s.shape[1] } else { 1 };
-    json!({ "mean": rows(&s.mean, width), "sd": rows(&s.sd, width) })
+    Gaussian {
+        mean: Values::from_rows(&s.mean, width),
+        sd: Values::from_rows(&s.sd, width),
+    }
 }
 
 /// Exact reference quantities reported next to the fit (when the model has
@@ -50,53 +57,66 @@ pub struct Reference {
     pub elbo: f64,
 }
 
-/// Build the report object of one fit.
+/// A config part as JSON (as `json!` does: its types always serialise).
+fn value<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("configs serialise to JSON")
+}
+
+/// Build the report of one fit (its `provenance` names the engine that
+/// ran, `auto` resolved).
 pub fn fit_report(
     cfg: &FitConfig,
     n: usize,
     device: &str,
     fit: &Fit,
     reference: Option<Reference>,
-) -> Value {
-    let mut r = json!({
-        "model": cfg.model,
-        "method": cfg.method,
-        "n": n,
-        "device": device,
-        "elbo": num(fit.elbo),
-        "elbo_se": num(fit.elbo_se),
-        "q_theta": fit.q_theta.as_ref().map(gaussian),
-        "q_z": match &fit.q_z_probs {
-            Some(p) => json!({ "probs": rows(p, p.len() / n.max(1)) }),
-            None => gaussian(&fit.q_z),
+) -> RunReport {
+    let q_z = match &fit.q_z_probs {
+        _ if !cfg.report_q_z => None,
+        Some(p) => Some(QZ::Probs {
+            probs: Values::from_rows(p, p.len() / n.max(1)),
+        }),
+        None => Some(QZ::Gaussian(gaussian(&fit.q_z))),
+    };
+    let (status, diverged_at) = match fit.status {
+        FitStatus::Ok => (RunStatus::Ok, None),
+        FitStatus::Diverged { at } => (RunStatus::Diverged, Some(at)),
+    };
+    let engine = value(&fit.engine);
+    RunReport {
+        batched_seeds: None,
+        config: value(cfg),
+        device: device.to_string(),
+        diagnosis: None,
+        diverged_at,
+        elbo: fit.elbo,
+        elbo_se: fit.elbo_se,
+        iterations: fit.iterations,
+        method: value(&cfg.method),
+        model: value(&cfg.model),
+        mse: None,
+        n,
+        num_parameters: fit.num_parameters,
+        provenance: Some(Provenance::here(engine.as_str().unwrap_or("?"))),
+        q_theta: fit.q_theta.as_ref().map(|q| QTheta::Gaussian(gaussian(q))),
+        q_z,
+        reference: reference.map(|r| ReferenceSection {
+            elbo: r.elbo,
+            exact_elbo: None,
+            exact_gap: None,
+            gap: r.elbo - fit.elbo,
+        }),
+        seconds: fit.seconds,
+        status,
+        threads: Some(tch::get_num_threads()),
+        trace: TraceSection {
+            elbo: fit.trace.elbo.clone(),
+            iteration: fit.trace.iteration.clone(),
+            seconds: fit.trace.seconds.clone(),
+            clock: Some(fit.trace.clock),
         },
-        "trace": {
-            "iteration": fit.trace.iteration,
-            "elbo": nums(&fit.trace.elbo),
-            "seconds": nums(&fit.trace.seconds),
-        },
-        "iterations": fit.iterations,
-        "seconds": num(fit.seconds),
-        "num_parameters": fit.num_parameters,
-        "config": cfg,
-        "threads": tch::get_num_threads(),
-        "status": "ok",
-        "warnings": fit.warnings,
-    });
-    if !cfg.report_q_z {
-        r["q_z"] = Value::Null;
+        warnings: fit.warnings.clone(),
     }
-    if let Some(reference) = reference {
-        r["reference"] = json!({
-            "elbo": num(reference.elbo),
-            "gap": num(reference.elbo - fit.elbo),
-        });
-    }
-    if let FitStatus::Diverged { at } = fit.status {
-        r["status"] = json!("diverged");
-        r["diverged_at"] = json!(at);
-    }
-    r
 }
 
 /// The prefix of the temporary files of [`write_atomic`], which are named
@@ -214,11 +234,12 @@ pub fn remove_stale_temp_files(dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
-/// Write `value` as pretty JSON to `path` atomically ([`write_atomic`]).
+/// Write `value` (a [`Value`], a [`RunReport`], …) as pretty JSON to
+/// `path` atomically ([`write_atomic`]); non-finite floats become `null`.
 /// The JSON is built in memory first: a report of a BNN run holds millions
 /// of numbers, and writing them straight to the file costs a system call
 /// each.
-pub fn write_json_atomic(path: &Path, value: &Value) -> Result<()> {
+pub fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value)?;
     bytes.push(b'\n');
     write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))

@@ -7,12 +7,12 @@ use anyhow::{bail, Result};
 use avi_inference::{fit, Fit, FitStatus, Observer, ThetaFactor, Variational};
 use avi_models::fashion_mnist;
 use avi_models::{BnnModel, GaussianReference, LinearModel, Model};
-use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{load_data_file, Data, DataConfig, FashionMnistSplit, FitConfig, ModelConfig};
 use crate::models::CliModel;
 use crate::report::{fit_report, Reference};
+use crate::run_report::{Diagnosis, MseTrace, RunReport};
 
 /// The `--device` choice of the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -369,7 +369,7 @@ pub fn run_prepared(
     prepared: &Prepared,
     device: Device,
     observer: &mut dyn Observer,
-) -> Result<(Fit, Value)> {
+) -> Result<(Fit, RunReport)> {
     let mut watch = crate::interrupt::Watch(observer);
     let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
@@ -404,13 +404,12 @@ pub fn run_prepared(
     };
     let mut report = prepared_report(cfg, prepared, device, &result)?;
     if let Some(m) = monitor {
-        let num = crate::report::num;
-        report["mse"] = serde_json::json!({
-            "every": m.every,
-            "iteration": m.steps,
-            "seconds": m.seconds.iter().map(|v| num(*v)).collect::<Vec<_>>(),
-            "train": m.train.iter().map(|v| num(*v)).collect::<Vec<_>>(),
-            "test": m.test_mse.iter().map(|v| v.map(num)).collect::<Vec<_>>(),
+        report.mse = Some(MseTrace {
+            every: m.every,
+            iteration: m.steps,
+            seconds: m.seconds,
+            test: m.test_mse,
+            train: m.train,
         });
     }
     Ok((result, report))
@@ -423,7 +422,7 @@ fn prepared_report(
     prepared: &Prepared,
     device: Device,
     result: &Fit,
-) -> Result<Value> {
+) -> Result<RunReport> {
     let reference = prepared.reference_elbo.map(|elbo| Reference { elbo });
     let mut report = fit_report(
         cfg,
@@ -446,9 +445,11 @@ fn prepared_report(
             &result.q_z.mean,
             &result.q_z.sd,
         )?;
-        report["reference"]["exact_elbo"] = crate::report::num(exact);
-        if let Some(r) = &prepared.reference {
-            report["reference"]["exact_gap"] = crate::report::num(r.elbo - exact);
+        if let Some(section) = &mut report.reference {
+            section.exact_elbo = Some(exact);
+            if let Some(r) = &prepared.reference {
+                section.exact_gap = Some(r.elbo - exact);
+            }
         }
     }
     Ok(report)
@@ -477,7 +478,7 @@ pub fn run_prepared_batched(
     seeds: &[u64],
     device: Device,
     observer: &mut dyn Observer,
-) -> Result<Vec<(Fit, Value)>> {
+) -> Result<Vec<(Fit, RunReport)>> {
     let mut watch = crate::interrupt::Watch(observer);
     let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
@@ -495,7 +496,7 @@ pub fn run_prepared_batched(
         c.seed = seed;
         c.engine = avi_inference::Engine::Graph;
         let mut report = prepared_report(&c, prepared, device, &fit)?;
-        report["batched_seeds"] = serde_json::json!(seeds.len());
+        report.batched_seeds = Some(seeds.len());
         out.push((fit, report));
     }
     Ok(out)
@@ -509,7 +510,7 @@ pub fn diagnosis_section(
     fit: &Fit,
     fvi_steps: usize,
     gradient_draws: usize,
-) -> Result<Value> {
+) -> Result<Diagnosis> {
     if matches!(cfg.method, avi_inference::MethodConfig::Fvi) {
         bail!("the diagnostic starts from an amortized (avi or const) solution, not fvi");
     }
@@ -528,18 +529,17 @@ pub fn diagnosis_section(
         fvi_steps,
         gradient_draws,
     )?;
-    let num = crate::report::num;
-    Ok(serde_json::json!({
-        "fvi_steps": d.fvi_steps,
-        "amortized_elbo": num(d.amortized_elbo),
-        "amortized_se": num(d.amortized_se),
-        "refined_elbo": num(d.refined_elbo),
-        "refined_se": num(d.refined_se),
-        "gain": num(d.gain),
-        "gain_se": num(d.gain_se),
-        "gradient_norm": num(d.gradient_norm),
-        "gradient_draws": gradient_draws,
-    }))
+    Ok(Diagnosis {
+        amortized_elbo: d.amortized_elbo,
+        amortized_se: d.amortized_se,
+        fvi_steps: d.fvi_steps,
+        gain: d.gain,
+        gain_se: d.gain_se,
+        gradient_draws,
+        gradient_norm: d.gradient_norm,
+        refined_elbo: d.refined_elbo,
+        refined_se: d.refined_se,
+    })
 }
 
 /// Check, before any fitting, that a report can be written to `out`: its

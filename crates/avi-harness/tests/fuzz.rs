@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use avi_harness::config::{DataConfig, FitConfig};
-use avi_harness::reproduce::{load_experiment_file, plan};
+use avi_harness::experiment::{load_experiment_file, plan};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;

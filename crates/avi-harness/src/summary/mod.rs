@@ -14,66 +14,29 @@
 //! counts and a diverged run never converges. For the BNN a run converges
 //! when its training MSE first falls below the experiment's threshold.
 
+mod claims;
+mod markdown;
+mod plots;
+mod runs;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use avi_inference::convergence::first_within;
-use avi_inference::{FunctionConfig, MethodConfig};
+use avi_inference::MethodConfig;
 use serde_json::{json, Value};
 
 use crate::config::FitConfig;
-use crate::figures::{self, BoxGroup, BoxPlot, LinePlot, Series};
+use crate::experiment::{file_stem, load_experiment_file, Experiment};
 use crate::report::{num, write_json_atomic};
-use crate::reproduce::{file_stem, load_experiment_file, Claim, Experiment, GapAxis};
 use crate::run::prepare;
 
-/// One stored run.
-#[derive(Debug)]
-struct Run {
-    label: String,
-    seed: u64,
-    report: Value,
-    elbo: Vec<f64>,
-    seconds: Vec<f64>,
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect())
-        .unwrap_or_default()
-}
-
-fn stats(values: &[f64]) -> Value {
-    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return Value::Null;
-    }
-    v.sort_by(f64::total_cmp);
-    json!({ "median": median_sorted(&v), "min": v[0], "max": v[v.len() - 1] })
-}
-
-fn median_sorted(v: &[f64]) -> f64 {
-    if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        0.5 * (v[v.len() / 2 - 1] + v[v.len() / 2])
-    }
-}
-
-/// Median where `None` ("never") counts as +∞; `None` when half or more
-/// never converged.
-fn median_never(values: &[Option<f64>]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v: Vec<f64> = values.iter().map(|x| x.unwrap_or(f64::INFINITY)).collect();
-    v.sort_by(f64::total_cmp);
-    let m = median_sorted(&v);
-    m.is_finite().then_some(m)
-}
-
+use claims::*;
+use markdown::*;
+use plots::*;
+use runs::*;
 /// The exact (or best available) F-VI reference ELBO of a run's model and
 /// data, with its name.
 fn reference(cfg: &FitConfig) -> Result<Option<(f64, &'static str)>> {
@@ -89,35 +52,6 @@ fn reference(cfg: &FitConfig) -> Result<Option<(f64, &'static str)>> {
     Ok(None)
 }
 
-/// The status of a stored run: `"ok"` only when the run finished and its
-/// final ELBO is a number. Reports written before a non-finite final ELBO
-/// counted as divergence (`"status": "ok"`, `"elbo": null`) read as
-/// `"diverged"`, as the fit would report them now.
-fn run_status(report: &Value) -> &str {
-    match report["status"].as_str() {
-        Some("ok") if report["elbo"].is_number() => "ok",
-        Some("ok") | None => "diverged",
-        Some(other) => other,
-    }
-}
-
-fn width_of(method: &MethodConfig) -> Option<usize> {
-    match method {
-        MethodConfig::Avi {
-            function: FunctionConfig::Mlp { width, .. },
-            ..
-        } => Some(*width),
-        _ => None,
-    }
-}
-
-fn window_of(method: &MethodConfig) -> Option<usize> {
-    match method {
-        MethodConfig::Avi { window, .. } => Some(window[0] + window[1] + 1),
-        _ => None,
-    }
-}
-
 /// Rebuild `summary.json`, the figures and `REPORT.md` of one experiment
 /// folder from its stored runs; returns the summary.
 pub fn rebuild(dir: &Path) -> Result<Value> {
@@ -130,49 +64,11 @@ pub fn rebuild(dir: &Path) -> Result<Value> {
     Ok(summary)
 }
 
-fn load_runs(dir: &Path, exp: &Experiment) -> Result<Vec<Run>> {
-    let mut runs = Vec::new();
-    for m in &exp.methods {
-        for &seed in &exp.seeds {
-            let path = dir
-                .join("runs")
-                .join(format!("{}-{seed}.json", file_stem(&m.label)));
-            if !path.is_file() {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let report: Value = serde_json::from_str(&text)
-                .with_context(|| format!("run report {}", path.display()))?;
-            runs.push(Run {
-                label: m.label.clone(),
-                seed,
-                elbo: floats(&report["trace"]["elbo"]),
-                seconds: floats(&report["trace"]["seconds"]),
-                report,
-            });
-        }
-    }
-    if runs.is_empty() {
-        bail!("{}: no run reports in runs/", dir.display());
-    }
-    Ok(runs)
-}
-
-fn final_window(trace: &[f64], half: usize) -> f64 {
-    let k = trace.len().min(2 * half).max(1);
-    let tail = &trace[trace.len().saturating_sub(k)..];
-    if tail.is_empty() {
-        return f64::NAN;
-    }
-    tail.iter().sum::<f64>() / tail.len() as f64
-}
-
 /// The summary of an experiment's runs.
 fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
     // References per distinct model and data.
     let mut references: BTreeMap<String, Option<(f64, &'static str)>> = BTreeMap::new();
-    let key_of = |m: &crate::reproduce::MethodEntry| {
+    let key_of = |m: &crate::experiment::MethodEntry| {
         serde_json::to_string(&(
             m.model.as_ref().unwrap_or(&exp.model),
             m.data.as_ref().unwrap_or(&exp.data),
@@ -182,7 +78,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
     for m in &exp.methods {
         let key = key_of(m);
         if let std::collections::btree_map::Entry::Vacant(e) = references.entry(key) {
-            let cfg = crate::reproduce::run_config(exp, m, exp.seeds[0]);
+            let cfg = crate::experiment::run_config(exp, m, exp.seeds[0]);
             e.insert(reference(&cfg)?);
         }
     }
@@ -195,8 +91,11 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             .iter()
             .find(|m| m.label == r.label)
             .context("run of an unknown method")?;
-        if matches!(m.method, MethodConfig::Fvi) && run_status(&r.report) == "ok" {
-            fvi_final.insert((key_of(m), r.seed), final_window(&r.elbo, exp.final_window));
+        if matches!(m.method, MethodConfig::Fvi) && r.ok() {
+            fvi_final.insert(
+                (key_of(m), r.seed),
+                final_window(r.elbo(), exp.final_window),
+            );
         }
     }
     let mut rows = Vec::new();
@@ -206,23 +105,22 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
         let exact = references[&key];
         let mut per_seed = Vec::new();
         for r in runs.iter().filter(|r| r.label == m.label) {
-            devices.insert(r.report["device"].as_str().unwrap_or("?").to_string());
-            let ok = run_status(&r.report) == "ok";
-            let fin = final_window(&r.elbo, exp.final_window);
-            let elbo = r.report["elbo"].as_f64().unwrap_or(f64::NAN);
+            devices.insert(r.report.device.clone());
+            let ok = r.ok();
+            let fin = final_window(r.elbo(), exp.final_window);
+            let elbo = r.report.elbo;
             let target = exact
                 .map(|e| e.0)
                 .or_else(|| fvi_final.get(&(key.clone(), r.seed)).copied());
             let (conv, mse) = match &exp.mse {
                 Some(crit) => {
-                    let train = floats(&r.report["mse"]["train"]);
-                    let iters = floats(&r.report["mse"]["iteration"]);
-                    let secs = floats(&r.report["mse"]["seconds"]);
-                    let test = floats(&r.report["mse"]["test"]);
+                    let mse = r.mse()?;
+                    let (train, iters, secs) = (&mse.train, &mse.iteration, &mse.seconds);
+                    let test = test_mse(mse);
                     let at = train
                         .iter()
                         .position(|v| v.is_finite() && *v < crit.threshold);
-                    let conv = at.filter(|_| ok).map(|i| (iters[i], secs[i]));
+                    let conv = at.filter(|_| ok).map(|i| (iters[i] as f64, secs[i]));
                     (
                         conv,
                         json!({
@@ -234,32 +132,32 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 }
                 None => {
                     let conv = match (target, ok) {
-                        (Some(t), true) => first_within(&r.elbo, t, exp.rel_tol, 10),
+                        (Some(t), true) => first_within(r.elbo(), t, exp.rel_tol, 10),
                         _ => None,
                     };
                     let conv = conv.map(|c| {
-                        let s = r.seconds.get(c).or(r.seconds.last()).copied();
+                        let s = r.seconds().get(c).or(r.seconds().last()).copied();
                         (c as f64, s.unwrap_or(f64::NAN))
                     });
                     (conv, Value::Null)
                 }
             };
-            let run_seconds = r.report["seconds"].as_f64().unwrap_or(f64::NAN);
-            let iterations = r.report["iterations"].as_f64().unwrap_or(f64::NAN);
+            let run_seconds = r.report.seconds;
+            let iterations = r.report.iterations as f64;
             per_seed.push(json!({
                 "seed": r.seed,
                 "final_elbo": num(fin),
                 "elbo": num(elbo),
-                "elbo_se": r.report["elbo_se"],
+                "elbo_se": num(r.report.elbo_se),
                 "gap": exact.map(|e| num(e.0 - elbo)),
                 "target": target.map(num),
                 "iterations_to_converge": conv.map(|c| c.0),
                 "seconds_to_converge": conv.map(|c| num(c.1)),
                 "seconds": num(run_seconds),
                 "ms_per_iteration": num(1e3 * run_seconds / iterations.max(1.0)),
-                "status": run_status(&r.report),
+                "status": r.report.effective_status().as_str(),
                 "mse": mse,
-                "diagnosis": r.report.get("diagnosis").cloned().unwrap_or(Value::Null),
+                "diagnosis": serde_json::to_value(&r.report.diagnosis)?,
                 "run": format!("runs/{}-{}.json", file_stem(&m.label), r.seed),
             }));
         }
@@ -358,7 +256,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
 /// function on each A-VI method's window (indices with identical windows
 /// must share a factor; [`avi_models::GaussianHmm::tied_optimum_elbo`]).
 fn add_window_bounds(exp: &Experiment, rows: &mut [Value]) -> Result<()> {
-    let cfg = crate::reproduce::run_config(exp, &exp.methods[0], exp.seeds[0]);
+    let cfg = crate::experiment::run_config(exp, &exp.methods[0], exp.seeds[0]);
     let prepared = prepare(&cfg, Path::new("."))?;
     let (Some(m), Some(&[theta]), Some(r)) = (
         prepared.model.downcast_ref::<avi_models::GaussianHmm>(),
@@ -377,786 +275,11 @@ fn add_window_bounds(exp: &Experiment, rows: &mut [Value]) -> Result<()> {
     Ok(())
 }
 
-fn row<'a>(rows: &'a [Value], label: &str) -> Option<&'a Value> {
-    rows.iter().find(|r| r["label"] == label)
-}
-
-/// Decide a claim from the summary rows: `{text, reproduced, status,
-/// detail}`. A claim whose methods have fewer runs than the definition's
-/// `seeds` (a grid stopped part-way, runs deleted, a shard not finished)
-/// is "not checked" (`reproduced: null`), never decided on the runs that
-/// happen to be there.
-fn decide_claim(claim: &Claim, rows: &[Value], seeds: usize) -> Value {
-    let mut labels = claim.labels();
-    labels.sort();
-    labels.dedup();
-    let present: Vec<usize> = labels
-        .iter()
-        .map(|l| {
-            row(rows, l)
-                .and_then(|r| r["runs"].as_u64())
-                .map_or(0, |n| n as usize)
-        })
-        .collect();
-    let (have, want) = (present.iter().sum::<usize>(), labels.len() * seeds);
-    if have < want {
-        let short: Vec<String> = labels
-            .iter()
-            .zip(&present)
-            .filter(|(_, &n)| n < seeds)
-            .map(|(l, n)| format!("{l} {n}/{seeds}"))
-            .collect();
-        return json!({
-            "text": claim.text(),
-            "reproduced": null,
-            "status": "not checked",
-            "detail": format!("not checked: {have} of {want} runs present; {}", short.join(", ")),
-        });
-    }
-    let mut v = check_claim(claim, rows);
-    v["status"] = json!(if v["reproduced"] == true {
-        "reproduced"
-    } else {
-        "not reproduced"
-    });
-    v
-}
-
-/// Decide a claim from the summary rows: `{text, reproduced, detail}`.
-fn check_claim(claim: &Claim, rows: &[Value]) -> Value {
-    let median = |r: &Value| r["iterations_to_converge"]["median"].as_f64();
-    let conv = |r: &Value| {
-        format!(
-            "{}: {}/{} converged",
-            r["label"].as_str().unwrap_or("?"),
-            r["converged"],
-            r["runs"]
-        )
-    };
-    let gap = |r: &Value, k: &str| r["gap"][k].as_f64();
-    let fmt_opt = |v: Option<f64>| v.map_or("never".to_string(), |v| format!("{v:.0}"));
-    let (ok, detail): (bool, String) = match claim {
-        Claim::Converge { labels, .. } | Claim::Never { labels, .. } => {
-            let rs: Vec<&Value> = labels.iter().filter_map(|l| row(rows, l)).collect();
-            let fraction = match claim {
-                Claim::Converge { min_fraction, .. } => Some(min_fraction.unwrap_or(1.0)),
-                _ => None,
-            };
-            let ok = rs.len() == labels.len()
-                && rs.iter().all(|r| {
-                    let c = r["converged"].as_u64().unwrap_or(0) as f64;
-                    let runs = r["runs"].as_u64().unwrap_or(0) as f64;
-                    match fraction {
-                        Some(f) => c > 0.0 && c >= (f * runs).ceil(),
-                        None => c == 0.0,
-                    }
-                });
-            (
-                ok,
-                rs.iter().map(|r| conv(r)).collect::<Vec<_>>().join("; "),
-            )
-        }
-        Claim::Faster { labels, than, .. } => {
-            // A reference that never converges (in median) counts as +∞.
-            let reference = row(rows, than).and_then(median);
-            let mut parts = vec![format!("{than}: median {}", fmt_opt(reference))];
-            let mut ok = row(rows, than).is_some();
-            for l in labels {
-                let m = row(rows, l).and_then(median);
-                parts.push(format!("{l}: median {}", fmt_opt(m)));
-                ok &= m.is_some_and(|a| reference.is_none_or(|b| a < b));
-            }
-            (ok, format!("iterations to converge: {}", parts.join(", ")))
-        }
-        Claim::GapBelow { labels, max, .. } => {
-            let mut ok = true;
-            let mut parts = vec![];
-            for l in labels {
-                let v = row(rows, l).and_then(|r| gap(r, "max"));
-                parts.push(format!("{l}: largest gap {}", fmt(v, 2)));
-                ok &= v.is_some_and(|v| v <= *max);
-            }
-            (ok, format!("{} (bound ≤ {max} nats)", parts.join(", ")))
-        }
-        Claim::GapAbove {
-            labels, min, than, ..
-        } => {
-            let base = match than {
-                None => Some(0.0),
-                Some(t) => row(rows, t).and_then(|r| gap(r, "max")),
-            };
-            let mut ok = base.is_some();
-            let mut parts = vec![];
-            if let Some(t) = than {
-                parts.push(format!("{t}: largest gap {}", fmt(base, 2)));
-            }
-            for l in labels {
-                let v = row(rows, l).and_then(|r| gap(r, "min"));
-                parts.push(format!("{l}: smallest gap {}", fmt(v, 2)));
-                ok &= matches!((v, base), (Some(v), Some(b)) if v >= b + min);
-            }
-            (
-                ok,
-                format!(
-                    "{} (bound ≥ {}{min} nats)",
-                    parts.join(", "),
-                    than.as_ref().map_or(String::new(), |t| format!("{t}'s + "))
-                ),
-            )
-        }
-        Claim::MseRatio {
-            labels,
-            than,
-            max,
-            min,
-            ..
-        } => {
-            let mse =
-                |l: &str| row(rows, l).and_then(|r| r["mse"]["final_train"]["median"].as_f64());
-            let base = mse(than);
-            let mut ok = base.is_some();
-            let mut parts = vec![format!("{than}: {}", fmt(base, 4))];
-            for l in labels {
-                let ratio = mse(l).zip(base).map(|(a, b)| a / b);
-                parts.push(format!("{l}: {} (ratio {})", fmt(mse(l), 4), fmt(ratio, 2)));
-                ok &=
-                    ratio.is_some_and(|r| max.is_none_or(|m| r <= m) && min.is_none_or(|m| r >= m));
-            }
-            (
-                ok,
-                format!("median final training MSE: {}", parts.join(", ")),
-            )
-        }
-        Claim::WindowBound { labels, .. } => {
-            let b: Vec<Option<f64>> = labels
-                .iter()
-                .map(|l| row(rows, l).and_then(|r| r["best_window_gap"].as_f64()))
-                .collect();
-            let v: Vec<f64> = b.iter().flatten().copied().collect();
-            let ok = v.len() == labels.len()
-                && v.iter().all(|g| *g > 0.0)
-                && v.windows(2).all(|w| w[1] < w[0]);
-            let parts: Vec<String> = labels
-                .iter()
-                .zip(&b)
-                .map(|(l, g)| format!("{l} {}", g.map_or("n/a".into(), |g| format!("{g:.3e}"))))
-                .collect();
-            (
-                ok,
-                format!(
-                    "exact gap of the best function on each window: {}",
-                    parts.join(" → ")
-                ),
-            )
-        }
-        Claim::GapShrinks { series, slack, .. } => {
-            let mut ok = true;
-            let mut parts = vec![];
-            for s in series {
-                let gaps: Vec<Option<f64>> = s
-                    .iter()
-                    .map(|l| row(rows, l).and_then(|r| gap(r, "median")))
-                    .collect();
-                let g: Vec<f64> = gaps.iter().flatten().copied().collect();
-                let good = g.len() == s.len()
-                    && g.windows(2).all(|w| w[1] <= w[0] + slack)
-                    && g.last() < g.first();
-                ok &= good;
-                parts.push(
-                    s.iter()
-                        .zip(&gaps)
-                        .map(|(l, g)| format!("{l} {}", fmt(*g, 2)))
-                        .collect::<Vec<_>>()
-                        .join(" → "),
-                );
-            }
-            (ok, format!("median gaps: {}", parts.join("; ")))
-        }
-    };
-    json!({ "text": claim.text(), "reproduced": ok, "detail": detail })
-}
-
-/// Keep at most about `max` points of a curve, evenly spaced in log x
-/// (for log-log figures) or in index.
-fn thin(points: Vec<(f64, f64)>, max: usize) -> Vec<(f64, f64)> {
-    if points.len() <= max {
-        return points;
-    }
-    let step = points.len() as f64 / max as f64;
-    let mut out: Vec<(f64, f64)> = (0..max)
-        .map(|i| points[((i as f64 * step) as usize).min(points.len() - 1)])
-        .collect();
-    if let Some(last) = points.last() {
-        out.push(*last);
-    }
-    out
-}
-
-/// A moving average of width `w` (the ELBO estimates are noisy; the figures
-/// show the running mean of 10 steps, as the paper's convergence window).
-fn smooth(v: &[f64], w: usize) -> Vec<f64> {
-    let mut out = Vec::with_capacity(v.len());
-    let mut sum = 0.0;
-    for i in 0..v.len() {
-        sum += v[i];
-        if i >= w {
-            sum -= v[i - w];
-        }
-        out.push(sum / (i + 1).min(w) as f64);
-    }
-    out
-}
-
-fn draw_figures(dir: &Path, exp: &Experiment, runs: &[Run], summary: &Value) -> Result<()> {
-    // The single-seed figures use the chosen seed when it ran, else the
-    // first seed (a --quick or --seeds run may not include it).
-    let seed = exp
-        .figures
-        .seed
-        .filter(|s| exp.seeds.contains(s))
-        .unwrap_or(exp.seeds[0]);
-    let shown = |label: &str| {
-        exp.figures
-            .methods
-            .as_ref()
-            .is_none_or(|m| m.iter().any(|l| l == label))
-    };
-    let mut by_time = Vec::new();
-    let mut by_iter = Vec::new();
-    for r in runs.iter().filter(|r| r.seed == seed && shown(&r.label)) {
-        let s = smooth(&r.elbo, 10);
-        by_time.push(Series {
-            label: r.label.clone(),
-            points: thin(
-                r.seconds.iter().zip(&s).map(|(t, e)| (*t, -e)).collect(),
-                1500,
-            ),
-        });
-        by_iter.push(Series {
-            label: r.label.clone(),
-            points: thin(
-                s.iter()
-                    .enumerate()
-                    .map(|(i, e)| ((i + 1) as f64, -e))
-                    .collect(),
-                1500,
-            ),
-        });
-    }
-    let optimum = summary["optimal_elbo"]
-        .as_f64()
-        .map(|o| (-o, "−ELBO* (exact)".to_string()));
-    if !by_time.is_empty() {
-        figures::line_plot(
-            &dir.join("fig3-elbo-vs-time.svg"),
-            &LinePlot {
-                title: format!(
-                    "{}: −ELBO vs wall time (seed {seed}, 10-step mean)",
-                    exp.name
-                ),
-                x_label: "wall time (s)".into(),
-                y_label: "−ELBO".into(),
-                log_x: true,
-                log_y: true,
-                series: by_time,
-                reference: optimum.clone(),
-            },
-        )?;
-        figures::line_plot(
-            &dir.join("fig6-elbo-vs-iteration.svg"),
-            &LinePlot {
-                title: format!(
-                    "{}: optimisation paths (seed {seed}, 10-step mean)",
-                    exp.name
-                ),
-                x_label: "iteration".into(),
-                y_label: "−ELBO".into(),
-                log_x: true,
-                log_y: true,
-                series: by_iter,
-                reference: optimum,
-            },
-        )?;
-    }
-    // Fig. 4: time (and iterations) to convergence over seeds.
-    let longest = runs
-        .iter()
-        .filter_map(|r| r.seconds.last().copied())
-        .fold(0.0, f64::max);
-    let rows = summary["methods"].as_array().cloned().unwrap_or_default();
-    let groups = |key: &str| -> Vec<BoxGroup> {
-        rows.iter()
-            .map(|m| BoxGroup {
-                label: m["label"].as_str().unwrap_or("?").to_string(),
-                values: m["seeds"]
-                    .as_array()
-                    .map(|s| s.iter().map(|r| r[key].as_f64()).collect())
-                    .unwrap_or_default(),
-            })
-            .collect()
-    };
-    let criterion = match &exp.mse {
-        Some(m) => format!("training MSE < {}", m.threshold),
-        None => format!("within {}% of the target", 100.0 * exp.rel_tol),
-    };
-    figures::box_plot(
-        &dir.join("fig4-time-to-converge.svg"),
-        &BoxPlot {
-            title: format!(
-                "{}: wall time to {criterion} ({} seeds)",
-                exp.name,
-                exp.seeds.len()
-            ),
-            x_label: "wall time (s)".into(),
-            log_x: true,
-            groups: groups("seconds_to_converge"),
-            never_at: longest.max(1e-3),
-        },
-    )?;
-    figures::box_plot(
-        &dir.join("fig4-iterations-to-converge.svg"),
-        &BoxPlot {
-            title: format!(
-                "{}: iterations to {criterion} ({} seeds)",
-                exp.name,
-                exp.seeds.len()
-            ),
-            x_label: "iterations".into(),
-            log_x: true,
-            groups: groups("iterations_to_converge"),
-            never_at: exp.steps as f64,
-        },
-    )?;
-    if let Some(crit) = &exp.mse {
-        let mut train = Vec::new();
-        let mut test = Vec::new();
-        for r in runs.iter().filter(|r| r.seed == seed && shown(&r.label)) {
-            let secs = floats(&r.report["mse"]["seconds"]);
-            let iters = floats(&r.report["mse"]["iteration"]);
-            let every = r.report["mse"]["every"].as_f64().unwrap_or(1.0);
-            let tr = floats(&r.report["mse"]["train"]);
-            let te = floats(&r.report["mse"]["test"]);
-            train.push(Series {
-                label: r.label.clone(),
-                points: secs
-                    .iter()
-                    .zip(&tr)
-                    .map(|(t, v)| (t.max(1e-3), *v))
-                    .collect(),
-            });
-            if te.iter().any(|v| v.is_finite()) {
-                test.push(Series {
-                    label: r.label.clone(),
-                    points: iters
-                        .iter()
-                        .zip(&te)
-                        .map(|(i, v)| (i / every, *v))
-                        .collect(),
-                });
-            }
-        }
-        figures::line_plot(
-            &dir.join("fig5-mse-vs-time.svg"),
-            &LinePlot {
-                title: format!("{}: training reconstruction MSE (seed {seed})", exp.name),
-                x_label: "wall time (s)".into(),
-                y_label: "MSE".into(),
-                log_x: true,
-                log_y: true,
-                series: train,
-                reference: Some((crit.threshold, format!("MSE {}", crit.threshold))),
-            },
-        )?;
-        if !test.is_empty() {
-            figures::line_plot(
-                &dir.join("fig9-test-mse.svg"),
-                &LinePlot {
-                    title: format!("{}: test reconstruction MSE (seed {seed})", exp.name),
-                    x_label: "epoch".into(),
-                    y_label: "test MSE".into(),
-                    log_x: false,
-                    log_y: true,
-                    series: test,
-                    reference: Some((crit.threshold, format!("MSE {}", crit.threshold))),
-                },
-            )?;
-        }
-    }
-    if let Some(axis) = exp.figures.gap_vs {
-        draw_gap_figures(dir, exp, &rows, axis)?;
-    }
-    if exp.figures.fig8 {
-        draw_fig8(dir, exp)?;
-    }
-    Ok(())
-}
-
-fn draw_gap_figures(dir: &Path, exp: &Experiment, rows: &[Value], axis: GapAxis) -> Result<()> {
-    let mut by_group: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for r in rows {
-        let g = r["group"].as_str().unwrap_or(&exp.name).to_string();
-        by_group.entry(g).or_default().push(r);
-    }
-    for (group, rs) in by_group {
-        // One curve per width (gap vs window) or per window (gap vs width).
-        let mut curves: BTreeMap<String, Vec<(f64, Option<f64>)>> = BTreeMap::new();
-        let mut flat = Vec::new();
-        for r in &rs {
-            let g = r["gap"]["median"].as_f64();
-            let (x, curve) = match axis {
-                GapAxis::Window => (
-                    r["window"].as_f64(),
-                    r["width"].as_u64().map(|k| format!("A-VI k = {k}")),
-                ),
-                GapAxis::Width => (
-                    r["width"].as_f64(),
-                    r["window"].as_u64().map(|w| format!("A-VI window {w}")),
-                ),
-            };
-            match (x, curve) {
-                (Some(x), Some(c)) => {
-                    if let Some(g) = g {
-                        curves.entry(c).or_default().push((x, Some(g)));
-                    }
-                }
-                _ => {
-                    if let Some(g) = g {
-                        flat.push((r["label"].as_str().unwrap_or("?").to_string(), g));
-                    }
-                }
-            }
-        }
-        let mut series: Vec<Series> = curves
-            .into_iter()
-            .map(|(label, mut pts)| {
-                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                Series {
-                    label,
-                    points: pts.iter().filter_map(|(x, g)| g.map(|g| (*x, g))).collect(),
-                }
-            })
-            .collect();
-        series.sort_by(|a, b| {
-            let n = |s: &str| {
-                s.rsplit(' ')
-                    .next()
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
-            n(&a.label).total_cmp(&n(&b.label))
-        });
-        // Methods without a window or width (F-VI, Const) as flat lines
-        // across the range.
-        let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-        let (lo, hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
-            (a.min(x), b.max(x))
-        });
-        if lo.is_finite() {
-            for (label, g) in flat {
-                series.push(Series {
-                    label,
-                    points: vec![(lo, g), (hi, g)],
-                });
-            }
-        }
-        let name = match axis {
-            GapAxis::Window => "window",
-            GapAxis::Width => "width",
-        };
-        figures::line_plot(
-            &dir.join(format!("gap-vs-{name}-{}.svg", file_stem(&group))),
-            &LinePlot {
-                title: format!("{group}: amortization gap vs {name} (median over seeds)"),
-                x_label: match axis {
-                    GapAxis::Window => "window length (observations seen by f)".into(),
-                    GapAxis::Width => "MLP width k".into(),
-                },
-                y_label: "gap to the reference (nats)".into(),
-                log_x: false,
-                log_y: false,
-                series,
-                reference: Some((0.0, "no gap".into())),
-            },
-        )?;
-    }
-    Ok(())
-}
-
-fn draw_fig8(dir: &Path, exp: &Experiment) -> Result<()> {
-    let cfg = crate::reproduce::run_config(exp, &exp.methods[0], exp.seeds[0]);
-    let prepared = prepare(&cfg, Path::new("."))?;
-    let Some(r) = &prepared.reference else {
-        bail!("fig8: the experiment's model has no closed-form F-VI optimum");
-    };
-    let n = r.z_mean.len();
-    let wrong = avi_models::gaussian_hmm::paper_fig8_erroneous_means(n);
-    let idx = |v: &[f64]| -> Vec<(f64, f64)> {
-        v.iter()
-            .enumerate()
-            .map(|(i, m)| ((i + 1) as f64, *m))
-            .collect()
-    };
-    figures::line_plot(
-        &dir.join("fig8-hmm-counterexample.svg"),
-        &LinePlot {
-            title: format!("HMM counterexample (N = {n}, x ≡ 1): F-VI optimal means ν*_n"),
-            x_label: "n".into(),
-            y_label: "mean of q*(z_n)".into(),
-            log_x: false,
-            log_y: false,
-            series: vec![
-                Series {
-                    label: "corrected: proper p(z_1) = N(0, 1), exact".into(),
-                    points: idx(&r.z_mean),
-                },
-                Series {
-                    label: "paper's Fig. 8 (ERRONEOUS: indefinite precision, μ = −2Ψ⁻¹x)".into(),
-                    points: idx(&wrong),
-                },
-            ],
-            reference: None,
-        },
-    )?;
-    Ok(())
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    crate::report::write_atomic(path, text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn cell_range(v: &Value, digits: usize, neg: bool) -> String {
-    let s = if neg { -1.0 } else { 1.0 };
-    match (v["median"].as_f64(), v["min"].as_f64(), v["max"].as_f64()) {
-        (Some(m), Some(a), Some(b)) => {
-            let (lo, hi) = if neg { (s * b, s * a) } else { (a, b) };
-            if (hi - lo).abs() < 10f64.powi(-(digits as i32)) {
-                fmt(Some(s * m), digits)
-            } else {
-                format!(
-                    "{} ({}–{})",
-                    fmt(Some(s * m), digits),
-                    fmt(Some(lo), digits),
-                    fmt(Some(hi), digits)
-                )
-            }
-        }
-        _ => "n/a".into(),
-    }
-}
-
-fn iter_cell(r: &Value, key: &str, digits: usize) -> String {
-    let median = r[key]["median"].as_f64();
-    let conv = &r[key]["converged"];
-    let n = format!("{}/{}", r["converged"], r["runs"]);
-    match median {
-        None if r["converged"] == 0 => "never".into(),
-        None => format!(
-            "never in median ({n} converged, {}–{})",
-            fmt(conv["min"].as_f64(), digits),
-            fmt(conv["max"].as_f64(), digits)
-        ),
-        Some(m) => format!(
-            "{} ({}–{}{})",
-            fmt(Some(m), digits),
-            fmt(conv["min"].as_f64(), digits),
-            fmt(conv["max"].as_f64(), digits),
-            if r["converged"] == r["runs"] {
-                String::new()
-            } else {
-                format!("; {n} converged")
-            }
-        ),
-    }
-}
-
-/// `v` with `digits` decimals, or in scientific notation (4 significant
-/// digits) from 10⁹ on, where diverged runs land (up to 10³⁰⁸: written out
-/// in full they are hundreds of digits wide).
-fn fmt(v: Option<f64>, digits: usize) -> String {
-    v.map_or("n/a".into(), |v| {
-        if v.abs() >= 1e9 {
-            format!("{v:.3e}")
-        } else {
-            format!("{v:.digits$}")
-        }
-    })
-}
-
-/// The markdown report of one experiment.
-fn report_markdown(exp: &Experiment, s: &Value) -> String {
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# {}{}\n",
-        exp.name,
-        if exp.quick_run { " (quick)" } else { "" }
-    );
-    let _ = writeln!(md, "{}\n", exp.description);
-    let _ = writeln!(
-        md,
-        "Device: {}. {} steps, {} draws, seeds {:?}. Convergence: {}{}. \
-         Final −ELBO = mean of the last {} step estimates; the gap uses the ELBO of {} fresh draws at the final parameters.\n",
-        s["device"].as_str().unwrap_or("?"),
-        exp.steps,
-        exp.draws,
-        exp.seeds,
-        s["target"].as_str().unwrap_or("?"),
-        if exp.mse.is_some() { String::new() } else { format!(", within {}% (10-step window, NaN never converges)", 100.0 * exp.rel_tol) },
-        2 * exp.final_window,
-        exp.eval_draws
-    );
-    if let (true, Some(note)) = (exp.quick_run, &exp.quick.note) {
-        let _ = writeln!(md, "**Quick run:** {note}\n");
-    }
-    if let Some(o) = s["optimal_elbo"].as_f64() {
-        let _ = writeln!(md, "Exact reference ELBO: {o:.2}.\n");
-    }
-    let rows = s["methods"].as_array().cloned().unwrap_or_default();
-    let has_gap = rows.iter().any(|r| !r["gap"].is_null());
-    let has_mse = exp.mse.is_some();
-    let has_diag = rows.iter().any(|r| !r["diagnosis_gain"].is_null());
-    let has_bound = rows.iter().any(|r| r.get("best_window_gap").is_some());
-    let mut header = vec!["method", "final −ELBO median (min–max)"];
-    if has_gap {
-        header.push("gap (nats)");
-    }
-    if has_bound {
-        header.push("best possible f on this window: exact gap");
-    }
-    if has_mse {
-        header.extend(["final train MSE", "final test MSE"]);
-    }
-    header.extend([
-        "iterations to converge, median (range of converged)",
-        "seconds to converge",
-        "ms / iteration",
-    ]);
-    if has_diag {
-        header.push("§5 diagnostic gain");
-    }
-    let _ = writeln!(md, "| {} |", header.join(" | "));
-    let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
-    for r in &rows {
-        let mut cells = vec![
-            format!("{}", r["label"].as_str().unwrap_or("?")),
-            cell_range(&r["final_elbo"], 1, true),
-        ];
-        if has_gap {
-            cells.push(cell_range(&r["gap"], 2, false));
-        }
-        if has_bound {
-            cells.push(
-                r.get("best_window_gap")
-                    .and_then(Value::as_f64)
-                    .map_or(String::new(), |g| format!("{g:.3e}")),
-            );
-        }
-        if has_mse {
-            cells.push(cell_range(&r["mse"]["final_train"], 4, false));
-            cells.push(cell_range(&r["mse"]["final_test"], 4, false));
-        }
-        cells.push(iter_cell(r, "iterations_to_converge", 0));
-        cells.push(iter_cell(r, "seconds_to_converge", 1));
-        cells.push(fmt(r["ms_per_iteration"]["median"].as_f64(), 2));
-        if has_diag {
-            cells.push(cell_range(&r["diagnosis_gain"], 2, false));
-        }
-        let _ = writeln!(md, "| {} |", cells.join(" | "));
-    }
-    // Relative wall time: A-VI against F-VI on the same device.
-    if let Some(fvi) = rows.iter().find(|r| r["method"]["kind"] == "fvi") {
-        if let Some(f) = fvi["seconds_to_converge"]["median"].as_f64() {
-            let ratios: Vec<String> = rows
-                .iter()
-                .filter(|r| r["method"]["kind"] == "avi")
-                .filter_map(|r| {
-                    r["seconds_to_converge"]["median"]
-                        .as_f64()
-                        .map(|a| format!("{} {:.2}×", r["label"].as_str().unwrap_or("?"), a / f))
-                })
-                .collect();
-            if !ratios.is_empty() {
-                let _ = writeln!(
-                    md,
-                    "\nMedian wall time to converge relative to F-VI (same device, same run): {}.",
-                    ratios.join(", ")
-                );
-            }
-        }
-    }
-    if !exp.paper.is_empty() {
-        let _ = writeln!(
-            md,
-            "\n## The paper's values (digest §4, recomputed from the authors' stored results)\n"
-        );
-        let _ = writeln!(
-            md,
-            "The authors' losses leave out normalising constants and their runs use their own data draws, so compare ranks, gaps and iteration counts, not −ELBO levels. Their wall times are from an RTX A6000 in PyTorch eager mode.\n"
-        );
-        let _ = writeln!(
-            md,
-            "| method | final −ELBO | iterations to converge | note |\n|---|---|---|---|"
-        );
-        for p in &exp.paper {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} | {} |",
-                p.label,
-                p.final_neg_elbo.as_deref().unwrap_or(""),
-                p.iterations.as_deref().unwrap_or(""),
-                p.note.as_deref().unwrap_or("")
-            );
-        }
-    }
-    if let Some(claims) = s["claims"].as_array().filter(|c| !c.is_empty()) {
-        let _ = writeln!(md, "\n## The paper's claims\n");
-        for c in claims {
-            let _ = writeln!(
-                md,
-                "- **{}** {} ({})",
-                match c["reproduced"].as_bool() {
-                    Some(true) => "Reproduced:",
-                    Some(false) => "Not reproduced:",
-                    None => "Not checked:",
-                },
-                c["text"].as_str().unwrap_or(""),
-                c["detail"].as_str().unwrap_or("")
-            );
-        }
-    }
-    let _ = writeln!(md, "\n## Figures\n");
-    for (file, what) in [
-        ("fig3-elbo-vs-time.svg", "Fig. 3 analogue: −ELBO vs wall time, one seed"),
-        ("fig4-time-to-converge.svg", "Fig. 4 analogue: wall time to convergence over seeds (crosses at the right edge: did not converge)"),
-        ("fig4-iterations-to-converge.svg", "the same in iterations"),
-        ("fig6-elbo-vs-iteration.svg", "Fig. 6 analogue: optimisation paths, one seed"),
-        ("fig5-mse-vs-time.svg", "Fig. 5 analogue: training MSE vs wall time"),
-        ("fig9-test-mse.svg", "Fig. 9 analogue: test MSE per epoch"),
-        ("fig8-hmm-counterexample.svg", "Fig. 8 corrected, beside the paper's erroneous curve"),
-    ] {
-        if exp.mse.is_none() && (file.starts_with("fig5") || file.starts_with("fig9")) {
-            continue;
-        }
-        if file.starts_with("fig8") && !exp.figures.fig8 {
-            continue;
-        }
-        let _ = writeln!(md, "- [{file}]({file}): {what}");
-    }
-    if exp.figures.gap_vs.is_some() {
-        let _ = writeln!(
-            md,
-            "- gap-vs-*.svg: the amortization gap against the window or width, per model"
-        );
-    }
-    md
-}
-
 /// The run reports an experiment folder's definition asks for that are
 /// not there (`runs/LABEL-SEED.json` names).
 pub fn missing_runs(dir: &Path) -> Result<Vec<String>> {
     let exp = load_experiment_file(&dir.join("experiment.json"))?;
-    Ok(crate::reproduce::plan(&exp)
+    Ok(crate::experiment::plan(&exp)
         .into_iter()
         .map(|r| r.file)
         .filter(|f| !dir.join("runs").join(f).is_file())
@@ -1191,7 +314,7 @@ pub fn report_all(dir: &Path, seeds: Option<usize>) -> Result<Vec<PathBuf>> {
                 .unwrap_or("")
                 .to_string();
             (
-                crate::reproduce::EXPERIMENTS
+                crate::experiment::EXPERIMENTS
                     .iter()
                     .position(|e| *e == name)
                     .unwrap_or(99),
@@ -1260,24 +383,40 @@ pub fn report_all(dir: &Path, seeds: Option<usize>) -> Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{cell_range, fmt, run_status};
+    use super::markdown::cell_range;
+    use super::runs::fmt;
+    use crate::run_report::{RunReport, RunStatus};
     use serde_json::json;
 
     /// A finished run without a final ELBO (written by older binaries) reads
-    /// as diverged; finished and diverged runs keep their status.
+    /// as diverged; finished and diverged runs keep their status. A report
+    /// without a status or an ELBO no longer loads (it named no status
+    /// before reports were typed).
     #[test]
     fn a_run_without_a_final_elbo_reads_as_diverged() {
-        assert_eq!(run_status(&json!({"status": "ok", "elbo": -5.0})), "ok");
+        let report = |status: Option<&str>, elbo: Option<Option<f64>>| {
+            let mut r = json!({
+                "config": {}, "device": "cpu", "elbo_se": 0.1, "iterations": 1,
+                "method": {}, "model": {}, "n": 1, "num_parameters": 1,
+                "q_theta": null, "q_z": null, "seconds": 1.0,
+                "trace": {"iteration": [], "elbo": [], "seconds": []},
+            });
+            if let Some(s) = status {
+                r["status"] = json!(s);
+            }
+            if let Some(e) = elbo {
+                r["elbo"] = json!(e);
+            }
+            RunReport::from_json(&r.to_string()).map(|r| r.effective_status())
+        };
+        assert_eq!(report(Some("ok"), Some(Some(-5.0))).unwrap(), RunStatus::Ok);
+        assert_eq!(report(Some("ok"), Some(None)).unwrap(), RunStatus::Diverged);
+        assert!(report(Some("ok"), None).is_err());
         assert_eq!(
-            run_status(&json!({"status": "ok", "elbo": null})),
-            "diverged"
+            report(Some("diverged"), Some(Some(-5.0))).unwrap(),
+            RunStatus::Diverged
         );
-        assert_eq!(run_status(&json!({"status": "ok"})), "diverged");
-        assert_eq!(
-            run_status(&json!({"status": "diverged", "elbo": -5.0})),
-            "diverged"
-        );
-        assert_eq!(run_status(&json!({"elbo": -5.0})), "diverged");
+        assert!(report(None, Some(Some(-5.0))).is_err());
     }
 
     /// Ordinary values keep their decimals; diverged ones are written in
@@ -1322,8 +461,8 @@ mod tests {
     // - decide_claim: "not checked" when the named methods hold fewer runs
     //   than labels × seeds.
 
-    use super::{check_claim, decide_claim};
-    use crate::reproduce::Claim;
+    use super::claims::{check_claim, decide_claim};
+    use crate::experiment::Claim;
     use serde_json::Value;
 
     /// The next f64 above a positive `x` (one ulp beyond).
