@@ -1,4 +1,4 @@
-//! Batched seeds (`fit_batched`): R seeds of one F-VI or Const problem as one
+//! Batched seeds (`fit(..).seeds(..).run_all()` with the graph engine): R seeds of one F-VI or Const problem as one
 //! optimisation with a leading run dimension give the results of R separate
 //! fits.
 
@@ -31,7 +31,7 @@ fn separate(
 ) -> Fit {
     let mut o = opts.clone();
     o.seed = seed;
-    fit(model, x, method).options(&o.clone()).run().unwrap()
+    fit(model, x, method).options(&o).run().unwrap()
 }
 
 /// Compare every output of a batched run with the separate run.
@@ -84,7 +84,7 @@ fn batched_seeds_equal_separate_runs() {
         let opts = options(Engine::Graph, Dtype::F64);
         let batched = fit(model, x, &method)
             .seeds(&seeds)
-            .options(&opts.clone())
+            .options(&opts)
             .run_all()
             .unwrap();
         assert_eq!(batched.len(), seeds.len());
@@ -123,7 +123,7 @@ fn batched_seeds_equal_separate_runs_in_f32() {
     let seeds = [7, 8];
     let batched = fit(&saw, &x, &MethodConfig::Fvi)
         .seeds(&seeds)
-        .options(&opts.clone())
+        .options(&opts)
         .run_all()
         .unwrap();
     for (b, &seed) in batched.iter().zip(&seeds) {

@@ -28,10 +28,7 @@ fn bnn_fvi_and_avi_improve_the_elbo() {
         ..FitOptions::default()
     };
     for (label, method) in [("fvi", MethodConfig::Fvi), ("avi k=32", bnn_encoder(32))] {
-        let f = fit(&model, &x, &method)
-            .options(&opts.clone())
-            .run()
-            .unwrap();
+        let f = fit(&model, &x, &method).options(&opts).run().unwrap();
         let start = f.trace.elbo[..20].iter().sum::<f64>() / 20.0;
         let end = f.trace.elbo[f.trace.elbo.len() - 20..].iter().sum::<f64>() / 20.0;
         println!(

@@ -187,7 +187,7 @@ fn cuda_fused_fit_reaches_the_closed_forms() {
     };
     let xt = Tensor::from_slice(&x);
     let f = fit(&lin, &xt, &MethodConfig::Fvi)
-        .options(&opts.clone())
+        .options(&opts)
         .device(CUDA)
         .run()
         .unwrap();
@@ -213,7 +213,7 @@ fn cuda_fused_fit_reaches_the_closed_forms() {
     opts.steps = 3000;
     let xt = Tensor::from_slice(&x);
     let f = fit(&saw, &xt, &MethodConfig::Fvi)
-        .options(&opts.clone())
+        .options(&opts)
         .device(CUDA)
         .run()
         .unwrap();

@@ -133,7 +133,7 @@ fn fused_engine_refuses_what_it_does_not_cover() {
     let model = GaussianHmm::new(0.9, 0.5, 1.0, 1.0).unwrap();
     let x = model.simulate(50, 1, Some(0.0)).unwrap();
     let r = avi_inference::fit(&model, &tch::Tensor::from_slice(&x), &MethodConfig::Fvi)
-        .options(&options(1).clone())
+        .options(options(1))
         .run();
     assert!(r.is_err());
 }

@@ -67,7 +67,7 @@ fn graph_engine_follows_the_torch_engine_on_the_cpu() {
                 ..options(engine, Dtype::F64)
             };
             fit(model.as_ref(), &xt, &method)
-                .options(&opts.clone())
+                .options(&opts)
                 .run()
                 .unwrap()
         };
@@ -125,7 +125,7 @@ fn graph_engine_monitors_between_blocks() {
         };
         let mut monitor = Monitor(Vec::new());
         let f = fit(&model, &x, &bnn_encoder(8))
-            .options(&opts.clone())
+            .options(&opts)
             .observer(&mut monitor)
             .run()
             .unwrap();
@@ -162,9 +162,7 @@ fn graph_engine_refuses_shuffled_or_partial_epochs() {
             shuffle,
             ..options(Engine::Graph, Dtype::F32)
         };
-        fit(&model, &x, &MethodConfig::Fvi)
-            .options(&opts.clone())
-            .run()
+        fit(&model, &x, &MethodConfig::Fvi).options(&opts).run()
     };
     let err = run(10, true).unwrap_err().to_string();
     assert!(err.contains("shuffle"), "{err}");
@@ -215,13 +213,10 @@ fn cuda_graph_replays_match_eager_steps() {
         // Against the torch engine (tch's unfused Adam, f32): the same path
         // up to accumulated f32 rounding.
         let torch = fit(model.as_ref(), &xt, &method)
-            .options(
-                &FitOptions {
-                    batch_size,
-                    ..options(Engine::Torch, Dtype::F32)
-                }
-                .clone(),
-            )
+            .options(FitOptions {
+                batch_size,
+                ..options(Engine::Torch, Dtype::F32)
+            })
             .device(device)
             .run()
             .unwrap();

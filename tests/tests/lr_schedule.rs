@@ -143,7 +143,7 @@ fn graph_engine_follows_the_schedule() {
     for (model, x, method) in problems() {
         let run = |engine| {
             fit(model.as_ref(), &x, &method)
-                .options(&options(engine).clone())
+                .options(options(engine))
                 .run()
                 .unwrap()
         };
@@ -155,7 +155,7 @@ fn graph_engine_follows_the_schedule() {
     let mut opts = options(Engine::Graph);
     opts.lr_schedule[0].from = 150;
     let err = fit(model.as_ref(), &x, &method)
-        .options(&opts.clone())
+        .options(&opts)
         .run()
         .unwrap_err()
         .to_string();
@@ -197,18 +197,15 @@ fn batched_seeds_follow_the_schedule() {
     let seeds = [5, 6];
     let batched = fit(model.as_ref(), &x, &method)
         .seeds(&seeds)
-        .options(&opts.clone())
+        .options(&opts)
         .run_all()
         .unwrap();
     for (fit_b, seed) in batched.iter().zip(seeds) {
         let separate = fit(model.as_ref(), &x, &method)
-            .options(
-                &FitOptions {
-                    seed,
-                    ..opts.clone()
-                }
-                .clone(),
-            )
+            .options(FitOptions {
+                seed,
+                ..opts.clone()
+            })
             .run()
             .unwrap();
         let d = max_rel(&fit_b.trace.elbo, &separate.trace.elbo);

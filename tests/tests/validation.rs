@@ -63,7 +63,7 @@ fn learning_rates_are_bounded_and_the_bound_runs() {
                     ..quick()
                 };
                 let f = fit(&model, &x, &method)
-                    .options(&opts.clone())
+                    .options(&opts)
                     .run()
                     .unwrap_or_else(|e| panic!("{engine:?} {dtype:?}: {e}"));
                 eprintln!("{engine:?} {dtype:?} {}: {:?}", method.label(), f.status);
@@ -186,7 +186,7 @@ fn an_absurd_final_elbo_is_flagged_on_every_engine() {
             ..quick()
         };
         let f = fit(&model, &x, &MethodConfig::Fvi)
-            .options(&opts.clone())
+            .options(&opts)
             .run()
             .unwrap();
         eprintln!("{engine:?}: {} ± {}: {:#?}", f.elbo, f.elbo_se, f.warnings);
@@ -229,10 +229,7 @@ fn a_converged_fit_has_no_warnings() {
                 engine,
                 ..FitOptions::default()
             };
-            let f = fit(&model, &x, &method)
-                .options(&opts.clone())
-                .run()
-                .unwrap();
+            let f = fit(&model, &x, &method).options(&opts).run().unwrap();
             let optimum = model
                 .fvi_optimum(&Vec::<f64>::try_from(&x).unwrap())
                 .unwrap()
@@ -264,12 +261,12 @@ fn data_beyond_f32_are_named_as_such() {
     };
     for result in [
         fit(&model, &x, &MethodConfig::Fvi)
-            .options(&opts.clone())
+            .options(&opts)
             .run()
             .map(|_| ()),
         avi_inference::fit(&model, &x, &MethodConfig::Fvi)
             .seeds(&[1, 2])
-            .options(&opts.clone())
+            .options(&opts)
             .run_all()
             .map(|_| ()),
     ] {

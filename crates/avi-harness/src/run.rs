@@ -456,7 +456,7 @@ fn prepared_report(
 }
 
 /// Whether the runs of `cfg` (one per seed) can be fitted as one batched
-/// optimisation ([`avi_inference::fit_batched`]): F-VI or Const, Gaussian
+/// optimisation ([`avi_inference::FitRequest::seeds`]): F-VI or Const, Gaussian
 /// local factors, free θ, full batches, no monitoring.
 pub fn batchable(cfg: &FitConfig, prepared: &Prepared) -> bool {
     matches!(
@@ -486,7 +486,7 @@ pub fn run_prepared_batched(
     opts.engine = avi_inference::Engine::Graph;
     let fits = avi_inference::fit(prepared.model.as_model(), &x, &cfg.method)
         .seeds(seeds)
-        .options(&opts.clone())
+        .options(&opts)
         .device(device)
         .observer(observer)
         .run_all()?;

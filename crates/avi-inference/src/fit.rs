@@ -419,8 +419,8 @@ fn drive(
     let mut last_time = 0.0;
     while done < opts.steps {
         let mut end = ((done / block + 1) * block).min(opts.steps);
-        if every > 0 {
-            end = end.min((done / every + 1) * every);
+        if let Some(k) = done.checked_div(every) {
+            end = end.min((k + 1) * every);
         }
         if let Some(change) = opts
             .lr_schedule
@@ -530,8 +530,8 @@ pub(crate) fn check_data_size(
 /// `values`, clock `seconds`) to `trace`, and marks the run diverged at the
 /// first non-finite estimate, or at the block's last step when
 /// `params_finite` is false; a diverged trace is truncated there. Returns
-/// whether the run has diverged (the engines' one check, shared by
-/// [`fit`]'s block runners and [`crate::fit_batched`]).
+/// whether the run has diverged (the one divergence rule, applied by
+/// [`drive`] to every run of every engine).
 pub(crate) fn record_block(
     trace: &mut Trace,
     status: &mut FitStatus,

@@ -37,7 +37,7 @@
 //! (whose [`Variational::predict_local`] encodes new observations). A
 //! model is anything implementing [`avi_models::Model`]. An inference
 //! function of one's own implements [`InferenceFunction`]: build a
-//! [`Variational`] with it ([`Variational::new`]) and fit it with
+//! [`Variational`] with it ([`Variational::amortized`]) and fit it with
 //! [`FitRequest::start_from`], through the same loop, trace, checks and
 //! observer as the built-in ones.
 //!
@@ -86,8 +86,8 @@ pub use limits::{
     available_memory, check_fit, check_fit_within, check_representable, memory_estimate,
 };
 pub use method::{
-    amortization_inputs, check_window, Edges, InputMap, LocalFactor, MethodConfig, ThetaFactor,
-    Variational,
+    amortization_inputs, check_window, Edges, FunctionBuilder, InputMap, LocalFactor, MethodConfig,
+    ThetaFactor, Variational,
 };
 pub use observer::{Observer, Silent};
 pub use options::{

@@ -129,7 +129,7 @@ fn function_params(function: &FunctionConfig, input_dim: usize, output: Output) 
 }
 
 /// The memory parts of a fit of `runs` seeds at once (1 but for
-/// [`crate::fit_batched`]).
+/// batched seeds, [`crate::FitRequest::seeds`]).
 fn estimate(
     model: &dyn Model,
     n: usize,

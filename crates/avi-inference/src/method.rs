@@ -250,6 +250,12 @@ impl std::fmt::Debug for LocalFactor {
     }
 }
 
+/// Makes an inference function of one's own on a store path, from the
+/// width of its inputs and the layout of its output rows (see
+/// [`Variational::amortized`]).
+pub type FunctionBuilder<'a> =
+    &'a dyn Fn(&nn::Path, usize, Output) -> Result<Box<dyn InferenceFunction>>;
+
 /// All variational parameters of one fit, registered in one
 /// [`nn::VarStore`] so that an optimiser can update them together.
 #[derive(Debug)]
@@ -289,6 +295,35 @@ impl Variational {
         init_hint: crate::forms::Init,
         kind: Kind,
         device: Device,
+    ) -> Result<Self> {
+        Self::new_with(
+            method,
+            x,
+            pad,
+            theta_dim,
+            output,
+            fixed_theta,
+            init_hint,
+            kind,
+            device,
+            None,
+        )
+    }
+
+    /// [`Variational::new`], with the A-VI inference function made by
+    /// `custom` when given.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new_with(
+        method: &MethodConfig,
+        x: &Tensor,
+        pad: f64,
+        theta_dim: usize,
+        output: Output,
+        fixed_theta: Option<&[f64]>,
+        init_hint: crate::forms::Init,
+        kind: Kind,
+        device: Device,
+        custom: Option<FunctionBuilder<'_>>,
     ) -> Result<Self> {
         let local_dim = match output {
             Output::Gaussian { dim } => dim,
@@ -361,7 +396,11 @@ impl Variational {
                 let stats = standardize.then(|| data_stats(x, kind));
                 let inputs = window_inputs(x, *window, pad, stats.as_ref(), kind)?;
                 let input_dim = inputs.size()[1] as usize;
-                let function = function.build(&root.sub("fn"), input_dim, output, kind)?;
+                let path = root.sub("fn");
+                let function = match custom {
+                    Some(build) => build(&path, input_dim, output)?,
+                    None => function.build(&path, input_dim, output, kind)?,
+                };
                 let edges = match edges {
                     Edges::Pad => None,
                     Edges::Free => Some((
@@ -538,6 +577,52 @@ impl Variational {
             init,
             kind,
             device,
+        )
+    }
+
+    /// A-VI with an inference function of one's own: `build` makes it on
+    /// the store path it is given (so that its parameters are trained with
+    /// the rest) from the width of its inputs and the layout of its output
+    /// rows ([`Output`]: Gaussian means then log-sds, or categorical
+    /// logits). `window`, `standardize` and `edges` as in
+    /// [`MethodConfig::Avi`]; q(θ) and everything else initialised as for
+    /// the built-in functions. Fit it with [`crate::FitRequest::start_from`]:
+    /// the same loop, trace, checks and observer as the built-in ones.
+    #[allow(clippy::too_many_arguments)]
+    pub fn amortized(
+        model: &dyn avi_models::Model,
+        x: &Tensor,
+        window: [usize; 2],
+        standardize: bool,
+        edges: Edges,
+        kind: Kind,
+        device: Device,
+        build: FunctionBuilder<'_>,
+    ) -> Result<Self> {
+        let method = MethodConfig::Avi {
+            // not used: `build` makes the function
+            function: FunctionConfig::Poly { degree: 1 },
+            standardize,
+            window,
+            edges,
+        };
+        let x = x.to_device(device).to_kind(kind);
+        Self::new_with(
+            &method,
+            &x,
+            crate::forms::pad_value(model),
+            model.theta_dim(),
+            match model.local_states() {
+                Some(states) => Output::Categorical { states },
+                None => Output::Gaussian {
+                    dim: model.local_dim(),
+                },
+            },
+            None,
+            crate::forms::init_hint(model),
+            kind,
+            device,
+            Some(build),
         )
     }
 

@@ -3,7 +3,8 @@
 use crate::method::Variational;
 use crate::Result;
 
-/// Hooks called by [`fit`]; every method has a no-op default.
+/// Hooks called by the training loop ([`crate::FitRequest::observer`]);
+/// every method has a no-op default.
 pub trait Observer {
     /// Called at every check, after `done` of `total` steps, with the last
     /// step's ELBO estimate.

@@ -145,7 +145,7 @@ pub enum Engine {
     /// CPU the same steps run without capture. Mini-batches in their fixed
     /// order (no `shuffle`), each block a whole number of epochs; with
     /// monitoring, blocks of gcd(`check_every`, the observer's
-    /// [`Observer::monitor_every`]) steps, monitored between replays.
+    /// [`crate::Observer::monitor_every`]) steps, monitored between replays.
     Graph,
 }
 

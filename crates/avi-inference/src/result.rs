@@ -75,7 +75,7 @@ pub struct GaussianSummary {
     pub shape: Vec<usize>,
 }
 
-/// The result of [`fit`].
+/// The result of a fit ([`crate::FitRequest::run`]).
 #[derive(Debug)]
 pub struct Fit {
     /// q(θ), or `None` when θ was fixed.

@@ -72,7 +72,7 @@ pub struct ReproduceOptions {
     /// `min(threads, cores / jobs)`, at least 1).
     pub threads: usize,
     /// Fit the seeds of each F-VI or Const method (full batches, free θ) as
-    /// one batched optimisation ([`avi_inference::fit_batched`]; the same
+    /// one batched optimisation ([`avi_inference::FitRequest::seeds`]; the same
     /// results as separate runs with the graph engine). In this process
     /// only (`jobs` = 1).
     pub batch_seeds: bool,

@@ -53,7 +53,7 @@ impl std::fmt::Debug for BatchedTrainer<'_> {
 }
 
 impl<'a> BatchedTrainer<'a> {
-    /// Validate, then initialise run r exactly as [`crate::Trainer::new`]
+    /// Validate, then initialise run r exactly as [`crate::testing::Trainer::new`]
     /// does with seed `seeds[r]` and keep a copy of the generator where that
     /// run would continue. F-VI and Const with Gaussian local factors, a
     /// free q(θ) and full batches.

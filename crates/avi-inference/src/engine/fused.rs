@@ -1,5 +1,5 @@
 //! A fused CPU engine for the scalar models (linear, nonlinear, saw): the
-//! training iteration of [`crate::Trainer::step`] (draws → ELBO estimate →
+//! training iteration of [`crate::testing::Trainer::step`] (draws → ELBO estimate →
 //! gradient → Adam) in a few passes of plain Rust over the `[M, N]` draws,
 //! with analytic derivatives of the model ([`FusedModel`]) instead of
 //! libtorch's autograd.
@@ -828,7 +828,7 @@ impl HostAvi {
 }
 
 /// The fused training loop of a scalar model: [`FusedTrainer::step`] is one
-/// iteration of [`crate::Trainer::step`] (same initial parameters for the
+/// iteration of [`crate::testing::Trainer::step`] (same initial parameters for the
 /// same seed, same objective, same Adam), with its own random draws.
 pub struct FusedTrainer {
     model: FusedModel,
@@ -862,7 +862,7 @@ impl std::fmt::Debug for FusedTrainer {
 impl FusedTrainer {
     /// Validate the options and data, seed libtorch's generator with
     /// `opts.seed` and initialise the parameters of `method` exactly as
-    /// [`crate::Trainer::new`] does. Only full batches, free q(θ) and
+    /// [`crate::testing::Trainer::new`] does. Only full batches, free q(θ) and
     /// `Device::Cpu` are supported. Threads default to the available
     /// parallelism (see [`FusedTrainer::with_threads`]).
     pub fn new(
@@ -1167,7 +1167,7 @@ impl FusedTrainer {
 }
 
 /// Validate `x`, seed libtorch's generator with `opts.seed` and initialise
-/// the parameters of `method` on the CPU exactly as [`crate::Trainer::new`]
+/// the parameters of `method` on the CPU exactly as [`crate::testing::Trainer::new`]
 /// does (shared by the fused engines).
 /// Returns the parameters with the generator that continues the stream on
 /// `device` (where the fit's final ELBO is evaluated).

@@ -2,10 +2,10 @@
 //! saw) with the kernels of [`avi_cuda::FviKernels`]: two launches per
 //! iteration, the `[M, N]` draws made in registers and never stored, Adam
 //! inside the kernels, nothing read back to the host within a block. Blocks
-//! of steps are captured as CUDA graphs as in [`crate::GraphTrainer`].
+//! of steps are captured as CUDA graphs as in [`crate::testing::GraphTrainer`].
 //!
 //! Same objective, gradient and Adam as the fused CPU engine
-//! ([`crate::FusedTrainer`]) and the same initial parameters for a seed; its
+//! ([`crate::testing::FusedTrainer`]) and the same initial parameters for a seed; its
 //! own random draws (Philox4x32-10), computed in f32.
 
 use crate::forms::FusedModel;
@@ -44,7 +44,7 @@ impl std::fmt::Debug for CudaFviTrainer {
 }
 
 impl CudaFviTrainer {
-    /// Validate, initialise the parameters as [`crate::Trainer::new`] does
+    /// Validate, initialise the parameters as [`crate::testing::Trainer::new`] does
     /// for `opts.seed`, compile the kernels for `device` and make the first
     /// θ draws. F-VI only, f32, full batches; `block` steps per
     /// [`CudaFviTrainer::step_block`].

@@ -42,7 +42,8 @@ pub(crate) fn params_finite(vs: &nn::VarStore) -> bool {
 static GENERATOR: Mutex<()> = Mutex::new(());
 
 /// Hold the lock on libtorch's default generators and on CUDA graph
-/// capture (see [`GENERATOR`]).
+/// capture (a process-wide mutex, held while a fit seeds and initialises,
+/// draws a shuffle order, or captures CUDA graphs).
 pub fn global_guard() -> std::sync::MutexGuard<'static, ()> {
     GENERATOR.lock().unwrap_or_else(|e| e.into_inner())
 }

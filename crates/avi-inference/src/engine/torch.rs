@@ -59,7 +59,7 @@ impl Optim {
 
 /// One optimisation problem: a model, its data on the device, the
 /// variational parameters and their Adam state. [`Trainer::step`] performs
-/// one iteration; [`fit`] drives it with checks and a trace.
+/// one iteration; [`crate::fit()`] drives it with checks and a trace.
 pub struct Trainer<'a> {
     model: &'a dyn Model,
     pub(crate) x: Tensor,
