@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use avi_inference::{Dtype, Entropy, FitOptions, LrStep, MethodConfig};
 use serde::{Deserialize, Serialize};
 
-pub use crate::models::{ModelConfig, ModelKind, NonlinearSimConfig, SawSimConfig};
+pub use crate::models::{ModelConfig, ModelKind, NonlinearSimConfig, SawSimConfig, SimulateConfig};
 
 /// Where the observations come from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,23 +54,6 @@ pub enum FashionMnistSplit {
     Train,
     /// 10,000 test images.
     Test,
-}
-
-/// Settings of a simulated data set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SimulateConfig {
-    /// Number of observations.
-    pub n: usize,
-    /// Seed of the simulator.
-    pub seed: u64,
-    /// θ to simulate with (drawn from its prior when absent).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub theta: Option<Vec<f64>>,
-    /// Dimension D of each observation, for models with vector observations
-    /// (mixture; default: θ's length / K when θ is given, else 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dim: Option<usize>,
 }
 
 fn default_steps() -> usize {
@@ -550,48 +533,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.data, DataConfig::File("x.json".into()));
-    }
-
-    /// The saw model's `sim`: `"model"` by default and then not written
-    /// (so default configs serialize as before), `"authors"` parsed and
-    /// written, anything else rejected; the harness builds the authors'
-    /// simulator from it (the same data as `SawModel` with
-    /// `SawSim::Authors`, compared exactly: the same code runs).
-    #[test]
-    fn saw_sim_choice() {
-        let parse = |json: &str| serde_json::from_str::<ModelConfig>(json);
-        let default = parse(r#"{"kind": "saw", "alpha": 0.75}"#).unwrap();
-        assert!(matches!(
-            default.kind,
-            ModelKind::Saw(crate::models::SawConfig {
-                sim: SawSimConfig::Model,
-                ..
-            })
-        ));
-        assert!(!serde_json::to_string(&default).unwrap().contains("sim"));
-        let authors = parse(r#"{"kind": "saw", "alpha": 0.75, "sim": "authors"}"#).unwrap();
-        assert!(matches!(
-            authors.kind,
-            ModelKind::Saw(crate::models::SawConfig {
-                sim: SawSimConfig::Authors,
-                ..
-            })
-        ));
-        assert!(serde_json::to_string(&authors)
-            .unwrap()
-            .contains(r#""sim":"authors""#));
-        assert!(parse(r#"{"kind": "saw", "alpha": 0.75, "sim": "code"}"#).is_err());
-        let sim = |c: &ModelConfig| {
-            crate::run::BuiltModel::new(c, 1)
-                .unwrap()
-                .simulate(20, 2012, Some(&[3.4159]))
-                .unwrap()
-        };
-        let m = avi_models::SawModel::new(0.75, 0.0).unwrap();
-        let want = |s| m.with_sim(s).simulate(20, 2012, Some(3.4159)).unwrap();
-        assert_eq!(sim(&authors), want(avi_models::SawSim::Authors));
-        assert_eq!(sim(&default), want(avi_models::SawSim::Model));
-        assert_ne!(sim(&authors), sim(&default));
     }
 
     #[test]

@@ -20,8 +20,6 @@ use avi_models::{
 };
 use serde::{de, Deserialize, Serialize};
 
-use crate::config::SimulateConfig;
-
 /// What the harness asks of a model: its log joint ([`Model`]), simulation
 /// ([`Simulate`]) and reference solutions ([`ExactReference`]). Every type
 /// with the three is one.
@@ -402,4 +400,20 @@ fn default_latent() -> usize {
 
 fn default_hidden() -> usize {
     256
+}
+/// Settings of a simulated data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulateConfig {
+    /// Number of observations.
+    pub n: usize,
+    /// Seed of the simulator.
+    pub seed: u64,
+    /// θ to simulate with (drawn from its prior when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub theta: Option<Vec<f64>>,
+    /// Dimension D of each observation, for models with vector observations
+    /// (mixture; default: θ's length / K when θ is given, else 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dim: Option<usize>,
 }

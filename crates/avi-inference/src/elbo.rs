@@ -4,12 +4,10 @@
 use avi_models::{Model, HALF_LN_2PI};
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::Draws;
-use crate::family::GaussianParams;
 use crate::function::Output;
 use crate::method::{ThetaFactor, Variational};
 use crate::options::Entropy;
-use crate::result::GaussianSummary;
+use crate::rng::Draws;
 use crate::Result;
 
 /// Draw-wise ELBO terms for one step: `elbo[m] = log p(θ_m, z_m, x) −
@@ -174,24 +172,4 @@ fn standard_error(values: &[f64], mean: f64) -> f64 {
     }
     let ss: f64 = values.iter().map(|v| ((v - mean) / scale).powi(2)).sum();
     scale * (ss / (n - 1.0) / n).sqrt()
-}
-
-/// A tensor's values as f64 on the host, flattened in row-major order
-/// (one device read; for reports and checks, never inside a training loop).
-pub fn host_vec(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(
-        t.detach()
-            .to_kind(Kind::Double)
-            .to_device(Device::Cpu)
-            .contiguous()
-            .view([-1]),
-    )?)
-}
-
-pub(crate) fn summarize(p: &GaussianParams) -> Result<GaussianSummary> {
-    Ok(GaussianSummary {
-        mean: host_vec(&p.mean)?,
-        sd: host_vec(&p.log_sd.exp())?,
-        shape: p.mean.size().iter().map(|&s| s as usize).collect(),
-    })
 }

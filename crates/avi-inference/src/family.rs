@@ -1,7 +1,10 @@
 //! Diagonal Gaussian factors, parameterised by mean and log standard
 //! deviation (digest §5.1).
 
-use tch::Tensor;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::Result;
 
 /// Parameters of a batch of diagonal Gaussians: `mean` and `log_sd` have the
 /// same shape (e.g. `[D]` for q(θ) or `[N, L]` for the local factors), and
@@ -38,4 +41,35 @@ impl GaussianParams {
             log_sd: self.log_sd.detach(),
         }
     }
+}
+
+/// Summary of a diagonal Gaussian family on the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GaussianSummary {
+    /// Means, row-major.
+    pub mean: Vec<f64>,
+    /// Standard deviations, row-major.
+    pub sd: Vec<f64>,
+    /// Shape of the arrays (`[D]` or `[N, L]`).
+    pub shape: Vec<usize>,
+}
+
+/// A tensor's values as f64 on the host, flattened in row-major order
+/// (one device read; for reports and checks, never inside a training loop).
+pub fn host_vec(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(Vec::<f64>::try_from(
+        t.detach()
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu)
+            .contiguous()
+            .view([-1]),
+    )?)
+}
+
+pub(crate) fn summarize(p: &GaussianParams) -> Result<GaussianSummary> {
+    Ok(GaussianSummary {
+        mean: host_vec(&p.mean)?,
+        sd: host_vec(&p.log_sd.exp())?,
+        shape: p.mean.size().iter().map(|&s| s as usize).collect(),
+    })
 }

@@ -8,19 +8,22 @@ use std::time::{Duration, Instant};
 use avi_models::Model;
 use tch::{Device, Tensor};
 
-use crate::elbo::{evaluate_from, host_vec, summarize};
+use crate::elbo::evaluate_from;
 use crate::engine::batched::BatchedTrainer;
 use crate::engine::fused::FusedTrainer;
 use crate::engine::fused_cuda::CudaFviTrainer;
 use crate::engine::graph::GraphTrainer;
 use crate::engine::torch::Trainer;
-use crate::engine::{global_guard, Draws, Stepper};
+use crate::engine::Stepper;
+use crate::family::{host_vec, summarize, GaussianSummary};
 use crate::forms::fused_form;
 use crate::function::Output;
+use crate::limits::check_data_size;
 use crate::method::{MethodConfig, ThetaFactor, Variational};
 use crate::observer::{Observer, Silent};
 use crate::options::{CheckedOptions, Engine, FitOptions};
-use crate::result::{elbo_warnings, final_status, Clock, Fit, FitStatus, GaussianSummary, Trace};
+use crate::result::{elbo_warnings, final_status, Clock, Fit, FitStatus, Trace};
+use crate::rng::{global_guard, Draws};
 use crate::{InferenceError, Result};
 
 /// Start describing a fit of `method` to data `x` under `model`: set what
@@ -491,39 +494,6 @@ fn drive(
         }
     }
     Ok((traces, status, clock(Instant::now(), paused)))
-}
-
-/// [`crate::check_fit_within`] for the data `x` (N = its first dimension)
-/// against the memory available on `device`, and
-/// [`crate::check_representable`] for its values, then the model's own
-/// check of the data ([`Model::check_data`]).
-pub(crate) fn check_data_size(
-    model: &dyn Model,
-    x: &Tensor,
-    method: &MethodConfig,
-    opts: &FitOptions,
-    device: Device,
-) -> Result<()> {
-    let Some(&n) = x.size().first() else {
-        model.check_data(x)?;
-        return Err(InferenceError::config(
-            "data",
-            "the data have no observations",
-        ));
-    };
-    let n = usize::try_from(n).unwrap_or(0);
-    crate::limits::check_fit_within(
-        model,
-        n,
-        method,
-        opts,
-        crate::limits::available_memory(device),
-    )?;
-    crate::limits::check_representable(x, opts.dtype)?;
-    // The model's own data check, for every engine (the fused ones read
-    // the data as a flat host vector).
-    model.check_data(x)?;
-    Ok(())
 }
 
 /// Appends the steps `first ..= first + values.len() − 1` (ELBO estimates

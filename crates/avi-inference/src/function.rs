@@ -8,8 +8,8 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Kind, Tensor};
 
+use crate::de::{check_key, read_field};
 use crate::family::GaussianParams;
-use crate::method::{check_key, read_field};
 use crate::{InferenceError, Result};
 
 /// Which inference function A-VI learns (the config's `"fn"` object).

@@ -53,6 +53,7 @@
 #![warn(missing_docs)]
 
 pub mod convergence;
+mod de;
 mod diagnose;
 mod elbo;
 mod engine;
@@ -66,6 +67,7 @@ mod method;
 mod observer;
 mod options;
 mod result;
+mod rng;
 
 /// The `tch` crate (libtorch's Rust bindings) this crate is built on,
 /// re-exported so that users pin the same version.
@@ -76,9 +78,9 @@ pub use tch;
 /// builds without the CUDA headers, graphs then off).
 pub use avi_cuda::CudaError;
 pub use diagnose::{diagnose, Diagnosis};
-pub use elbo::{elbo_draws, elbo_draws_batch, evaluate_elbo, host_vec};
+pub use elbo::{elbo_draws, elbo_draws_batch, evaluate_elbo};
 pub use error::{InferenceError, Result};
-pub use family::GaussianParams;
+pub use family::{host_vec, GaussianParams, GaussianSummary};
 pub use fit::{fit, FitRequest, MAX_THREADS};
 pub use forms::Init;
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
@@ -95,8 +97,8 @@ pub use options::{
     MIN_LR,
 };
 pub use result::{
-    elbo_warnings, Clock, Fit, FitStatus, GaussianSummary, Trace, ELBO_WARN_PER_VALUE,
-    SE_WARN_NATS, SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
+    elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
+    TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
 
 /// The engines' own types, for the workspace's tests and benchmark tools:
@@ -107,9 +109,9 @@ pub mod testing {
     pub use crate::engine::batched::BatchedTrainer;
     pub use crate::engine::fused::{objective_and_grad, FusedGrad, FusedParams, FusedTrainer};
     pub use crate::engine::fused_cuda::CudaFviTrainer;
-    pub use crate::engine::global_guard as generator_guard;
     pub use crate::engine::graph::GraphTrainer;
     pub use crate::engine::torch::Trainer;
     pub use crate::forms::{fused_form, FusedModel};
     pub use crate::function::{FunctionParts, NetParts};
+    pub use crate::rng::global_guard as generator_guard;
 }

@@ -442,6 +442,33 @@ pub(crate) fn check_runs(
     Ok(())
 }
 
+/// [`crate::check_fit_within`] for the data `x` (N = its first dimension)
+/// against the memory available on `device`, and
+/// [`crate::check_representable`] for its values, then the model's own
+/// check of the data ([`Model::check_data`]).
+pub(crate) fn check_data_size(
+    model: &dyn Model,
+    x: &Tensor,
+    method: &MethodConfig,
+    opts: &FitOptions,
+    device: Device,
+) -> Result<()> {
+    let Some(&n) = x.size().first() else {
+        model.check_data(x)?;
+        return Err(InferenceError::config(
+            "data",
+            "the data have no observations",
+        ));
+    };
+    let n = usize::try_from(n).unwrap_or(0);
+    check_fit_within(model, n, method, opts, available_memory(device))?;
+    check_representable(x, opts.dtype)?;
+    // The model's own data check, for every engine (the fused ones read
+    // the data as a flat host vector).
+    model.check_data(x)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

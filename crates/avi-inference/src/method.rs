@@ -5,9 +5,10 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::de::{check_key, read_field};
 use crate::family::GaussianParams;
+use crate::family::GaussianSummary;
 use crate::function::{FunctionConfig, InferenceFunction, Output};
-use crate::result::GaussianSummary;
 use crate::{InferenceError, Result};
 
 fn yes() -> bool {
@@ -68,33 +69,6 @@ impl MethodKind {
             Self::Fvi | Self::Const => &["kind"],
             Self::Avi => AVI_FIELDS,
         }
-    }
-}
-
-/// Store the value of `field` read from `map` in `slot`, refusing a
-/// repeated field.
-pub(crate) fn read_field<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
-    map: &mut A,
-    slot: &mut Option<T>,
-    field: &'static str,
-) -> std::result::Result<(), A::Error> {
-    if slot.is_some() {
-        return Err(de::Error::duplicate_field(field));
-    }
-    *slot = Some(map.next_value()?);
-    Ok(())
-}
-
-/// Refuse `key` unless it is one of `fields` (the fields of the kind read
-/// so far, or of every kind while none has been read).
-pub(crate) fn check_key<E: de::Error>(
-    key: &str,
-    fields: &'static [&'static str],
-) -> std::result::Result<(), E> {
-    if fields.contains(&key) {
-        Ok(())
-    } else {
-        Err(E::unknown_field(key, fields))
     }
 }
 
@@ -509,7 +483,7 @@ impl Variational {
     /// (`None`).
     pub fn predict_local(&self, x_new: &Tensor) -> Result<Option<GaussianSummary>> {
         self.predict_params(x_new)?
-            .map(|p| crate::elbo::summarize(&p))
+            .map(|p| crate::family::summarize(&p))
             .transpose()
     }
 
@@ -1012,7 +986,7 @@ mod tests {
     /// `method.window` (before: an overflow panic in `before + after`).
     #[test]
     fn overflowing_windows_are_errors() {
-        let _generator = crate::engine::test_serial();
+        let _generator = crate::rng::test_serial();
         let x = Tensor::randn([10], (Kind::Double, Device::Cpu));
         for window in [
             [usize::MAX, 1],
@@ -1074,7 +1048,7 @@ mod tests {
     fn predictions_on_the_training_data_are_the_fitted_factors() {
         // Draws from libtorch's process-wide generator: not while another
         // test has seeded it.
-        let _generator = crate::engine::test_serial();
+        let _generator = crate::rng::test_serial();
         let x = Tensor::randn([40], (Kind::Double, Device::Cpu)).multiply_scalar(3.0) + 2.0;
         let avi = MethodConfig::Avi {
             function: FunctionConfig::Mlp {

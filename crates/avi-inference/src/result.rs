@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::family::GaussianSummary;
 use crate::method::Variational;
 use crate::options::Engine;
 
@@ -64,19 +65,10 @@ impl Trace {
     }
 }
 
-/// Summary of a diagonal Gaussian family on the host.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GaussianSummary {
-    /// Means, row-major.
-    pub mean: Vec<f64>,
-    /// Standard deviations, row-major.
-    pub sd: Vec<f64>,
-    /// Shape of the arrays (`[D]` or `[N, L]`).
-    pub shape: Vec<usize>,
-}
-
-/// The result of a fit ([`crate::FitRequest::run`]).
-#[derive(Debug)]
+/// The result of a fit ([`crate::FitRequest::run`]). Serialises (serde)
+/// to everything but the fitted [`Variational`] (non-finite numbers as
+/// `null` in JSON); the `avi` binary's run report holds the same numbers.
+#[derive(Debug, Serialize)]
 pub struct Fit {
     /// q(θ), or `None` when θ was fixed.
     pub q_theta: Option<GaussianSummary>,
@@ -105,7 +97,8 @@ pub struct Fit {
     /// libtorch's CPU threads during the fit.
     pub threads: usize,
     /// The fitted variational parameters (for further work, e.g. F-VI steps
-    /// started from an A-VI solution).
+    /// started from an A-VI solution). Not serialised.
+    #[serde(skip)]
     pub variational: Variational,
     /// Why the final ELBO of a fit that finished may not be trusted, in
     /// words (empty when nothing is amiss); see [`elbo_warnings`] for the

@@ -20,11 +20,13 @@ use avi_cuda::{FusedAdam, Generator};
 use avi_models::Model;
 use tch::{Device, Tensor};
 
-use crate::elbo::{gaussian_neg_log_q, host_vec};
-use crate::engine::{seeded, Block, Draws, Stepper};
+use crate::elbo::gaussian_neg_log_q;
+use crate::engine::{Block, Stepper};
+use crate::family::host_vec;
 use crate::family::GaussianParams;
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::options::FitOptions;
+use crate::rng::{seeded, Draws};
 use crate::{InferenceError, Result};
 
 /// R seeds of one F-VI or Const problem as one batched optimisation.

@@ -15,9 +15,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::fused::{flat_params, flat_variational, initial_variational};
 use crate::engine::graph::BlockGraph;
-use crate::engine::{Block, Draws, Stepper};
+use crate::engine::{Block, Stepper};
 use crate::method::{MethodConfig, Variational};
 use crate::options::{Entropy, FitOptions};
+use crate::rng::Draws;
 use crate::{InferenceError, Result};
 
 /// F-VI of a scalar model on a CUDA device, in blocks of steps.
@@ -226,9 +227,9 @@ impl CudaFviTrainer {
     /// device.
     fn variational(&self) -> Result<Variational> {
         let n = self.state.x.size()[0] as usize;
-        let mut params = crate::host_vec(&self.state.theta_params)?;
-        params.extend(crate::host_vec(&self.state.mean)?);
-        params.extend(crate::host_vec(&self.state.log_sd)?);
+        let mut params = crate::family::host_vec(&self.state.theta_params)?;
+        params.extend(crate::family::host_vec(&self.state.mean)?);
+        params.extend(crate::family::host_vec(&self.state.log_sd)?);
         Ok(flat_variational(&params, false, n, self.kind, self.device))
     }
 

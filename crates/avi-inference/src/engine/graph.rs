@@ -4,9 +4,10 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::torch::Trainer;
-use crate::engine::{params_finite, Block, Draws, Stepper};
+use crate::engine::{params_finite, Block, Stepper};
 use crate::method::Variational;
 use crate::options::Engine;
+use crate::rng::Draws;
 use crate::{InferenceError, Result};
 
 /// Runs a [`Trainer`] of [`Engine::Graph`] in blocks of a fixed number of

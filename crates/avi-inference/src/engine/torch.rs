@@ -7,11 +7,12 @@ use avi_models::Model;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 use crate::elbo::{draws_from, evaluate_from};
-use crate::engine::{params_finite, seeded, Block, Draws, Stepper};
-use crate::fit::check_data_size;
+use crate::engine::{params_finite, Block, Stepper};
 use crate::forms::{init_hint, Init};
+use crate::limits::check_data_size;
 use crate::method::{MethodConfig, Variational};
 use crate::options::{Engine, FitOptions};
+use crate::rng::{seeded, Draws};
 use crate::{InferenceError, Result};
 
 /// Adam as tch binds it (host step count) or libtorch's fused kernel with

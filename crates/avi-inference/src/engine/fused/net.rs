@@ -13,7 +13,7 @@ use std::ops::Range;
 use tch::Tensor;
 
 use super::{lane_dot, lane_sum};
-use crate::elbo::host_vec;
+use crate::family::host_vec;
 use crate::function::{Activation, FunctionParts};
 use crate::{InferenceError, Result};
 

@@ -1,6 +1,8 @@
 //! The fused engine against libtorch autograd through `Model::log_joint`.
 
 use super::*;
+use avi_models::HALF_LN_2PI;
+
 use crate::elbo::elbo_draws;
 use crate::function::{Activation, FunctionConfig, Heads};
 use crate::method::Edges;
@@ -110,7 +112,7 @@ fn grads(var: &Variational) -> Vec<(String, Vec<f64>)> {
 #[test]
 fn objective_and_gradients_equal_autograd() {
     // libtorch's generator is process-wide: no other test draws meanwhile.
-    let _generator = crate::engine::test_serial();
+    let _generator = crate::rng::test_serial();
     let draws = 5i64;
     let mut worst_err = 0.0f64;
     for (model, fused, x) in models() {
@@ -223,7 +225,7 @@ fn objective_and_gradients_equal_autograd() {
 #[test]
 fn threads_change_only_rounding() {
     // libtorch's generator is process-wide: no other test draws meanwhile.
-    let _generator = crate::engine::test_serial();
+    let _generator = crate::rng::test_serial();
     let saw = SawModel::new(0.75, 0.0).unwrap();
     let x = saw.simulate(200, 2012, Some(3.4159)).unwrap();
     let opts = FitOptions {
@@ -311,7 +313,7 @@ fn pool_threads_equal_scoped_threads() {
 #[test]
 fn adam_equals_libtorch() {
     // libtorch's generator is process-wide: no other test draws meanwhile.
-    let _generator = crate::engine::test_serial();
+    let _generator = crate::rng::test_serial();
     for (kind, rel, abs) in [(Kind::Double, 1e-12, 1e-15), (Kind::Float, 1e-6, 1e-7)] {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
@@ -342,7 +344,7 @@ fn adam_equals_libtorch() {
 #[test]
 fn fvi_reaches_the_linear_optimum() {
     // libtorch's generator is process-wide: no other test draws meanwhile.
-    let _generator = crate::engine::test_serial();
+    let _generator = crate::rng::test_serial();
     let model = LinearModel::new(1.155, 2.43).unwrap();
     let n = 500;
     let x = model.simulate(n, 7, None).unwrap();
@@ -524,7 +526,7 @@ fn host_functions() -> Vec<MethodConfig> {
 #[test]
 fn host_network_gradients_equal_autograd() {
     // libtorch's generator is process-wide: no other test draws meanwhile.
-    let _generator = crate::engine::test_serial();
+    let _generator = crate::rng::test_serial();
     let draws = 5i64;
     let mut worst_err = 0.0f64;
     for (model, fused, x) in models() {
@@ -641,7 +643,7 @@ fn host_network_gradients_equal_autograd() {
 #[test]
 fn host_network_builds_agree_bitwise() {
     // libtorch's generator is process-wide: no other test draws meanwhile.
-    let _generator = crate::engine::test_serial();
+    let _generator = crate::rng::test_serial();
     let (model, _, x) = models().swap_remove(2);
     let xt = Tensor::from_slice(&x);
     let n = x.len();
