@@ -206,9 +206,10 @@ impl<'a> FitRequest<'a> {
                 format!("{} must be in 1..={MAX_THREADS}", self.threads),
             ));
         }
-        if usize::try_from(tch::get_num_threads()).ok() != Some(self.threads) {
-            tch::set_num_threads(self.threads as i32);
-        }
+        // Always, in this thread: libtorch's OpenMP count is per thread
+        // (and its first parallel op in a thread may reset it from the
+        // global default), so a count set by another thread is no promise.
+        tch::set_num_threads(self.threads as i32);
         let engine = self.engine();
         let opts = self.options.clone().checked()?.with_engine(engine);
         let batched = engine == Engine::Graph && self.seeds.is_some();
