@@ -477,6 +477,16 @@ fn work_impl<D: Draws>(c: &Ctx<'_, D>, groups: std::ops::Range<usize>) -> (Parti
                         #[inline(always)]
                         |z, x, _| crate::forms::nonlinear_term(t, z, x),
                     ),
+                    FusedModel::NonlinearAuthors if acc.tame() => acc.run(
+                        scratch,
+                        #[inline(always)]
+                        |z, x, _| math::nonlinear_authors_term(t, z, x),
+                    ),
+                    FusedModel::NonlinearAuthors => acc.run(
+                        scratch,
+                        #[inline(always)]
+                        |z, x, _| crate::forms::nonlinear_authors_term(t, z, x),
+                    ),
                     FusedModel::Saw { alpha, .. } => acc.run(
                         scratch,
                         #[inline(always)]
