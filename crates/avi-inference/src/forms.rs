@@ -100,9 +100,9 @@ impl FusedModel {
         Ok(match *self {
             Self::Linear { tau, sigma } => Box::new(LinearModel::new(tau, sigma)?),
             Self::Nonlinear => Box::new(NonlinearModel::default()),
-            Self::NonlinearAuthors => Box::new(
-                NonlinearModel::default().with_objective(NonlinearObjective::Authors),
-            ),
+            Self::NonlinearAuthors => {
+                Box::new(NonlinearModel::default().with_objective(NonlinearObjective::Authors))
+            }
             Self::Saw { alpha, x0 } => Box::new(SawModel::new(alpha, x0)?),
         })
     }
@@ -123,9 +123,7 @@ impl FusedModel {
         let n = n as f64;
         match self {
             Self::Linear { sigma, .. } => -n * (sigma.ln() + 2.0 * HALF_LN_2PI),
-            Self::Nonlinear | Self::NonlinearAuthors | Self::Saw { .. } => {
-                -2.0 * n * HALF_LN_2PI
-            }
+            Self::Nonlinear | Self::NonlinearAuthors | Self::Saw { .. } => -2.0 * n * HALF_LN_2PI,
         }
     }
 
@@ -301,7 +299,11 @@ mod tests {
         let xs = saw.simulate(30, 1, None).unwrap();
         let cases = [
             (FusedModel::from(&lin), lin.log_joint_f64(0.4, &z, &xl), xl),
-            (FusedModel::from(&non), non.log_joint_f64(0.4, &z, &xn), xn.clone()),
+            (
+                FusedModel::from(&non),
+                non.log_joint_f64(0.4, &z, &xn),
+                xn.clone(),
+            ),
             (FusedModel::from(&aut), aut.log_joint_f64(0.4, &z, &xn), xn),
             (FusedModel::from(&saw), saw.log_joint_f64(0.4, &z, &xs), xs),
         ];

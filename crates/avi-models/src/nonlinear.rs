@@ -274,7 +274,10 @@ mod tests {
                 .log_joint(&theta.get(m).view([1, 1]), &z.get(m).unsqueeze(0), &x)
                 .unwrap()
                 .double_value(&[0]);
-            assert!((tensor - got).abs() <= 1e-10 * got.abs(), "{tensor} vs {got}");
+            assert!(
+                (tensor - got).abs() <= 1e-10 * got.abs(),
+                "{tensor} vs {got}"
+            );
         }
     }
 

@@ -151,10 +151,7 @@ mod tests {
         type Term = fn(f64, f64, f64) -> (f64, f64, f64);
         let pairs: [(Term, Term); 2] = [
             (nonlinear_term, crate::forms::nonlinear_term),
-            (
-                nonlinear_authors_term,
-                crate::forms::nonlinear_authors_term,
-            ),
+            (nonlinear_authors_term, crate::forms::nonlinear_authors_term),
         ];
         for (fast, model) in pairs {
             for i in -3000..=3000 {

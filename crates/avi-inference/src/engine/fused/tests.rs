@@ -484,7 +484,11 @@ fn wild_draws_case(fused: FusedModel, x: &[f64]) {
     }
     let entropy: f64 = log_sd.iter().sum::<f64>() - 1.0 + (n + 1) as f64 * (0.5 + HALF_LN_2PI);
     let want = elbo / m as f64 + fused.constant(n) + entropy;
-    assert!(close(got.elbo, want), "{fused:?}: ELBO {} vs {want}", got.elbo);
+    assert!(
+        close(got.elbo, want),
+        "{fused:?}: ELBO {} vs {want}",
+        got.elbo
+    );
     let g_log_sd: Vec<f64> = g_log_sd.iter().map(|g| g + 1.0).collect();
     assert_all_close(&format!("{fused:?} μ"), &got.local_mean, &g_mean);
     assert_all_close(&format!("{fused:?} log s"), &got.local_log_sd, &g_log_sd);
