@@ -440,10 +440,10 @@ fn avx2_and_portable_builds_agree_bitwise() {
 }
 
 /// A z_n beyond the vectorised sine's domain sends its pass to the standard
-/// library: the nonlinear estimate and gradient with μ_7 = 1e9 (where the fast reduction by π/2 is no longer exact) equal a
-/// direct f64 sum of `FusedModel::term` over the same draws (1e-9 relative
-/// + 1e-9, as `close`; both are sums of O(N·M) terms). Both objectives of
-/// the nonlinear model.
+/// library: for both objectives of the nonlinear model, the estimate and
+/// gradient with μ_7 = 1e9 (where the fast reduction by π/2 is no longer
+/// exact) equal a direct f64 sum of `FusedModel::term` over the same draws
+/// (1e-9 relative + 1e-9, as `close`; both are sums of O(N·M) terms).
 #[test]
 fn wild_draws_use_the_exact_functions() {
     let mut all = models();
