@@ -5,7 +5,7 @@
 
 use avi_inference::testing::{objective_and_grad, CudaFviTrainer, FusedModel, FusedParams};
 use avi_inference::{fit, host_vec, Engine, Entropy, FitOptions, FitStatus, MethodConfig};
-use avi_models::{LinearModel, NonlinearModel, SawModel};
+use avi_models::{LinearModel, NonlinearModel, NonlinearObjective, SawModel};
 use avi_tests::{
     closed_form_options, linear_exact_elbo, linear_gap_tolerance, saw_exact_elbo, serial,
 };
@@ -16,6 +16,7 @@ const CUDA: Device = Device::Cuda(0);
 fn problems() -> Vec<(&'static str, FusedModel, Vec<f64>)> {
     let lin = LinearModel::new(1.155, 2.43).unwrap();
     let non = NonlinearModel::default();
+    let aut = non.with_objective(NonlinearObjective::Authors);
     let saw = SawModel::new(0.75, 0.0).unwrap();
     vec![
         (
@@ -32,6 +33,11 @@ fn problems() -> Vec<(&'static str, FusedModel, Vec<f64>)> {
             "saw",
             FusedModel::from(&saw),
             saw.simulate(200, 2012, Some(3.4159)).unwrap(),
+        ),
+        (
+            "nonlinear (authors' objective)",
+            FusedModel::from(&aut),
+            aut.simulate(300, 1, None).unwrap(),
         ),
     ]
 }

@@ -68,7 +68,8 @@ __device__ __forceinline__ void normals4(U4 r, float e[4]) {
 }
 
 // ℓ without its constant, ∂ℓ/∂z and ∂ℓ/∂θ (avi_models::fused::*_term).
-// model 0 linear (p0 = τ, p1 = 1/σ), 1 nonlinear, 2 saw (p0 = α).
+// model 0 linear (p0 = τ, p1 = 1/σ), 1 nonlinear, 2 saw (p0 = α), 3 nonlinear
+// with the authors' objective (no −cos z normaliser, flat θ prior).
 __device__ __forceinline__ void term(int model, float p0, float p1, float th, float z,
                                      float x, float prev, float& l, float& dz,
                                      float& dth) {
@@ -77,16 +78,17 @@ __device__ __forceinline__ void term(int model, float p0, float p1, float th, fl
     dth = r * p1;
     l = -0.5f * (z * z + r * r);
     dz = p0 * dth - z;
-  } else if (model == 1) {
+  } else if (model == 1 || model == 3) {
     float sn, cs;
     sincosf(z, &sn, &cs);
     float inv_s = expf(-cs);
     float g = z * (1.0f + sn);
     float dg = 1.0f + sn + z * cs;
     float r = (x - th - g) * inv_s;
-    l = -0.5f * (z * z + r * r) - cs;
+    float norm = model == 1 ? 1.0f : 0.0f;  // the normaliser −cos z, or none
+    l = -0.5f * (z * z + r * r) - norm * cs;
     dth = r * inv_s;
-    dz = -z + dth * dg + (1.0f - r * r) * sn;
+    dz = -z + dth * dg + (norm - r * r) * sn;
   } else {
     float a = z - prev;
     float b = x - p0 * (th + z);
@@ -96,9 +98,10 @@ __device__ __forceinline__ void term(int model, float p0, float p1, float th, fl
   }
 }
 
-// log p(θ) and its derivative: flat for the linear model, N(0, 1) otherwise.
+// log p(θ) and its derivative: flat for the linear model and the authors'
+// nonlinear objective, N(0, 1) otherwise.
 __device__ __forceinline__ void log_prior(int model, double th, double& lp, double& dlp) {
-  if (model == 0) {
+  if (model == 0 || model == 3) {
     lp = 0.0;
     dlp = 0.0;
   } else {

@@ -86,6 +86,10 @@ pub enum KernelModel {
     },
     /// x_n ~ N(θ + z_n (1 + sin z_n), exp(cos z_n)²), z_n, θ ~ N(0, 1).
     Nonlinear,
+    /// The nonlinear model with the authors' objective: flat prior on θ,
+    /// z_n ~ N(0, 1), the Gaussian kernel of x_n without its normaliser
+    /// −cos z_n.
+    NonlinearAuthors,
     /// x_n ~ N(α (θ + z_n), 1), z_n ~ N(x_{n−1}, 1), θ ~ N(0, 1).
     Saw {
         /// The slope α.
@@ -289,6 +293,7 @@ impl FviKernels {
         let (model, p0, p1) = match s.model {
             KernelModel::Linear { tau, sigma } => (0, tau as f32, sigma.recip() as f32),
             KernelModel::Nonlinear => (1, 0.0, 0.0),
+            KernelModel::NonlinearAuthors => (3, 0.0, 0.0),
             KernelModel::Saw { alpha } => (2, alpha as f32, 0.0),
         };
         Config {

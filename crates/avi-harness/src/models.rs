@@ -16,7 +16,7 @@ use std::fmt::Debug;
 use anyhow::{bail, Result};
 use avi_models::{
     fashion_mnist, BnnModel, DiscreteHmm, ExactReference, GaussianHmm, LinearModel, MixtureModel,
-    Model, NonlinearModel, NonlinearSim, SawModel, SawSim, Simulate,
+    Model, NonlinearModel, NonlinearObjective, NonlinearSim, SawModel, SawSim, Simulate,
 };
 use serde::{de, Deserialize, Serialize};
 
@@ -77,7 +77,9 @@ impl<'de> Deserialize<'de> for ModelConfig {
 }
 
 /// Reads `kind` and `fixed_theta` from the model object and the model's
-/// own fields into its config struct (unknown fields rejected there).
+/// own fields into its config struct (unknown fields rejected there). A
+/// field read after `kind` is checked on its own ([`FieldCheck`]), so that
+/// a bad value or an unknown field is named at `model.<field>`.
 struct ModelConfigVisitor;
 
 impl<'de> de::Visitor<'de> for ModelConfigVisitor {
@@ -109,7 +111,10 @@ impl<'de> de::Visitor<'de> for ModelConfigVisitor {
                 }
                 "fixed_theta" => fixed_theta = Some(map.next_value()?),
                 _ => {
-                    let value: serde_json::Value = map.next_value()?;
+                    let value: serde_json::Value = match &kind {
+                        Some(kind) => map.next_value_seed(FieldCheck { kind, key: &key })?,
+                        None => map.next_value()?,
+                    };
                     if fields.insert(key.clone(), value).is_some() {
                         return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
                     }
@@ -118,12 +123,56 @@ impl<'de> de::Visitor<'de> for ModelConfigVisitor {
         }
         let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
         fields.insert("kind".into(), serde_json::Value::String(kind));
-        let kind =
-            ModelKind::deserialize(serde_json::Value::Object(fields)).map_err(de::Error::custom)?;
+        let kind = match ModelKind::deserialize(serde_json::Value::Object(fields.clone())) {
+            Ok(kind) => kind,
+            // Fields read before `kind` were not checked alone: an error
+            // among them names its field in the message (the path stops at
+            // `model`).
+            Err(e) => {
+                let culprit = fields.iter().find_map(|(key, value)| {
+                    let alone = serde_json::json!({ "kind": fields["kind"], key: value });
+                    match ModelKind::deserialize(alone) {
+                        Err(e) if key != "kind" && !e.to_string().starts_with("missing field") => {
+                            Some(format!("`{key}`: {e}"))
+                        }
+                        _ => None,
+                    }
+                });
+                return Err(match culprit {
+                    Some(msg) => de::Error::custom(msg),
+                    None => de::Error::custom(e),
+                });
+            }
+        };
         Ok(ModelConfig {
             kind,
             fixed_theta: fixed_theta.flatten(),
         })
+    }
+}
+
+/// One field of a model of a known `kind`, read as JSON and checked alone
+/// against the kind's config struct where it is read (so that an error is
+/// named at `model.<field>`): every error but a missing (other) field is
+/// this field's. The whole object is read again once complete.
+struct FieldCheck<'a> {
+    kind: &'a str,
+    key: &'a str,
+}
+
+impl<'de> de::DeserializeSeed<'de> for FieldCheck<'_> {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<serde_json::Value, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        let alone = serde_json::json!({ "kind": self.kind, self.key: &value });
+        match ModelKind::deserialize(alone) {
+            Err(e) if !e.to_string().starts_with("missing field") => Err(de::Error::custom(e)),
+            _ => Ok(value),
+        }
     }
 }
 
@@ -205,14 +254,25 @@ pub struct NonlinearConfig {
     /// Simulator: `"model"` (default) or `"authors"` (z ~ N(0, 25)).
     #[serde(default)]
     pub sim: NonlinearSimConfig,
+    /// Objective: `"model"` (default, the model's normalised log joint) or
+    /// `"authors"` (the authors' code's: no −cos z normaliser, flat prior
+    /// on θ). Left out when written if `"model"`, so default configs
+    /// serialize as before.
+    #[serde(default, skip_serializing_if = "NonlinearObjectiveConfig::is_model")]
+    pub objective: NonlinearObjectiveConfig,
 }
 
 impl ModelEntry for NonlinearConfig {
     fn build(&self, _dim: usize) -> Result<Box<dyn CliModel>> {
-        Ok(Box::new(NonlinearModel::new(match self.sim {
+        let sim = match self.sim {
             NonlinearSimConfig::Model => NonlinearSim::Model,
             NonlinearSimConfig::Authors => NonlinearSim::Authors,
-        })))
+        };
+        let objective = match self.objective {
+            NonlinearObjectiveConfig::Model => NonlinearObjective::Model,
+            NonlinearObjectiveConfig::Authors => NonlinearObjective::Authors,
+        };
+        Ok(Box::new(NonlinearModel::new(sim).with_objective(objective)))
     }
 }
 
@@ -370,6 +430,25 @@ pub enum NonlinearSimConfig {
     Model,
     /// z ~ N(0, 25), the authors' code.
     Authors,
+}
+
+/// The nonlinear model's objective (which log joint the fit targets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonlinearObjectiveConfig {
+    /// The model's normalised log joint.
+    #[default]
+    Model,
+    /// The authors' code's: the likelihood without its −cos z normaliser
+    /// and a flat prior on θ (not a normalised density).
+    Authors,
+}
+
+impl NonlinearObjectiveConfig {
+    /// Whether this is the default, the model's own.
+    pub fn is_model(&self) -> bool {
+        *self == Self::Model
+    }
 }
 
 /// The saw model's simulator choice.

@@ -30,7 +30,9 @@
 
 use std::any::Any;
 
-use avi_models::{BnnModel, LinearModel, Model, NonlinearModel, SawModel, HALF_LN_2PI};
+use avi_models::{
+    BnnModel, LinearModel, Model, NonlinearModel, NonlinearObjective, SawModel, HALF_LN_2PI,
+};
 
 use crate::Result;
 
@@ -49,6 +51,10 @@ pub enum FusedModel {
     /// [`NonlinearModel`]: θ ~ N(0, 1), z_n ~ N(0, 1),
     /// x_n ~ N(θ + z_n (1 + sin z_n), exp(cos z_n)²).
     Nonlinear,
+    /// [`NonlinearModel`] with the authors' objective
+    /// ([`NonlinearObjective::Authors`]): flat prior on θ, z_n ~ N(0, 1),
+    /// and the Gaussian kernel of x_n without its normaliser −cos z_n.
+    NonlinearAuthors,
     /// [`SawModel`]: θ ~ N(0, 1), z_n ~ N(x_{n−1}, 1),
     /// x_n ~ N(α (θ + z_n), 1).
     Saw {
@@ -69,8 +75,11 @@ impl From<&LinearModel> for FusedModel {
 }
 
 impl From<&NonlinearModel> for FusedModel {
-    fn from(_: &NonlinearModel) -> Self {
-        Self::Nonlinear
+    fn from(m: &NonlinearModel) -> Self {
+        match m.objective() {
+            NonlinearObjective::Model => Self::Nonlinear,
+            NonlinearObjective::Authors => Self::NonlinearAuthors,
+        }
     }
 }
 
@@ -91,6 +100,9 @@ impl FusedModel {
         Ok(match *self {
             Self::Linear { tau, sigma } => Box::new(LinearModel::new(tau, sigma)?),
             Self::Nonlinear => Box::new(NonlinearModel::default()),
+            Self::NonlinearAuthors => {
+                Box::new(NonlinearModel::default().with_objective(NonlinearObjective::Authors))
+            }
             Self::Saw { alpha, x0 } => Box::new(SawModel::new(alpha, x0)?),
         })
     }
@@ -99,7 +111,7 @@ impl FusedModel {
     #[inline]
     pub fn log_prior(&self, theta: f64) -> (f64, f64) {
         match self {
-            Self::Linear { .. } => (0.0, 0.0),
+            Self::Linear { .. } | Self::NonlinearAuthors => (0.0, 0.0),
             Self::Nonlinear | Self::Saw { .. } => (-0.5 * theta * theta - HALF_LN_2PI, -theta),
         }
     }
@@ -111,7 +123,7 @@ impl FusedModel {
         let n = n as f64;
         match self {
             Self::Linear { sigma, .. } => -n * (sigma.ln() + 2.0 * HALF_LN_2PI),
-            Self::Nonlinear | Self::Saw { .. } => -2.0 * n * HALF_LN_2PI,
+            Self::Nonlinear | Self::NonlinearAuthors | Self::Saw { .. } => -2.0 * n * HALF_LN_2PI,
         }
     }
 
@@ -134,6 +146,7 @@ impl FusedModel {
         match *self {
             Self::Linear { tau, sigma } => linear_term(tau, sigma.recip(), theta, z, x),
             Self::Nonlinear => nonlinear_term(theta, z, x),
+            Self::NonlinearAuthors => nonlinear_authors_term(theta, z, x),
             Self::Saw { alpha, .. } => saw_term(alpha, theta, z, x, prev),
         }
     }
@@ -154,14 +167,25 @@ pub fn linear_term(tau: f64, inv_sigma: f64, theta: f64, z: f64, x: f64) -> (f64
 /// ∂z = −z + r g' e^{−cos z} − r² sin z + sin z and ∂θ = r e^{−cos z}.
 #[inline]
 pub fn nonlinear_term(theta: f64, z: f64, x: f64) -> (f64, f64, f64) {
-    nonlinear_term_with(theta, z, x, f64::sin_cos, f64::exp)
+    nonlinear_term_with(true, theta, z, x, f64::sin_cos, f64::exp)
 }
 
-/// [`nonlinear_term`] with the caller's sine-and-cosine and exponential
-/// (for engines with their own vectorisable versions; `exp` is only called
-/// on −cos z ∈ [−1, 1]).
+/// Nonlinear model, the authors' objective: [`nonlinear_term`] without the
+/// normaliser −cos z, so ℓ = −½ z² − ½ r²,
+/// ∂z = −z + r g' e^{−cos z} − r² sin z and ∂θ = r e^{−cos z}.
+#[inline]
+pub fn nonlinear_authors_term(theta: f64, z: f64, x: f64) -> (f64, f64, f64) {
+    nonlinear_term_with(false, theta, z, x, f64::sin_cos, f64::exp)
+}
+
+/// [`nonlinear_term`] (`normalised`) or [`nonlinear_authors_term`] (not)
+/// with the caller's sine-and-cosine and exponential (for engines with
+/// their own vectorisable versions; `exp` is only called on
+/// −cos z ∈ [−1, 1]). `normalised` is a literal at every call, so each
+/// inlined copy keeps one branch.
 #[inline(always)]
 pub fn nonlinear_term_with(
+    normalised: bool,
     theta: f64,
     z: f64,
     x: f64,
@@ -173,10 +197,16 @@ pub fn nonlinear_term_with(
     let g = z * (1.0 + sin);
     let dg = 1.0 + sin + z * cos;
     let r = (x - theta - g) * inv_s;
-    let value = -0.5 * (z * z + r * r) - cos;
     let d_theta = r * inv_s;
-    let d_z = -z + d_theta * dg + (1.0 - r * r) * sin;
-    (value, d_z, d_theta)
+    if normalised {
+        let value = -0.5 * (z * z + r * r) - cos;
+        let d_z = -z + d_theta * dg + (1.0 - r * r) * sin;
+        (value, d_z, d_theta)
+    } else {
+        let value = -0.5 * (z * z + r * r);
+        let d_z = -z + d_theta * dg - r * r * sin;
+        (value, d_z, d_theta)
+    }
 }
 
 /// Saw model: a = z − x_{n−1}, b = x − α (θ + z), ℓ = −½ (a² + b²),
@@ -261,6 +291,7 @@ mod tests {
     fn values_and_derivatives() {
         let lin = LinearModel::new(1.155, 2.43).unwrap();
         let non = NonlinearModel::new(NonlinearSim::Authors);
+        let aut = non.with_objective(NonlinearObjective::Authors);
         let saw = SawModel::new(0.75, 0.3).unwrap();
         let z: Vec<f64> = (0..30).map(|i| (i as f64 * 0.77).sin() * 2.5).collect();
         let xl = lin.simulate(30, 1, None).unwrap();
@@ -268,7 +299,12 @@ mod tests {
         let xs = saw.simulate(30, 1, None).unwrap();
         let cases = [
             (FusedModel::from(&lin), lin.log_joint_f64(0.4, &z, &xl), xl),
-            (FusedModel::from(&non), non.log_joint_f64(0.4, &z, &xn), xn),
+            (
+                FusedModel::from(&non),
+                non.log_joint_f64(0.4, &z, &xn),
+                xn.clone(),
+            ),
+            (FusedModel::from(&aut), aut.log_joint_f64(0.4, &z, &xn), xn),
             (FusedModel::from(&saw), saw.log_joint_f64(0.4, &z, &xs), xs),
         ];
         for (m, want, x) in cases {
@@ -312,6 +348,12 @@ mod tests {
             fused_form(&NonlinearModel::default()),
             Some(FusedModel::Nonlinear)
         );
+        assert_eq!(
+            fused_form(&NonlinearModel::default().with_objective(NonlinearObjective::Authors)),
+            Some(FusedModel::NonlinearAuthors)
+        );
+        let back = FusedModel::NonlinearAuthors.model().unwrap();
+        assert_eq!(fused_form(&*back), Some(FusedModel::NonlinearAuthors));
         assert_eq!(fused_form(&saw), Some(FusedModel::from(&saw)));
         assert_eq!(fused_form(&bnn), None);
         assert_eq!(fused_form(&hmm), None);

@@ -55,7 +55,7 @@ pub use gaussian::GaussianReference;
 pub use gaussian_hmm::GaussianHmm;
 pub use linear::LinearModel;
 pub use mixture::MixtureModel;
-pub use nonlinear::{NonlinearModel, NonlinearSim};
+pub use nonlinear::{NonlinearModel, NonlinearObjective, NonlinearSim};
 pub use saw::{SawModel, SawSim};
 pub use simulate::{ExactReference, ReferenceElbo, Simulate};
 

@@ -292,6 +292,7 @@ fn kernel_model(model: &FusedModel) -> KernelModel {
     match *model {
         FusedModel::Linear { tau, sigma } => KernelModel::Linear { tau, sigma },
         FusedModel::Nonlinear => KernelModel::Nonlinear,
+        FusedModel::NonlinearAuthors => KernelModel::NonlinearAuthors,
         FusedModel::Saw { alpha, .. } => KernelModel::Saw { alpha },
     }
 }

@@ -430,6 +430,16 @@ pub(crate) fn work_impl<D: Draws>(
                         #[inline(always)]
                         |z, x, _| crate::forms::nonlinear_term(t, z, x),
                     ),
+                    FusedModel::NonlinearAuthors if acc.tame() => acc.run(
+                        scratch,
+                        #[inline(always)]
+                        |z, x, _| math::nonlinear_authors_term(t, z, x),
+                    ),
+                    FusedModel::NonlinearAuthors => acc.run(
+                        scratch,
+                        #[inline(always)]
+                        |z, x, _| crate::forms::nonlinear_authors_term(t, z, x),
+                    ),
                     FusedModel::Saw { alpha, .. } => acc.run(
                         scratch,
                         #[inline(always)]

@@ -6,7 +6,7 @@ use avi_models::HALF_LN_2PI;
 use crate::elbo::elbo_draws;
 use crate::function::{Activation, FunctionConfig, Heads};
 use crate::method::Edges;
-use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+use avi_models::{LinearModel, Model, NonlinearModel, NonlinearObjective, NonlinearSim, SawModel};
 
 /// `|got − want| ≤ 1e-9 |want| + 1e-9`: both sides are f64 sums of O(N·M)
 /// terms of magnitude O(1–100), so their rounding errors are ~1e-13
@@ -31,9 +31,12 @@ fn assert_all_close(what: &str, got: &[f64], want: &[f64]) {
     }
 }
 
+/// Linear, nonlinear, saw, and the nonlinear model with the authors'
+/// objective (last, so that the indices of the first three stay).
 fn models() -> Vec<(Box<dyn Model>, FusedModel, Vec<f64>)> {
     let lin = LinearModel::new(1.155, 2.43).unwrap();
     let non = NonlinearModel::new(NonlinearSim::Authors);
+    let aut = non.with_objective(NonlinearObjective::Authors);
     let saw = SawModel::new(0.75, 0.3).unwrap();
     vec![
         (
@@ -50,6 +53,11 @@ fn models() -> Vec<(Box<dyn Model>, FusedModel, Vec<f64>)> {
             Box::new(saw),
             (&saw).into(),
             saw.simulate(1101, 5, Some(3.4159)).unwrap(),
+        ),
+        (
+            Box::new(aut),
+            (&aut).into(),
+            aut.simulate(1101, 4, None).unwrap(),
         ),
     ]
 }
@@ -120,7 +128,7 @@ fn objective_and_gradients_equal_autograd() {
         let n = x.len() as i64;
         for method in methods() {
             for entropy in [Entropy::Mc, Entropy::Analytic] {
-                let case = format!("{} {} {entropy:?}", model.name(), method.label());
+                let case = format!("{fused:?} {} {entropy:?}", method.label());
                 // Plain path.
                 let plain = variational(model.as_ref(), &xt, &method, 11);
                 tch::manual_seed(99);
@@ -276,6 +284,7 @@ fn pool_threads_equal_scoped_threads() {
             sigma: 2.43,
         },
         FusedModel::Nonlinear,
+        FusedModel::NonlinearAuthors,
         FusedModel::Saw {
             alpha: 0.75,
             x0: 0.0,
@@ -433,13 +442,23 @@ fn avx2_and_portable_builds_agree_bitwise() {
 }
 
 /// A z_n beyond the vectorised sine's domain sends its pass to the standard
-/// library: the nonlinear estimate and gradient with μ_7 = 1e9 (where the fast reduction by π/2 is no longer exact) equal a
-/// direct f64 sum of `FusedModel::term` over the same draws (1e-9 relative
-/// + 1e-9, as `close`; both are sums of O(N·M) terms).
+/// library: for both objectives of the nonlinear model, the estimate and
+/// gradient with μ_7 = 1e9 (where the fast reduction by π/2 is no longer
+/// exact) equal a direct f64 sum of `FusedModel::term` over the same draws
+/// (1e-9 relative + 1e-9, as `close`; both are sums of O(N·M) terms).
 #[test]
 fn wild_draws_use_the_exact_functions() {
-    let (_, fused, x) = models().swap_remove(1);
-    assert_eq!(fused, FusedModel::Nonlinear);
+    let mut all = models();
+    let authors = all.swap_remove(3);
+    let model = all.swap_remove(1);
+    assert_eq!(model.1, FusedModel::Nonlinear);
+    assert_eq!(authors.1, FusedModel::NonlinearAuthors);
+    for (_, fused, x) in [model, authors] {
+        wild_draws_case(fused, &x);
+    }
+}
+
+fn wild_draws_case(fused: FusedModel, x: &[f64]) {
     let n = x.len();
     let (mean, log_sd) = spread(n, 1e9);
     let m = 6;
@@ -451,8 +470,8 @@ fn wild_draws_use_the_exact_functions() {
         local_mean: mean.clone(),
         local_log_sd: log_sd.clone(),
     };
-    let got = objective_and_grad(&fused, &x, &q, &eps_theta, &eps_z, Entropy::Analytic).unwrap();
-    let (ts, prev) = ((-1.0f64).exp(), fused.previous(&x));
+    let got = objective_and_grad(&fused, x, &q, &eps_theta, &eps_z, Entropy::Analytic).unwrap();
+    let (ts, prev) = ((-1.0f64).exp(), fused.previous(x));
     let (mut elbo, mut g_mean, mut g_log_sd) = (0.0, vec![0.0; n], vec![0.0; n]);
     for d in 0..m {
         let t = 0.2 + ts * eps_theta[d];
@@ -467,10 +486,14 @@ fn wild_draws_use_the_exact_functions() {
     }
     let entropy: f64 = log_sd.iter().sum::<f64>() - 1.0 + (n + 1) as f64 * (0.5 + HALF_LN_2PI);
     let want = elbo / m as f64 + fused.constant(n) + entropy;
-    assert!(close(got.elbo, want), "ELBO {} vs {want}", got.elbo);
+    assert!(
+        close(got.elbo, want),
+        "{fused:?}: ELBO {} vs {want}",
+        got.elbo
+    );
     let g_log_sd: Vec<f64> = g_log_sd.iter().map(|g| g + 1.0).collect();
-    assert_all_close("μ", &got.local_mean, &g_mean);
-    assert_all_close("log s", &got.local_log_sd, &g_log_sd);
+    assert_all_close(&format!("{fused:?} μ"), &got.local_mean, &g_mean);
+    assert_all_close(&format!("{fused:?} log s"), &got.local_log_sd, &g_log_sd);
 }
 
 /// A-VI configurations the host network covers: the polynomial, shared and
@@ -545,7 +568,7 @@ fn host_network_gradients_equal_autograd() {
             ) {
                 continue;
             }
-            let case = format!("{} {}", model.name(), method.label());
+            let case = format!("{fused:?} {}", method.label());
             let var = variational(model.as_ref(), &xt, &method, 11);
             let want_rows = host_vec(&var.local_raw()).unwrap();
             tch::manual_seed(99);
