@@ -434,6 +434,25 @@ mod tests {
         );
     }
 
+    /// `local_updates` is left out of a serialisation at its default (so
+    /// existing configs read and write as before) and reads its names.
+    #[test]
+    fn local_updates_default_is_not_written() {
+        let text = serde_json::to_string(&FitOptions::default()).unwrap();
+        assert!(!text.contains("local_updates"), "{text}");
+        for (name, want) in [
+            ("gradient", LocalUpdates::Gradient),
+            ("cavi", LocalUpdates::Cavi),
+            ("annealed_cavi", LocalUpdates::AnnealedCavi),
+        ] {
+            let with = text.replace('}', &format!(",\"local_updates\":\"{name}\"}}"));
+            let back: FitOptions = serde_json::from_str(&with).unwrap();
+            assert_eq!(back.local_updates, want);
+        }
+        let back: FitOptions = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, FitOptions::default());
+    }
+
     /// Values that JSON cannot give a count (negative, fractional) are
     /// refused when the options are read.
     #[test]
