@@ -175,7 +175,8 @@ impl<'a> CaviTrainer<'a> {
     }
 
     /// One half-sweep: the exact update of every factor in `mask` for the
-    /// objective `β E + H` (β = 1: the ELBO, checked not to fall).
+    /// objective `β E + H` (after annealing β = 1: the ELBO, checked not
+    /// to fall).
     fn half_sweep(&mut self, mask: &Tensor, beta: f64) -> Result<()> {
         let k = self.model.local_states().unwrap_or(1) as f64;
         let current = tch::no_grad(|| self.inner.var.local_log_probs());
@@ -198,7 +199,7 @@ impl<'a> CaviTrainer<'a> {
         });
         let elbo = self.current_elbo()?;
         let tol = tolerance(current.kind(), self.elbo, self.inner.var.n);
-        if beta == 1.0 && elbo < self.elbo - tol {
+        if self.sweep >= self.anneal && elbo < self.elbo - tol {
             return Err(InferenceError::config(
                 "local_updates",
                 format!(
@@ -254,7 +255,7 @@ fn check_chain(
             .max()
             .double_value(&[]);
         let scale = grad.detach().abs().max().double_value(&[]).max(1.0);
-        if !(within <= 1e-8 * scale) {
+        if within.is_nan() || within > 1e-8 * scale {
             return Err(InferenceError::config(
                 "local_updates",
                 format!(
