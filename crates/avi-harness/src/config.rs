@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use avi_inference::{Dtype, Entropy, FitOptions, LrStep, MethodConfig};
+use avi_inference::{Dtype, Entropy, FitOptions, LocalUpdates, LrStep, MethodConfig};
 use serde::{Deserialize, Serialize};
 
 pub use crate::models::{
@@ -131,6 +131,13 @@ pub struct FitConfig {
     /// per graph).
     #[serde(default)]
     pub engine: avi_inference::Engine,
+    /// How F-VI updates categorical local factors: `"gradient"` (default,
+    /// Adam steps on their logits), `"cavi"` (a sweep of mean-field
+    /// coordinate ascent per step) or `"annealed_cavi"` (the same after
+    /// deterministic annealing over the first half of the steps); CAVI
+    /// needs θ fixed (`model.fixed_theta`).
+    #[serde(default, skip_serializing_if = "LocalUpdates::is_gradient")]
+    pub local_updates: LocalUpdates,
     /// Reconstruction error monitoring (BNN only; digest §4.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse: Option<MseConfig>,
@@ -266,6 +273,7 @@ impl FitConfig {
             shuffle: self.shuffle,
             engine: self.engine,
             lr_schedule: self.lr_schedule.clone(),
+            local_updates: self.local_updates,
         }
     }
 }

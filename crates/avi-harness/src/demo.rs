@@ -56,6 +56,7 @@ pub fn demo_configs(n: usize, steps: usize, device: Device) -> Vec<(&'static str
         lr_schedule: Vec::new(),
         mse: None,
         engine,
+        local_updates: Default::default(),
     };
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use avi_inference::{Dtype, Entropy, LrStep, MethodConfig};
+use avi_inference::{Dtype, Entropy, LocalUpdates, LrStep, MethodConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DataConfig, FitConfig, ModelConfig, MseConfig};
@@ -33,6 +33,10 @@ pub struct MethodEntry {
     /// with their own model usually name it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// How its F-VI updates categorical local factors (default
+    /// `"gradient"`; `"cavi"` or `"annealed_cavi"` with θ fixed).
+    #[serde(default, skip_serializing_if = "LocalUpdates::is_gradient")]
+    pub local_updates: LocalUpdates,
 }
 
 /// The `quick` block of an experiment.
@@ -594,6 +598,7 @@ pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfi
         shuffle: exp.shuffle,
         lr_schedule: exp.lr_schedule.clone(),
         engine: exp.engine,
+        local_updates: method.local_updates,
         mse: exp.mse.as_ref().map(|m| MseConfig {
             every: m.every,
             test: m.test.clone(),

@@ -10,6 +10,7 @@ use tch::{Device, Tensor};
 
 use crate::elbo::evaluate_from;
 use crate::engine::batched::BatchedTrainer;
+use crate::engine::cavi::CaviTrainer;
 use crate::engine::fused::FusedTrainer;
 use crate::engine::fused_cuda::CudaFviTrainer;
 use crate::engine::graph::GraphTrainer;
@@ -21,7 +22,7 @@ use crate::function::Output;
 use crate::limits::check_data_size;
 use crate::method::{MethodConfig, ThetaFactor, Variational};
 use crate::observer::{Observer, Silent};
-use crate::options::{CheckedOptions, Engine, FitOptions};
+use crate::options::{CheckedOptions, Engine, FitOptions, LocalUpdates};
 use crate::result::{elbo_warnings, final_status, Clock, Fit, FitStatus, Trace};
 use crate::rng::{global_guard, Draws};
 use crate::{InferenceError, Result};
@@ -175,7 +176,8 @@ impl<'a> FitRequest<'a> {
             && self.fixed_theta.is_none()
             && self.options.batch_size.is_none()
             && self.start.is_none()
-            && self.init_theta.is_none();
+            && self.init_theta.is_none()
+            && self.options.local_updates == LocalUpdates::Gradient;
         if fused {
             Engine::Fused
         } else {
@@ -261,9 +263,11 @@ impl<'a> FitRequest<'a> {
                     "a warm start runs on the libtorch engine (\"torch\" or \"auto\")",
                 ));
             }
-            return Ok(Box::new(Trainer::starting_at(
-                model, x, start, opts, device,
-            )?));
+            let trainer = Trainer::starting_at(model, x, start, opts, device)?;
+            if opts.local_updates != LocalUpdates::Gradient {
+                return Ok(Box::new(CaviTrainer::new(model, trainer)?));
+            }
+            return Ok(Box::new(trainer));
         }
         let init = self.init_theta.clone();
         let trainer = || -> Result<Trainer<'a>> {
@@ -278,6 +282,17 @@ impl<'a> FitRequest<'a> {
                 "init_theta",
                 "initial values of q(θ) are taken by the libtorch and graph engines",
             ));
+        }
+        if opts.local_updates != LocalUpdates::Gradient {
+            // Coordinate ascent on F-VI's categorical factors, θ fixed:
+            // the libtorch trainer initialises, the CAVI engine sweeps.
+            if opts.engine != Engine::Torch {
+                return Err(InferenceError::config(
+                    "local_updates",
+                    "CAVI updates run on the libtorch engine (\"torch\" or \"auto\")",
+                ));
+            }
+            return Ok(Box::new(CaviTrainer::new(model, trainer()?)?));
         }
         match opts.engine {
             Engine::Auto | Engine::Torch => Ok(Box::new(trainer()?)),

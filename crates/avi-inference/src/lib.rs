@@ -93,8 +93,8 @@ pub use method::{
 };
 pub use observer::{Observer, Silent};
 pub use options::{
-    CheckedOptions, Dtype, Engine, Entropy, FitOptions, LrStep, MAX_DRAWS, MAX_LR, MAX_STEPS,
-    MIN_LR,
+    CheckedOptions, Dtype, Engine, Entropy, FitOptions, LocalUpdates, LrStep, ANNEAL_START,
+    MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
 };
 pub use result::{
     elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,

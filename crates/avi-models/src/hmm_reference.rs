@@ -347,15 +347,53 @@ pub fn mean_field_cavi(
             reason: "mean-field CAVI needs every transition probability to be > 0",
         });
     }
+    let q = vec![1.0 / p.k as f64; p.n * p.k];
+    cavi_sweeps(&p, q, iters)
+}
+
+/// [`mean_field_cavi`] from given factors `start` (N×K row-major, each row
+/// a probability vector, for instance random ones: CAVI finds a local
+/// optimum that depends on where it starts, so the best of several starts
+/// is the usual reference).
+pub fn mean_field_cavi_from(
+    pi: &[f64],
+    a: &[f64],
+    mu: &[f64],
+    s: f64,
+    x: &[f64],
+    start: &[f64],
+    iters: usize,
+) -> Result<(Vec<f64>, f64)> {
+    let p = prepare(pi, a, mu, s, x)?;
+    if let Some(&v) = a.iter().find(|v| **v <= 0.0) {
+        return Err(ModelError::InvalidParameter {
+            name: "a",
+            value: v,
+            reason: "mean-field CAVI needs every transition probability to be > 0",
+        });
+    }
+    if start.len() != p.n * p.k {
+        return Err(ModelError::InvalidData(format!(
+            "start has {} values, expected N×K = {}",
+            start.len(),
+            p.n * p.k
+        )));
+    }
+    for row in start.chunks(p.k) {
+        check_probabilities("start", row)?;
+    }
+    cavi_sweeps(&p, start.to_vec(), iters)
+}
+
+fn cavi_sweeps(p: &Prepared, mut q: Vec<f64>, iters: usize) -> Result<(Vec<f64>, f64)> {
     let (k, n) = (p.k, p.n);
-    let mut q = vec![1.0 / k as f64; n * k];
     let mut buf = vec![0.0; k];
     for _ in 0..iters {
         for t in 0..n {
-            cavi_update(&p, &mut q, t, &mut buf);
+            cavi_update(p, &mut q, t, &mut buf);
         }
     }
-    let elbo = mean_field_elbo(&p, &q);
+    let elbo = mean_field_elbo(p, &q);
     Ok((q, elbo))
 }
 

@@ -162,6 +162,21 @@ pub(super) fn report_markdown(exp: &Experiment, s: &Value) -> String {
             }
         }
     }
+    let shortfalls = s["fvi_not_at_optimum"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !shortfalls.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n**F-VI below A-VI.** At F-VI's optimum no A-VI run ends above it (Prop. 2.1); \
+             these did, by more than {} combined standard errors, so F-VI stopped short \
+             (for categorical local factors try `\"local_updates\": \"annealed_cavi\"`, \
+             docs/engines.md):\n\n{}",
+            super::optimum::SHORTFALL_SES,
+            super::optimum::shortfall_markdown(&shortfalls)
+        );
+    }
     if !exp.paper.is_empty() {
         let _ = writeln!(
             md,

@@ -16,6 +16,7 @@
 
 mod claims;
 mod markdown;
+mod optimum;
 mod plots;
 mod runs;
 
@@ -35,6 +36,7 @@ use crate::run::prepare;
 
 use claims::*;
 use markdown::*;
+use optimum::fvi_shortfalls;
 use plots::*;
 use runs::*;
 /// The exact (or best available) F-VI reference ELBO of a run's model and
@@ -247,6 +249,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             _ => "final-window ELBO of the F-VI run with the same seed".to_string(),
         },
         "optimal_elbo": single_reference.map(|r| num(r.0)),
+        "fvi_not_at_optimum": fvi_shortfalls(&rows),
         "methods": rows,
         "claims": claims,
     }))

@@ -10,6 +10,7 @@ use crate::rng::Draws;
 use crate::Result;
 
 pub(crate) mod batched;
+pub(crate) mod cavi;
 pub(crate) mod fused;
 pub(crate) mod fused_cuda;
 pub(crate) mod graph;
