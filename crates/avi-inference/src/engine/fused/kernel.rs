@@ -50,7 +50,7 @@ pub struct FusedGrad {
 
 /// The ELBO estimate and its gradient at parameters `q` for given standard
 /// normal draws: `eps_theta` has M values and `eps_z` is `[M, N]` row-major.
-/// The same computation as [`FusedTrainer::step`], on one thread, for tests
+/// The same computation as [`super::FusedTrainer::step`], on one thread, for tests
 /// and for callers with their own draws.
 pub fn objective_and_grad(
     model: &FusedModel,
