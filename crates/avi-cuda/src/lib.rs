@@ -21,8 +21,8 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
-pub mod fvi;
-pub mod generator;
+mod fvi;
+mod generator;
 pub use fvi::{FviDebug, FviKernels, FviSettings, FviState, KernelModel};
 pub use generator::Generator;
 

@@ -32,32 +32,32 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod bnn;
-pub mod discrete_hmm;
-pub mod error;
+mod bnn;
+mod discrete_hmm;
+mod error;
 pub mod fashion_mnist;
 pub mod gaussian;
 pub mod gaussian_hmm;
 pub mod hmm_reference;
-pub mod linear;
-pub mod mixture;
+mod linear;
+mod mixture;
 pub mod mixture_reference;
-pub mod nonlinear;
-pub mod saw;
-pub mod simulate;
+mod nonlinear;
+mod saw;
+mod simulate;
 #[cfg(test)]
 mod test_util;
 
-pub use bnn::BnnModel;
+pub use bnn::{BnnModel, MAX_WIDTH as BNN_MAX_WIDTH};
 pub use discrete_hmm::DiscreteHmm;
 pub use error::{ModelError, Result};
 pub use gaussian::GaussianReference;
 pub use gaussian_hmm::GaussianHmm;
 pub use linear::LinearModel;
-pub use mixture::MixtureModel;
+pub use mixture::{MixtureModel, MAX_COMPONENTS};
 pub use nonlinear::{NonlinearModel, NonlinearObjective, NonlinearSim};
 pub use saw::{SawModel, SawSim};
-pub use simulate::{ExactReference, ReferenceElbo, Simulate};
+pub use simulate::{ExactReference, ReferenceElbo, Simulate, CLOSED_FORM};
 
 /// The `tch` crate these models are written against (libtorch's Rust
 /// bindings), re-exported so that a model author uses the same version.
