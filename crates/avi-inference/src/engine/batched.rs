@@ -14,8 +14,6 @@
 //! gradient with respect to run r's parameters is run r's gradient. Tested
 //! against separate runs in `tests/tests/batched.rs`.
 
-use std::time::Instant;
-
 use avi_cuda::{FusedAdam, Generator};
 use avi_models::Model;
 use tch::{Device, Tensor};
@@ -258,17 +256,7 @@ impl Stepper for BatchedTrainer<'_> {
     }
 
     fn steps(&mut self, len: usize) -> Result<Block> {
-        let mut values = Vec::with_capacity(len);
-        let mut stamps = Vec::with_capacity(len);
-        for _ in 0..len {
-            values.push(self.step()?);
-            stamps.push(Instant::now());
-        }
-        // [len, R], step-major
-        Ok(Block {
-            values: host_vec(&Tensor::stack(&values, 0))?,
-            stamps: Some(stamps),
-        })
+        Block::timed(len, || self.step())
     }
 
     fn set_lr(&mut self, lr: f64) -> Result<()> {

@@ -1,7 +1,7 @@
 //! The graph engine: the libtorch step with a device-side Adam, blocks of
 //! steps captured as CUDA graphs on CUDA ([`GraphTrainer`]).
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::engine::torch::Trainer;
 use crate::engine::{params_finite, Block, Stepper};
@@ -247,10 +247,7 @@ impl Stepper for GraphTrainer<'_> {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&steps, 0)
         };
-        Ok(Block {
-            values: Vec::<f64>::try_from(values.to_kind(Kind::Double).to_device(Device::Cpu))?,
-            stamps: None,
-        })
+        Block::untimed(&values)
     }
 
     fn set_lr(&mut self, lr: f64) -> Result<()> {

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tch::{nn, Kind, Tensor};
 
+use crate::family::host_vec;
 use crate::method::Variational;
 use crate::rng::Draws;
 use crate::Result;
@@ -45,6 +46,34 @@ pub(crate) struct Block {
     /// steps one at a time on the host clock; `None`: the loop spreads the
     /// block's time evenly over its steps.
     pub(crate) stamps: Option<Vec<Instant>>,
+}
+
+impl Block {
+    /// `len` steps taken one at a time by `step` (each returns its ELBO
+    /// estimates, one per run, on the device), with the host clock after
+    /// each; the estimates are read in one device read at the end.
+    pub(crate) fn timed(len: usize, mut step: impl FnMut() -> Result<Tensor>) -> Result<Self> {
+        let mut values = Vec::with_capacity(len);
+        let mut stamps = Vec::with_capacity(len);
+        for _ in 0..len {
+            values.push(step()?);
+            stamps.push(Instant::now());
+        }
+        // [len] or [len, R], step-major
+        Ok(Self {
+            values: host_vec(&Tensor::stack(&values, 0))?,
+            stamps: Some(stamps),
+        })
+    }
+
+    /// The estimates of a block run as one unit (`[len]` on the device),
+    /// timed by the loop at the block's end.
+    pub(crate) fn untimed(values: &Tensor) -> Result<Self> {
+        Ok(Self {
+            values: host_vec(values)?,
+            stamps: None,
+        })
+    }
 }
 
 /// An engine as the one training loop sees it: it takes blocks of steps of

@@ -1,8 +1,6 @@
 //! The libtorch engine: kernels and autograd, every model, method and
 //! device ([`Trainer`]).
 
-use std::time::Instant;
-
 use avi_models::Model;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
@@ -320,21 +318,7 @@ impl<'a> Trainer<'a> {
 
 impl Stepper for Trainer<'_> {
     fn steps(&mut self, len: usize) -> Result<Block> {
-        let mut values = Vec::with_capacity(len);
-        let mut stamps = Vec::with_capacity(len);
-        for _ in 0..len {
-            values.push(self.step()?);
-            stamps.push(Instant::now());
-        }
-        let values = Vec::<f64>::try_from(
-            Tensor::stack(&values, 0)
-                .to_kind(Kind::Double)
-                .to_device(Device::Cpu),
-        )?;
-        Ok(Block {
-            values,
-            stamps: Some(stamps),
-        })
+        Block::timed(len, || self.step())
     }
 
     fn set_lr(&mut self, lr: f64) -> Result<()> {
