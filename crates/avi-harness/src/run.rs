@@ -363,6 +363,12 @@ impl Observer for MseMonitor<'_> {
     }
 }
 
+/// The thread count `avi --threads` set for libtorch (in this thread), which
+/// every fit is given.
+fn libtorch_threads() -> usize {
+    usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
+}
+
 /// Fit a prepared config on `device`; returns the fit and its report.
 pub fn run_prepared(
     cfg: &FitConfig,
@@ -378,6 +384,7 @@ pub fn run_prepared(
             .fixed_theta(cfg.model.fixed_theta())
             .options(cfg.options())
             .device(device)
+            .threads(libtorch_threads())
             .observer(observer)
             .run()
     };
@@ -488,6 +495,7 @@ pub fn run_prepared_batched(
         .seeds(seeds)
         .options(&opts)
         .device(device)
+        .threads(libtorch_threads())
         .observer(observer)
         .run_all()?;
     let mut out = Vec::with_capacity(fits.len());

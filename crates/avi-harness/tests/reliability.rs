@@ -793,4 +793,24 @@ fn inner_field_paths_and_the_default_thread_count() {
     std::fs::write(dir.path().join("c.json"), cfg(r#"{"kind": "fvi"}"#)).unwrap();
     ok(&fit(dir.path(), "r.json", &["--quiet"]));
     assert_eq!(read(&dir.path().join("r.json"))["threads"], 1);
+    // `--threads` reaches the fit (the library's own default is 1 too: the
+    // binary passes its choice on).
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        let o = Command::new(AVI)
+            .args([
+                "--threads",
+                "2",
+                "fit",
+                "--config",
+                "c.json",
+                "--out",
+                "r2.json",
+            ])
+            .args(["--device", "cpu", "--quiet"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        ok(&o);
+        assert_eq!(read(&dir.path().join("r2.json"))["threads"], 2);
+    }
 }
