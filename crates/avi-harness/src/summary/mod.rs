@@ -467,6 +467,10 @@ mod tests {
     //   last median gap is strictly below (<) the first.
     // - decide_claim: "not checked" when the named methods hold fewer runs
     //   than labels × seeds.
+    // - The median verdict (`median`, check_claim_median): Converge / Never
+    //   on the median iterations to converge (finite: the median run
+    //   converges), GapBelow / GapAbove on the median gaps; the checks that
+    //   already compare medians or exact values give the per-seed verdict.
 
     use super::claims::{check_claim, decide_claim};
     use crate::experiment::Claim;
