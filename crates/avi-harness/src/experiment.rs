@@ -164,7 +164,27 @@ pub struct PaperRow {
     pub note: Option<String>,
 }
 
+/// Which verdict the paper's own numbers (the authors' stored results, as
+/// recomputed in the digest) would give a claim under each of the two rules
+/// the summary reports: `every_seed`, the claim's check as written (e.g.
+/// "every run converges"), and `median`, the same check on the median over
+/// seeds (e.g. "the median run converges"). Static text written from the
+/// digest's tables, shown in `REPORT.md` beside our own two verdicts; a
+/// claim beyond the paper has none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaperVerdicts {
+    /// The verdict of the check on every seed.
+    pub every_seed: bool,
+    /// The verdict of the check on the median over seeds.
+    pub median: bool,
+    /// Which of the paper's numbers decide it (digest section and values).
+    pub why: String,
+}
+
 /// A paper claim and the check that decides whether our runs show it.
+///
+/// Every kind takes an optional `paper_verdicts` ([`PaperVerdicts`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "check", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Claim {
@@ -173,6 +193,9 @@ pub enum Claim {
     Converge {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// The methods.
         labels: Vec<String>,
         /// Fraction of runs that must converge (default 1: all).
@@ -183,6 +206,9 @@ pub enum Claim {
     Never {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// The methods.
         labels: Vec<String>,
     },
@@ -190,6 +216,9 @@ pub enum Claim {
     Faster {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// The methods.
         labels: Vec<String>,
         /// The reference method.
@@ -199,6 +228,9 @@ pub enum Claim {
     GapBelow {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// The methods.
         labels: Vec<String>,
         /// Largest allowed gap (nats).
@@ -209,6 +241,9 @@ pub enum Claim {
     GapAbove {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// The methods.
         labels: Vec<String>,
         /// Smallest allowed gap (nats), or margin over `than`.
@@ -222,6 +257,9 @@ pub enum Claim {
     MseRatio {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// The methods.
         labels: Vec<String>,
         /// The reference method.
@@ -239,6 +277,9 @@ pub enum Claim {
     WindowBound {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// A-VI methods in order of growing window.
         labels: Vec<String>,
     },
@@ -247,6 +288,9 @@ pub enum Claim {
     GapShrinks {
         /// The claim in words.
         text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
         /// Lists of methods in order of growing window or width.
         series: Vec<Vec<String>>,
         /// Monte Carlo and optimisation slack (nats).
@@ -275,6 +319,21 @@ impl Claim {
                 labels.iter().chain(std::iter::once(than)).collect()
             }
             Self::GapShrinks { series, .. } => series.iter().flatten().collect(),
+        }
+    }
+
+    /// What the paper's own numbers would give under each rule, where the
+    /// definition says.
+    pub fn paper_verdicts(&self) -> Option<&PaperVerdicts> {
+        match self {
+            Self::Converge { paper_verdicts, .. }
+            | Self::Never { paper_verdicts, .. }
+            | Self::Faster { paper_verdicts, .. }
+            | Self::GapBelow { paper_verdicts, .. }
+            | Self::GapAbove { paper_verdicts, .. }
+            | Self::MseRatio { paper_verdicts, .. }
+            | Self::WindowBound { paper_verdicts, .. }
+            | Self::GapShrinks { paper_verdicts, .. } => paper_verdicts.as_ref(),
         }
     }
 
@@ -623,4 +682,79 @@ pub fn plan(exp: &Experiment) -> Vec<RunSpec> {
         }
     }
     runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `paper_verdicts` is optional on every claim kind, parses with its
+    /// three keys, and rejects unknown ones.
+    #[test]
+    fn paper_verdicts_parse_and_are_optional() {
+        let without: Claim = serde_json::from_value(serde_json::json!({
+            "check": "never", "text": "t", "labels": ["a"]
+        }))
+        .unwrap();
+        assert!(without.paper_verdicts().is_none());
+        let with: Claim = serde_json::from_value(serde_json::json!({
+            "check": "gap_below", "text": "t", "labels": ["a"], "max": 1.0,
+            "paper_verdicts": { "every_seed": false, "median": true, "why": "w" }
+        }))
+        .unwrap();
+        assert_eq!(
+            with.paper_verdicts(),
+            Some(&PaperVerdicts {
+                every_seed: false,
+                median: true,
+                why: "w".into()
+            })
+        );
+        // Written back only where present.
+        assert!(serde_json::to_value(&without)
+            .unwrap()
+            .get("paper_verdicts")
+            .is_none());
+        assert_eq!(
+            serde_json::to_value(&with).unwrap()["paper_verdicts"]["median"],
+            true
+        );
+        for bad in [
+            serde_json::json!({ "every_seed": false, "median": true }),
+            serde_json::json!({ "every_seed": false, "median": true, "why": "w", "extra": 1 }),
+        ] {
+            let r: Result<Claim, _> = serde_json::from_value(serde_json::json!({
+                "check": "never", "text": "t", "labels": ["a"], "paper_verdicts": bad
+            }));
+            assert!(r.is_err(), "{bad}");
+        }
+    }
+
+    /// Every definition `avi reproduce` knows loads; the nonlinear one gives the
+    /// paper's verdicts for its three paper claims (digest §4.3: k = 4, 8
+    /// and 16 have non-converging seeds, so "every seed" fails the first
+    /// while its median passes) and none for the two beyond the paper.
+    #[test]
+    fn committed_definitions_load_with_paper_verdicts() {
+        let dir = default_experiments_dir();
+        for name in EXPERIMENTS {
+            load_experiment(&dir, name).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        let exp = load_experiment(&dir, "nonlinear").unwrap();
+        let v: Vec<Option<(bool, bool)>> = exp
+            .claims
+            .iter()
+            .map(|c| c.paper_verdicts().map(|p| (p.every_seed, p.median)))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                Some((false, true)),
+                Some((true, true)),
+                Some((true, true)),
+                None,
+                None
+            ]
+        );
+    }
 }

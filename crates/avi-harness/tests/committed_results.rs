@@ -93,8 +93,25 @@ fn committed_experiments_and_summaries_load() {
     assert!(!summaries.is_empty());
     for path in &summaries {
         let text = std::fs::read_to_string(path).unwrap();
-        serde_json::from_str::<serde_json::Value>(&text)
+        let s = serde_json::from_str::<serde_json::Value>(&text)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // The per-seed verdict is always there; the median one (added
+        // later) is optional, and well-formed where present.
+        for c in s["claims"].as_array().into_iter().flatten() {
+            assert!(
+                c["reproduced"].is_boolean() || c["reproduced"].is_null(),
+                "{}: {c}",
+                path.display()
+            );
+            if let Some(m) = c.get("median") {
+                assert!(
+                    (m["reproduced"].is_boolean() || m["reproduced"].is_null())
+                        && m["detail"].is_string(),
+                    "{}: {c}",
+                    path.display()
+                );
+            }
+        }
     }
 }
 

@@ -264,7 +264,18 @@ fn claims_and_partial_grids() {
         "{never}"
     );
     let md = std::fs::read_to_string(out.join("tiny/REPORT.md")).unwrap();
-    assert!(md.contains("**Not checked:** Const never"), "{md}");
+    // The claims table: the claim, then its verdict on every seed and on
+    // the median, both not checked.
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| Const never"))
+        .unwrap_or_else(|| panic!("{md}"));
+    assert_eq!(
+        row.matches("**Not checked:** not checked: 2 of 3 runs present")
+            .count(),
+        2,
+        "{row}"
+    );
     // The same claim left by a process that is gone: stale.
     std::fs::write(&lock, holder(start + 1)).unwrap();
     let o = reproduce(&def, &out, &["--quiet", "--resume"]);

@@ -813,6 +813,7 @@ mod tests {
         let mut bad = exp.clone();
         bad.quick.claims = QuickClaims::List(vec![Claim::Never {
             text: "k = 256 never converges".into(),
+            paper_verdicts: None,
             labels: vec!["k=256".into()],
         }]);
         let err = effective(&bad, true, None).unwrap_err().to_string();

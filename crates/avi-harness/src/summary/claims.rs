@@ -11,10 +11,15 @@ pub(super) fn row<'a>(rows: &'a [Value], label: &str) -> Option<&'a Value> {
 }
 
 /// Decide a claim from the summary rows: `{text, reproduced, status,
-/// detail}`. A claim whose methods have fewer runs than the definition's
-/// `seeds` (a grid stopped part-way, runs deleted, a shard not finished)
-/// is "not checked" (`reproduced: null`), never decided on the runs that
-/// happen to be there.
+/// detail, median, paper_verdicts}` (`reproduced` and `detail`: the check
+/// on every seed, as written; `median`: `{reproduced, detail}` of the same
+/// claim on the median over seeds, [`check_claim_median`];
+/// `paper_verdicts`: copied from the definition, where it has them).
+///
+/// A claim whose methods have fewer runs than the definition's `seeds` (a
+/// grid stopped part-way, runs deleted, a shard not finished) is "not
+/// checked" (`reproduced: null`, on both rules), never decided on the runs
+/// that happen to be there.
 pub(super) fn decide_claim(claim: &Claim, rows: &[Value], seeds: usize) -> Value {
     let mut labels = claim.labels();
     labels.sort();
@@ -35,12 +40,19 @@ pub(super) fn decide_claim(claim: &Claim, rows: &[Value], seeds: usize) -> Value
             .filter(|(_, &n)| n < seeds)
             .map(|(l, n)| format!("{l} {n}/{seeds}"))
             .collect();
-        return json!({
+        let detail = format!(
+            "not checked: {have} of {want} runs present; {}",
+            short.join(", ")
+        );
+        let mut v = json!({
             "text": claim.text(),
             "reproduced": null,
             "status": "not checked",
-            "detail": format!("not checked: {have} of {want} runs present; {}", short.join(", ")),
+            "median": { "reproduced": null, "detail": detail },
+            "detail": detail,
         });
+        add_paper_verdicts(&mut v, claim);
+        return v;
     }
     let mut v = check_claim(claim, rows);
     v["status"] = json!(if v["reproduced"] == true {
@@ -48,7 +60,114 @@ pub(super) fn decide_claim(claim: &Claim, rows: &[Value], seeds: usize) -> Value
     } else {
         "not reproduced"
     });
+    v["median"] = check_claim_median(claim, rows);
+    add_paper_verdicts(&mut v, claim);
     v
+}
+
+/// Copies the definition's `paper_verdicts` of a claim, if any, into its
+/// summary entry.
+pub(super) fn add_paper_verdicts(v: &mut Value, claim: &Claim) {
+    if let Some(p) = claim.paper_verdicts() {
+        v["paper_verdicts"] = json!(p);
+    }
+}
+
+/// Decide a claim on the median over seeds: `{reproduced, detail}`, the
+/// `median` entry beside the per-seed verdict of [`check_claim`].
+///
+/// - Converge: the median run of each method converges (its median
+///   iterations to converge, a run that never converges counting as +∞, is
+///   finite); Never: the median run of each method never converges.
+/// - GapBelow: each method's median gap ≤ max; GapAbove: each method's
+///   median gap ≥ min, or ≥ than's median gap + min.
+/// - Faster, MseRatio and GapShrinks already compare medians, and
+///   WindowBound exact values: the same verdict as [`check_claim`].
+pub(super) fn check_claim_median(claim: &Claim, rows: &[Value]) -> Value {
+    let median = |r: &Value| r["iterations_to_converge"]["median"].as_f64();
+    let gap = |l: &str| row(rows, l).and_then(|r| r["gap"]["median"].as_f64());
+    let (ok, detail): (bool, String) = match claim {
+        Claim::Converge { labels, .. } | Claim::Never { labels, .. } => {
+            let want_converged = matches!(claim, Claim::Converge { .. });
+            let mut ok = true;
+            let mut parts = vec![];
+            for l in labels {
+                let m = row(rows, l).map(median);
+                ok &= match m {
+                    Some(m) => m.is_some() == want_converged,
+                    None => false,
+                };
+                parts.push(match m {
+                    None => format!("{l}: no runs"),
+                    Some(Some(m)) => format!("{l}: median {m:.0}"),
+                    Some(None) => format!("{l}: median never"),
+                });
+            }
+            (
+                ok,
+                format!(
+                    "the median run {}: iterations to converge {}",
+                    if want_converged {
+                        "converges"
+                    } else {
+                        "never converges"
+                    },
+                    parts.join(", ")
+                ),
+            )
+        }
+        Claim::GapBelow { labels, max, .. } => {
+            let mut ok = true;
+            let mut parts = vec![];
+            for l in labels {
+                let v = gap(l);
+                parts.push(format!("{l}: median gap {}", fmt(v, 2)));
+                ok &= v.is_some_and(|v| v <= *max);
+            }
+            (ok, format!("{} (bound ≤ {max} nats)", parts.join(", ")))
+        }
+        Claim::GapAbove {
+            labels, min, than, ..
+        } => {
+            let base = match than {
+                None => Some(0.0),
+                Some(t) => gap(t),
+            };
+            let mut ok = base.is_some();
+            let mut parts = vec![];
+            if let Some(t) = than {
+                parts.push(format!("{t}: median gap {}", fmt(base, 2)));
+            }
+            for l in labels {
+                let v = gap(l);
+                parts.push(format!("{l}: median gap {}", fmt(v, 2)));
+                ok &= matches!((v, base), (Some(v), Some(b)) if v >= b + min);
+            }
+            (
+                ok,
+                format!(
+                    "{} (bound ≥ {}{min} nats)",
+                    parts.join(", "),
+                    than.as_ref().map_or(String::new(), |t| format!("{t}'s + "))
+                ),
+            )
+        }
+        Claim::Faster { .. }
+        | Claim::MseRatio { .. }
+        | Claim::GapShrinks { .. }
+        | Claim::WindowBound { .. } => {
+            let v = check_claim(claim, rows);
+            return json!({
+                "reproduced": v["reproduced"],
+                "detail": if matches!(claim, Claim::WindowBound { .. }) {
+                    "exact values, no per-seed statistic: the same verdict"
+                } else {
+                    "the check already compares medians: the same verdict"
+                },
+            });
+        }
+    };
+    json!({ "reproduced": ok, "detail": detail })
 }
 
 /// Decide a claim from the summary rows: `{text, reproduced, detail}`.

@@ -60,6 +60,25 @@ pub(super) fn iter_cell(r: &Value, key: &str, digits: usize) -> String {
     }
 }
 
+/// Text safe inside a markdown table cell.
+fn cell_text(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// `**Reproduced:** detail` (or not reproduced, not checked) of a verdict
+/// `{reproduced, detail}`.
+fn verdict_cell(v: &Value) -> String {
+    format!(
+        "**{}** {}",
+        match v["reproduced"].as_bool() {
+            Some(true) => "Reproduced:",
+            Some(false) => "Not reproduced:",
+            None => "Not checked:",
+        },
+        cell_text(v["detail"].as_str().unwrap_or(""))
+    )
+}
+
 /// The markdown report of one experiment.
 pub(super) fn report_markdown(exp: &Experiment, s: &Value) -> String {
     let mut md = String::new();
@@ -203,18 +222,48 @@ pub(super) fn report_markdown(exp: &Experiment, s: &Value) -> String {
     }
     if let Some(claims) = s["claims"].as_array().filter(|c| !c.is_empty()) {
         let _ = writeln!(md, "\n## The paper's claims\n");
+        let _ = writeln!(
+            md,
+            "Each claim is decided two ways: **on every seed** (the check as written, e.g. \
+             every run converges) and **on the median** over seeds (e.g. the median run \
+             converges). A summary written before the median verdict existed shows n/a there.\n"
+        );
+        let has_paper = claims.iter().any(|c| !c["paper_verdicts"].is_null());
+        let mut header = vec!["claim", "on every seed", "on the median"];
+        if has_paper {
+            header.push("the paper's own numbers (digest)");
+        }
+        let _ = writeln!(md, "| {} |", header.join(" | "));
+        let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
         for c in claims {
-            let _ = writeln!(
-                md,
-                "- **{}** {} ({})",
-                match c["reproduced"].as_bool() {
-                    Some(true) => "Reproduced:",
-                    Some(false) => "Not reproduced:",
-                    None => "Not checked:",
+            let mut cells = vec![
+                cell_text(c["text"].as_str().unwrap_or("")),
+                verdict_cell(c),
+                if c["median"].is_null() {
+                    "n/a".to_string()
+                } else {
+                    verdict_cell(&c["median"])
                 },
-                c["text"].as_str().unwrap_or(""),
-                c["detail"].as_str().unwrap_or("")
-            );
+            ];
+            if has_paper {
+                let p = &c["paper_verdicts"];
+                let word = |v: &Value| match v.as_bool() {
+                    Some(true) => "passes",
+                    Some(false) => "fails",
+                    None => "?",
+                };
+                cells.push(if p.is_null() {
+                    "not in the paper's runs".to_string()
+                } else {
+                    cell_text(&format!(
+                        "every seed: {}; median: {} ({})",
+                        word(&p["every_seed"]),
+                        word(&p["median"]),
+                        p["why"].as_str().unwrap_or("")
+                    ))
+                });
+            }
+            let _ = writeln!(md, "| {} |", cells.join(" | "));
         }
     }
     let _ = writeln!(md, "\n## Figures\n");

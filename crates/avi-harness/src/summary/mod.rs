@@ -219,12 +219,16 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
         .map(|c| decide_claim(c, &rows, exp.seeds.len()))
         .collect();
     claims.extend(exp.unchecked.iter().map(|u| {
-        json!({
+        let detail = format!("not checked: {}", u.why);
+        let mut v = json!({
             "text": u.claim.text(),
             "reproduced": null,
             "status": "not checked",
-            "detail": format!("not checked: {}", u.why),
-        })
+            "median": { "reproduced": null, "detail": detail },
+            "detail": detail,
+        });
+        add_paper_verdicts(&mut v, &u.claim);
+        v
     }));
     let single_reference = {
         let distinct: Vec<_> = references.values().collect();
@@ -463,6 +467,10 @@ mod tests {
     //   last median gap is strictly below (<) the first.
     // - decide_claim: "not checked" when the named methods hold fewer runs
     //   than labels × seeds.
+    // - The median verdict (`median`, check_claim_median): Converge / Never
+    //   on the median iterations to converge (finite: the median run
+    //   converges), GapBelow / GapAbove on the median gaps; the checks that
+    //   already compare medians or exact values give the per-seed verdict.
 
     use super::claims::{check_claim, decide_claim};
     use crate::experiment::Claim;
@@ -554,6 +562,7 @@ mod tests {
     fn converge(labels: &[&str], min_fraction: Option<f64>) -> Claim {
         Claim::Converge {
             text: "they converge".into(),
+            paper_verdicts: None,
             labels: names(labels),
             min_fraction,
         }
@@ -600,6 +609,7 @@ mod tests {
     fn never_fails_on_one_converged_run() {
         let never = Claim::Never {
             text: "they never converge".into(),
+            paper_verdicts: None,
             labels: names(&["a", "b"]),
         };
         passes(
@@ -621,6 +631,7 @@ mod tests {
     fn faster_is_strictly_below_the_reference() {
         let faster = Claim::Faster {
             text: "a is faster than f".into(),
+            paper_verdicts: None,
             labels: names(&["a"]),
             than: "f".into(),
         };
@@ -679,6 +690,7 @@ mod tests {
     fn gap_below_holds_at_the_bound_and_fails_one_ulp_beyond() {
         let below_half = Claim::GapBelow {
             text: "small gaps".into(),
+            paper_verdicts: None,
             labels: names(&["a", "b"]),
             max: 0.5,
         };
@@ -712,6 +724,7 @@ mod tests {
     fn gap_above_holds_at_the_bound_and_fails_one_ulp_short() {
         let above_one = Claim::GapAbove {
             text: "large gaps".into(),
+            paper_verdicts: None,
             labels: names(&["a", "b"]),
             min: 1.0,
             than: None,
@@ -746,6 +759,7 @@ mod tests {
     fn gap_above_than_clears_the_reference_largest_gap() {
         let above_ref = Claim::GapAbove {
             text: "a's gap is larger than f's".into(),
+            paper_verdicts: None,
             labels: names(&["a"]),
             min: 0.5,
             than: Some("f".into()),
@@ -786,6 +800,7 @@ mod tests {
     fn mse_ratio(max: Option<f64>, min: Option<f64>) -> Claim {
         Claim::MseRatio {
             text: "mse ratio".into(),
+            paper_verdicts: None,
             labels: names(&["a", "b"]),
             than: "f".into(),
             max,
@@ -850,6 +865,7 @@ mod tests {
     fn window_bound_is_positive_and_strictly_decreasing() {
         let bound = Claim::WindowBound {
             text: "the best gap shrinks with the window".into(),
+            paper_verdicts: None,
             labels: names(&["w1", "w3", "w5"]),
         };
         let rows = |a: Option<f64>, b: Option<f64>, c: Option<f64>| {
@@ -894,6 +910,7 @@ mod tests {
     fn gap_shrinks(series: &[&[&str]], slack: f64) -> Claim {
         Claim::GapShrinks {
             text: "the gap shrinks".into(),
+            paper_verdicts: None,
             series: series.iter().map(|s| names(s)).collect(),
             slack,
         }
@@ -952,6 +969,7 @@ mod tests {
     fn a_claim_with_runs_missing_is_not_checked() {
         let faster = Claim::Faster {
             text: "a is faster than f".into(),
+            paper_verdicts: None,
             labels: names(&["a"]),
             than: "f".into(),
         };
@@ -1000,6 +1018,7 @@ mod tests {
         // share a method).
         let shrinks = Claim::GapShrinks {
             text: "the gap shrinks".into(),
+            paper_verdicts: None,
             series: vec![names(&["k1", "k2"]), names(&["k1", "k3"])],
             slack: 0.0,
         };
@@ -1013,5 +1032,171 @@ mod tests {
             "the gap shrinks",
             "7 of 9 runs present; k3 1/3",
         );
+    }
+
+    /// `(every seed, median)` verdicts of a claim decided on 10-run rows.
+    fn both(claim: &Claim, rows: &[Value]) -> (Value, Value) {
+        let v = decide_claim(claim, rows, 10);
+        assert!(v["median"]["detail"].is_string(), "{v}");
+        (v["reproduced"].clone(), v["median"]["reproduced"].clone())
+    }
+
+    /// Converge / Never on ten seeds: one seed of ten the wrong way fails
+    /// the per-seed verdict but not the median one; all right or all wrong,
+    /// the two agree. Half converged is "never in median" (`median_never`).
+    #[test]
+    fn median_verdict_tolerates_one_bad_seed_of_ten() {
+        let conv = converge(&["a"], None);
+        let nine = [conv_row("a", 9, 10, Some(500.0))];
+        assert_eq!(both(&conv, &nine), (json!(false), json!(true)));
+        let v = decide_claim(&conv, &nine, 10);
+        assert!(
+            v["median"]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("a: median 500"),
+            "{v}"
+        );
+        assert_eq!(
+            v["detail"], "a: 9/10 converged",
+            "per-seed detail unchanged"
+        );
+        let all = [conv_row("a", 10, 10, Some(500.0))];
+        assert_eq!(both(&conv, &all), (json!(true), json!(true)));
+        let none = [conv_row("a", 0, 10, None)];
+        assert_eq!(both(&conv, &none), (json!(false), json!(false)));
+        let half = [conv_row("a", 5, 10, None)];
+        assert_eq!(both(&conv, &half), (json!(false), json!(false)));
+
+        let never = Claim::Never {
+            text: "a never converges".into(),
+            paper_verdicts: None,
+            labels: names(&["a"]),
+        };
+        let one = [conv_row("a", 1, 10, None)];
+        assert_eq!(both(&never, &one), (json!(false), json!(true)));
+        assert_eq!(both(&never, &none), (json!(true), json!(true)));
+        assert_eq!(both(&never, &all), (json!(false), json!(false)));
+        // Two methods: the median verdict needs both.
+        let conv2 = converge(&["a", "b"], None);
+        let rows = [
+            conv_row("a", 9, 10, Some(500.0)),
+            conv_row("b", 4, 10, None),
+        ];
+        assert_eq!(both(&conv2, &rows), (json!(false), json!(false)));
+    }
+
+    /// GapBelow / GapAbove on the median gap; the claims that already
+    /// compare medians give the same verdict on both rules.
+    #[test]
+    fn median_verdict_of_gap_and_median_claims() {
+        let gap10 = |label: &str, min: f64, median: f64, max: f64| {
+            let mut r = gap_row(label, min, median, max);
+            r["runs"] = json!(10);
+            r
+        };
+        let below = Claim::GapBelow {
+            text: "small gap".into(),
+            paper_verdicts: None,
+            labels: names(&["a"]),
+            max: 0.5,
+        };
+        // One seed's gap (the max) beyond the bound, the median within.
+        assert_eq!(
+            both(&below, &[gap10("a", 0.0, 0.25, 2.0)]),
+            (json!(false), json!(true))
+        );
+        assert_eq!(
+            both(&below, &[gap10("a", 0.0, 0.25, 0.5)]),
+            (json!(true), json!(true))
+        );
+        assert_eq!(
+            both(&below, &[gap10("a", 1.0, 1.5, 2.0)]),
+            (json!(false), json!(false))
+        );
+        let above = Claim::GapAbove {
+            text: "big gap".into(),
+            paper_verdicts: None,
+            labels: names(&["a"]),
+            min: 1.0,
+            than: Some("f".into()),
+        };
+        let rows = [gap10("a", 0.5, 2.0, 3.0), gap10("f", 0.0, 0.25, 0.5)];
+        assert_eq!(both(&above, &rows), (json!(false), json!(true)));
+        let faster = Claim::Faster {
+            text: "a is faster".into(),
+            paper_verdicts: None,
+            labels: names(&["a"]),
+            than: "f".into(),
+        };
+        for (a, ok) in [(10.0, true), (30.0, false)] {
+            let rows = [
+                conv_row("a", 9, 10, Some(a)),
+                conv_row("f", 10, 10, Some(20.0)),
+            ];
+            assert_eq!(both(&faster, &rows), (json!(ok), json!(ok)));
+        }
+        // Not checked: both rules are null.
+        let v = decide_claim(&faster, &[conv_row("f", 10, 10, Some(20.0))], 10);
+        assert!(v["reproduced"].is_null() && v["median"]["reproduced"].is_null());
+    }
+
+    /// The definition's `paper_verdicts` travel into the summary entry;
+    /// without them there is no key.
+    #[test]
+    fn paper_verdicts_are_copied_into_the_summary() {
+        let exp = crate::experiment::load_experiment(
+            &crate::experiment::default_experiments_dir(),
+            "nonlinear",
+        )
+        .unwrap();
+        let rows = [conv_row("k=4", 9, 10, Some(500.0))];
+        let claim = Claim::Converge {
+            text: "k=4 converges".into(),
+            paper_verdicts: exp.claims[0].paper_verdicts().cloned(),
+            labels: names(&["k=4"]),
+            min_fraction: None,
+        };
+        let v = decide_claim(&claim, &rows, 10);
+        assert_eq!(v["paper_verdicts"]["every_seed"], false, "{v}");
+        assert_eq!(v["paper_verdicts"]["median"], true, "{v}");
+        let v = decide_claim(&converge(&["k=4"], None), &rows, 10);
+        assert!(v.get("paper_verdicts").is_none(), "{v}");
+    }
+
+    /// REPORT.md shows the claims as a table with both verdicts, and the
+    /// paper's column where the definition has verdicts; a committed summary
+    /// written before the median verdict renders with n/a there.
+    #[test]
+    fn report_shows_both_verdicts_and_reads_old_summaries() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../data/results/cpu/nonlinear");
+        let exp = crate::experiment::load_experiment_file(&dir.join("experiment.json")).unwrap();
+        let old: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap())
+                .unwrap();
+        let md = super::markdown::report_markdown(&exp, &old);
+        assert!(
+            md.contains("| claim | on every seed | on the median |"),
+            "{md}"
+        );
+        assert!(md.contains("| n/a |"), "{md}");
+        assert!(!md.contains("the paper's own numbers"), "{md}");
+
+        let mut new = old.clone();
+        let claim = &mut new["claims"][0];
+        claim["median"] = json!({ "reproduced": true, "detail": "the median run converges" });
+        claim["paper_verdicts"] =
+            json!({ "every_seed": false, "median": true, "why": "digest §4.3" });
+        let md = super::markdown::report_markdown(&exp, &new);
+        assert!(
+            md.contains("| on the median | the paper's own numbers (digest) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("**Reproduced:** the median run converges | every seed: fails; median: passes (digest §4.3) |"),
+            "{md}"
+        );
+        assert!(md.contains("not in the paper's runs"), "{md}");
     }
 }
