@@ -371,7 +371,9 @@ impl<'a> FitRequest<'a> {
         observer: &mut dyn Observer,
     ) -> Result<Vec<Fit>> {
         let mut stepper = stepper;
-        let x = self.x.to_device(self.device).to_kind(opts.dtype.kind());
+        let x = stepper
+            .data()
+            .unwrap_or_else(|| self.x.to_device(self.device).to_kind(opts.dtype.kind()));
         let (traces, status, seconds) = {
             let _capture = stepper.exclusive().then(global_guard);
             drive(stepper.as_mut(), opts, observer)?

@@ -272,6 +272,10 @@ impl Stepper for BatchedTrainer<'_> {
         f(&self.run_parts(run))
     }
 
+    fn data(&self) -> Option<Tensor> {
+        Some(self.x.shallow_clone())
+    }
+
     fn finish(self: Box<Self>) -> Result<Vec<(Variational, Draws)>> {
         let vars: Vec<Variational> = (0..self.gens.len()).map(|r| self.run_parts(r)).collect();
         Ok(vars

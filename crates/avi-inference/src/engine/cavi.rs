@@ -308,6 +308,10 @@ impl Stepper for CaviTrainer<'_> {
         f(&self.inner.var)
     }
 
+    fn data(&self) -> Option<Tensor> {
+        Some(self.inner.x.shallow_clone())
+    }
+
     fn finish(self: Box<Self>) -> Result<Vec<(Variational, Draws)>> {
         Box::new(self.inner).finish()
     }

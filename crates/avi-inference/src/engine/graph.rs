@@ -266,6 +266,10 @@ impl Stepper for GraphTrainer<'_> {
         f(&self.trainer.var)
     }
 
+    fn data(&self) -> Option<Tensor> {
+        Some(self.trainer.x.shallow_clone())
+    }
+
     fn exclusive(&self) -> bool {
         self.trainer.x.device().is_cuda()
     }

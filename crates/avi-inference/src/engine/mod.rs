@@ -105,6 +105,13 @@ pub(crate) trait Stepper {
     /// Call `f` with run `run`'s current parameters (for monitoring).
     fn monitor(&mut self, run: usize, f: &mut dyn FnMut(&Variational) -> Result<()>) -> Result<()>;
 
+    /// The data on the fit's device in its dtype, when the engine holds
+    /// them there (the final evaluation then uses them instead of a second
+    /// copy); `None` for the engines that keep the data on the host.
+    fn data(&self) -> Option<Tensor> {
+        None
+    }
+
     /// Whether the loop must hold [`global_guard`] while it drives the
     /// engine (CUDA graph capture).
     fn exclusive(&self) -> bool {

@@ -338,6 +338,10 @@ impl Stepper for Trainer<'_> {
         f(&self.var)
     }
 
+    fn data(&self) -> Option<Tensor> {
+        Some(self.x.shallow_clone())
+    }
+
     fn finish(self: Box<Self>) -> Result<Vec<(Variational, Draws)>> {
         Ok(vec![(self.var, self.rng)])
     }
