@@ -282,3 +282,25 @@ fn data_beyond_f32_are_named_as_such() {
     let inf = Tensor::from_slice(&[0.5, f64::INFINITY]);
     assert!(avi_inference::check_representable(&inf, Dtype::F32).is_ok());
 }
+
+/// A warm start brings its own q(θ): initial values for q(θ) beside it are
+/// refused, not silently dropped (they were before).
+#[test]
+fn initial_theta_beside_a_warm_start_is_refused() {
+    let _serial = serial();
+    let (model, x) = linear_data(20);
+    let first = fit(&model, &x, &MethodConfig::Fvi)
+        .options(quick())
+        .run()
+        .unwrap();
+    let warm = fit(&model, &x, &MethodConfig::Fvi)
+        .options(quick())
+        .start_from(first.variational.to_free())
+        .init_theta(&[0.0], &[0.0])
+        .run();
+    match warm {
+        Err(InferenceError::InvalidConfig { field, .. }) => assert_eq!(field, "init_theta"),
+        Err(e) => panic!("expected the init_theta setting refused, got {e}"),
+        Ok(f) => panic!("init_theta beside a warm start ran: {:?}", f.status),
+    }
+}

@@ -128,7 +128,8 @@ impl<'a> FitRequest<'a> {
     /// Start q(θ) at these means and log-sds, one per coordinate of θ,
     /// instead of the model's default initialisation (the rest of the
     /// family is initialised as usual). The libtorch and graph engines
-    /// take them ([`Engine::Auto`] chooses the libtorch one).
+    /// take them ([`Engine::Auto`] chooses the libtorch one); with a warm
+    /// start ([`FitRequest::start_from`]) they are refused, not ignored.
     pub fn init_theta(mut self, mean: &[f64], log_sd: &[f64]) -> Self {
         self.init_theta = Some((mean.to_vec(), log_sd.to_vec()));
         self
@@ -257,6 +258,12 @@ impl<'a> FitRequest<'a> {
         check_data_size(model, x, method, opts, device)?;
         let fixed = self.fixed_theta.as_deref();
         if let Some(start) = self.start.take() {
+            if self.init_theta.is_some() {
+                return Err(InferenceError::config(
+                    "init_theta",
+                    "a warm start brings its own q(θ): set it on the starting parameters",
+                ));
+            }
             if opts.engine != Engine::Torch {
                 return Err(InferenceError::config(
                     "engine",

@@ -100,6 +100,14 @@ pub use result::{
     elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
     TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
+/// Hold libtorch's process-wide default generator (and CUDA graph capture):
+/// code outside [`fit`] that seeds it and draws from it while fits may run
+/// in other threads (building a [`Variational`] with
+/// [`Variational::amortized`], simulating with libtorch) holds this guard
+/// from the seeding to its last draw, so that neither disturbs the other's
+/// draws. A fit holds it only while it seeds and initialises, and while it
+/// draws a shuffle order or captures CUDA graphs.
+pub use rng::global_guard as generator_guard;
 
 /// The engines' own types, for the workspace's tests and benchmark tools:
 /// not part of the public vocabulary, and free to change between
