@@ -161,7 +161,7 @@ pub(crate) fn evaluate_from(
 /// fewer than two), computed on deviations scaled by the largest one, so
 /// that values of 10¹⁷⁴ give a finite error instead of an overflowing sum
 /// of squares.
-fn standard_error(values: &[f64], mean: f64) -> f64 {
+pub(crate) fn standard_error(values: &[f64], mean: f64) -> f64 {
     if values.len() < 2 {
         return f64::NAN;
     }

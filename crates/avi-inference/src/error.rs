@@ -22,6 +22,32 @@ pub enum InferenceError {
     /// An error of the CUDA-graph / fused-Adam layer (avi-cuda).
     #[error(transparent)]
     Cuda(#[from] avi_cuda::CudaError),
+    /// A saved fit ([`crate::Fitted`]) cannot be written or read: a missing,
+    /// truncated or modified file, a tensor of the wrong shape or dtype, a
+    /// newer format, a target folder holding something else.
+    #[error("saved fit {path}: {problem}")]
+    Saved {
+        /// The file or folder at fault.
+        path: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A saved fit is not the one asked for (another model, method or
+    /// data set).
+    #[error("saved fit {path} is for another {what}: saved {saved}, asked {asked}")]
+    SavedMismatch {
+        /// The saved folder.
+        path: String,
+        /// What differs (`model`, `method`, `training data`, ...).
+        what: String,
+        /// The saved value.
+        saved: String,
+        /// The value asked for.
+        asked: String,
+    },
+    /// New data cannot be encoded by this family.
+    #[error("cannot encode new data: {0}")]
+    Encode(String),
 }
 
 impl InferenceError {

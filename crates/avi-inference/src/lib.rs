@@ -56,6 +56,7 @@ pub mod convergence;
 mod de;
 mod diagnose;
 mod elbo;
+mod encode;
 mod engine;
 mod error;
 mod family;
@@ -68,6 +69,7 @@ mod observer;
 mod options;
 mod result;
 mod rng;
+mod saved;
 
 /// The `tch` crate (libtorch's Rust bindings) this crate is built on,
 /// re-exported so that users pin the same version.
@@ -79,6 +81,7 @@ pub use tch;
 pub use avi_cuda::CudaError;
 pub use diagnose::{diagnose, Diagnosis};
 pub use elbo::{elbo_draws, elbo_draws_batch, evaluate_elbo};
+pub use encode::{encode, EncodeOptions, Encoded, OutsideRange, Refined, HELDOUT_EXCLUDES};
 pub use error::{InferenceError, Result};
 pub use family::{host_vec, GaussianParams, GaussianSummary};
 pub use fit::{fit, FitRequest, MAX_THREADS};
@@ -95,6 +98,10 @@ pub use observer::{Observer, Silent};
 pub use options::{
     CheckedOptions, Dtype, Engine, Entropy, FitOptions, LocalUpdates, LrStep, ANNEAL_START,
     MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
+};
+pub use saved::{
+    DataFingerprint, Expect, FileEntry, Fitted, Manifest, OutputLayout, TensorEntry, FORMAT_VERSION,
+    MANIFEST_FILE, STATE_FILE,
 };
 pub use result::{
     elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,

@@ -426,6 +426,9 @@ impl Variational {
             } => {
                 let p = function.forward(inputs);
                 match edges {
+                    // A family loaded without its training data has no
+                    // inputs (n = 0), and so no rows.
+                    Some(_) if self.n == 0 => p,
                     None => p,
                     Some((head, tail)) => {
                         let (b, a) = (head.size()[0], tail.size()[0]);
@@ -716,7 +719,7 @@ fn data_stats(x: &Tensor, kind: Kind) -> (Tensor, Tensor) {
 }
 
 /// [`amortization_inputs`] with given standardisation statistics.
-fn window_inputs(
+pub(crate) fn window_inputs(
     x: &Tensor,
     window: [usize; 2],
     pad: f64,
