@@ -243,7 +243,14 @@ fn standardisation_travels_with_the_state() {
 /// log q(z')], for q(θ) = N(m, s²) and q(z'_n) = N(mu_n, sd_n²): per
 /// observation −½(μ² + v) − ((x − m − τμ)² + s² + τ²v)/(2σ²) − log σ −
 /// log 2π + ½(log 2πv + 1), v = sd².
-fn linear_heldout_exact(model: &LinearModel, x: &[f64], m: f64, s: f64, mu: &[f64], sd: &[f64]) -> f64 {
+fn linear_heldout_exact(
+    model: &LinearModel,
+    x: &[f64],
+    m: f64,
+    s: f64,
+    mu: &[f64],
+    sd: &[f64],
+) -> f64 {
     let (t, sg) = (model.tau(), model.sigma());
     let ln_2pi = (2.0 * std::f64::consts::PI).ln();
     x.iter()
@@ -319,14 +326,23 @@ fn linear_heldout_gap_is_zero_for_avi() {
     // optimum (to f64 rounding of 100 terms, 1e-9) and within 0.1 nats of
     // it (measured 0.05; Adam's noise on the encoder's coefficients and
     // q(θ) after 3,000 steps at a constant rate), and so is the refinement.
-    assert!(exact <= optimum + 1e-9 && optimum - exact <= 0.1, "amortized");
-    assert!(refined_exact <= optimum + 1e-9 && optimum - refined_exact <= 0.1, "refined");
+    assert!(
+        exact <= optimum + 1e-9 && optimum - exact <= 0.1,
+        "amortized"
+    );
+    assert!(
+        refined_exact <= optimum + 1e-9 && optimum - refined_exact <= 0.1,
+        "refined"
+    );
     // The held-out gap (same draws for both estimates): zero within the
     // two estimates' Monte Carlo error (4 standard errors combined) plus
     // the 0.1 nats above; refinement never lowers the ELBO beyond that.
     let tol = 4.0 * (e.heldout_elbo_se.powi(2) + r.heldout_elbo_se.powi(2)).sqrt() + 0.1;
     assert!(r.heldout_gap.abs() <= tol, "gap {}", r.heldout_gap);
-    assert_eq!(e.outside_training_range.count, e.outside_training_range.first.len());
+    assert_eq!(
+        e.outside_training_range.count,
+        e.outside_training_range.first.len()
+    );
 
     // Const gives every new observation one factor: far from the optimum.
     let c = fitted(&model, &x, &MethodConfig::Const, &o);
@@ -449,7 +465,10 @@ fn bad_states_are_named_errors() {
         let i = t.iter().position(|(n, _)| n == "theta_mean").unwrap();
         t[i].1 = Tensor::zeros([2], (Kind::Double, Device::Cpu));
     });
-    fails(&d, &["state.safetensors", "`theta_mean` has shape [2]", "[1]"]);
+    fails(
+        &d,
+        &["state.safetensors", "`theta_mean` has shape [2]", "[1]"],
+    );
 
     let d = copy("wrong-dtype");
     rewrite_state(&d, true, |t| {
@@ -460,13 +479,19 @@ fn bad_states_are_named_errors() {
 
     let d = copy("unlisted");
     rewrite_state(&d, false, |t| {
-        t.push(("extra".into(), Tensor::zeros([1], (Kind::Double, Device::Cpu))));
+        t.push((
+            "extra".into(),
+            Tensor::zeros([1], (Kind::Double, Device::Cpu)),
+        ));
     });
     fails(&d, &["state.safetensors", "the manifest lists"]);
 
     let d = copy("extra-tensor");
     rewrite_state(&d, true, |t| {
-        t.push(("extra".into(), Tensor::zeros([1], (Kind::Double, Device::Cpu))));
+        t.push((
+            "extra".into(),
+            Tensor::zeros([1], (Kind::Double, Device::Cpu)),
+        ));
     });
     fails(&d, &["does not have: extra"]);
 
@@ -541,7 +566,10 @@ fn fvi_cannot_encode() {
     let e = encode(&model, &f, &x, &EncodeOptions::default()).unwrap_err();
     let s = e.to_string();
     assert!(matches!(e, InferenceError::Encode(_)));
-    assert!(s.contains("no function for new data") && s.contains("A-VI"), "{s}");
+    assert!(
+        s.contains("no function for new data") && s.contains("A-VI"),
+        "{s}"
+    );
     // Data of the wrong shape for the encoder is an error, not a panic.
     let a = fitted(&model, &x, &mlp(4, [0, 0]), &opts(5, Dtype::F64));
     let wrong = Tensor::zeros([5, 2], (Kind::Double, Device::Cpu));

@@ -141,6 +141,16 @@ pub struct FitConfig {
     /// Reconstruction error monitoring (BNN only; digest §4.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse: Option<MseConfig>,
+    /// Save the fitted state to this folder after the fit (relative to the
+    /// config's folder; `avi fit --save` wins). See `docs/saving.md`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save: Option<PathBuf>,
+    /// Start from the fitted state saved in this folder (relative to the
+    /// config's folder) instead of the family's initialisation: a warm
+    /// start of the same model, method and data (checked), on the libtorch
+    /// engine, with a fresh Adam state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// Reconstruction MSE of the BNN, recorded during the fit at the variational

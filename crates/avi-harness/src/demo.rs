@@ -57,6 +57,8 @@ pub fn demo_configs(n: usize, steps: usize, device: Device) -> Vec<(&'static str
         mse: None,
         engine,
         local_updates: Default::default(),
+        save: None,
+        init_from: None,
     };
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },

@@ -7,9 +7,10 @@
 //! ([`summary`]) and SVG figures ([`figures`]).
 //!
 //! ```text
-//! avi fit --config CFG.json --out REPORT.json [--check] [--device auto|cpu|cuda] [--threads T]
+//! avi fit --config CFG.json --out REPORT.json [--save DIR] [--check] [--device auto|cpu|cuda] [--threads T]
+//! avi encode --fitted DIR --data NEW --out Q.json [--draws M] [--seed S] [--refine K] [--refine-lr η]
 //! avi diagnose --config CFG.json --out REPORT.json
-//! avi reproduce EXPERIMENT [--quick] [--seeds N] [--jobs K] [--resume | --fresh] [--out DIR]
+//! avi reproduce EXPERIMENT [--quick] [--seeds N] [--jobs K] [--resume | --fresh] [--save] [--out DIR]
 //! avi report DIR [--partial]
 //! avi demo --out DIR [--device auto|cpu|cuda]
 //! ```
@@ -39,8 +40,10 @@ pub mod claim;
 pub mod config;
 pub mod data_files;
 pub mod demo;
+pub mod encode;
 pub mod experiment;
 pub mod figures;
+pub mod fitted;
 pub mod interrupt;
 pub mod models;
 pub mod report;

@@ -8,7 +8,7 @@ use avi_harness::config::{DataConfig, FitConfig};
 use avi_harness::report::write_json_atomic;
 use avi_harness::reproduce::EXIT_WITH_PARENT;
 use avi_harness::run::{check_output, prepare, resolve_device, run_prepared, DeviceChoice};
-use avi_harness::{demo, interrupt};
+use avi_harness::{demo, fitted, interrupt};
 use avi_inference::FitStatus;
 use clap::{Parser, Subcommand};
 
@@ -48,6 +48,43 @@ enum Command {
         /// stdout at check blocks, at most one a second).
         #[arg(long)]
         quiet: bool,
+        /// Save the fitted state (safetensors and fitted.json) to this
+        /// folder after the fit, atomically (wins over the config's
+        /// `"save"`); a folder holding another fit's state is refused.
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
+    },
+    /// Encode new data with a saved fit (`avi fit --save`): q(z) of every
+    /// new observation through the fitted inference function, q(θ) as
+    /// fitted, the held-out ELBO and, with --refine, the amortization gap on
+    /// the new data.
+    Encode {
+        /// The saved fit's folder.
+        #[arg(long, value_name = "DIR")]
+        fitted: PathBuf,
+        /// The new data: a data file (JSON {"x": …}, CSV, .npy) or a JSON
+        /// file holding a config `data` block ({"data": {…}}).
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the JSON report (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Device: auto (CUDA when available), cpu or cuda.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Monte Carlo draws of the held-out ELBO.
+        #[arg(long, default_value_t = 1000)]
+        draws: usize,
+        /// Seed of the draws (and of the refinement).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// F-VI steps on the new data's factors from the encoder's output,
+        /// q(θ) held (0: none).
+        #[arg(long, default_value_t = 0)]
+        refine: usize,
+        /// Adam's learning rate of the refinement.
+        #[arg(long, default_value_t = 0.01)]
+        refine_lr: f64,
     },
     /// Fit a config, then run F-VI from its solution (the paper's §5
     /// diagnostic): the report gains a `diagnosis` section.
@@ -70,6 +107,10 @@ enum Command {
         /// No progress output.
         #[arg(long)]
         quiet: bool,
+        /// Save the fitted (amortized) state to this folder, as `avi fit
+        /// --save` does.
+        #[arg(long, value_name = "DIR")]
+        save: Option<PathBuf>,
     },
     /// Run an experiment from data/experiments/ and write its runs,
     /// summary.json, figures and REPORT.md under OUT/EXPERIMENT/.
@@ -129,6 +170,10 @@ enum Command {
         /// with --jobs.
         #[arg(long)]
         batch_seeds: bool,
+        /// Keep each run's fitted state in
+        /// OUT/EXPERIMENT/fitted/<run label>-<seed>/ (see `avi encode`).
+        #[arg(long)]
+        save: bool,
     },
     /// Rebuild summary.json, the figures and REPORT.md from stored runs
     /// (no refitting): DIR is an `avi reproduce --out` folder or one
@@ -272,12 +317,17 @@ fn fit_command(
     device: DeviceChoice,
     check: bool,
     quiet: bool,
+    save: Option<PathBuf>,
 ) -> Result<Outcome> {
     let cfg = FitConfig::load(config)?;
     let device = resolve_device(device)?;
     check_output(out, &inputs_of(config, &cfg))?;
     let dir = config.parent().unwrap_or(Path::new("."));
     let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
+    let save = save.or_else(|| cfg.save.as_ref().map(|p| fitted::resolve(p, dir)));
+    if let Some(save) = &save {
+        fitted::check_save(&cfg, &prepared, save)?;
+    }
     if check {
         let bytes = avi_harness::run::check_prepared(&cfg, &prepared, device)?;
         let resolved = serde_json::to_string_pretty(&cfg)?;
@@ -293,11 +343,23 @@ fn fit_command(
     let mut progress = FitProgress::new(quiet, cfg.steps);
     let (fit, report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
     progress.finish();
-    write_json_atomic(out, &report)?;
     for w in &fit.warnings {
         eprintln!("avi: warning: {w}");
     }
-    Ok(match fit.status {
+    let status = fit.status;
+    match (&save, status) {
+        // The state first, then the report: a failed save leaves no report.
+        (Some(save), FitStatus::Ok) => fitted::save_fit(&cfg, &prepared, fit, save)?,
+        (Some(save), FitStatus::Diverged { .. }) => {
+            eprintln!(
+                "avi: the fit diverged: its state is not saved to {}",
+                save.display()
+            );
+        }
+        (None, _) => {}
+    }
+    write_json_atomic(out, &report)?;
+    Ok(match status {
         FitStatus::Ok => Outcome::Done,
         FitStatus::Diverged { at } => Outcome::Diverged(at, out.to_path_buf()),
     })
@@ -310,6 +372,7 @@ fn diagnose_command(
     gradient_draws: usize,
     device: DeviceChoice,
     quiet: bool,
+    save: Option<PathBuf>,
 ) -> Result<Outcome> {
     let cfg = FitConfig::load(config)?;
     if matches!(cfg.method, avi_inference::MethodConfig::Fvi) {
@@ -331,6 +394,10 @@ fn diagnose_command(
     check_output(out, &inputs_of(config, &cfg))?;
     let dir = config.parent().unwrap_or(Path::new("."));
     let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
+    let save = save.or_else(|| cfg.save.as_ref().map(|p| fitted::resolve(p, dir)));
+    if let Some(save) = &save {
+        fitted::check_save(&cfg, &prepared, save)?;
+    }
     let mut progress = FitProgress::new(quiet, cfg.steps);
     let (fit, mut report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
     progress.finish();
@@ -344,6 +411,9 @@ fn diagnose_command(
         d.amortized_elbo, d.amortized_se, fvi_steps, d.refined_elbo, d.refined_se, d.gain, d.gain_se, d.gradient_norm
     );
     report.diagnosis = Some(d);
+    if let Some(save) = &save {
+        fitted::save_fit(&cfg, &prepared, fit, save)?;
+    }
     write_json_atomic(out, &report)?;
     Ok(Outcome::Done)
 }
@@ -362,7 +432,35 @@ fn run(cli: Cli) -> Result<Outcome> {
             device,
             check,
             quiet,
-        } => fit_command(&config, &out, device, check, quiet),
+            save,
+        } => fit_command(&config, &out, device, check, quiet, save),
+        Command::Encode {
+            fitted,
+            data,
+            out,
+            device,
+            draws,
+            seed,
+            refine,
+            refine_lr,
+        } => {
+            let device = resolve_device(device)?;
+            let args = avi_harness::encode::EncodeArgs {
+                fitted,
+                data,
+                out,
+                device,
+                options: avi_inference::EncodeOptions {
+                    draws,
+                    seed,
+                    refine_steps: refine,
+                    refine_lr,
+                    ..avi_inference::EncodeOptions::default()
+                },
+            };
+            avi_harness::encode::encode_command(&args)?;
+            Ok(Outcome::Done)
+        }
         Command::Diagnose {
             config,
             out,
@@ -370,7 +468,16 @@ fn run(cli: Cli) -> Result<Outcome> {
             gradient_draws,
             device,
             quiet,
-        } => diagnose_command(&config, &out, fvi_steps, gradient_draws, device, quiet),
+            save,
+        } => diagnose_command(
+            &config,
+            &out,
+            fvi_steps,
+            gradient_draws,
+            device,
+            quiet,
+            save,
+        ),
         Command::Reproduce {
             experiment,
             seeds,
@@ -385,6 +492,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             fresh,
             engine,
             batch_seeds,
+            save,
         } => {
             use avi_harness::reproduce::Shard;
             let shard = match shard {
@@ -437,6 +545,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                 shard,
                 threads,
                 batch_seeds,
+                save,
             };
             let mut complete = true;
             for exp in &defs {

@@ -132,6 +132,9 @@ pub struct Prepared {
     pub reference_elbo: Option<f64>,
     /// Held-out observations for the BNN's test MSE (`mse.test`).
     pub test_x: Option<Data>,
+    /// The saved state to start from (`init_from`, resolved against the
+    /// config's folder and checked against the config and data).
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 /// Build the model and load or simulate the data of `cfg`; relative data
@@ -214,12 +217,23 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             );
         }
     }
+    let init_from = match &cfg.init_from {
+        None => None,
+        Some(p) => {
+            let dir = crate::fitted::resolve(p, config_dir);
+            // Checked now (on the host) so that `--check` and a bad state
+            // fail before the fit; loaded again onto the fit's device.
+            crate::fitted::load_start(cfg, model.as_model(), &to_tensor(&x), &dir, Device::Cpu)?;
+            Some(dir)
+        }
+    };
     Ok(Prepared {
         model,
         x,
         reference,
         reference_elbo,
         test_x,
+        init_from,
     })
 }
 
@@ -379,14 +393,28 @@ pub fn run_prepared(
     let mut watch = crate::interrupt::Watch(observer);
     let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
-    let run = |observer: &mut dyn Observer| {
-        fit(prepared.model.as_model(), &x, &cfg.method)
+    let mut start = match &prepared.init_from {
+        Some(dir) => Some(crate::fitted::load_start(
+            cfg,
+            prepared.model.as_model(),
+            &x,
+            dir,
+            device,
+        )?),
+        None => None,
+    };
+    let mut run = |observer: &mut dyn Observer| {
+        let request = fit(prepared.model.as_model(), &x, &cfg.method)
             .fixed_theta(cfg.model.fixed_theta())
             .options(cfg.options())
             .device(device)
             .threads(libtorch_threads())
-            .observer(observer)
-            .run()
+            .observer(observer);
+        match start.take() {
+            Some(start) => request.start_from(start),
+            None => request,
+        }
+        .run()
     };
     let (result, monitor) = match (prepared.model.downcast_ref::<BnnModel>(), &cfg.mse) {
         (Some(model), Some(m)) => {

@@ -166,7 +166,11 @@ pub fn encode(
     let kind = fitted.dtype().kind();
     let x = x_new.to_device(device).to_kind(kind);
     model.check_data(&x)?;
-    let d = if x.dim() == 1 { 1 } else { x.size()[1] as usize };
+    let d = if x.dim() == 1 {
+        1
+    } else {
+        x.size()[1] as usize
+    };
     if d != fitted.data_range.0.len() {
         return Err(InferenceError::config(
             "data",
@@ -207,7 +211,10 @@ pub fn encode(
     })
 }
 
-fn local_summary(raw: &Tensor, output: Output) -> Result<(Option<GaussianSummary>, Option<Vec<f64>>)> {
+fn local_summary(
+    raw: &Tensor,
+    output: Output,
+) -> Result<(Option<GaussianSummary>, Option<Vec<f64>>)> {
     Ok(match output {
         Output::Gaussian { .. } => (Some(summarize(&output.gaussian(raw))?), None),
         Output::Categorical { .. } => (
@@ -218,12 +225,23 @@ fn local_summary(raw: &Tensor, output: Output) -> Result<(Option<GaussianSummary
 }
 
 /// Count the rows of `x` with a value outside `range` in its dimension.
-fn outside_range(x: &Tensor, range: &(Vec<f64>, Vec<f64>), max_listed: usize) -> Result<OutsideRange> {
+fn outside_range(
+    x: &Tensor,
+    range: &(Vec<f64>, Vec<f64>),
+    max_listed: usize,
+) -> Result<OutsideRange> {
     let x = x.to_kind(Kind::Double);
     let x = if x.dim() == 1 { x.unsqueeze(1) } else { x };
-    let min = Tensor::from_slice(&range.0).to_device(x.device()).unsqueeze(0);
-    let max = Tensor::from_slice(&range.1).to_device(x.device()).unsqueeze(0);
-    let out = x.lt_tensor(&min).logical_or(&x.gt_tensor(&max)).any_dim(1, false);
+    let min = Tensor::from_slice(&range.0)
+        .to_device(x.device())
+        .unsqueeze(0);
+    let max = Tensor::from_slice(&range.1)
+        .to_device(x.device())
+        .unsqueeze(0);
+    let out = x
+        .lt_tensor(&min)
+        .logical_or(&x.gt_tensor(&max))
+        .any_dim(1, false);
     let flags = Vec::<bool>::try_from(out.to_device(Device::Cpu))?;
     let indices: Vec<usize> = flags
         .iter()

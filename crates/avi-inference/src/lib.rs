@@ -99,10 +99,6 @@ pub use options::{
     CheckedOptions, Dtype, Engine, Entropy, FitOptions, LocalUpdates, LrStep, ANNEAL_START,
     MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
 };
-pub use saved::{
-    DataFingerprint, Expect, FileEntry, Fitted, Manifest, OutputLayout, TensorEntry, FORMAT_VERSION,
-    MANIFEST_FILE, STATE_FILE,
-};
 pub use result::{
     elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
     TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
@@ -115,6 +111,10 @@ pub use result::{
 /// draws. A fit holds it only while it seeds and initialises, and while it
 /// draws a shuffle order or captures CUDA graphs.
 pub use rng::global_guard as generator_guard;
+pub use saved::{
+    DataFingerprint, Expect, FileEntry, Fitted, Manifest, OutputLayout, TensorEntry,
+    FORMAT_VERSION, MANIFEST_FILE, STATE_FILE,
+};
 
 /// The engines' own types, for the workspace's tests and benchmark tools:
 /// not part of the public vocabulary, and free to change between

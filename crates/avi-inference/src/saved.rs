@@ -314,7 +314,13 @@ impl Fitted {
     /// hold a saved state of the same model, configuration, method and
     /// data (replaced); anything else is refused.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        check_target(dir, self)?;
+        Self::check_target(
+            dir,
+            &self.model,
+            &self.model_config,
+            &self.method,
+            &self.data,
+        )?;
         let parent = match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -399,7 +405,12 @@ impl Fitted {
         let dim = match manifest.data.shape.as_slice() {
             [_] => 1,
             [_, d] => *d,
-            s => return Err(saved_error(dir, format!("data shape {s:?} is not [N] or [N, d]"))),
+            s => {
+                return Err(saved_error(
+                    dir,
+                    format!("data shape {s:?} is not [N] or [N, d]"),
+                ))
+            }
         };
         if data_range.0.len() != dim || data_range.1.len() != dim {
             return Err(saved_error(
@@ -479,8 +490,30 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
+impl Fitted {
+    /// Whether [`Fitted::save`] may write a fit of `model` (name and
+    /// configuration), `method` and training data `data` to `dir`: absent,
+    /// empty, or holding the saved state of the same fit (which a save
+    /// replaces). Nothing is written; for callers that check before a fit.
+    pub fn check_target(
+        dir: &Path,
+        model: &str,
+        model_config: &serde_json::Value,
+        method: &MethodConfig,
+        data: &DataFingerprint,
+    ) -> Result<()> {
+        check_target(dir, model, model_config, method, data)
+    }
+}
+
 /// Refuse a target folder holding anything but the same fit's state.
-fn check_target(dir: &Path, fitted: &Fitted) -> Result<()> {
+fn check_target(
+    dir: &Path,
+    model: &str,
+    model_config: &serde_json::Value,
+    method: &MethodConfig,
+    data: &DataFingerprint,
+) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
@@ -511,10 +544,10 @@ fn check_target(dir: &Path, fitted: &Fitted) -> Result<()> {
     {
         return Err(refuse("holds files other than a saved fit's"));
     }
-    if manifest.model != fitted.model
-        || manifest.model_config != fitted.model_config
-        || manifest.method != fitted.method
-        || manifest.data != fitted.data
+    if manifest.model != model
+        || &manifest.model_config != model_config
+        || &manifest.method != method
+        || &manifest.data != data
     {
         return Err(refuse(
             "holds the saved state of another fit (other model, method or data)",
@@ -588,7 +621,11 @@ fn check_expected(dir: &Path, m: &Manifest, expect: &Expect<'_>) -> Result<()> {
     }
     if let Some(cfg) = expect.model_config {
         if &m.model_config != cfg {
-            return mismatch("model configuration", m.model_config.to_string(), cfg.to_string());
+            return mismatch(
+                "model configuration",
+                m.model_config.to_string(),
+                cfg.to_string(),
+            );
         }
     }
     if let Some(method) = expect.method {
@@ -624,7 +661,10 @@ fn check_expected(dir: &Path, m: &Manifest, expect: &Expect<'_>) -> Result<()> {
     if m.data.shape.first() != Some(&m.n) || m.n == 0 {
         return Err(saved_error(
             &dir.join(MANIFEST_FILE),
-            format!("n = {} does not match the data shape {:?}", m.n, m.data.shape),
+            format!(
+                "n = {} does not match the data shape {:?}",
+                m.n, m.data.shape
+            ),
         ));
     }
     Ok(())
@@ -636,13 +676,19 @@ fn read_state(dir: &Path, m: &Manifest) -> Result<Vec<(String, Tensor)>> {
     let [entry] = m.files.as_slice() else {
         return Err(saved_error(
             &dir.join(MANIFEST_FILE),
-            format!("lists {} state files, expected one ({STATE_FILE})", m.files.len()),
+            format!(
+                "lists {} state files, expected one ({STATE_FILE})",
+                m.files.len()
+            ),
         ));
     };
     if entry.name != STATE_FILE {
         return Err(saved_error(
             &dir.join(MANIFEST_FILE),
-            format!("lists the state file `{}`, expected {STATE_FILE}", entry.name),
+            format!(
+                "lists the state file `{}`, expected {STATE_FILE}",
+                entry.name
+            ),
         ));
     }
     let path = dir.join(STATE_FILE);

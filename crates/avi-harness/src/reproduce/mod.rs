@@ -76,6 +76,36 @@ pub struct ReproduceOptions {
     /// results as separate runs with the graph engine). In this process
     /// only (`jobs` = 1).
     pub batch_seeds: bool,
+    /// Keep each run's fitted state (`avi fit --save`) in
+    /// `out/NAME/fitted/<run label>-<seed>/` (a diverged run's is not kept).
+    pub save: bool,
+}
+
+/// Where `avi reproduce --save` keeps the fitted state of `run`: the
+/// experiment folder's `fitted/<run label>-<seed>/`.
+pub fn fitted_dir(experiment_dir: &Path, run: &RunSpec) -> PathBuf {
+    experiment_dir
+        .join("fitted")
+        .join(format!("{}-{}", run.label, run.seed))
+}
+
+/// Save the state of a finished in-process run when `--save` asks for it.
+fn save_run(
+    opts: &ReproduceOptions,
+    runs_dir: &Path,
+    run: &RunSpec,
+    prepared: &Prepared,
+    fit: avi_inference::Fit,
+) -> Result<()> {
+    if !opts.save || fit.status != avi_inference::FitStatus::Ok {
+        return Ok(());
+    }
+    let dir = fitted_dir(runs_dir.parent().unwrap_or(Path::new(".")), run);
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    crate::fitted::save_fit(&run.config, prepared, fit, &dir)
 }
 
 /// A deterministic slice of an experiment's runs: shard `index` of `count`
@@ -486,9 +516,10 @@ fn run_here(
             )?;
             bar.finish_and_clear();
             progress.multi.remove(&bar);
-            for ((spec, claim), (_, mut report)) in group.into_iter().zip(results) {
+            for ((spec, claim), (fit, mut report)) in group.into_iter().zip(results) {
                 slim(&mut report);
                 write_json_atomic(&runs_dir.join(&spec.file), &report)?;
+                save_run(opts, runs_dir, spec, p, fit)?;
                 drop(claim);
                 progress.overall.inc(1);
                 progress.line(done_line(&exp.name, spec, &report));
@@ -518,6 +549,7 @@ fn run_here(
         }
         slim(&mut report);
         write_json_atomic(&runs_dir.join(&run.file), &report)?;
+        save_run(opts, runs_dir, run, p, fit)?;
         drop(claim);
         progress.overall.inc(1);
         progress.line(done_line(&exp.name, run, &report));
@@ -555,6 +587,7 @@ fn run_children(
                     exe: &exe,
                     device,
                     threads,
+                    save: opts.save,
                 };
                 let result =
                     claim_run(&dir.join("runs"), run, opts, progress).and_then(
@@ -593,6 +626,8 @@ struct Child<'a> {
     exe: &'a Path,
     device: &'a str,
     threads: usize,
+    /// Pass `--save` (the run's [`fitted_dir`]).
+    save: bool,
 }
 
 /// The environment variable that tells a child `avi` to exit when its
@@ -629,6 +664,14 @@ fn run_child(
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if child.save {
+        let fitted = fitted_dir(dir, run);
+        if let Some(parent) = fitted.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        cmd.arg("--save").arg(fitted);
+    }
     if diagnose {
         cmd.args([
             "--fvi-steps",
