@@ -157,6 +157,41 @@ fn round_trip_every_family() {
     }
 }
 
+/// θ held fixed: its values travel in the state (`theta_fixed`) and
+/// come back bit for bit.
+#[test]
+fn round_trip_fixed_theta() {
+    let model = linear();
+    let x = Tensor::from_slice(&model.simulate(30, 1, None).unwrap());
+    let method = mlp(4, [0, 0]);
+    let f = fit(&model, &x, &method)
+        .fixed_theta(Some(&[0.25]))
+        .options(opts(20, Dtype::F64))
+        .run()
+        .unwrap();
+    let f = Fitted::new(&model, &method, f.variational, &x, model_config()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    f.save(&dir.path().join("fit")).unwrap();
+    let g = load(&dir.path().join("fit"), &model, &method).unwrap();
+    match &g.variational.theta {
+        avi_inference::ThetaFactor::Fixed(t) => assert_eq!(bits(t), [0.25f64.to_bits()]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state_bits(&f.variational), state_bits(&g.variational));
+    let e = encode(
+        &model,
+        &g,
+        &x,
+        &EncodeOptions {
+            draws: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(e.q_theta.is_none());
+    assert_eq!(e.fixed_theta.as_deref(), Some(&[0.25][..]));
+}
+
 /// Categorical local factors (the mixture's): the round trip is bitwise,
 /// and encoding gives probabilities and a finite held-out ELBO that
 /// refinement does not lower beyond Monte Carlo error.
@@ -574,4 +609,55 @@ fn fvi_cannot_encode() {
     let a = fitted(&model, &x, &mlp(4, [0, 0]), &opts(5, Dtype::F64));
     let wrong = Tensor::zeros([5, 2], (Kind::Double, Device::Cpu));
     assert!(encode(&model, &a, &wrong, &EncodeOptions::default()).is_err());
+}
+
+/// A state saved from CUDA loads on the CPU and back, bit for bit, and
+/// encodes there (skipped without a CUDA device).
+#[test]
+fn cuda_round_trip() {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: skipped");
+        return;
+    }
+    let model = linear();
+    let x = Tensor::from_slice(&model.simulate(40, 1, None).unwrap());
+    let x_new = Tensor::from_slice(&model.simulate(25, 2, None).unwrap());
+    let method = mlp(6, [1, 0]);
+    let f = fitted(&model, &x, &method, &opts(30, Dtype::F32));
+    let root = tempfile::tempdir().unwrap();
+    f.save(&root.path().join("cpu")).unwrap();
+    let on_cuda = Fitted::load(
+        &root.path().join("cpu"),
+        &Expect::model(&model),
+        Device::Cuda(0),
+    )
+    .unwrap();
+    assert_eq!(on_cuda.variational.vs.device(), Device::Cuda(0));
+    assert_eq!(state_bits(&f.variational), state_bits(&on_cuda.variational));
+    let e = encode(
+        &model,
+        &on_cuda,
+        &x_new,
+        &EncodeOptions {
+            draws: 50,
+            refine_steps: 5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(e.heldout_elbo.is_finite());
+    // Saved from CUDA, loaded on the CPU: the same bits as the CPU fit.
+    let mut again = on_cuda;
+    again.git_commit = Some("test".into());
+    again.save(&root.path().join("cuda")).unwrap();
+    let back = Fitted::load(
+        &root.path().join("cuda"),
+        &Expect::model(&model),
+        Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(state_bits(&f.variational), state_bits(&back.variational));
+    let a = f.variational.predict_raw(&x_new).unwrap().unwrap();
+    let b = back.variational.predict_raw(&x_new).unwrap().unwrap();
+    assert_eq!(bits(&a), bits(&b));
 }

@@ -5,6 +5,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+mod common;
+
 const AVI: &str = env!("CARGO_BIN_EXE_avi");
 
 fn avi(args: &[&str], cwd: &Path) -> Output {
@@ -259,4 +261,64 @@ fn bad_input_exits_2_and_writes_nothing() {
     );
     refused(&o, "method");
     assert!(!d.join("r4.json").exists());
+}
+
+/// `avi reproduce --save` keeps every run's state in
+/// OUT/EXPERIMENT/fitted/<label>-<seed>/, in this process and in child
+/// processes (`--jobs 2`), and a kept state encodes.
+#[test]
+fn reproduce_saves_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let def = common::tiny_definition(d);
+    for (out, jobs) in [("here", "1"), ("children", "2")] {
+        let o = avi(
+            &[
+                "--threads",
+                "1",
+                "reproduce",
+                def.to_str().unwrap(),
+                "--quick",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--save",
+                "--jobs",
+                jobs,
+                "--out",
+                out,
+            ],
+            d,
+        );
+        ok(&o);
+        let fitted = d.join(out).join("tiny/fitted");
+        let mut names: Vec<String> = std::fs::read_dir(&fitted)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        // The quick grid: one seed (1954) of fvi, const and d=1.
+        assert_eq!(names, ["const-1954", "d=1-1954", "fvi-1954"], "{out}");
+        for n in &names {
+            let m = read(&fitted.join(n).join("fitted.json"));
+            assert_eq!(m["model"], "linear", "{out} {n}");
+        }
+    }
+    std::fs::write(d.join("new.json"), r#"{"x": [0.5, 1.5, 2.5]}"#).unwrap();
+    ok(&avi(
+        &[
+            "encode",
+            "--fitted",
+            "here/tiny/fitted/d=1-1954",
+            "--data",
+            "new.json",
+            "--out",
+            "q.json",
+            "--device",
+            "cpu",
+            "--draws",
+            "20",
+        ],
+        d,
+    ));
 }

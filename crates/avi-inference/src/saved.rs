@@ -968,3 +968,39 @@ fn rebuild(
         local_dim,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fingerprint hashes the values as f64 little-endian bytes in
+    /// row-major order (the digests computed independently with Python's
+    /// `hashlib.sha256(struct.pack('<3d', 1.0, -2.5, 0.1))`), whatever the
+    /// tensor's kind and shape.
+    #[test]
+    fn fingerprint_hashes_f64_little_endian_values() {
+        let x = Tensor::from_slice(&[1.0f64, -2.5, 0.1]);
+        let f = DataFingerprint::of(&x).unwrap();
+        assert_eq!(
+            f.sha256,
+            "71da1541228ec3b80f80a42910c0512bc24ce229e09875fa2684836df5f229ee"
+        );
+        assert_eq!((f.len, f.shape.clone()), (3, vec![3]));
+        // f32 values exactly representable hash as their f64 values; the
+        // shape is recorded beside the hash.
+        let g = DataFingerprint::of(&Tensor::from_slice(&[1.0f32, -2.5]).view([1, 2])).unwrap();
+        assert_eq!(
+            g.sha256,
+            "f138ae8a7b9a72de60b736f59d2474dd5b2357f5817f0dfa3309f5da5e629d87"
+        );
+        assert_eq!(g.shape, [1, 2]);
+    }
+
+    #[test]
+    fn data_range_is_per_dimension() {
+        let x = Tensor::from_slice(&[1.0f64, 10.0, -3.0, 4.0, 2.0, 7.0]).view([3, 2]);
+        let (min, max) = data_range(&x).unwrap();
+        assert_eq!(min, [-3.0, 4.0]);
+        assert_eq!(max, [2.0, 10.0]);
+    }
+}
