@@ -151,15 +151,20 @@ pub fn encode(
     if matches!(var.local, LocalFactor::Free(_)) {
         return Err(InferenceError::Encode(
             "an F-VI fit has one free factor per training observation and no function for new \
-             data: fit A-VI (or Const), or refine F-VI factors on the new data from a family \
-             that can encode them (`refine_steps`)"
+             data: new data need a fit of their own, or an amortized family (A-VI, Const) whose \
+             encoder gives them factors that F-VI steps can then refine (`refine_steps`, \
+             `avi encode --refine K`)"
                 .into(),
         ));
     }
-    if opts.draws < 2 {
+    if opts.draws < 2 || opts.draws > crate::options::MAX_DRAWS {
         return Err(InferenceError::config(
             "draws",
-            "at least 2 draws (the standard error needs two)",
+            format!(
+                "{} draws: must be in 2..={} (the standard error needs two)",
+                opts.draws,
+                crate::options::MAX_DRAWS
+            ),
         ));
     }
     let device = var.vs.device();
