@@ -68,6 +68,7 @@ mod observer;
 mod options;
 mod result;
 mod rng;
+mod stop;
 
 /// The `tch` crate (libtorch's Rust bindings) this crate is built on,
 /// re-exported so that users pin the same version.
@@ -95,6 +96,9 @@ pub use observer::{Observer, Silent};
 pub use options::{
     CheckedOptions, Dtype, Engine, Entropy, FitOptions, LocalUpdates, LrStep, ANNEAL_START,
     MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
+};
+pub use stop::{
+    verdict, Convergence, StopRule, Stopped, VERDICT_BINS, VERDICT_MIN_STEPS, VERDICT_T,
 };
 pub use result::{
     elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
