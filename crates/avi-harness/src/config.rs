@@ -141,6 +141,12 @@ pub struct FitConfig {
     /// Reconstruction error monitoring (BNN only; digest §4.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse: Option<MseConfig>,
+    /// Stop early when the ELBO has stopped improving, `{"window": W,
+    /// "rel_tol": R, "se_multiple": K, "patience": P, "min_steps": M}`,
+    /// every field optional (`{}`: the defaults; see
+    /// `avi_inference::StopRule`); absent (the default): all `steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<avi_inference::StopRule>,
 }
 
 /// Reconstruction MSE of the BNN, recorded during the fit at the variational
@@ -274,6 +280,7 @@ impl FitConfig {
             engine: self.engine,
             lr_schedule: self.lr_schedule.clone(),
             local_updates: self.local_updates,
+            stop: self.stop.clone(),
         }
     }
 }

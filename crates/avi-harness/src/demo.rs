@@ -57,6 +57,7 @@ pub fn demo_configs(n: usize, steps: usize, device: Device) -> Vec<(&'static str
         mse: None,
         engine,
         local_updates: Default::default(),
+        stop: None,
     };
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },

@@ -182,6 +182,8 @@ enum EngineChoice {
 enum Outcome {
     Done,
     Diverged(usize, PathBuf),
+    /// Ctrl-C stopped the fit at this step; its report is written.
+    Interrupted(usize, PathBuf),
     /// `avi report` on a grid with missing runs (without `--partial`).
     Incomplete(String),
 }
@@ -300,6 +302,7 @@ fn fit_command(
     Ok(match fit.status {
         FitStatus::Ok => Outcome::Done,
         FitStatus::Diverged { at } => Outcome::Diverged(at, out.to_path_buf()),
+        FitStatus::Interrupted { at } => Outcome::Interrupted(at, out.to_path_buf()),
     })
 }
 
@@ -334,9 +337,16 @@ fn diagnose_command(
     let mut progress = FitProgress::new(quiet, cfg.steps);
     let (fit, mut report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
     progress.finish();
-    if let FitStatus::Diverged { at } = fit.status {
-        write_json_atomic(out, &report)?;
-        return Ok(Outcome::Diverged(at, out.to_path_buf()));
+    match fit.status {
+        FitStatus::Ok => {}
+        FitStatus::Diverged { at } => {
+            write_json_atomic(out, &report)?;
+            return Ok(Outcome::Diverged(at, out.to_path_buf()));
+        }
+        FitStatus::Interrupted { at } => {
+            write_json_atomic(out, &report)?;
+            return Ok(Outcome::Interrupted(at, out.to_path_buf()));
+        }
     }
     let d = avi_harness::run::diagnosis_section(&cfg, &prepared, &fit, fvi_steps, gradient_draws)?;
     println!(
@@ -558,6 +568,13 @@ fn main() -> ExitCode {
                 out.display()
             );
             ExitCode::from(3)
+        }
+        Ok(Outcome::Interrupted(at, out)) => {
+            eprintln!(
+                "avi: interrupted after step {at}; report (status interrupted) written to {}",
+                out.display()
+            );
+            ExitCode::from(130)
         }
         Ok(Outcome::Incomplete(line)) => {
             eprintln!("avi: {line}");

@@ -369,15 +369,16 @@ fn libtorch_threads() -> usize {
     usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
 }
 
-/// Fit a prepared config on `device`; returns the fit and its report.
+/// Fit a prepared config on `device`; returns the fit and its report. A
+/// stop requested meanwhile ([`crate::interrupt`]) ends the fit at its next
+/// block with status `interrupted` (its report is returned, to be
+/// written).
 pub fn run_prepared(
     cfg: &FitConfig,
     prepared: &Prepared,
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<(Fit, RunReport)> {
-    let mut watch = crate::interrupt::Watch(observer);
-    let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
     let run = |observer: &mut dyn Observer| {
         fit(prepared.model.as_model(), &x, &cfg.method)
@@ -386,6 +387,7 @@ pub fn run_prepared(
             .device(device)
             .threads(libtorch_threads())
             .observer(observer)
+            .interrupt(crate::interrupt::flag())
             .run()
     };
     let (result, monitor) = match (prepared.model.downcast_ref::<BnnModel>(), &cfg.mse) {
@@ -486,8 +488,6 @@ pub fn run_prepared_batched(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<Vec<(Fit, RunReport)>> {
-    let mut watch = crate::interrupt::Watch(observer);
-    let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
     let mut opts = cfg.options();
     opts.engine = avi_inference::Engine::Graph;
@@ -497,6 +497,7 @@ pub fn run_prepared_batched(
         .device(device)
         .threads(libtorch_threads())
         .observer(observer)
+        .interrupt(crate::interrupt::flag())
         .run_all()?;
     let mut out = Vec::with_capacity(fits.len());
     for (fit, &seed) in fits.into_iter().zip(seeds) {

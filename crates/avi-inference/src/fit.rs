@@ -632,7 +632,7 @@ fn finish(
         ),
     };
     let converged = match status {
-        FitStatus::Ok | FitStatus::Interrupted { .. } => verdict(&trace, elbo_se),
+        FitStatus::Ok | FitStatus::Interrupted { .. } => verdict(&trace, elbo_se, opts.stop.as_ref()),
         FitStatus::Diverged { .. } => None,
     };
     let warnings = match status {
