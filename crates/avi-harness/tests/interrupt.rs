@@ -195,11 +195,7 @@ fn reproduce_jobs_interrupted_writes_interrupted_reports_and_resumes() {
     d["steps"] = 300.into();
     std::fs::write(&def, d.to_string()).unwrap();
     let o = reproduce(&["--resume"]).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(exp.join("summary.json").is_file());
     assert!(avi_harness::summary::missing_runs(&exp).unwrap().is_empty());
     for name in &interrupted {

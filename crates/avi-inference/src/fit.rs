@@ -26,7 +26,7 @@ use crate::observer::{Observer, Silent};
 use crate::options::{CheckedOptions, Engine, FitOptions, LocalUpdates};
 use crate::result::{elbo_warnings, final_status, Clock, Fit, FitStatus, Trace};
 use crate::rng::{global_guard, Draws};
-use crate::stop::{verdict, not_converged_warning, StopState, Stopped};
+use crate::stop::{not_converged_warning, verdict, StopState, Stopped};
 use crate::{InferenceError, Result};
 
 /// Start describing a fit of `method` to data `x` under `model`: set what
@@ -632,7 +632,9 @@ fn finish(
         ),
     };
     let converged = match status {
-        FitStatus::Ok | FitStatus::Interrupted { .. } => verdict(&trace, elbo_se, opts.stop.as_ref()),
+        FitStatus::Ok | FitStatus::Interrupted { .. } => {
+            verdict(&trace, elbo_se, opts.stop.as_ref())
+        }
         FitStatus::Diverged { .. } => None,
     };
     let warnings = match status {

@@ -97,9 +97,6 @@ pub use options::{
     CheckedOptions, Dtype, Engine, Entropy, FitOptions, LocalUpdates, LrStep, ANNEAL_START,
     MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
 };
-pub use stop::{
-    verdict, Convergence, StopRule, Stopped, VERDICT_BINS, VERDICT_MIN_STEPS, VERDICT_T,
-};
 pub use result::{
     elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
     TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
@@ -112,6 +109,9 @@ pub use result::{
 /// draws. A fit holds it only while it seeds and initialises, and while it
 /// draws a shuffle order or captures CUDA graphs.
 pub use rng::global_guard as generator_guard;
+pub use stop::{
+    verdict, Convergence, StopRule, Stopped, VERDICT_BINS, VERDICT_MIN_STEPS, VERDICT_T,
+};
 
 /// The engines' own types, for the workspace's tests and benchmark tools:
 /// not part of the public vocabulary, and free to change between
