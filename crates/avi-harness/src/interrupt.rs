@@ -13,7 +13,7 @@ use std::time::Duration;
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 
-/// The panic payload and error of an interrupted command.
+/// The error of an interrupted command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interrupted;
 

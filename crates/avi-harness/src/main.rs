@@ -514,8 +514,9 @@ fn one_line(e: &clap::Error) -> String {
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM request a stop ([`interrupt`]): the fit
-/// unwinds at its next check and the command exits 130 with its claims
-/// released and no file half-written. A child of `avi reproduce --jobs K`
+/// ends at its next block with status interrupted, its report is written,
+/// and the command exits 130 with its claims released and no file
+/// half-written. A child of `avi reproduce --jobs K`
 /// (told by [`EXIT_WITH_PARENT`]) also stops when its parent's pipe closes,
 /// so killing the parent never leaves fits running.
 fn install_handlers() {
@@ -530,13 +531,6 @@ fn install_handlers() {
             interrupt::request(grace)
         });
     }
-    // The unwinding of an interrupted fit is not a crash: say nothing.
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !info.payload().is::<interrupt::Interrupted>() {
-            default(info);
-        }
-    }));
 }
 
 fn main() -> ExitCode {
@@ -553,14 +547,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
-        Ok(result) => result,
-        Err(payload) if payload.is::<interrupt::Interrupted>() => {
-            Err(interrupt::Interrupted.into())
-        }
-        Err(payload) => std::panic::resume_unwind(payload),
-    };
-    match result {
+    match run(cli) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Diverged(at, out)) => {
             eprintln!(
