@@ -1,7 +1,8 @@
-//! Ctrl-C (SIGINT) through the real binary: `avi fit` and
+//! Stopping through the real binary. Ctrl-C (SIGINT): `avi fit` and
 //! `avi reproduce --jobs 2` stop at the next block, write their reports
 //! with status `interrupted` (whole: written atomically), exit 130, and an
-//! interrupted run is never counted as finished.
+//! interrupted run is never counted as finished. A config's stopping rule:
+//! the report says where and why.
 
 use std::io::BufRead;
 use std::os::unix::process::CommandExt;
@@ -202,4 +203,57 @@ fn reproduce_jobs_interrupted_writes_interrupted_reports_and_resumes() {
         let r = load(&exp.join("runs").join(name)).unwrap();
         assert_eq!((r.status, r.iterations), (RunStatus::Ok, 300), "{name}");
     }
+}
+
+/// A config's `"stop": {}` (the default rule) through `avi fit`: the
+/// report says where and why the fit stopped, and that it converged; a bad
+/// rule is one line naming its field, exit 2; without `stop` the report
+/// has no stop fields and its config no `stop` key (reports unchanged).
+#[test]
+fn fit_with_a_stop_rule_reports_where_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, stop: &str| {
+        std::fs::write(
+            dir.path().join(name),
+            format!(
+                r#"{{"model": {{"kind": "linear", "tau": 1.155, "sigma": 2.43}},
+                    "data": {{"simulate": {{"n": 200, "seed": 3}}}}, "method": {{"kind": "fvi"}},
+                    "steps": 4000, "lr": 0.03, "draws": 20, "eval_draws": 200{stop}}}"#
+            ),
+        )
+        .unwrap();
+    };
+    write("stop.json", r#", "stop": {}"#);
+    write("bad.json", r#", "stop": {"window": 1}"#);
+    write("plain.json", "");
+    let fit = |cfg: &str, out: &str| {
+        Command::new(AVI)
+            .args([
+                "fit", "--config", cfg, "--out", out, "--device", "cpu", "--quiet",
+            ])
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let o = fit("stop.json", "stop-r.json");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = load(&dir.path().join("stop-r.json")).unwrap();
+    let s = r.stopped_at.expect("the rule stopped the fit");
+    assert!(s < 4000 && s % 300 == 0, "{s}");
+    assert_eq!((r.iterations, r.trace.elbo.len()), (s, s));
+    assert!(r.stop_reason.unwrap().contains("windows of 300 steps"));
+    assert!(r.convergence.unwrap().converged);
+    assert_eq!(r.config["stop"]["window"], 300);
+    let o = fit("bad.json", "bad-r.json");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("stop.window"), "{err}");
+    assert!(!dir.path().join("bad-r.json").exists());
+    let o = fit("plain.json", "plain-r.json");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(dir.path().join("plain-r.json")).unwrap();
+    assert!(!text.contains("\"stop"), "{}", &text[..text.len().min(400)]);
+    let r = load(&dir.path().join("plain-r.json")).unwrap();
+    assert_eq!((r.stopped_at, r.iterations), (None, 4000));
 }
