@@ -5,7 +5,8 @@
 //! read back as NaN. Fields are declared in alphabetical order, so the
 //! report's bytes are those of the older `serde_json::json!` report (whose
 //! maps sort their keys), plus the `provenance` section. Fields added after
-//! reports were first committed (`provenance`, `threads`, `warnings`) are
+//! reports were first committed (`provenance`, `threads`, `warnings`,
+//! `convergence`, `interrupted_at`, `stop_reason`, `stopped_at`) are
 //! optional when reading, so every committed report still loads; a missing
 //! or renamed required field is an error naming the file and the key path
 //! ([`load`]). `docs/report-schema.md` lists every field.

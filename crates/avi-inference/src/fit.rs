@@ -543,6 +543,13 @@ fn drive(
         if status.iter().all(|s| *s != FitStatus::Ok) {
             break;
         }
+        if every > 0 && done % every == 0 {
+            let t0 = Instant::now();
+            monitor(stepper, observer, done, now)?;
+            paused += t0.elapsed();
+        }
+        // After the monitoring of this step: a fit that ends here has its
+        // last record.
         if done < opts.steps
             && crate::stop::all_met(&mut rules, &traces, &status, done, &mut stopped)
         {
@@ -553,11 +560,6 @@ fn drive(
                 *s = FitStatus::Interrupted { at: done };
             }
             break;
-        }
-        if every > 0 && done % every == 0 {
-            let t0 = Instant::now();
-            monitor(stepper, observer, done, now)?;
-            paused += t0.elapsed();
         }
     }
     Ok((traces, status, stopped, clock(Instant::now(), paused)))
