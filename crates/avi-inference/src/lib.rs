@@ -109,9 +109,7 @@ pub use result::{
 /// draws. A fit holds it only while it seeds and initialises, and while it
 /// draws a shuffle order or captures CUDA graphs.
 pub use rng::global_guard as generator_guard;
-pub use stop::{
-    verdict, Convergence, StopRule, Stopped, VERDICT_BINS, VERDICT_MIN_STEPS, VERDICT_T,
-};
+pub use stop::{verdict, Convergence, StopRule, VERDICT_BINS, VERDICT_MIN_STEPS, VERDICT_T};
 
 /// The engines' own types, for the workspace's tests and benchmark tools:
 /// not part of the public vocabulary, and free to change between

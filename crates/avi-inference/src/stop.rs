@@ -1,71 +1,57 @@
 //! Stopping a fit early ([`StopRule`], opt-in through
-//! [`crate::FitOptions::stop`]) and the verdict on whether a fit that ran
-//! its steps had converged ([`Convergence`], for every fit).
-//!
-//! **The rule.** The trace is cut into consecutive windows of `window`
-//! (W) estimates, from its first step. When window j is complete, the
-//! improvement of its mean over the mean of window j − 1,
-//! Δ_j = m_j − m_{j−1}, is compared with its standard error
-//! se_j = √((s²_{j−1} + s²_j) / W) (s²: the sample variance of a window's
-//! estimates, taken as independent). Window j is *flat* when
-//! Δ_j < max(`rel_tol` · |m_j|, `se_multiple` · se_j): the improvement is
-//! negligible next to the ELBO, or lost in the Monte Carlo noise. The fit
-//! stops after `patience` (P) flat windows in a row, at the end of the
-//! training loop's block in which the P-th one ends (exactly at its end
-//! when W is a multiple of `check_every`, as the defaults are), and never
-//! before `min_steps`. It is evaluated between blocks, from estimates the
-//! loop has read back anyway: no extra host synchronisation.
-//!
-//! Either condition is enough ("or"): requiring both ("and") made the rule
-//! wait for creeps of hundredths of a nat that are significant only
-//! because a converged amortized fit's estimates are nearly noiseless (W =
-//! 250 on the committed linear runs: an A-VI fit with d = 1 that the
-//! paper's 1 % metric counts converged at step 150 stopped at step 3,500 of
-//! 5,000, and with W = 500 not at all).
-//!
-//! **Defaults** (W = 300, rel_tol = 10⁻⁴, 2 standard errors, P = 3, no
-//! minimum: the earliest stop is step (P + 1)·W = 1,200). W is a multiple
-//! of the largest `check_every` (100), so the fit stops exactly where the
-//! P-th flat window ends. The relative tolerance bounds what stopping can
-//! cost: a fit still rising when it stops gains less than about
-//! rel_tol × |ELBO| per window. Chosen on the committed runs of the linear
-//! experiment (N = 10⁴, 5,000 steps; |ELBO| ≈ 24,108, so 2.4 nats per
-//! window): of the 14 runs of seeds 1954–1958 that the paper's windowed
-//! 1 % metric counts converged, the rule stopped 10 (A-VI between steps
-//! 1,800 and 4,200, F-VI at 4,200 and 4,800), always after the step of that
-//! metric, at a window mean within 2.7 nats of the full run's last one; the
-//! 4 it let run were still rising 6–111 nats per 1,000 steps at the end
-//! (both checked in `tests/tests/stopping.rs`).
-//! W = 250 (200) stopped the same runs earlier but up to 4.2 (6.3) nats
-//! short.
-//!
-//! **The verdict.** Over the last fifth of the trace (at least
-//! [`VERDICT_MIN_STEPS`] steps, or the whole trace when shorter), the
-//! median of each of [`VERDICT_BINS`] equal bins of estimates (medians:
-//! robust to the rare far-off estimate) is regressed by least squares on
-//! the bin's mean step; the slope, in nats per 1,000 steps, comes with its
-//! standard error from the residuals (K − 2 degrees of freedom, so slow
-//! wander of the parameters counts as noise). A fit has **not converged**
-//! when the slope is above [`VERDICT_T`] standard errors *and* the rise it
-//! implies over the analysed steps is above the final ELBO's Monte Carlo
-//! standard error (a gain the reported ELBO could see). On the 30
-//! committed F-VI and A-VI runs of the linear experiment it flags exactly
-//! the 17 whose exact ELBO is 0.64 nats or more below the closed-form
-//! optimum (F-VI up to 353 nats short) and passes the 13 within 0.51 nats of
-//! it; of the 10 Const runs (at their own optimum) it flags one, 8 nats
-//! below the others and still rising. With a
-//! stopping rule, a rise below the rule's own tolerance (`rel_tol` ×
-//! |ELBO| per window) does not count either: a fit the rule stopped as
-//! negligibly rising is not then called unconverged.
+//! [`crate::FitOptions::stop`]) and the verdict on whether a fit had
+//! converged ([`verdict`], [`Convergence`], for every fit that did not
+//! diverge). The rule, its defaults and the verdict are described on
+//! [`StopRule`] and [`verdict`].
 
 use serde::{Deserialize, Serialize};
 
 use crate::result::{FitStatus, Trace};
 use crate::{InferenceError, Result};
 
-/// An early-stopping rule (see the [module docs](self) for the rule and
-/// the reasons for its defaults). Every field has a default, so
-/// `"stop": {}` in a config is the default rule.
+/// An early-stopping rule, evaluated by the training loop between blocks
+/// of steps. Every field has a default, so `"stop": {}` in a config is the
+/// default rule.
+///
+/// **The rule.** The trace is cut into consecutive windows of `window`
+/// (W) estimates, from its first step. When window j is complete, the
+/// improvement of its mean over the mean of window j − 1,
+/// Δ_j = m_j − m_{j−1}, is compared with its standard error
+/// se_j = √((s²_{j−1} + s²_j) / W) (s²: the sample variance of a window's
+/// estimates, taken as independent). Window j is *flat* when
+/// Δ_j < max(`rel_tol` · |m_j|, `se_multiple` · se_j): the improvement is
+/// negligible next to the ELBO, or lost in the Monte Carlo noise. The fit
+/// stops after `patience` (P) flat windows in a row, at the end of the
+/// training loop's block in which the P-th one ends (exactly at its end
+/// when W is a multiple of `check_every`, as the defaults are), and never
+/// before `min_steps`. It is evaluated between blocks, from estimates the
+/// loop has read back anyway: no extra host synchronisation; before the
+/// stop the fit is the fit without a rule, step for step. Batched seeds
+/// (R runs in one engine) stop together, when the last of them meets its
+/// rule.
+///
+/// Either condition is enough ("or"): requiring both ("and") made the rule
+/// wait for creeps of hundredths of a nat that are significant only
+/// because a converged amortized fit's estimates are nearly noiseless (W =
+/// 250 on the committed linear runs: an A-VI fit with d = 1 that the
+/// paper's 1 % metric counts converged at step 150 stopped at step 3,500 of
+/// 5,000, and with W = 500 not at all).
+///
+/// **Defaults** (W = 300, rel_tol = 10⁻⁴, 2 standard errors, P = 3, no
+/// minimum: the earliest stop is step (P + 1)·W = 1,200). W is a multiple
+/// of the largest `check_every` (100), so the fit stops exactly where the
+/// P-th flat window ends. The relative tolerance bounds what stopping can
+/// cost: a fit still rising when it stops gains less than about
+/// rel_tol × |ELBO| per window. Chosen on the committed runs of the linear
+/// experiment (N = 10⁴, 5,000 steps; |ELBO| ≈ 24,108, so 2.4 nats per
+/// window): of the 14 runs of seeds 1954–1958 that the paper's windowed
+/// 1 % metric counts converged, the rule stopped 10 (A-VI between steps
+/// 1,800 and 4,200, F-VI at 4,200 and 4,800), always after the step of that
+/// metric, at a window mean within 2.7 nats of the full run's last one; the
+/// 4 it let run were still rising 6–111 nats per 1,000 steps at the end
+/// (both checked in `tests/tests/stopping.rs`).
+/// W = 250 (200) stopped the same runs earlier but up to 4.2 (6.3) nats
+/// short.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StopRule {
@@ -142,12 +128,12 @@ impl StopRule {
 }
 
 /// Where and why a fit stopped by its [`StopRule`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Stopped {
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Stopped {
     /// The last (1-based) step taken.
-    pub at: usize,
+    pub(crate) at: usize,
     /// The rule's numbers at the last flat window, in words.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// A [`StopRule`] applied to one run's trace as it grows.
@@ -268,7 +254,7 @@ pub const VERDICT_BINS: usize = 10;
 /// exceeds it about 1 % of the time).
 pub const VERDICT_T: f64 = 3.0;
 
-/// Whether a fit's ELBO had stopped rising (see the [module docs](self)).
+/// Whether a fit's ELBO had stopped rising (see [`verdict`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Convergence {
     /// False when the trace was still rising beyond Monte Carlo error at
@@ -283,12 +269,31 @@ pub struct Convergence {
     pub steps: usize,
 }
 
-/// The verdict on a trace (see the [module docs](self)); `elbo_se` is the
-/// final ELBO's Monte Carlo standard error; with the fit's stopping `rule`,
-/// a rise below the rule's tolerance (`rel_tol` × |ELBO| per window) does
-/// not count. `None` when the trace has
-/// fewer than 4 × [`VERDICT_BINS`] steps or a non-finite estimate in the
-/// analysed part.
+/// The verdict on a trace: whether its ELBO had stopped rising at the end
+/// (every fit's [`crate::Fit::convergence`]); `elbo_se` is the final
+/// ELBO's Monte Carlo standard error. `None` when the trace has fewer than
+/// 4 × [`VERDICT_BINS`] steps or a non-finite estimate in the analysed
+/// part.
+///
+/// Over the last fifth of the trace (at least [`VERDICT_MIN_STEPS`] steps,
+/// or the whole trace when shorter), the median of each of
+/// [`VERDICT_BINS`] equal bins of estimates (medians: robust to the rare
+/// far-off estimate) is regressed by least squares on the bin's mean step;
+/// the slope, in nats per 1,000 steps, comes with its standard error from
+/// the residuals (K − 2 degrees of freedom, so slow wander of the
+/// parameters counts as noise). A fit has **not converged** when the slope
+/// is above [`VERDICT_T`] standard errors *and* the rise it implies over
+/// the analysed steps is above `elbo_se` (a gain the reported ELBO could
+/// see). With the fit's stopping `rule`, a rise below the rule's own
+/// tolerance (`rel_tol` × |ELBO| per window) does not count either: a fit
+/// the rule stopped as negligibly rising is not then called unconverged.
+///
+/// On the 30 committed F-VI and A-VI runs of the linear experiment it
+/// flags exactly the 17 whose exact ELBO is 0.64 nats or more below the
+/// closed-form optimum (F-VI up to 353 nats short) and passes the 13
+/// within 0.51 nats of it; of the 10 Const runs (at their own optimum) it
+/// flags one, 8 nats below the others and still rising
+/// (`tests/tests/stopping.rs`).
 pub fn verdict(trace: &Trace, elbo_se: f64, rule: Option<&StopRule>) -> Option<Convergence> {
     let n = trace.elbo.len();
     let len = (n / 5).max(n.min(VERDICT_MIN_STEPS));
