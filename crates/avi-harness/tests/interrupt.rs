@@ -191,6 +191,14 @@ fn reproduce_jobs_interrupted_writes_interrupted_reports_and_resumes() {
     for name in &interrupted {
         assert!(missing.contains(name), "{name} not missing: {missing:?}");
     }
+    // A plain run is refused, naming the interrupted runs.
+    let o = reproduce(&[]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("0 finished run report(s) and 2 interrupted one(s)"),
+        "{err}"
+    );
     // Resume (a shorter grid: the interrupted runs are not checked against
     // a config, they are run again).
     d["steps"] = 300.into();

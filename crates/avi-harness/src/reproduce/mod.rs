@@ -297,10 +297,16 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     let earlier = !(finished.is_empty() && claims.is_empty());
     if earlier && !opts.resume {
         if !opts.fresh {
+            let interrupted = finished.iter().filter(|p| !is_finished(p)).count();
             bail!(
-                "{} holds {} finished run report(s){}: pass --resume to keep them and run only the missing ones, or --fresh to move them aside into {}/previous-<time>/ (nothing was changed)",
+                "{} holds {} finished run report(s){}{}: pass --resume to keep them and run only the missing ones, or --fresh to move them aside into {}/previous-<time>/ (nothing was changed)",
                 runs_dir.display(),
-                finished.len(),
+                finished.len() - interrupted,
+                if interrupted == 0 {
+                    String::new()
+                } else {
+                    format!(" and {interrupted} interrupted one(s) (run again by --resume)")
+                },
                 if claims.is_empty() {
                     String::new()
                 } else {
