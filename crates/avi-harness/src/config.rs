@@ -151,6 +151,12 @@ pub struct FitConfig {
     /// engine, with a fresh Adam state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<PathBuf>,
+    /// Stop early when the ELBO has stopped improving, `{"window": W,
+    /// "rel_tol": R, "se_multiple": K, "patience": P, "min_steps": M}`,
+    /// every field optional (`{}`: the defaults; see
+    /// `avi_inference::StopRule`); absent (the default): all `steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<avi_inference::StopRule>,
 }
 
 /// Reconstruction MSE of the BNN, recorded during the fit at the variational
@@ -284,6 +290,7 @@ impl FitConfig {
             engine: self.engine,
             lr_schedule: self.lr_schedule.clone(),
             local_updates: self.local_updates,
+            stop: self.stop.clone(),
         }
     }
 }

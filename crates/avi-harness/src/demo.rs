@@ -59,6 +59,7 @@ pub fn demo_configs(n: usize, steps: usize, device: Device) -> Vec<(&'static str
         local_updates: Default::default(),
         save: None,
         init_from: None,
+        stop: None,
     };
     let avi = |degree| MethodConfig::Avi {
         function: FunctionConfig::Poly { degree },

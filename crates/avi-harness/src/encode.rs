@@ -227,6 +227,7 @@ pub fn encode_command(args: &EncodeArgs) -> Result<()> {
             status: match r.status {
                 avi_inference::FitStatus::Ok => "ok".into(),
                 avi_inference::FitStatus::Diverged { at } => format!("diverged at {at}"),
+                avi_inference::FitStatus::Interrupted { at } => format!("interrupted at {at}"),
             },
         }),
         refined_heldout_elbo: refined.and_then(|r| finite(r.heldout_elbo)),

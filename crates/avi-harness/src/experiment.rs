@@ -658,6 +658,7 @@ pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfi
         lr_schedule: exp.lr_schedule.clone(),
         engine: exp.engine,
         local_updates: method.local_updates,
+        stop: None,
         mse: exp.mse.as_ref().map(|m| MseConfig {
             every: m.every,
             test: m.test.clone(),

@@ -1,19 +1,19 @@
 //! Stopping cleanly on Ctrl-C (SIGINT), SIGTERM, or the end of a parent's
-//! pipe: the signal only sets a flag; the training loop's observer
-//! ([`Watch`]) notices it at its next check (at most 100 steps later) and
-//! unwinds the fit with an [`Interrupted`] panic payload, which the binary
-//! turns into exit 130 after every claim has been dropped. Exiting from the
-//! signal thread while libtorch computes would crash in libtorch's static
-//! destructors, so that is only the last resort ([`request`]).
+//! pipe: the signal only sets a flag ([`flag`]); the training loop notices
+//! it at its next block boundary (at most `check_every` = 100 steps later)
+//! and ends the fit with status `interrupted`, whose report is written
+//! (atomically) before the command returns the [`Interrupted`] error, which
+//! the binary turns into exit 130 after every claim has been dropped.
+//! Exiting from the signal thread while libtorch computes would crash in
+//! libtorch's static destructors, so that is only the last resort
+//! ([`request`]: a phase that never reaches a block boundary).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use avi_inference::Observer;
-
 static REQUESTED: AtomicBool = AtomicBool::new(false);
 
-/// The panic payload and error of an interrupted command.
+/// The error of an interrupted command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interrupted;
 
@@ -41,34 +41,14 @@ pub fn request(grace: Duration) {
     crate::report::exit_between_writes(130)
 }
 
-/// Unwind with [`Interrupted`] when a stop was requested (called between
-/// steps, never inside a write).
-pub fn check() {
-    if requested() {
-        std::panic::panic_any(Interrupted);
-    }
+/// The flag a fit watches ([`avi_inference::FitRequest::interrupt`]): set
+/// when a stop was requested.
+pub fn flag() -> &'static AtomicBool {
+    &REQUESTED
 }
 
-/// An observer that checks for a stop at every check of the training loop,
-/// then passes the call on.
-pub struct Watch<'a>(pub &'a mut dyn Observer);
-
-impl Observer for Watch<'_> {
-    fn on_check(&mut self, done: usize, total: usize, elbo: f64) {
-        check();
-        self.0.on_check(done, total, elbo);
-    }
-
-    fn monitor_every(&self) -> usize {
-        self.0.monitor_every()
-    }
-
-    fn on_monitor(
-        &mut self,
-        done: usize,
-        seconds: f64,
-        var: &avi_inference::Variational,
-    ) -> avi_inference::Result<()> {
-        self.0.on_monitor(done, seconds, var)
-    }
+/// Request a stop without the grace period's exit: for a parent that
+/// learns of an interrupt from a child's exit code (130).
+pub fn set() {
+    REQUESTED.store(true, Ordering::SeqCst);
 }

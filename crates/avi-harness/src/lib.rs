@@ -18,7 +18,9 @@
 //! Exit codes: 0 success, 2 bad input or a refusal (one line on stderr,
 //! nothing written), 3 the fit diverged (the report is written with
 //! `"status": "diverged"`), 4 `avi report` on an incomplete grid without
-//! `--partial`, 130 interrupted (SIGINT/SIGTERM; no file half-written).
+//! `--partial`, 130 interrupted (SIGINT/SIGTERM: the fit stops at its
+//! next block and its report is written with `"status": "interrupted"`;
+//! no file half-written).
 //! `docs/reliability.md` states what is guaranteed and what is not.
 //!
 //! The same steps from Rust:

@@ -227,6 +227,8 @@ enum EngineChoice {
 enum Outcome {
     Done,
     Diverged(usize, PathBuf),
+    /// Ctrl-C stopped the fit at this step; its report is written.
+    Interrupted(usize, PathBuf),
     /// `avi report` on a grid with missing runs (without `--partial`).
     Incomplete(String),
 }
@@ -356,12 +358,19 @@ fn fit_command(
                 save.display()
             );
         }
+        (Some(save), FitStatus::Interrupted { .. }) => {
+            eprintln!(
+                "avi: the fit was interrupted: its final state is not saved to {}",
+                save.display()
+            );
+        }
         (None, _) => {}
     }
     write_json_atomic(out, &report)?;
     Ok(match status {
         FitStatus::Ok => Outcome::Done,
         FitStatus::Diverged { at } => Outcome::Diverged(at, out.to_path_buf()),
+        FitStatus::Interrupted { at } => Outcome::Interrupted(at, out.to_path_buf()),
     })
 }
 
@@ -401,9 +410,16 @@ fn diagnose_command(
     let mut progress = FitProgress::new(quiet, cfg.steps);
     let (fit, mut report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
     progress.finish();
-    if let FitStatus::Diverged { at } = fit.status {
-        write_json_atomic(out, &report)?;
-        return Ok(Outcome::Diverged(at, out.to_path_buf()));
+    match fit.status {
+        FitStatus::Ok => {}
+        FitStatus::Diverged { at } => {
+            write_json_atomic(out, &report)?;
+            return Ok(Outcome::Diverged(at, out.to_path_buf()));
+        }
+        FitStatus::Interrupted { at } => {
+            write_json_atomic(out, &report)?;
+            return Ok(Outcome::Interrupted(at, out.to_path_buf()));
+        }
     }
     let d = avi_harness::run::diagnosis_section(&cfg, &prepared, &fit, fvi_steps, gradient_draws)?;
     println!(
@@ -613,8 +629,9 @@ fn one_line(e: &clap::Error) -> String {
 }
 
 /// Ctrl-C (SIGINT) and SIGTERM request a stop ([`interrupt`]): the fit
-/// unwinds at its next check and the command exits 130 with its claims
-/// released and no file half-written. A child of `avi reproduce --jobs K`
+/// ends at its next block with status interrupted, its report is written,
+/// and the command exits 130 with its claims released and no file
+/// half-written. A child of `avi reproduce --jobs K`
 /// (told by [`EXIT_WITH_PARENT`]) also stops when its parent's pipe closes,
 /// so killing the parent never leaves fits running.
 fn install_handlers() {
@@ -629,13 +646,6 @@ fn install_handlers() {
             interrupt::request(grace)
         });
     }
-    // The unwinding of an interrupted fit is not a crash: say nothing.
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !info.payload().is::<interrupt::Interrupted>() {
-            default(info);
-        }
-    }));
 }
 
 fn main() -> ExitCode {
@@ -652,14 +662,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
-        Ok(result) => result,
-        Err(payload) if payload.is::<interrupt::Interrupted>() => {
-            Err(interrupt::Interrupted.into())
-        }
-        Err(payload) => std::panic::resume_unwind(payload),
-    };
-    match result {
+    match run(cli) {
         Ok(Outcome::Done) => ExitCode::SUCCESS,
         Ok(Outcome::Diverged(at, out)) => {
             eprintln!(
@@ -667,6 +670,13 @@ fn main() -> ExitCode {
                 out.display()
             );
             ExitCode::from(3)
+        }
+        Ok(Outcome::Interrupted(at, out)) => {
+            eprintln!(
+                "avi: interrupted after step {at}; report (status interrupted) written to {}",
+                out.display()
+            );
+            ExitCode::from(130)
         }
         Ok(Outcome::Incomplete(line)) => {
             eprintln!("avi: {line}");

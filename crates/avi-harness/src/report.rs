@@ -78,19 +78,22 @@ pub fn fit_report(
         }),
         None => Some(QZ::Gaussian(gaussian(&fit.q_z))),
     };
-    let (status, diverged_at) = match fit.status {
-        FitStatus::Ok => (RunStatus::Ok, None),
-        FitStatus::Diverged { at } => (RunStatus::Diverged, Some(at)),
+    let (status, diverged_at, interrupted_at) = match fit.status {
+        FitStatus::Ok => (RunStatus::Ok, None, None),
+        FitStatus::Diverged { at } => (RunStatus::Diverged, Some(at), None),
+        FitStatus::Interrupted { at } => (RunStatus::Interrupted, None, Some(at)),
     };
     let engine = value(&fit.engine);
     RunReport {
         batched_seeds: None,
         config: value(cfg),
+        convergence: fit.convergence.clone(),
         device: device.to_string(),
         diagnosis: None,
         diverged_at,
         elbo: fit.elbo,
         elbo_se: fit.elbo_se,
+        interrupted_at,
         iterations: fit.iterations,
         method: value(&cfg.method),
         model: value(&cfg.model),
@@ -108,6 +111,8 @@ pub fn fit_report(
         }),
         seconds: fit.seconds,
         status,
+        stop_reason: fit.stop_reason.clone(),
+        stopped_at: fit.stopped_at,
         threads: Some(tch::get_num_threads()),
         trace: TraceSection {
             elbo: fit.trace.elbo.clone(),

@@ -383,15 +383,16 @@ fn libtorch_threads() -> usize {
     usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
 }
 
-/// Fit a prepared config on `device`; returns the fit and its report.
+/// Fit a prepared config on `device`; returns the fit and its report. A
+/// stop requested meanwhile ([`crate::interrupt`]) ends the fit at its next
+/// block with status `interrupted` (its report is returned, to be
+/// written).
 pub fn run_prepared(
     cfg: &FitConfig,
     prepared: &Prepared,
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<(Fit, RunReport)> {
-    let mut watch = crate::interrupt::Watch(observer);
-    let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
     let mut start = match &prepared.init_from {
         Some(dir) => Some(crate::fitted::load_start(
@@ -409,7 +410,8 @@ pub fn run_prepared(
             .options(cfg.options())
             .device(device)
             .threads(libtorch_threads())
-            .observer(observer);
+            .observer(observer)
+            .interrupt(crate::interrupt::flag());
         match start.take() {
             Some(start) => request.start_from(start),
             None => request,
@@ -514,8 +516,6 @@ pub fn run_prepared_batched(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<Vec<(Fit, RunReport)>> {
-    let mut watch = crate::interrupt::Watch(observer);
-    let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);
     let mut opts = cfg.options();
     opts.engine = avi_inference::Engine::Graph;
@@ -525,6 +525,7 @@ pub fn run_prepared_batched(
         .device(device)
         .threads(libtorch_threads())
         .observer(observer)
+        .interrupt(crate::interrupt::flag())
         .run_all()?;
     let mut out = Vec::with_capacity(fits.len());
     for (fit, &seed) in fits.into_iter().zip(seeds) {

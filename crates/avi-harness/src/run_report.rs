@@ -5,7 +5,8 @@
 //! read back as NaN. Fields are declared in alphabetical order, so the
 //! report's bytes are those of the older `serde_json::json!` report (whose
 //! maps sort their keys), plus the `provenance` section. Fields added after
-//! reports were first committed (`provenance`, `threads`, `warnings`) are
+//! reports were first committed (`provenance`, `threads`, `warnings`,
+//! `convergence`, `interrupted_at`, `stop_reason`, `stopped_at`) are
 //! optional when reading, so every committed report still loads; a missing
 //! or renamed required field is an error naming the file and the key path
 //! ([`load`]). `docs/report-schema.md` lists every field.
@@ -25,6 +26,10 @@ pub struct RunReport {
     pub batched_seeds: Option<usize>,
     /// The fit's configuration (a `FitConfig` as JSON).
     pub config: Value,
+    /// Whether the ELBO had stopped rising at the end (absent in older
+    /// reports, and for diverged fits or traces too short to tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<avi_inference::Convergence>,
     /// The device the fit ran on (`cpu`, `cuda:0`, …).
     pub device: String,
     /// The paper's §5 diagnostic, when it was run after the fit.
@@ -39,6 +44,10 @@ pub struct RunReport {
     /// Its Monte Carlo standard error.
     #[serde(with = "nullable")]
     pub elbo_se: f64,
+    /// The step at which an interrupt stopped the fit (with
+    /// `status: interrupted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted_at: Option<usize>,
     /// The optimisation steps taken.
     pub iterations: usize,
     /// The method (the config's `method`).
@@ -65,8 +74,15 @@ pub struct RunReport {
     /// Seconds of optimisation.
     #[serde(with = "nullable")]
     pub seconds: f64,
-    /// Whether the fit finished or diverged.
+    /// Whether the fit finished, diverged or was interrupted.
     pub status: RunStatus,
+    /// Why the config's stopping rule stopped the fit early (with its
+    /// numbers; absent when it ran all its steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// The last step of a fit its stopping rule stopped early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<usize>,
     /// libtorch's intra-op threads (absent in older reports).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<i32>,
@@ -85,6 +101,10 @@ pub enum RunStatus {
     Ok,
     /// Its ELBO became non-finite (`diverged_at` says when).
     Diverged,
+    /// It was stopped part-way by Ctrl-C (`interrupted_at` says when): not
+    /// a finished run (`reproduce --resume` runs it again; summaries leave
+    /// it out as missing).
+    Interrupted,
 }
 
 /// Which avi wrote a report.
@@ -368,8 +388,15 @@ impl RunReport {
     pub fn effective_status(&self) -> RunStatus {
         match self.status {
             RunStatus::Ok if self.elbo.is_finite() => RunStatus::Ok,
+            RunStatus::Interrupted => RunStatus::Interrupted,
             _ => RunStatus::Diverged,
         }
+    }
+
+    /// Whether the run finished (ok or diverged), as opposed to being
+    /// interrupted part-way.
+    pub fn finished(&self) -> bool {
+        self.status != RunStatus::Interrupted
     }
 
     /// Parse a report from JSON text; the error names the key path.
@@ -388,8 +415,28 @@ impl RunStatus {
         match self {
             RunStatus::Ok => "ok",
             RunStatus::Diverged => "diverged",
+            RunStatus::Interrupted => "interrupted",
         }
     }
+}
+
+/// Whether `path` holds the report of a finished run: it exists and its
+/// `status` is not `interrupted` (read without the rest of the report; a
+/// file that is no report counts as finished, so that the checks that
+/// load it name what is wrong).
+pub fn is_finished(path: &Path) -> bool {
+    #[derive(Deserialize)]
+    struct Status {
+        status: Option<RunStatus>,
+    }
+    if !path.is_file() {
+        return false;
+    }
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Status>(&text).ok())
+        .and_then(|s| s.status)
+        != Some(RunStatus::Interrupted)
 }
 
 /// Load the run report at `path`; a missing or renamed key is an error

@@ -67,6 +67,8 @@ pub fn diagnose(
         draws: opts.draws.max(gradient_draws),
         steps: fvi_steps,
         batch_size: None,
+        // Exactly `fvi_steps`: the diagnostic's gain is over a fixed run.
+        stop: None,
         ..opts.clone()
     };
     check_fit_within(

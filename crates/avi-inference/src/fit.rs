@@ -3,6 +3,7 @@
 //! trace, the divergence rule, the learning-rate schedule, monitoring and
 //! the observer; [`FitRequest`] is the one entry point.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use avi_models::Model;
@@ -25,6 +26,7 @@ use crate::observer::{Observer, Silent};
 use crate::options::{CheckedOptions, Engine, FitOptions, LocalUpdates};
 use crate::result::{elbo_warnings, final_status, Clock, Fit, FitStatus, Trace};
 use crate::rng::{global_guard, Draws};
+use crate::stop::{not_converged_warning, verdict, StopState, Stopped};
 use crate::{InferenceError, Result};
 
 /// Start describing a fit of `method` to data `x` under `model`: set what
@@ -58,6 +60,7 @@ pub fn fit<'a>(model: &'a dyn Model, x: &'a Tensor, method: &MethodConfig) -> Fi
         seeds: None,
         threads: 1,
         observer: None,
+        interrupt: None,
     }
 }
 
@@ -78,6 +81,7 @@ pub struct FitRequest<'a> {
     seeds: Option<Vec<u64>>,
     threads: usize,
     observer: Option<&'a mut dyn Observer>,
+    interrupt: Option<&'a AtomicBool>,
 }
 
 impl std::fmt::Debug for FitRequest<'_> {
@@ -163,6 +167,17 @@ impl<'a> FitRequest<'a> {
         self
     }
 
+    /// Stop cleanly when `flag` becomes true (e.g. set by a Ctrl-C
+    /// handler): the loop looks at it between blocks of steps (at most
+    /// `check_every` steps apart; no extra host synchronisation), and a fit
+    /// that has not taken all its steps ends there with
+    /// [`FitStatus::Interrupted`], evaluated and summarised as usual; with
+    /// several seeds, the seeds after it are not fitted. Default: none.
+    pub fn interrupt(mut self, flag: &'a AtomicBool) -> Self {
+        self.interrupt = Some(flag);
+        self
+    }
+
     /// The engine [`FitRequest::run`] would use (resolves [`Engine::Auto`]).
     pub fn engine(&self) -> Engine {
         match self.options.engine {
@@ -243,6 +258,12 @@ impl<'a> FitRequest<'a> {
             let opts = o.checked()?;
             let stepper = self.stepper(&opts, observer.monitor_every())?;
             fits.extend(self.drive_and_finish(stepper, &opts, observer)?);
+            if fits
+                .last()
+                .is_some_and(|f| matches!(f.status, FitStatus::Interrupted { .. }))
+            {
+                break;
+            }
         }
         Ok(fits)
     }
@@ -381,19 +402,20 @@ impl<'a> FitRequest<'a> {
         let x = stepper
             .data()
             .unwrap_or_else(|| self.x.to_device(self.device).to_kind(opts.dtype.kind()));
-        let (traces, status, seconds) = {
+        let (traces, status, stopped, seconds) = {
             let _capture = stepper.exclusive().then(global_guard);
-            drive(stepper.as_mut(), opts, observer)?
+            drive(stepper.as_mut(), opts, observer, self.interrupt)?
         };
         let runs = stepper.finish()?;
         let mut fits = Vec::with_capacity(runs.len());
-        for ((run, trace), status) in runs.into_iter().zip(traces).zip(status) {
+        for (((run, trace), status), stopped) in
+            runs.into_iter().zip(traces).zip(status).zip(stopped)
+        {
             fits.push(finish(
                 self.model,
                 run,
                 &x,
-                trace,
-                status,
+                (trace, status, stopped),
                 seconds,
                 opts,
                 self.threads,
@@ -420,17 +442,26 @@ fn gcd(a: usize, b: usize) -> usize {
 /// block every run's estimates go into its trace, a run is marked diverged
 /// at its first non-finite estimate (or, at a check, at non-finite
 /// parameters), the observer hears of the check, and monitoring runs off
-/// the clock. Returns the traces and statuses of the runs and the wall time.
+/// the clock. Between blocks the stopping rule ([`crate::stop`]) and the
+/// interrupt flag are looked at. Returns the traces, statuses and early
+/// stops of the runs and the wall time.
+#[allow(clippy::type_complexity)]
 fn drive(
     stepper: &mut dyn Stepper,
     opts: &FitOptions,
     observer: &mut dyn Observer,
-) -> Result<(Vec<Trace>, Vec<FitStatus>, f64)> {
+    interrupt: Option<&AtomicBool>,
+) -> Result<(Vec<Trace>, Vec<FitStatus>, Vec<Option<Stopped>>, f64)> {
     let runs = stepper.runs();
     let block = stepper.block().min(opts.check_every).max(1);
     let every = observer.monitor_every();
     let mut traces = vec![Trace::default(); runs];
     let mut status = vec![FitStatus::Ok; runs];
+    let mut rules: Vec<StopState> = match &opts.stop {
+        Some(rule) => vec![StopState::new(rule); runs],
+        None => Vec::new(),
+    };
+    let mut stopped = vec![None; runs];
     let monitor = |stepper: &mut dyn Stepper, observer: &mut dyn Observer, done, now| {
         (0..runs)
             .try_for_each(|r| stepper.monitor(r, &mut |var| observer.on_monitor(done, now, var)))
@@ -517,8 +548,21 @@ fn drive(
             monitor(stepper, observer, done, now)?;
             paused += t0.elapsed();
         }
+        // After the monitoring of this step: a fit that ends here has its
+        // last record.
+        if done < opts.steps
+            && crate::stop::all_met(&mut rules, &traces, &status, done, &mut stopped)
+        {
+            break;
+        }
+        if done < opts.steps && interrupt.is_some_and(|f| f.load(Ordering::SeqCst)) {
+            for s in status.iter_mut().filter(|s| **s == FitStatus::Ok) {
+                *s = FitStatus::Interrupted { at: done };
+            }
+            break;
+        }
     }
-    Ok((traces, status, clock(Instant::now(), paused)))
+    Ok((traces, status, stopped, clock(Instant::now(), paused)))
 }
 
 /// Appends the steps `first ..= first + values.len() − 1` (ELBO estimates
@@ -558,15 +602,14 @@ fn finish(
     model: &dyn Model,
     (var, rng): (Variational, Draws),
     x: &Tensor,
-    trace: Trace,
-    status: FitStatus,
+    (trace, status, stopped): (Trace, FitStatus, Option<Stopped>),
     seconds: f64,
     opts: &FitOptions,
     threads: usize,
 ) -> Result<Fit> {
     let iterations = match status {
-        FitStatus::Ok => opts.steps,
-        FitStatus::Diverged { at } => at,
+        FitStatus::Ok => stopped.as_ref().map_or(opts.steps, |s| s.at),
+        FitStatus::Diverged { at } | FitStatus::Interrupted { at } => at,
     };
     let (elbo, elbo_se) = {
         // The default generator is drawn from under the lock only.
@@ -574,7 +617,7 @@ fn finish(
         evaluate_from(model, &var, x, opts.eval_draws, opts.entropy, &rng)?
     };
     rng.hand_back()?;
-    let status = final_status(status, elbo, opts.steps);
+    let status = final_status(status, elbo, iterations);
     let q_theta = match &var.theta {
         ThetaFactor::Free(q) => Some(summarize(q)?),
         ThetaFactor::Fixed(_) => None,
@@ -590,9 +633,19 @@ fn finish(
             Some(host_vec(&var.local_log_probs().exp())?),
         ),
     };
+    let converged = match status {
+        FitStatus::Ok | FitStatus::Interrupted { .. } => {
+            verdict(&trace, elbo_se, opts.stop.as_ref())
+        }
+        FitStatus::Diverged { .. } => None,
+    };
     let warnings = match status {
-        FitStatus::Ok => elbo_warnings(elbo, elbo_se, &trace, x.numel(), &q_z),
-        FitStatus::Diverged { .. } => Vec::new(),
+        FitStatus::Ok => {
+            let mut w = elbo_warnings(elbo, elbo_se, &trace, x.numel(), &q_z);
+            w.extend(converged.as_ref().and_then(not_converged_warning));
+            w
+        }
+        FitStatus::Diverged { .. } | FitStatus::Interrupted { .. } => Vec::new(),
     };
     Ok(Fit {
         q_theta,
@@ -604,6 +657,9 @@ fn finish(
         iterations,
         seconds,
         status,
+        stopped_at: stopped.as_ref().map(|s| s.at),
+        stop_reason: stopped.map(|s| s.reason),
+        convergence: converged,
         num_parameters: var.num_parameters(),
         engine: opts.engine,
         threads,

@@ -70,6 +70,7 @@ mod options;
 mod result;
 mod rng;
 mod saved;
+mod stop;
 
 /// The `tch` crate (libtorch's Rust bindings) this crate is built on,
 /// re-exported so that users pin the same version.
@@ -115,6 +116,7 @@ pub use saved::{
     DataFingerprint, Expect, FileEntry, Fitted, Manifest, OutputLayout, TensorEntry,
     FORMAT_VERSION, MANIFEST_FILE, STATE_FILE,
 };
+pub use stop::{verdict, Convergence, StopRule, VERDICT_BINS, VERDICT_MIN_STEPS, VERDICT_T};
 
 /// The engines' own types, for the workspace's tests and benchmark tools:
 /// not part of the public vocabulary, and free to change between

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
+use crate::stop::StopRule;
 use crate::{InferenceError, Result};
 
 /// How the entropy term `−E_q[log q]` of the ELBO is estimated.
@@ -88,6 +89,12 @@ pub struct FitOptions {
     /// default, so configs without it read and write as before.
     #[serde(default, skip_serializing_if = "LocalUpdates::is_gradient")]
     pub local_updates: LocalUpdates,
+    /// Stop early when the ELBO has stopped improving (default none: all
+    /// `steps`, as in the paper; see [`StopRule`] for the rule and its
+    /// defaults). Left out of a serialisation when absent, so configs
+    /// and reports without it read and write as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopRule>,
 }
 
 /// How F-VI updates categorical local factors ([`FitOptions::local_updates`]).
@@ -216,6 +223,7 @@ impl Default for FitOptions {
             engine: Engine::Auto,
             lr_schedule: Vec::new(),
             local_updates: LocalUpdates::Gradient,
+            stop: None,
         }
     }
 }
@@ -294,6 +302,9 @@ impl FitOptions {
                 ));
             }
             previous = s.from;
+        }
+        if let Some(rule) = &self.stop {
+            rule.check()?;
         }
         Ok(())
     }
@@ -451,6 +462,20 @@ mod tests {
         }
         let back: FitOptions = serde_json::from_str(&text).unwrap();
         assert_eq!(back, FitOptions::default());
+    }
+
+    /// `stop` is left out of a serialisation when absent; `"stop": {}` is
+    /// the default rule, and its settings are checked.
+    #[test]
+    fn stop_is_opt_in() {
+        let text = serde_json::to_string(&FitOptions::default()).unwrap();
+        assert!(!text.contains("stop"), "{text}");
+        let with = text.replace('}', ",\"stop\":{}}");
+        let back: FitOptions = serde_json::from_str(&with).unwrap();
+        assert_eq!(back.stop, Some(StopRule::default()));
+        let bad = text.replace('}', ",\"stop\":{\"window\":1}}");
+        let bad: FitOptions = serde_json::from_str(&bad).unwrap();
+        assert_eq!(field_of(&bad), "stop.window");
     }
 
     /// Values that JSON cannot give a count (negative, fractional) are

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::family::GaussianSummary;
 use crate::method::Variational;
 use crate::options::Engine;
+use crate::stop::Convergence;
 
 /// Whether a fit finished normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +21,14 @@ pub enum FitStatus {
         /// The first step whose ELBO estimate (or, failing that, the check
         /// step whose parameters) was not finite; the last step when every
         /// step was finite but the ELBO of the final parameters is not.
+        at: usize,
+    },
+    /// Stopped at the end of this (1-based) step, before the steps asked
+    /// for, because an interrupt was requested
+    /// ([`crate::FitRequest::interrupt`]); the result is that of the
+    /// parameters there.
+    Interrupted {
+        /// The last step taken.
         at: usize,
     },
 }
@@ -88,8 +97,20 @@ pub struct Fit {
     pub iterations: usize,
     /// Wall time of the optimisation loop in seconds.
     pub seconds: f64,
-    /// Ok or diverged.
+    /// Ok, diverged or interrupted.
     pub status: FitStatus,
+    /// The last step when the fit's [`crate::StopRule`] stopped it early
+    /// (`None`: no rule, or it ran all its steps).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<usize>,
+    /// Why the rule stopped it, with its numbers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// Whether the ELBO had stopped rising at the end
+    /// ([`crate::verdict`]); `None` for a diverged fit or a trace too
+    /// short to tell. A fit that has not converged also says so in
+    /// [`Fit::warnings`].
+    pub convergence: Option<Convergence>,
     /// Number of learned scalars.
     pub num_parameters: usize,
     /// The engine that took the steps (never [`Engine::Auto`]).

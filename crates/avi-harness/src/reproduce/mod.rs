@@ -32,7 +32,7 @@ use crate::claim::{Claimed, Holder, RunClaim};
 use crate::experiment::{Experiment, RunSpec};
 use crate::report::{remove_stale_temp_files, write_json_atomic};
 use crate::run::{diagnosis_section, prepare, run_prepared, Prepared};
-use crate::run_report::{RunReport, RunStatus};
+use crate::run_report::{is_finished, RunReport, RunStatus};
 
 mod stored;
 use stored::*;
@@ -327,10 +327,16 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     let earlier = !(finished.is_empty() && claims.is_empty());
     if earlier && !opts.resume {
         if !opts.fresh {
+            let interrupted = finished.iter().filter(|p| !is_finished(p)).count();
             bail!(
-                "{} holds {} finished run report(s){}: pass --resume to keep them and run only the missing ones, or --fresh to move them aside into {}/previous-<time>/ (nothing was changed)",
+                "{} holds {} finished run report(s){}{}: pass --resume to keep them and run only the missing ones, or --fresh to move them aside into {}/previous-<time>/ (nothing was changed)",
                 runs_dir.display(),
-                finished.len(),
+                finished.len() - interrupted,
+                if interrupted == 0 {
+                    String::new()
+                } else {
+                    format!(" and {interrupted} interrupted one(s) (run again by --resume)")
+                },
                 if claims.is_empty() {
                     String::new()
                 } else {
@@ -357,13 +363,14 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
                     .with_context(|| format!("cannot remove {}", lock.display()))?;
             }
         }
+        // An interrupted run's report is no finished run: it runs again.
         for r in &runs {
             let path = runs_dir.join(&r.file);
-            if path.is_file() {
+            if is_finished(&path) {
                 check_stored_run(&path, &r.config, opts.batch_seeds)?;
             }
         }
-        runs.retain(|r| !runs_dir.join(&r.file).is_file());
+        runs.retain(|r| !is_finished(&runs_dir.join(&r.file)));
     }
     write_json_atomic(&dir.join("experiment.json"), &serde_json::to_value(&exp)?)?;
     progress.overall.set_length(runs.len() as u64);
@@ -406,7 +413,7 @@ fn claim_run(
     let before = crate::claim::read_holder(&lock)?;
     match RunClaim::acquire(&lock, opts.resume)? {
         Claimed::Ours(claim) => {
-            if report.is_file() {
+            if is_finished(&report) {
                 if opts.resume {
                     return Ok(None);
                 }
@@ -516,13 +523,20 @@ fn run_here(
             )?;
             bar.finish_and_clear();
             progress.multi.remove(&bar);
+            let mut interrupted = false;
             for ((spec, claim), (fit, mut report)) in group.into_iter().zip(results) {
                 slim(&mut report);
                 write_json_atomic(&runs_dir.join(&spec.file), &report)?;
                 save_run(opts, runs_dir, spec, p, fit)?;
                 drop(claim);
-                progress.overall.inc(1);
+                interrupted |= report.status == RunStatus::Interrupted;
+                if !interrupted {
+                    progress.overall.inc(1);
+                }
                 progress.line(done_line(&exp.name, spec, &report));
+            }
+            if interrupted {
+                return Err(crate::interrupt::Interrupted.into());
             }
             continue;
         }
@@ -535,6 +549,14 @@ fn run_here(
         let (fit, mut report) = run_prepared(&run.config, p, opts.device, &mut observer)?;
         bar.finish_and_clear();
         progress.multi.remove(&bar);
+        if report.status == RunStatus::Interrupted {
+            // Written (as not finished: --resume runs it again), then stop.
+            slim(&mut report);
+            write_json_atomic(&runs_dir.join(&run.file), &report)?;
+            drop(claim);
+            progress.line(done_line(&exp.name, run, &report));
+            return Err(crate::interrupt::Interrupted.into());
+        }
         if exp.diagnose
             && !matches!(run.config.method, MethodConfig::Fvi)
             && report.status == RunStatus::Ok
@@ -710,6 +732,11 @@ fn run_child(
     };
     drop(parent_alive);
     let err = reader.join().unwrap_or_default();
+    if status.code() == Some(130) {
+        // The child was interrupted (its report, if any, says
+        // `interrupted`): the whole command stops.
+        crate::interrupt::set();
+    }
     if crate::interrupt::requested() {
         return Err(crate::interrupt::Interrupted.into());
     }

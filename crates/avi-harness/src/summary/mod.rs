@@ -283,13 +283,14 @@ fn add_window_bounds(exp: &Experiment, rows: &mut [Value]) -> Result<()> {
 }
 
 /// The run reports an experiment folder's definition asks for that are
-/// not there (`runs/LABEL-SEED.json` names).
+/// not there, or only as an interrupted run (`runs/LABEL-SEED.json`
+/// names).
 pub fn missing_runs(dir: &Path) -> Result<Vec<String>> {
     let exp = load_experiment_file(&dir.join("experiment.json"))?;
     Ok(crate::experiment::plan(&exp)
         .into_iter()
         .map(|r| r.file)
-        .filter(|f| !dir.join("runs").join(f).is_file())
+        .filter(|f| !crate::run_report::is_finished(&dir.join("runs").join(f)))
         .collect())
 }
 

@@ -106,6 +106,10 @@ pub(super) fn load_runs(dir: &Path, exp: &Experiment) -> Result<Vec<Run>> {
                 continue;
             }
             let report = crate::run_report::load(&path)?;
+            if !report.finished() {
+                // Interrupted part-way: missing, not a result.
+                continue;
+            }
             runs.push(Run {
                 label: m.label.clone(),
                 seed,
