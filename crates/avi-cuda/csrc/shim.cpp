@@ -683,15 +683,14 @@ int avi_adam_step(void* opt) {
 }
 
 // The learning rate of the defaults and of every group (as tch's
-// ato_set_learning_rate).
-int avi_adam_set_lr(void* opt, double lr) {
-  return guarded([&] {
-    auto* o = static_cast<torch::optim::Adam*>(opt);
-    static_cast<torch::optim::AdamOptions&>(o->defaults()).lr(lr);
-    for (auto& g : o->param_groups()) {
-      static_cast<torch::optim::AdamOptions&>(g.options()).lr(lr);
-    }
-  });
+// ato_set_learning_rate; every options object of this optimizer is an
+// AdamOptions, so nothing here throws).
+void avi_adam_set_lr(void* opt, double lr) {
+  auto* o = static_cast<torch::optim::Adam*>(opt);
+  static_cast<torch::optim::AdamOptions&>(o->defaults()).lr(lr);
+  for (auto& g : o->param_groups()) {
+    static_cast<torch::optim::AdamOptions&>(g.options()).lr(lr);
+  }
 }
 
 // The state of parameter `param`: *present = 0 before its first step;

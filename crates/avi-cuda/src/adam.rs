@@ -26,7 +26,7 @@ extern "C" {
     fn avi_adam_free(opt: *mut c_void);
     fn avi_adam_zero_grad(opt: *mut c_void) -> c_int;
     fn avi_adam_step(opt: *mut c_void) -> c_int;
-    fn avi_adam_set_lr(opt: *mut c_void, lr: f64) -> c_int;
+    fn avi_adam_set_lr(opt: *mut c_void, lr: f64);
     fn avi_adam_get_state(
         opt: *mut c_void,
         param: TensorPtr,
@@ -114,9 +114,9 @@ impl TorchAdam {
     }
 
     /// The learning rate of the following steps.
-    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+    pub fn set_lr(&mut self, lr: f64) {
         // SAFETY: `self.ptr` is the live optimizer.
-        check(unsafe { avi_adam_set_lr(self.ptr, lr) })
+        unsafe { avi_adam_set_lr(self.ptr, lr) }
     }
 
     /// The state of parameter `i` (copies); `None` before its first step.
@@ -208,7 +208,7 @@ mod tests {
             for i in 0..300 {
                 if i == 150 {
                     a.set_lr(0.01);
-                    b.set_lr(0.01).unwrap();
+                    b.set_lr(0.01);
                 }
                 a.zero_grad();
                 loss(&vs_a, &target).backward();

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use avi_models::Model;
 use tch::{Device, Tensor};
 
+use crate::checkpoint::{self, FitFacts, Resumed, Writer};
 use crate::elbo::evaluate_from;
 use crate::engine::batched::BatchedTrainer;
 use crate::engine::cavi::CaviTrainer;
@@ -58,6 +59,9 @@ pub fn fit<'a>(model: &'a dyn Model, x: &'a Tensor, method: &MethodConfig) -> Fi
         seeds: None,
         threads: 1,
         observer: None,
+        checkpoint: None,
+        context: None,
+        resume: None,
     }
 }
 
@@ -78,6 +82,9 @@ pub struct FitRequest<'a> {
     seeds: Option<Vec<u64>>,
     threads: usize,
     observer: Option<&'a mut dyn Observer>,
+    checkpoint: Option<(std::path::PathBuf, usize)>,
+    context: Option<serde_json::Value>,
+    resume: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for FitRequest<'_> {
@@ -90,6 +97,8 @@ impl std::fmt::Debug for FitRequest<'_> {
             .field("fixed_theta", &self.fixed_theta)
             .field("seeds", &self.seeds)
             .field("threads", &self.threads)
+            .field("checkpoint", &self.checkpoint)
+            .field("resume", &self.resume)
             .finish()
     }
 }
@@ -157,6 +166,38 @@ impl<'a> FitRequest<'a> {
         self
     }
 
+    /// Write a checkpoint into the folder `dir` every `every` steps (see
+    /// [`crate::checkpoint`] for the format and its atomicity): the fit
+    /// killed at any moment can continue from the latest one
+    /// ([`FitRequest::resume`]) and end with the same bits as without the
+    /// interruption. The libtorch and fused CPU engines can checkpoint;
+    /// others refuse, as do several seeds in one request. A checkpoint
+    /// step ends a block of the loop; writing is off the trace's clock.
+    pub fn checkpoint(mut self, dir: impl Into<std::path::PathBuf>, every: usize) -> Self {
+        self.checkpoint = Some((dir.into(), every));
+        self
+    }
+
+    /// Anything the caller wants stored in every checkpoint (the `avi`
+    /// binary stores its resolved config), read back by
+    /// [`crate::latest_checkpoint`].
+    pub fn checkpoint_context(mut self, context: serde_json::Value) -> Self {
+        self.context = Some(context);
+        self
+    }
+
+    /// Continue the fit from the latest checkpoint in the folder `dir`
+    /// (written by [`FitRequest::checkpoint`]) instead of starting afresh.
+    /// The request must describe the same fit (model, data, method,
+    /// options, engine, threads, device; checked, as is every file's
+    /// SHA-256); the engine is built as for a fresh fit, then given the
+    /// checkpoint's state, trace and step count. Checkpointing, if also
+    /// asked for, continues.
+    pub fn resume(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.resume = Some(dir.into());
+        self
+    }
+
     /// Hooks called during the fit (progress, monitoring).
     pub fn observer(mut self, observer: &'a mut dyn Observer) -> Self {
         self.observer = Some(observer);
@@ -219,6 +260,12 @@ impl<'a> FitRequest<'a> {
         let seeds = self.seeds.take().unwrap_or_else(|| vec![opts.seed]);
         if seeds.is_empty() {
             return Err(InferenceError::config("seeds", "at least one seed"));
+        }
+        if (self.checkpoint.is_some() || self.resume.is_some()) && (batched || seeds.len() > 1) {
+            return Err(InferenceError::config(
+                "checkpoint",
+                "checkpoints are of one fit: one seed per request",
+            ));
         }
         let mut silent = Silent;
         let observer: &mut dyn Observer = match self.observer.take() {
@@ -381,9 +428,10 @@ impl<'a> FitRequest<'a> {
         let x = stepper
             .data()
             .unwrap_or_else(|| self.x.to_device(self.device).to_kind(opts.dtype.kind()));
+        let (writer, resumed) = self.checkpoints(stepper.as_mut(), opts)?;
         let (traces, status, seconds) = {
             let _capture = stepper.exclusive().then(global_guard);
-            drive(stepper.as_mut(), opts, observer)?
+            drive(stepper.as_mut(), opts, observer, writer.as_ref(), resumed)?
         };
         let runs = stepper.finish()?;
         let mut fits = Vec::with_capacity(runs.len());
@@ -400,6 +448,45 @@ impl<'a> FitRequest<'a> {
             )?);
         }
         Ok(fits)
+    }
+}
+
+impl FitRequest<'_> {
+    /// The checkpoint writer, and the state restored into `stepper` from
+    /// the checkpoint to resume from, as the request asks.
+    fn checkpoints(
+        &self,
+        stepper: &mut dyn Stepper,
+        opts: &FitOptions,
+    ) -> Result<(Option<Writer>, Option<Resumed>)> {
+        if self.checkpoint.is_none() && self.resume.is_none() {
+            return Ok((None, None));
+        }
+        let facts = FitFacts {
+            model: self.model,
+            x: self.x,
+            method: &self.method,
+            options: opts,
+            threads: self.threads,
+            device: self.device,
+        };
+        let writer = match &self.checkpoint {
+            Some((dir, every)) => {
+                // Refuse an engine that cannot save before any step is taken.
+                stepper.state()?;
+                Some(Writer::new(dir, *every, self.context.clone(), &facts)?)
+            }
+            None => None,
+        };
+        let resumed = match &self.resume {
+            Some(dir) => {
+                let (state, resumed) = checkpoint::load(dir, &facts)?;
+                stepper.restore(&state)?;
+                Some(resumed)
+            }
+            None => None,
+        };
+        Ok((writer, resumed))
     }
 }
 
@@ -425,11 +512,19 @@ fn drive(
     stepper: &mut dyn Stepper,
     opts: &FitOptions,
     observer: &mut dyn Observer,
+    checkpoints: Option<&Writer>,
+    resumed: Option<Resumed>,
 ) -> Result<(Vec<Trace>, Vec<FitStatus>, f64)> {
     let runs = stepper.runs();
     let block = stepper.block().min(opts.check_every).max(1);
     let every = observer.monitor_every();
     let mut traces = vec![Trace::default(); runs];
+    // A resumed fit (one run) continues its trace, step count and clock.
+    let (mut done, mut last_time) = (0, 0.0);
+    let offset = resumed.as_ref().map_or(0.0, |r| r.last_time);
+    if let Some(r) = resumed {
+        (done, last_time, traces) = (r.step, r.last_time, vec![r.trace]);
+    }
     let mut status = vec![FitStatus::Ok; runs];
     let monitor = |stepper: &mut dyn Stepper, observer: &mut dyn Observer, done, now| {
         (0..runs)
@@ -441,12 +536,13 @@ fn drive(
     let mut paused = Duration::ZERO;
     let start = Instant::now();
     let clock = |at: Instant, paused: Duration| {
-        (at.duration_since(start).saturating_sub(paused)).as_secs_f64()
+        (at.duration_since(start).saturating_sub(paused)).as_secs_f64() + offset
     };
-    let mut done = 0;
-    let mut last_time = 0.0;
     while done < opts.steps {
         let mut end = ((done / block + 1) * block).min(opts.steps);
+        if let Some(c) = checkpoints {
+            end = end.min(c.next_stop(done));
+        }
         if let Some(k) = done.checked_div(every) {
             end = end.min((k + 1) * every);
         }
@@ -511,6 +607,11 @@ fn drive(
         }
         if status.iter().all(|s| *s != FitStatus::Ok) {
             break;
+        }
+        if let Some(c) = checkpoints.filter(|c| c.due(done)) {
+            let t0 = Instant::now();
+            c.write(done, stepper, &traces[0], now)?;
+            paused += t0.elapsed();
         }
         if every > 0 && done % every == 0 {
             let t0 = Instant::now();

@@ -52,6 +52,7 @@
 //! ([`check_fit`], [`memory_estimate`]) before it allocates anything.
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod convergence;
 mod de;
 mod diagnose;
@@ -77,6 +78,7 @@ pub use tch;
 /// libtorch's fused Adam and the generators, in the `avi-cuda` shim (which
 /// builds without the CUDA headers, graphs then off).
 pub use avi_cuda::CudaError;
+pub use checkpoint::{latest_checkpoint, CheckpointInfo};
 pub use diagnose::{diagnose, Diagnosis};
 pub use elbo::{elbo_draws, elbo_draws_batch, evaluate_elbo};
 pub use error::{InferenceError, Result};
