@@ -141,6 +141,25 @@ pub struct FitConfig {
     /// Reconstruction error monitoring (BNN only; digest §4.4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse: Option<MseConfig>,
+    /// Where the fit's saved state goes (a folder, relative to the config's
+    /// folder; `avi fit --save DIR` wins): with `checkpoint`, the
+    /// checkpoints are written into `DIR/checkpoint/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save: Option<PathBuf>,
+    /// Write a checkpoint every `every` steps into the `save` folder
+    /// (`{"every": S}`); `avi fit --resume DIR` continues a killed fit from
+    /// the latest one with the same bits as the uninterrupted fit (the
+    /// libtorch and fused CPU engines; see docs/checkpoints.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointConfig>,
+}
+
+/// `"checkpoint": {"every": S}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Steps between checkpoints (at least 1).
+    pub every: usize,
 }
 
 /// Reconstruction MSE of the BNN, recorded during the fit at the variational
@@ -253,6 +272,14 @@ impl FitConfig {
             }
             if m.every == 0 {
                 bail!("field `mse.every` must be at least 1");
+            }
+        }
+        if let Some(c) = &cfg.checkpoint {
+            if c.every == 0 {
+                bail!("field `checkpoint.every` must be at least 1");
+            }
+            if cfg.mse.is_some() {
+                bail!("field `checkpoint`: a fit that monitors `mse` cannot checkpoint yet (its MSE trace is not saved)");
             }
         }
         Ok(cfg)

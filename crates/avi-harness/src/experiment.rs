@@ -662,6 +662,8 @@ pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfi
             every: m.every,
             test: m.test.clone(),
         }),
+        save: None,
+        checkpoint: None,
     }
 }
 

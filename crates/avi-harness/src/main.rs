@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use avi_harness::config::{DataConfig, FitConfig};
 use avi_harness::report::write_json_atomic;
 use avi_harness::reproduce::EXIT_WITH_PARENT;
-use avi_harness::run::{check_output, prepare, resolve_device, run_prepared, DeviceChoice};
+use avi_harness::run::{
+    check_output, prepare, resolve_device, run_prepared, run_prepared_checkpointed, CheckpointContext,
+    CheckpointPlan, DeviceChoice,
+};
 use avi_harness::{demo, interrupt};
 use avi_inference::FitStatus;
 use clap::{Parser, Subcommand};
@@ -30,9 +33,10 @@ struct Cli {
 enum Command {
     /// Fit one configuration and write its report.
     Fit {
-        /// The JSON config.
-        #[arg(long)]
-        config: PathBuf,
+        /// The JSON config (not with `--resume`, which takes the config
+        /// from the checkpoint).
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
         /// Where to write the JSON report (atomically).
         #[arg(long)]
         out: PathBuf,
@@ -48,6 +52,17 @@ enum Command {
         /// stdout at check blocks, at most one a second).
         #[arg(long)]
         quiet: bool,
+        /// The folder of the fit's saved state (overrides the config's
+        /// `save`); a config with `"checkpoint": {"every": S}` writes its
+        /// checkpoints into `DIR/checkpoint/`.
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Continue the killed fit whose checkpoints are in
+        /// `DIR/checkpoint/` (its config, data and options come from the
+        /// checkpoint) and write its report to `--out`: the same report as
+        /// the uninterrupted fit's, times aside.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "check", "save"])]
+        resume: Option<PathBuf>,
     },
     /// Fit a config, then run F-VI from its solution (the paper's §5
     /// diagnostic): the report gains a `diagnosis` section.
@@ -266,18 +281,109 @@ fn inputs_of(config: &Path, cfg: &FitConfig) -> Vec<PathBuf> {
     files
 }
 
+/// The checkpoint folder inside a save folder.
+fn checkpoint_dir(save: &Path) -> PathBuf {
+    save.join("checkpoint")
+}
+
+/// `avi fit --resume DIR`: the config and plan stored in DIR's latest
+/// checkpoint.
+fn resume_plan(save: &Path) -> Result<(FitConfig, PathBuf, CheckpointPlan)> {
+    let dir = checkpoint_dir(save);
+    let info = avi_inference::latest_checkpoint(&dir)?.with_context(|| {
+        format!(
+            "--resume {}: no checkpoint in {}",
+            save.display(),
+            dir.display()
+        )
+    })?;
+    let context: CheckpointContext = info
+        .context
+        .context("the checkpoint holds no config")
+        .and_then(|c| Ok(serde_json::from_value(c)?))
+        .with_context(|| format!("checkpoint {}", info.path.display()))?;
+    let every = context
+        .config
+        .checkpoint
+        .with_context(|| format!("checkpoint {}: its config has no `checkpoint`", info.path.display()))?
+        .every;
+    eprintln!(
+        "avi: resuming from step {} of {} ({})",
+        info.step,
+        info.steps,
+        info.path.display()
+    );
+    let plan = CheckpointPlan {
+        dir,
+        every,
+        resume: true,
+        context: context.clone(),
+    };
+    Ok((context.config, context.config_dir, plan))
+}
+
 fn fit_command(
-    config: &Path,
+    config: Option<&Path>,
     out: &Path,
     device: DeviceChoice,
     check: bool,
     quiet: bool,
+    save: Option<&Path>,
+    resume: Option<&Path>,
 ) -> Result<Outcome> {
-    let cfg = FitConfig::load(config)?;
+    let (cfg, dir, plan) = match (config, resume) {
+        (_, Some(save)) => {
+            let (cfg, dir, plan) = resume_plan(save)?;
+            (cfg, dir, Some(plan))
+        }
+        (Some(config), None) => {
+            let cfg = FitConfig::load(config)?;
+            let dir = config.parent().unwrap_or(Path::new(".")).to_path_buf();
+            (cfg, dir, None)
+        }
+        (None, None) => anyhow::bail!("give --config FILE or --resume DIR"),
+    };
     let device = resolve_device(device)?;
-    check_output(out, &inputs_of(config, &cfg))?;
-    let dir = config.parent().unwrap_or(Path::new("."));
-    let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
+    // A resumed config's own file is not an input (it is in the checkpoint).
+    let config_path = config.map_or_else(|| dir.join("config.json"), Path::to_path_buf);
+    check_output(out, &inputs_of(&config_path, &cfg))?;
+    let prepared = prepare(&cfg, &dir).with_context(|| format!("config {}", config_path.display()))?;
+    let plan = match (plan, &cfg.checkpoint) {
+        (Some(plan), _) => Some(plan),
+        (None, None) => None,
+        (None, Some(_)) if check => None,
+        (None, Some(c)) => {
+            let save = match (save, &cfg.save) {
+                (Some(s), _) => s.to_path_buf(),
+                (None, Some(s)) => dir.join(s),
+                (None, None) => anyhow::bail!(
+                    "field `checkpoint` needs a folder for the checkpoints: --save DIR or \"save\": \"DIR\" in the config"
+                ),
+            };
+            let ckpt = checkpoint_dir(&save);
+            if avi_inference::latest_checkpoint(&ckpt).is_ok_and(|c| c.is_some())
+                || ckpt.join("latest.json").exists()
+            {
+                anyhow::bail!(
+                    "{} holds the checkpoints of a fit: continue it with `avi fit --resume {}`, or save into another folder",
+                    ckpt.display(),
+                    save.display()
+                );
+            }
+            let config_dir = dir
+                .canonicalize()
+                .with_context(|| format!("cannot resolve the config's folder {}", dir.display()))?;
+            Some(CheckpointPlan {
+                dir: ckpt,
+                every: c.every,
+                resume: false,
+                context: CheckpointContext {
+                    config: cfg.clone(),
+                    config_dir,
+                },
+            })
+        }
+    };
     if check {
         let bytes = avi_harness::run::check_prepared(&cfg, &prepared, device)?;
         let resolved = serde_json::to_string_pretty(&cfg)?;
@@ -291,7 +397,8 @@ fn fit_command(
         return Ok(Outcome::Done);
     }
     let mut progress = FitProgress::new(quiet, cfg.steps);
-    let (fit, report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
+    let (fit, report) =
+        run_prepared_checkpointed(&cfg, &prepared, device, &mut progress, plan.as_ref())?;
     progress.finish();
     write_json_atomic(out, &report)?;
     for w in &fit.warnings {
@@ -362,7 +469,17 @@ fn run(cli: Cli) -> Result<Outcome> {
             device,
             check,
             quiet,
-        } => fit_command(&config, &out, device, check, quiet),
+            save,
+            resume,
+        } => fit_command(
+            config.as_deref(),
+            &out,
+            device,
+            check,
+            quiet,
+            save.as_deref(),
+            resume.as_deref(),
+        ),
         Command::Diagnose {
             config,
             out,

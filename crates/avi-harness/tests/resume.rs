@@ -1,0 +1,184 @@
+//! `avi fit --save DIR` with `"checkpoint": {"every": S}`, and
+//! `avi fit --resume DIR`, through the real binary: a fit killed with
+//! SIGKILL after its first checkpoint and resumed writes the same report as
+//! the uninterrupted fit, wall-clock times aside (every trace ELBO, q(θ),
+//! q(z) and the final ELBO compared exactly: the resumed fit runs the same
+//! operations on the same values), on the libtorch and the fused CPU
+//! engines; damaged checkpoints and misuse are refused with exit 2.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const AVI: &str = env!("CARGO_BIN_EXE_avi");
+
+/// A config of `engine` (`"torch"` or `"fused"`) and `method` on simulated
+/// data, `steps` steps, a checkpoint every `every`.
+fn config(dir: &Path, name: &str, model: &str, method: &str, engine: &str, steps: usize) -> PathBuf {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{"model": {model},
+                "data": {{"simulate": {{"n": 300, "seed": 5}}}},
+                "method": {method},
+                "steps": {steps}, "draws": 10, "eval_draws": 100, "lr": 0.01,
+                "dtype": "f64", "engine": "{engine}",
+                "lr_schedule": [{{"from": {}, "factor": 0.5}}],
+                "checkpoint": {{"every": 500}}}}"#,
+            steps / 2 + 1
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn avi(args: &[&str]) -> Command {
+    let mut c = Command::new(AVI);
+    c.args(["--threads", "1", "fit", "--device", "cpu", "--quiet"])
+        .args(args);
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    avi(args).output().unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn refused(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+}
+
+/// A report without its wall-clock times.
+fn comparable(path: &Path) -> Value {
+    let mut r: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    r["seconds"] = Value::Null;
+    r["trace"]["seconds"] = Value::Null;
+    r
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Kill the fit of `cfg` with SIGKILL once its first checkpoint is there,
+/// resume it, and compare with the uninterrupted fit's report.
+fn killed_fit_resumes_exactly(dir: &Path, cfg: &Path, name: &str) {
+    let reference = dir.join(format!("{name}-reference.json"));
+    let plain_save = dir.join(format!("{name}-plain"));
+    ok(&run(&[
+        "--config",
+        p(cfg),
+        "--out",
+        p(&reference),
+        "--save",
+        p(&plain_save),
+    ]));
+    let save = dir.join(format!("{name}-save"));
+    let out = dir.join(format!("{name}-resumed.json"));
+    let mut child = avi(&["--config", p(cfg), "--out", p(&out), "--save", p(&save)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let latest = save.join("checkpoint/latest.json");
+    let start = Instant::now();
+    while !latest.exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{name}: no checkpoint");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{name}: the fit ended before the kill");
+    assert!(!out.exists(), "{name}: a report of the killed fit");
+    let at: Value = serde_json::from_str(&std::fs::read_to_string(&latest).unwrap()).unwrap();
+    let step = at["step"].as_u64().unwrap();
+    assert!(step >= 500, "{name}: {at}");
+    let o = run(&["--resume", p(&save), "--out", p(&out)]);
+    ok(&o);
+    let said = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        said.contains(&format!("resuming from step {step} of 8000")),
+        "{said}"
+    );
+    let (want, got) = (comparable(&reference), comparable(&out));
+    assert_eq!(
+        want["trace"]["elbo"].as_array().unwrap().len(),
+        got["trace"]["elbo"].as_array().unwrap().len()
+    );
+    assert_eq!(want, got, "{name}: resumed from step {step}");
+}
+
+#[test]
+fn killed_fits_resume_to_the_uninterrupted_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fvi = r#"{"kind": "fvi"}"#;
+    let linear = r#"{"kind": "linear", "tau": 1.155, "sigma": 2.43}"#;
+    let cfg = config(dir, "torch", linear, fvi, "torch", 8000);
+    killed_fit_resumes_exactly(dir, &cfg, "torch");
+    let saw = r#"{"kind": "saw", "alpha": 0.75, "x0": 0}"#;
+    let avi_mlp = r#"{"kind": "avi", "fn": {"kind": "mlp", "width": 8}, "window": [1, 0]}"#;
+    let cfg = config(dir, "fused", saw, avi_mlp, "fused", 8000);
+    killed_fit_resumes_exactly(dir, &cfg, "fused");
+}
+
+#[test]
+fn misuse_and_damage_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let fvi = r#"{"kind": "fvi"}"#;
+    let linear = r#"{"kind": "linear", "tau": 1.155, "sigma": 2.43}"#;
+    let cfg = config(dir, "c", linear, fvi, "torch", 1000);
+    let out = dir.join("r.json");
+    // a checkpoint needs a folder
+    refused(&run(&["--config", p(&cfg), "--out", p(&out)]), &["--save"]);
+    // the graph engine cannot checkpoint
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let graph = dir.join("graph.json");
+    std::fs::write(&graph, text.replace("\"torch\"", "\"graph\"")).unwrap();
+    refused(
+        &run(&["--config", p(&graph), "--out", p(&out), "--save", p(&dir.join("g"))]),
+        &["graph engine cannot checkpoint"],
+    );
+    assert!(!out.exists());
+    // nothing to resume
+    refused(
+        &run(&["--resume", p(&dir.join("none")), "--out", p(&out)]),
+        &["no checkpoint"],
+    );
+    let save = dir.join("s");
+    ok(&run(&["--config", p(&cfg), "--out", p(&out), "--save", p(&save)]));
+    // a fresh fit does not overwrite another fit's checkpoints
+    refused(
+        &run(&["--config", p(&cfg), "--out", p(&out), "--save", p(&save)]),
+        &["--resume"],
+    );
+    // a tampered checkpoint is refused, naming the file; nothing written
+    let state = save.join("checkpoint/step-1000/state.safetensors");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let i = bytes.len() - 3;
+    bytes[i] ^= 0x40;
+    std::fs::write(&state, &bytes).unwrap();
+    let fresh = dir.join("r2.json");
+    refused(
+        &run(&["--resume", p(&save), "--out", p(&fresh)]),
+        &["state.safetensors", "SHA-256"],
+    );
+    assert!(!fresh.exists());
+}
