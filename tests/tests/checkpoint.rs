@@ -16,8 +16,8 @@
 use std::path::{Path, PathBuf};
 
 use avi_inference::{
-    fit, latest_checkpoint, Dtype, Engine, Fit, FitOptions, InferenceError, LrStep,
-    MethodConfig, Observer, Variational,
+    fit, latest_checkpoint, Dtype, Engine, Fit, FitOptions, InferenceError, LrStep, MethodConfig,
+    Observer, Variational,
 };
 use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
 use avi_tests::mlp;
@@ -41,9 +41,10 @@ fn options(engine: Engine, dtype: Dtype) -> FitOptions {
     }
 }
 
-/// Keeps a copy of the checkpoint folder right after the checkpoints of
-/// the steps in `at` were written (monitoring runs after the checkpoint
-/// of the same step).
+/// Keeps a copy of the checkpoint folder once the checkpoints of the steps
+/// in `at` are complete (monitoring runs right after a checkpoint of the
+/// same step was handed to its writing thread; the copy waits until
+/// `latest.json` points to it).
 struct Snapshots {
     dir: PathBuf,
     at: Vec<usize>,
@@ -74,7 +75,17 @@ impl Observer for Snapshots {
         _var: &Variational,
     ) -> avi_inference::Result<()> {
         if self.at.contains(&done) {
-            copy_dir(&self.dir, &self.dir.with_extension(format!("at{done}")));
+            let start = std::time::Instant::now();
+            while latest_checkpoint(&self.dir).ok().flatten().map(|c| c.step) != Some(done) {
+                assert!(start.elapsed().as_secs() < 30, "no checkpoint of step {done}");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            // The pointer and the folder it names (the writing thread may
+            // still be removing older folders).
+            let to = self.dir.with_extension(format!("at{done}"));
+            let folder = format!("step-{done}");
+            copy_dir(&self.dir.join(&folder), &to.join(&folder));
+            std::fs::copy(self.dir.join("latest.json"), to.join("latest.json")).unwrap();
         }
         Ok(())
     }
@@ -115,7 +126,11 @@ fn check_resumes_exactly(
         .observer(&mut snaps)
         .run()
         .unwrap();
-    assert_eq!(bits(&plain), bits(&checkpointed), "{name}: checkpointing changed the fit");
+    assert_eq!(
+        bits(&plain),
+        bits(&checkpointed),
+        "{name}: checkpointing changed the fit"
+    );
     // The last checkpoint is the final step's; older ones were removed.
     let info = latest_checkpoint(&dir).unwrap().unwrap();
     assert_eq!((info.step, info.steps), (300, 300), "{name}");
@@ -222,10 +237,7 @@ fn damaged_or_foreign_checkpoints_are_refused() {
     let e = resume(&opts, &(&x + 1.0)).to_string();
     assert!(e.contains("data differs"), "{e}");
     // truncated tensors; a changed byte of the metadata
-    for (file, damage) in [
-        ("state.safetensors", 0usize),
-        ("meta.json", 1),
-    ] {
+    for (file, damage) in [("state.safetensors", 0usize), ("meta.json", 1)] {
         let path = folder.join(file);
         let original = std::fs::read(&path).unwrap();
         let mut bytes = original.clone();

@@ -162,9 +162,14 @@ mod tests {
         let mut b = Generator::clone_default(Device::Cpu).unwrap();
         b.set_state(&state).unwrap();
         for (size, kind) in [(1, Kind::Double), (17, Kind::Float), (5, Kind::Double)] {
-            let (x, y) = (a.randn(&[size], kind).unwrap(), b.randn(&[size], kind).unwrap());
+            let (x, y) = (
+                a.randn(&[size], kind).unwrap(),
+                b.randn(&[size], kind).unwrap(),
+            );
             assert!(x.equal(&y), "{size} {kind:?}");
         }
-        assert!(b.set_state(&Tensor::zeros([3], (Kind::Uint8, Device::Cpu))).is_err());
+        assert!(b
+            .set_state(&Tensor::zeros([3], (Kind::Uint8, Device::Cpu)))
+            .is_err());
     }
 }

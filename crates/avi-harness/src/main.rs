@@ -8,8 +8,8 @@ use avi_harness::config::{DataConfig, FitConfig};
 use avi_harness::report::write_json_atomic;
 use avi_harness::reproduce::EXIT_WITH_PARENT;
 use avi_harness::run::{
-    check_output, prepare, resolve_device, run_prepared, run_prepared_checkpointed, CheckpointContext,
-    CheckpointPlan, DeviceChoice,
+    check_output, prepare, resolve_device, run_prepared, run_prepared_checkpointed,
+    CheckpointContext, CheckpointPlan, DeviceChoice,
 };
 use avi_harness::{demo, interrupt};
 use avi_inference::FitStatus;
@@ -305,7 +305,12 @@ fn resume_plan(save: &Path) -> Result<(FitConfig, PathBuf, CheckpointPlan)> {
     let every = context
         .config
         .checkpoint
-        .with_context(|| format!("checkpoint {}: its config has no `checkpoint`", info.path.display()))?
+        .with_context(|| {
+            format!(
+                "checkpoint {}: its config has no `checkpoint`",
+                info.path.display()
+            )
+        })?
         .every;
     eprintln!(
         "avi: resuming from step {} of {} ({})",
@@ -347,7 +352,8 @@ fn fit_command(
     // A resumed config's own file is not an input (it is in the checkpoint).
     let config_path = config.map_or_else(|| dir.join("config.json"), Path::to_path_buf);
     check_output(out, &inputs_of(&config_path, &cfg))?;
-    let prepared = prepare(&cfg, &dir).with_context(|| format!("config {}", config_path.display()))?;
+    let prepared =
+        prepare(&cfg, &dir).with_context(|| format!("config {}", config_path.display()))?;
     let plan = match (plan, &cfg.checkpoint) {
         (Some(plan), _) => Some(plan),
         (None, None) => None,

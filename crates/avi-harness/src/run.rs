@@ -7,8 +7,8 @@ use anyhow::{bail, Result};
 use avi_inference::{fit, Fit, FitStatus, Observer, ThetaFactor, Variational};
 use avi_models::fashion_mnist;
 use avi_models::{BnnModel, GaussianReference, LinearModel, Model};
-use tch::{Device, Kind, Tensor};
 use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{load_data_file, Data, DataConfig, FashionMnistSplit, FitConfig, ModelConfig};
 use crate::models::CliModel;
@@ -414,9 +414,7 @@ pub fn run_prepared_checkpointed(
     observer: &mut dyn Observer,
     plan: Option<&CheckpointPlan>,
 ) -> Result<(Fit, RunReport)> {
-    let context = plan
-        .map(|p| serde_json::to_value(&p.context))
-        .transpose()?;
+    let context = plan.map(|p| serde_json::to_value(&p.context)).transpose()?;
     let mut watch = crate::interrupt::Watch(observer);
     let observer: &mut dyn Observer = &mut watch;
     let x = data_tensor(prepared);

@@ -16,7 +16,14 @@ const AVI: &str = env!("CARGO_BIN_EXE_avi");
 
 /// A config of `engine` (`"torch"` or `"fused"`) and `method` on simulated
 /// data, `steps` steps, a checkpoint every `every`.
-fn config(dir: &Path, name: &str, model: &str, method: &str, engine: &str, steps: usize) -> PathBuf {
+fn config(
+    dir: &Path,
+    name: &str,
+    model: &str,
+    method: &str,
+    engine: &str,
+    steps: usize,
+) -> PathBuf {
     let path = dir.join(format!("{name}.json"));
     std::fs::write(
         &path,
@@ -99,7 +106,10 @@ fn killed_fit_resumes_exactly(dir: &Path, cfg: &Path, name: &str) {
     let latest = save.join("checkpoint/latest.json");
     let start = Instant::now();
     while !latest.exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "{name}: no checkpoint");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name}: no checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL
@@ -153,7 +163,14 @@ fn misuse_and_damage_are_refused() {
     let graph = dir.join("graph.json");
     std::fs::write(&graph, text.replace("\"torch\"", "\"graph\"")).unwrap();
     refused(
-        &run(&["--config", p(&graph), "--out", p(&out), "--save", p(&dir.join("g"))]),
+        &run(&[
+            "--config",
+            p(&graph),
+            "--out",
+            p(&out),
+            "--save",
+            p(&dir.join("g")),
+        ]),
         &["graph engine cannot checkpoint"],
     );
     assert!(!out.exists());
@@ -163,7 +180,14 @@ fn misuse_and_damage_are_refused() {
         &["no checkpoint"],
     );
     let save = dir.join("s");
-    ok(&run(&["--config", p(&cfg), "--out", p(&out), "--save", p(&save)]));
+    ok(&run(&[
+        "--config",
+        p(&cfg),
+        "--out",
+        p(&out),
+        "--save",
+        p(&save),
+    ]));
     // a fresh fit does not overwrite another fit's checkpoints
     refused(
         &run(&["--config", p(&cfg), "--out", p(&out), "--save", p(&save)]),

@@ -2,8 +2,9 @@
 //! ([`crate::FitRequest::checkpoint`], [`crate::FitRequest::resume`]).
 //!
 //! Every `every` steps the one loop ([`crate::fit`]'s `drive`) ends a block,
-//! asks the engine for its state and writes it under the checkpoint folder
-//! `DIR`:
+//! asks the engine for its state (host copies) and hands it to a background
+//! thread that writes it under the checkpoint folder `DIR` (at most one
+//! write in flight; the fit waits for the last before it returns):
 //!
 //! ```text
 //! DIR/step-<k>/state.safetensors   the engine's tensors ("engine/…": the
@@ -124,6 +125,8 @@ pub(crate) struct Writer {
     identity: Identity,
     context: Option<serde_json::Value>,
     steps: usize,
+    /// The write in flight.
+    pending: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 /// Where a resumed fit continues: its step count, trace and clock.
@@ -214,6 +217,7 @@ impl Writer {
             identity: facts.identity()?,
             context,
             steps: facts.options.steps,
+            pending: None,
         })
     }
 
@@ -228,24 +232,20 @@ impl Writer {
         done % self.every == 0
     }
 
-    /// Write the checkpoint of step `step`: the engine's state, the trace
-    /// (its last time stamp `last_time`), atomically; then remove the
-    /// previous checkpoint.
+    /// Checkpoint step `step`: the engine's state and the trace (its last
+    /// time stamp `last_time`) are copied on this thread, then written
+    /// atomically by a background thread (off the training thread's
+    /// critical path), which then removes the previous checkpoint. At most
+    /// one write is in flight: this first waits for the previous one and
+    /// reports its error.
     pub(crate) fn write(
-        &self,
+        &mut self,
         step: usize,
         stepper: &dyn Stepper,
         trace: &Trace,
         last_time: f64,
     ) -> Result<()> {
         let state = stepper.state()?;
-        let folder = format!("step-{step}");
-        let tmp = self.dir.join(format!("{folder}.tmp"));
-        let done = self.dir.join(&folder);
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, "cannot remove a stale folder", e))?;
-        }
-        fs::create_dir(&tmp).map_err(|e| io(&tmp, "cannot create", e))?;
         let mut tensors: Vec<(String, Tensor)> = state
             .tensors
             .into_iter()
@@ -255,13 +255,6 @@ impl Writer {
         tensors.push(("trace/iteration".into(), Tensor::from_slice(&iteration)));
         tensors.push(("trace/elbo".into(), Tensor::from_slice(&trace.elbo)));
         tensors.push(("trace/seconds".into(), Tensor::from_slice(&trace.seconds)));
-        let state_path = tmp.join(STATE);
-        Tensor::write_safetensors(&tensors, &state_path)
-            .map_err(|e| InferenceError::checkpoint(&state_path, e.to_string()))?;
-        let state_bytes = fs::read(&state_path).map_err(|e| io(&state_path, "cannot read", e))?;
-        File::open(&state_path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io(&state_path, "cannot sync", e))?;
         let meta = Meta {
             format: FORMAT,
             step,
@@ -271,43 +264,84 @@ impl Writer {
             last_time_bits: last_time.to_bits(),
             context: self.context.clone(),
         };
-        let meta_bytes = serde_json::to_vec_pretty(&meta)
-            .map_err(|e| InferenceError::checkpoint(tmp.join(META), e.to_string()))?;
-        write_synced(&tmp.join(META), &meta_bytes)?;
-        sync_dir(&tmp)?;
-        if done.exists() {
-            fs::remove_dir_all(&done).map_err(|e| io(&done, "cannot replace", e))?;
-        }
-        fs::rename(&tmp, &done).map_err(|e| io(&done, "cannot rename into place", e))?;
-        sync_dir(&self.dir)?;
-        let latest = Latest {
-            format: FORMAT,
-            step,
-            folder: folder.clone(),
-            sha256: [
-                (STATE.to_string(), sha256_hex(&state_bytes)),
-                (META.to_string(), sha256_hex(&meta_bytes)),
-            ]
-            .into(),
-        };
-        let latest_bytes = serde_json::to_vec_pretty(&latest)
-            .map_err(|e| InferenceError::checkpoint(self.dir.join(LATEST), e.to_string()))?;
-        let latest_tmp = self.dir.join(format!("{LATEST}.tmp"));
-        write_synced(&latest_tmp, &latest_bytes)?;
-        let latest_path = self.dir.join(LATEST);
-        fs::rename(&latest_tmp, &latest_path)
-            .map_err(|e| io(&latest_path, "cannot rename into place", e))?;
-        sync_dir(&self.dir)?;
-        // Older checkpoints (and stale temporary folders) go last.
-        let entries = fs::read_dir(&self.dir).map_err(|e| io(&self.dir, "cannot list", e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("step-") && name != folder {
-                let _ = fs::remove_dir_all(entry.path());
-            }
-        }
+        self.wait()?;
+        let dir = self.dir.clone();
+        let job = move || write_files(&dir, step, &tensors, &meta);
+        let handle = std::thread::Builder::new()
+            .name("avi-checkpoint".into())
+            .spawn(job)
+            .map_err(|e| io(&self.dir, "cannot start the writing thread", e))?;
+        self.pending = Some(handle);
         Ok(())
     }
+
+    /// Wait until the checkpoint being written (if any) is complete.
+    pub(crate) fn wait(&mut self) -> Result<()> {
+        match self.pending.take() {
+            None => Ok(()),
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(InferenceError::checkpoint(
+                    &self.dir,
+                    "the writing thread panicked",
+                ))
+            }),
+        }
+    }
+}
+
+/// Write checkpoint `step` (its `tensors` and `meta`) into `dir`
+/// atomically, point `latest.json` at it, then remove older checkpoints.
+fn write_files(dir: &Path, step: usize, tensors: &[(String, Tensor)], meta: &Meta) -> Result<()> {
+    let folder = format!("step-{step}");
+    let tmp = dir.join(format!("{folder}.tmp"));
+    let done = dir.join(&folder);
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, "cannot remove a stale folder", e))?;
+    }
+    fs::create_dir(&tmp).map_err(|e| io(&tmp, "cannot create", e))?;
+    let state_path = tmp.join(STATE);
+    Tensor::write_safetensors(tensors, &state_path)
+        .map_err(|e| InferenceError::checkpoint(&state_path, e.to_string()))?;
+    let state_bytes = fs::read(&state_path).map_err(|e| io(&state_path, "cannot read", e))?;
+    File::open(&state_path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(&state_path, "cannot sync", e))?;
+    let meta_bytes = serde_json::to_vec_pretty(meta)
+        .map_err(|e| InferenceError::checkpoint(tmp.join(META), e.to_string()))?;
+    write_synced(&tmp.join(META), &meta_bytes)?;
+    sync_dir(&tmp)?;
+    if done.exists() {
+        fs::remove_dir_all(&done).map_err(|e| io(&done, "cannot replace", e))?;
+    }
+    fs::rename(&tmp, &done).map_err(|e| io(&done, "cannot rename into place", e))?;
+    sync_dir(dir)?;
+    let latest = Latest {
+        format: FORMAT,
+        step,
+        folder: folder.clone(),
+        sha256: [
+            (STATE.to_string(), sha256_hex(&state_bytes)),
+            (META.to_string(), sha256_hex(&meta_bytes)),
+        ]
+        .into(),
+    };
+    let latest_bytes = serde_json::to_vec_pretty(&latest)
+        .map_err(|e| InferenceError::checkpoint(dir.join(LATEST), e.to_string()))?;
+    let latest_tmp = dir.join(format!("{LATEST}.tmp"));
+    write_synced(&latest_tmp, &latest_bytes)?;
+    let latest_path = dir.join(LATEST);
+    fs::rename(&latest_tmp, &latest_path)
+        .map_err(|e| io(&latest_path, "cannot rename into place", e))?;
+    sync_dir(dir)?;
+    // Older checkpoints (and stale temporary folders) go last.
+    let entries = fs::read_dir(dir).map_err(|e| io(dir, "cannot list", e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("step-") && name != folder {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
 }
 
 /// The checkpoint `latest.json` of `dir` points to, its files checked

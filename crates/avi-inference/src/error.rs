@@ -43,7 +43,10 @@ impl InferenceError {
 }
 
 impl InferenceError {
-    pub(crate) fn checkpoint(path: impl Into<std::path::PathBuf>, reason: impl Into<String>) -> Self {
+    pub(crate) fn checkpoint(
+        path: impl Into<std::path::PathBuf>,
+        reason: impl Into<String>,
+    ) -> Self {
         Self::Checkpoint {
             path: path.into(),
             reason: reason.into(),

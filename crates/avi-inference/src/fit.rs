@@ -428,11 +428,14 @@ impl<'a> FitRequest<'a> {
         let x = stepper
             .data()
             .unwrap_or_else(|| self.x.to_device(self.device).to_kind(opts.dtype.kind()));
-        let (writer, resumed) = self.checkpoints(stepper.as_mut(), opts)?;
+        let (mut writer, resumed) = self.checkpoints(stepper.as_mut(), opts)?;
         let (traces, status, seconds) = {
             let _capture = stepper.exclusive().then(global_guard);
-            drive(stepper.as_mut(), opts, observer, writer.as_ref(), resumed)?
+            drive(stepper.as_mut(), opts, observer, writer.as_mut(), resumed)?
         };
+        if let Some(w) = &mut writer {
+            w.wait()?;
+        }
         let runs = stepper.finish()?;
         let mut fits = Vec::with_capacity(runs.len());
         for ((run, trace), status) in runs.into_iter().zip(traces).zip(status) {
@@ -512,7 +515,7 @@ fn drive(
     stepper: &mut dyn Stepper,
     opts: &FitOptions,
     observer: &mut dyn Observer,
-    checkpoints: Option<&Writer>,
+    mut checkpoints: Option<&mut Writer>,
     resumed: Option<Resumed>,
 ) -> Result<(Vec<Trace>, Vec<FitStatus>, f64)> {
     let runs = stepper.runs();
@@ -531,7 +534,7 @@ fn drive(
             .try_for_each(|r| stepper.monitor(r, &mut |var| observer.on_monitor(done, now, var)))
     };
     if every > 0 {
-        monitor(stepper, observer, 0, 0.0)?;
+        monitor(stepper, observer, done, last_time)?;
     }
     let mut paused = Duration::ZERO;
     let start = Instant::now();
@@ -540,7 +543,7 @@ fn drive(
     };
     while done < opts.steps {
         let mut end = ((done / block + 1) * block).min(opts.steps);
-        if let Some(c) = checkpoints {
+        if let Some(c) = &checkpoints {
             end = end.min(c.next_stop(done));
         }
         if let Some(k) = done.checked_div(every) {
@@ -608,7 +611,7 @@ fn drive(
         if status.iter().all(|s| *s != FitStatus::Ok) {
             break;
         }
-        if let Some(c) = checkpoints.filter(|c| c.due(done)) {
+        if let Some(c) = checkpoints.as_deref_mut().filter(|c| c.due(done)) {
             let t0 = Instant::now();
             c.write(done, stepper, &traces[0], now)?;
             paused += t0.elapsed();

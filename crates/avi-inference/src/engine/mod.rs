@@ -90,7 +90,11 @@ impl EngineState {
     pub(crate) fn put(&mut self, name: impl Into<String>, tensor: &Tensor) {
         let t = tch::no_grad(|| tensor.detach().to_device(tch::Device::Cpu).contiguous());
         // A tensor already on the CPU is shared, not copied, by `to_device`.
-        let t = if t.data_ptr() == tensor.data_ptr() { t.copy() } else { t };
+        let t = if t.data_ptr() == tensor.data_ptr() {
+            t.copy()
+        } else {
+            t
+        };
         self.tensors.push((name.into(), t));
     }
 
@@ -101,7 +105,8 @@ impl EngineState {
 
     /// Add a count under `name`.
     pub(crate) fn put_i64(&mut self, name: &str, value: i64) {
-        self.tensors.push((name.into(), Tensor::from_slice(&[value])));
+        self.tensors
+            .push((name.into(), Tensor::from_slice(&[value])));
     }
 
     /// The tensor under `name`.
