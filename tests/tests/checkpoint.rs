@@ -77,7 +77,10 @@ impl Observer for Snapshots {
         if self.at.contains(&done) {
             let start = std::time::Instant::now();
             while latest_checkpoint(&self.dir).ok().flatten().map(|c| c.step) != Some(done) {
-                assert!(start.elapsed().as_secs() < 30, "no checkpoint of step {done}");
+                assert!(
+                    start.elapsed().as_secs() < 30,
+                    "no checkpoint of step {done}"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             // The pointer and the folder it names (the writing thread may

@@ -344,9 +344,18 @@ fn write_files(dir: &Path, step: usize, tensors: &[(String, Tensor)], meta: &Met
     Ok(())
 }
 
+/// A checkpoint read back and checked.
+struct Loaded {
+    /// Its folder.
+    folder: PathBuf,
+    /// The bytes of its tensors' file.
+    state: Vec<u8>,
+    meta: Meta,
+}
+
 /// The checkpoint `latest.json` of `dir` points to, its files checked
 /// against their SHA-256; `None` when `dir` has no `latest.json`.
-fn read_latest(dir: &Path) -> Result<Option<(Latest, PathBuf, Vec<u8>, Meta)>> {
+fn read_latest(dir: &Path) -> Result<Option<Loaded>> {
     let latest_path = dir.join(LATEST);
     let bytes = match fs::read(&latest_path) {
         Ok(b) => b,
@@ -400,7 +409,11 @@ fn read_latest(dir: &Path) -> Result<Option<(Latest, PathBuf, Vec<u8>, Meta)>> {
         ));
     }
     let state = files.remove(STATE).unwrap_or_default();
-    Ok(Some((latest, folder, state, meta)))
+    Ok(Some(Loaded {
+        folder,
+        state,
+        meta,
+    }))
 }
 
 /// The latest checkpoint in `dir` (the folder given to
@@ -408,11 +421,11 @@ fn read_latest(dir: &Path) -> Result<Option<(Latest, PathBuf, Vec<u8>, Meta)>> {
 /// SHA-256; `Ok(None)` when there is none yet. Errors name the file that
 /// is missing, tampered with or truncated.
 pub fn latest_checkpoint(dir: &Path) -> Result<Option<CheckpointInfo>> {
-    Ok(read_latest(dir)?.map(|(_, path, _, meta)| CheckpointInfo {
-        path,
-        step: meta.step,
-        steps: meta.steps,
-        context: meta.context,
+    Ok(read_latest(dir)?.map(|c| CheckpointInfo {
+        path: c.folder,
+        step: c.meta.step,
+        steps: c.meta.steps,
+        context: c.meta.context,
     }))
 }
 
@@ -420,7 +433,12 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<CheckpointInfo>> {
 /// state and where the fit continues. Errors when there is none, when a
 /// file fails its SHA-256, or when the checkpoint is of another fit.
 pub(crate) fn load(dir: &Path, facts: &FitFacts<'_>) -> Result<(EngineState, Resumed)> {
-    let Some((_, folder, bytes, meta)) = read_latest(dir)? else {
+    let Some(Loaded {
+        folder,
+        state: bytes,
+        meta,
+    }) = read_latest(dir)?
+    else {
         return Err(InferenceError::checkpoint(
             dir.join(LATEST),
             "no checkpoint to resume from",
