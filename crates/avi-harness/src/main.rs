@@ -144,6 +144,13 @@ enum Command {
         /// with --jobs.
         #[arg(long)]
         batch_seeds: bool,
+        /// Write each run's checkpoints every S steps into
+        /// OUT/EXPERIMENT/checkpoints/LABEL-SEED/ (removed when its report
+        /// is written); with --resume an unfinished run continues from its
+        /// checkpoint instead of starting again, to the same bits. Not with
+        /// --jobs or --batch-seeds.
+        #[arg(long, value_name = "S")]
+        checkpoint_every: Option<usize>,
     },
     /// Rebuild summary.json, the figures and REPORT.md from stored runs
     /// (no refitting): DIR is an `avi reproduce --out` folder or one
@@ -508,6 +515,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             fresh,
             engine,
             batch_seeds,
+            checkpoint_every,
         } => {
             use avi_harness::reproduce::Shard;
             let shard = match shard {
@@ -560,6 +568,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                 shard,
                 threads,
                 batch_seeds,
+                checkpoint_every,
             };
             let mut complete = true;
             for exp in &defs {

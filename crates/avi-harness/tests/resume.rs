@@ -206,3 +206,86 @@ fn misuse_and_damage_are_refused() {
     );
     assert!(!fresh.exists());
 }
+
+mod common;
+
+fn reproduce(def: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(AVI);
+    c.args(["--threads", "1", "reproduce"])
+        .arg(def)
+        .args(["--device", "cpu", "--seeds", "1", "--out"])
+        .arg(out)
+        .args(extra);
+    c
+}
+
+/// The run reports of an experiment folder, without wall-clock times.
+fn run_reports(exp_dir: &Path) -> Vec<(String, Value)> {
+    let mut out: Vec<(String, Value)> = std::fs::read_dir(exp_dir.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                comparable(&p),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// `avi reproduce --checkpoint-every S`, killed with SIGKILL once a run has
+/// a checkpoint, then `--resume`: the unfinished run continues from its
+/// checkpoint (it says so) and every run report equals the uninterrupted
+/// grid's, times aside; no checkpoint is left once the reports are written.
+#[test]
+fn reproduce_resumes_unfinished_runs_from_their_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let def = common::tiny_definition(dir);
+    let mut d: Value = serde_json::from_str(&std::fs::read_to_string(&def).unwrap()).unwrap();
+    d["steps"] = 3000.into();
+    std::fs::write(&def, d.to_string()).unwrap();
+    let reference = dir.join("reference");
+    ok(&reproduce(&def, &reference, &["--quiet"]).output().unwrap());
+    let out = dir.join("killed");
+    let mut child = reproduce(&def, &out, &["--quiet", "--checkpoint-every", "500"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join("tiny/checkpoints");
+    let start = Instant::now();
+    let has_checkpoint = || {
+        std::fs::read_dir(&checkpoints)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().join("latest.json").exists())))
+    };
+    while !has_checkpoint() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the grid ended before the kill"
+    );
+    let o = reproduce(&def, &out, &["--resume", "--checkpoint-every", "500"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("resumes from its checkpoint"), "{said}");
+    assert_eq!(
+        run_reports(&out.join("tiny")),
+        run_reports(&reference.join("tiny"))
+    );
+    let left: Vec<_> = std::fs::read_dir(&checkpoints).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    // misuse
+    let o = reproduce(&def, &out, &["--jobs", "2", "--checkpoint-every", "500"])
+        .output()
+        .unwrap();
+    refused(&o, &["--checkpoint-every"]);
+}
