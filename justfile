@@ -99,6 +99,12 @@ fmt:
 bench *ARGS: bootstrap
     {{torch_env}} AVI_BENCH_DEVICE=cpu cargo bench -p avi-benches --bench iteration -- {{ARGS}}
 
+# the cost of checkpoints every 1,000 steps at the paper's sizes: fits with and without, alternating, REPS times each (docs/checkpoints.md)
+[group('bench')]
+bench-checkpoint REPS="3": bootstrap
+    {{torch_env}} cargo build --release -p avi-harness
+    benches/checkpoint_overhead.sh "${CARGO_TARGET_DIR:-target}/release/avi" {{REPS}}
+
 # one training iteration of avi vs PyTorch eager, JAX jit, Pyro and NumPyro (same device, threads, data and start); one table in out/bench-compare/. ARGS go to benches/compare/run.py, e.g. --threads 1, --device cuda
 [group('bench')]
 bench-compare *ARGS: bootstrap

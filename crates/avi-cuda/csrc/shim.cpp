@@ -3,7 +3,10 @@
 // * CUDA graph capture and replay (at::cuda::CUDAGraph on a pool stream);
 // * libtorch's fused Adam kernel (at::_fused_adam_) with tensor step counts,
 //   so that an optimiser step reads nothing from the host and can be
-//   captured.
+//   captured;
+// * libtorch's own torch::optim::Adam, built as tch builds it, with its
+//   per-parameter state readable and writable (checkpoints);
+// * the state of a generator (get_state / set_state).
 //
 // Tensors cross the boundary as tch's handles (`torch::Tensor *`). Every
 // function catches C++ exceptions and reports them through avi_cuda_error().
@@ -14,6 +17,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_fused_adam.h>
+#include <torch/optim/adam.h>
 
 #include <algorithm>
 #include <cstring>
@@ -593,6 +597,137 @@ int avi_randn(void* gen, const int64_t* sizes, size_t ndim, int kind, int device
                : opts.device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(index)));
     // (at::randn takes the generator's lock itself)
     *out = new at::Tensor(at::randn(at::IntArrayRef(sizes, ndim), *g, opts));
+  });
+}
+
+}  // extern "C"
+
+// ---- generator state ----------------------------------------------------
+extern "C" {
+
+// The whole state of `gen` (a uint8 tensor; on the CPU the Mersenne Twister
+// state and the cached normals).
+int avi_generator_get_state(void* gen, at::Tensor** out) {
+  return guarded([&] {
+    auto* g = static_cast<at::Generator*>(gen);
+    std::lock_guard<std::mutex> lock(g->mutex());
+    *out = new at::Tensor(g->get_state());
+  });
+}
+
+// Give `gen` the state `state` (from avi_generator_get_state of a generator
+// of the same device type).
+int avi_generator_set_state(void* gen, at::Tensor* state) {
+  return guarded([&] {
+    auto* g = static_cast<at::Generator*>(gen);
+    std::lock_guard<std::mutex> lock(g->mutex());
+    g->set_state(*state);
+  });
+}
+
+}  // extern "C"
+
+// ---- libtorch's Adam -----------------------------------------------------
+// torch::optim::Adam built exactly as tch's `nn::Adam::build` builds it
+// (torch-sys's ato_adam, then ato_add_parameters per variable with its
+// group), so that its steps are the same code on the same state; its
+// per-parameter state (step count, first and second moments) can be read
+// and written.
+namespace {
+torch::optim::AdamParamState* adam_state(torch::optim::Adam* opt, at::Tensor* param) {
+  auto& state = opt->state();
+  auto it = state.find(param->unsafeGetTensorImpl());
+  if (it == state.end()) return nullptr;
+  auto* s = dynamic_cast<torch::optim::AdamParamState*>(it->second.get());
+  if (s == nullptr) throw std::runtime_error("optimizer state is not Adam's");
+  return s;
+}
+}  // namespace
+
+extern "C" {
+
+int avi_adam_new(double lr, double beta1, double beta2, double weight_decay, double eps,
+                 at::Tensor** params, const size_t* groups, size_t n, void** out) {
+  return guarded([&] {
+    auto options = torch::optim::AdamOptions(lr)
+                       .betas(std::tuple<double, double>(beta1, beta2))
+                       .weight_decay(weight_decay)
+                       .eps(eps)
+                       .amsgrad(false);
+    auto* opt = new torch::optim::Adam(std::vector<torch::Tensor>(), options);
+    try {
+      auto& param_groups = opt->param_groups();
+      for (size_t i = 0; i < n; ++i) {
+        while (param_groups.size() <= groups[i]) {
+          param_groups.push_back(
+              torch::optim::OptimizerParamGroup({}, opt->defaults().clone()));
+        }
+        param_groups[groups[i]].params().push_back(*params[i]);
+      }
+    } catch (...) {
+      delete opt;
+      throw;
+    }
+    *out = opt;
+  });
+}
+
+void avi_adam_free(void* opt) { delete static_cast<torch::optim::Adam*>(opt); }
+
+int avi_adam_zero_grad(void* opt) {
+  return guarded([&] { static_cast<torch::optim::Adam*>(opt)->zero_grad(); });
+}
+
+int avi_adam_step(void* opt) {
+  return guarded([&] { static_cast<torch::optim::Adam*>(opt)->step(); });
+}
+
+// The learning rate of the defaults and of every group (as tch's
+// ato_set_learning_rate; every options object of this optimizer is an
+// AdamOptions, so nothing here throws).
+void avi_adam_set_lr(void* opt, double lr) {
+  auto* o = static_cast<torch::optim::Adam*>(opt);
+  static_cast<torch::optim::AdamOptions&>(o->defaults()).lr(lr);
+  for (auto& g : o->param_groups()) {
+    static_cast<torch::optim::AdamOptions&>(g.options()).lr(lr);
+  }
+}
+
+// The state of parameter `param`: *present = 0 before its first step;
+// otherwise its step count and copies of its moments.
+int avi_adam_get_state(void* opt, at::Tensor* param, int* present, int64_t* step,
+                       at::Tensor** exp_avg, at::Tensor** exp_avg_sq) {
+  return guarded([&] {
+    auto* s = adam_state(static_cast<torch::optim::Adam*>(opt), param);
+    *present = s != nullptr;
+    if (s == nullptr) return;
+    *step = s->step();
+    *exp_avg = new at::Tensor(s->exp_avg().detach().clone());
+    *exp_avg_sq = new at::Tensor(s->exp_avg_sq().detach().clone());
+  });
+}
+
+// Set the state of parameter `param` as Adam's first step creates it
+// (moments `zeros_like(param)` in the parameter's memory format, here
+// holding copies of the given values).
+int avi_adam_set_state(void* opt, at::Tensor* param, int64_t step, at::Tensor* exp_avg,
+                       at::Tensor* exp_avg_sq) {
+  return guarded([&] {
+    auto* o = static_cast<torch::optim::Adam*>(opt);
+    at::NoGradGuard no_grad;
+    const at::Tensor& p = *param;
+    if (!exp_avg->sizes().equals(p.sizes()) || !exp_avg_sq->sizes().equals(p.sizes())) {
+      throw std::runtime_error("Adam moments of another shape than their parameter");
+    }
+    auto state = std::make_unique<torch::optim::AdamParamState>();
+    state->step(step);
+    auto m = at::zeros_like(p, at::MemoryFormat::Preserve);
+    m.copy_(*exp_avg);
+    auto v = at::zeros_like(p, at::MemoryFormat::Preserve);
+    v.copy_(*exp_avg_sq);
+    state->exp_avg(m);
+    state->exp_avg_sq(v);
+    o->state()[p.unsafeGetTensorImpl()] = std::move(state);
   });
 }
 

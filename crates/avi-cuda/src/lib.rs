@@ -9,7 +9,10 @@
 //!   (tch's `nn::Adam` keeps its step count on the host and computes the bias
 //!   corrections there);
 //! * [`Generator`]: copies of libtorch's default generators, so that
-//!   batched runs draw exactly as separate runs would;
+//!   batched runs draw exactly as separate runs would, with their state
+//!   readable and writable;
+//! * [`TorchAdam`]: libtorch's own `torch::optim::Adam` as tch builds it,
+//!   with its per-parameter state readable and writable (checkpoints);
 //! * [`FviKernels`]: the F-VI training iteration of the scalar models as two
 //!   CUDA kernels compiled at run time with NVRTC (draws in registers, Adam
 //!   inside the kernels).
@@ -21,8 +24,10 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
+mod adam;
 mod fvi;
 mod generator;
+pub use adam::{AdamParamState, TorchAdam};
 pub use fvi::{FviDebug, FviKernels, FviSettings, FviState, KernelModel};
 pub use generator::Generator;
 

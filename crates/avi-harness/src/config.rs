@@ -142,7 +142,8 @@ pub struct FitConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mse: Option<MseConfig>,
     /// Save the fitted state to this folder after the fit (relative to the
-    /// config's folder; `avi fit --save` wins). See `docs/saving.md`.
+    /// config's folder; `avi fit --save` wins). See `docs/saving.md`. With
+    /// `checkpoint`, the checkpoints are written into `DIR/checkpoint/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save: Option<PathBuf>,
     /// Start from the fitted state saved in this folder (relative to the
@@ -157,6 +158,20 @@ pub struct FitConfig {
     /// `avi_inference::StopRule`); absent (the default): all `steps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<avi_inference::StopRule>,
+    /// Write a checkpoint every `every` steps into the `save` folder
+    /// (`{"every": S}`); `avi fit --resume DIR` continues a killed fit from
+    /// the latest one with the same bits as the uninterrupted fit (the
+    /// libtorch and fused CPU engines; see docs/checkpoints.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointConfig>,
+}
+
+/// `"checkpoint": {"every": S}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Steps between checkpoints (at least 1).
+    pub every: usize,
 }
 
 /// Reconstruction MSE of the BNN, recorded during the fit at the variational
@@ -269,6 +284,14 @@ impl FitConfig {
             }
             if m.every == 0 {
                 bail!("field `mse.every` must be at least 1");
+            }
+        }
+        if let Some(c) = &cfg.checkpoint {
+            if c.every == 0 {
+                bail!("field `checkpoint.every` must be at least 1");
+            }
+            if cfg.mse.is_some() {
+                bail!("field `checkpoint`: a fit that monitors `mse` cannot checkpoint yet (its MSE trace is not saved)");
             }
         }
         Ok(cfg)

@@ -55,6 +55,7 @@ pub fn demo_configs(n: usize, steps: usize, device: Device) -> Vec<(&'static str
         shuffle: false,
         lr_schedule: Vec::new(),
         mse: None,
+        checkpoint: None,
         engine,
         local_updates: Default::default(),
         save: None,

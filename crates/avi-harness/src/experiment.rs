@@ -665,6 +665,7 @@ pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfi
         }),
         save: None,
         init_from: None,
+        checkpoint: None,
     }
 }
 

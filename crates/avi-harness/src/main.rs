@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use avi_harness::config::{DataConfig, FitConfig};
 use avi_harness::report::write_json_atomic;
 use avi_harness::reproduce::EXIT_WITH_PARENT;
-use avi_harness::run::{check_output, prepare, resolve_device, run_prepared, DeviceChoice};
+use avi_harness::run::{
+    check_output, prepare, resolve_device, run_prepared, run_prepared_checkpointed,
+    CheckpointContext, CheckpointPlan, DeviceChoice,
+};
 use avi_harness::{demo, fitted, interrupt};
 use avi_inference::FitStatus;
 use clap::{Parser, Subcommand};
@@ -30,9 +33,10 @@ struct Cli {
 enum Command {
     /// Fit one configuration and write its report.
     Fit {
-        /// The JSON config.
-        #[arg(long)]
-        config: PathBuf,
+        /// The JSON config (not with `--resume`, which takes the config
+        /// from the checkpoint).
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
         /// Where to write the JSON report (atomically).
         #[arg(long)]
         out: PathBuf,
@@ -50,9 +54,17 @@ enum Command {
         quiet: bool,
         /// Save the fitted state (safetensors and fitted.json) to this
         /// folder after the fit, atomically (wins over the config's
-        /// `"save"`); a folder holding another fit's state is refused.
+        /// `"save"`); a folder holding another fit's state is refused. A
+        /// config with `"checkpoint": {"every": S}` writes its checkpoints
+        /// into `DIR/checkpoint/` (removed once the final state is saved).
         #[arg(long, value_name = "DIR")]
         save: Option<PathBuf>,
+        /// Continue the killed fit whose checkpoints are in
+        /// `DIR/checkpoint/` (its config, data and options come from the
+        /// checkpoint) and write its report to `--out`: the same report as
+        /// the uninterrupted fit's, times aside.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "check", "save"])]
+        resume: Option<PathBuf>,
     },
     /// Encode new data with a saved fit (`avi fit --save`): q(z) of every
     /// new observation through the fitted inference function, q(θ) as
@@ -174,6 +186,13 @@ enum Command {
         /// OUT/EXPERIMENT/fitted/<run label>-<seed>/ (see `avi encode`).
         #[arg(long)]
         save: bool,
+        /// Write each run's checkpoints every S steps into
+        /// OUT/EXPERIMENT/checkpoints/LABEL-SEED/ (removed when its report
+        /// is written); with --resume an unfinished run continues from its
+        /// checkpoint instead of starting again, to the same bits. Not with
+        /// --jobs or --batch-seeds.
+        #[arg(long, value_name = "S")]
+        checkpoint_every: Option<usize>,
     },
     /// Rebuild summary.json, the figures and REPORT.md from stored runs
     /// (no refitting): DIR is an `avi reproduce --out` folder or one
@@ -313,23 +332,124 @@ fn inputs_of(config: &Path, cfg: &FitConfig) -> Vec<PathBuf> {
     files
 }
 
+/// The checkpoint folder inside a save folder.
+fn checkpoint_dir(save: &Path) -> PathBuf {
+    save.join(avi_inference::CHECKPOINT_FOLDER)
+}
+
+/// `avi fit --resume DIR`: the config and plan stored in DIR's latest
+/// checkpoint.
+fn resume_plan(save: &Path) -> Result<(FitConfig, PathBuf, CheckpointPlan)> {
+    let dir = checkpoint_dir(save);
+    let info = avi_inference::latest_checkpoint(&dir)?.with_context(|| {
+        format!(
+            "--resume {}: no checkpoint in {}",
+            save.display(),
+            dir.display()
+        )
+    })?;
+    let context: CheckpointContext = info
+        .context
+        .context("the checkpoint holds no config")
+        .and_then(|c| Ok(serde_json::from_value(c)?))
+        .with_context(|| format!("checkpoint {}", info.path.display()))?;
+    let every = context
+        .config
+        .checkpoint
+        .with_context(|| {
+            format!(
+                "checkpoint {}: its config has no `checkpoint`",
+                info.path.display()
+            )
+        })?
+        .every;
+    eprintln!(
+        "avi: resuming from step {} of {} ({})",
+        info.step,
+        info.steps,
+        info.path.display()
+    );
+    let plan = CheckpointPlan {
+        dir,
+        every,
+        resume: true,
+        context: context.clone(),
+    };
+    Ok((context.config, context.config_dir, plan))
+}
+
 fn fit_command(
-    config: &Path,
+    config: Option<&Path>,
     out: &Path,
     device: DeviceChoice,
     check: bool,
     quiet: bool,
-    save: Option<PathBuf>,
+    save: Option<&Path>,
+    resume: Option<&Path>,
 ) -> Result<Outcome> {
-    let cfg = FitConfig::load(config)?;
+    let (cfg, dir, plan) = match (config, resume) {
+        (_, Some(save)) => {
+            let (cfg, dir, plan) = resume_plan(save)?;
+            (cfg, dir, Some(plan))
+        }
+        (Some(config), None) => {
+            let cfg = FitConfig::load(config)?;
+            let dir = config.parent().unwrap_or(Path::new(".")).to_path_buf();
+            (cfg, dir, None)
+        }
+        (None, None) => anyhow::bail!("give --config FILE or --resume DIR"),
+    };
     let device = resolve_device(device)?;
-    check_output(out, &inputs_of(config, &cfg))?;
-    let dir = config.parent().unwrap_or(Path::new("."));
-    let prepared = prepare(&cfg, dir).with_context(|| format!("config {}", config.display()))?;
-    let save = save.or_else(|| cfg.save.as_ref().map(|p| fitted::resolve(p, dir)));
+    // A resumed config's own file is not an input (it is in the checkpoint).
+    let config_path = config.map_or_else(|| dir.join("config.json"), Path::to_path_buf);
+    check_output(out, &inputs_of(&config_path, &cfg))?;
+    let prepared =
+        prepare(&cfg, &dir).with_context(|| format!("config {}", config_path.display()))?;
+    // The saved state's folder: the resumed fit's own, else --save, else
+    // the config's "save".
+    let save: Option<PathBuf> = match resume {
+        Some(dir) => Some(dir.to_path_buf()),
+        None => save
+            .map(Path::to_path_buf)
+            .or_else(|| cfg.save.as_ref().map(|p| fitted::resolve(p, &dir))),
+    };
     if let Some(save) = &save {
         fitted::check_save(&cfg, &prepared, save)?;
     }
+    let plan = match (plan, &cfg.checkpoint) {
+        (Some(plan), _) => Some(plan),
+        (None, None) => None,
+        (None, Some(_)) if check => None,
+        (None, Some(c)) => {
+            let Some(save) = &save else {
+                anyhow::bail!(
+                    "field `checkpoint` needs a folder for the checkpoints: --save DIR or \"save\": \"DIR\" in the config"
+                )
+            };
+            let ckpt = checkpoint_dir(save);
+            if avi_inference::latest_checkpoint(&ckpt).is_ok_and(|c| c.is_some())
+                || ckpt.join("latest.json").exists()
+            {
+                anyhow::bail!(
+                    "{} holds the checkpoints of a fit: continue it with `avi fit --resume {}`, or save into another folder",
+                    ckpt.display(),
+                    save.display()
+                );
+            }
+            let config_dir = dir
+                .canonicalize()
+                .with_context(|| format!("cannot resolve the config's folder {}", dir.display()))?;
+            Some(CheckpointPlan {
+                dir: ckpt,
+                every: c.every,
+                resume: false,
+                context: CheckpointContext {
+                    config: cfg.clone(),
+                    config_dir,
+                },
+            })
+        }
+    };
     if check {
         let bytes = avi_harness::run::check_prepared(&cfg, &prepared, device)?;
         let resolved = serde_json::to_string_pretty(&cfg)?;
@@ -343,7 +463,8 @@ fn fit_command(
         return Ok(Outcome::Done);
     }
     let mut progress = FitProgress::new(quiet, cfg.steps);
-    let (fit, report) = run_prepared(&cfg, &prepared, device, &mut progress)?;
+    let (fit, report) =
+        run_prepared_checkpointed(&cfg, &prepared, device, &mut progress, plan.as_ref())?;
     progress.finish();
     for w in &fit.warnings {
         eprintln!("avi: warning: {w}");
@@ -358,12 +479,17 @@ fn fit_command(
                 save.display()
             );
         }
-        (Some(save), FitStatus::Interrupted { .. }) => {
-            eprintln!(
-                "avi: the fit was interrupted: its final state is not saved to {}",
+        (Some(save), FitStatus::Interrupted { .. }) => match &plan {
+            Some(_) => eprintln!(
+                "avi: the fit was interrupted: continue it with `avi fit --resume {} --out {}`",
+                save.display(),
+                out.display()
+            ),
+            None => eprintln!(
+                "avi: the fit was interrupted: its state is not saved to {}",
                 save.display()
-            );
-        }
+            ),
+        },
         (None, _) => {}
     }
     write_json_atomic(out, &report)?;
@@ -449,7 +575,16 @@ fn run(cli: Cli) -> Result<Outcome> {
             check,
             quiet,
             save,
-        } => fit_command(&config, &out, device, check, quiet, save),
+            resume,
+        } => fit_command(
+            config.as_deref(),
+            &out,
+            device,
+            check,
+            quiet,
+            save.as_deref(),
+            resume.as_deref(),
+        ),
         Command::Encode {
             fitted,
             data,
@@ -509,6 +644,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             engine,
             batch_seeds,
             save,
+            checkpoint_every,
         } => {
             use avi_harness::reproduce::Shard;
             let shard = match shard {
@@ -562,6 +698,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                 threads,
                 batch_seeds,
                 save,
+                checkpoint_every,
             };
             let mut complete = true;
             for exp in &defs {

@@ -1,12 +1,13 @@
 //! Running a configuration: device choice, model and data construction, the
 //! fit itself and its report.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use avi_inference::{fit, Fit, FitStatus, Observer, ThetaFactor, Variational};
 use avi_models::fashion_mnist;
 use avi_models::{BnnModel, GaussianReference, LinearModel, Model};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{load_data_file, Data, DataConfig, FashionMnistSplit, FitConfig, ModelConfig};
@@ -383,6 +384,32 @@ fn libtorch_threads() -> usize {
     usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
 }
 
+/// Checkpointing of one `avi fit`: a config with `checkpoint` and a save
+/// folder, or `avi fit --resume`.
+#[derive(Debug, Clone)]
+pub struct CheckpointPlan {
+    /// The checkpoints' folder (`SAVE/checkpoint`).
+    pub dir: PathBuf,
+    /// Steps between checkpoints.
+    pub every: usize,
+    /// Continue from the latest checkpoint in `dir` instead of starting.
+    pub resume: bool,
+    /// Stored in every checkpoint: what `--resume` needs.
+    pub context: CheckpointContext,
+}
+
+/// What `avi fit` stores in each checkpoint so that `--resume` needs
+/// nothing else: the resolved config and the folder its relative data
+/// paths are resolved against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointContext {
+    /// The fit's config, as resolved (defaults filled in).
+    pub config: FitConfig,
+    /// The config's folder (absolute).
+    pub config_dir: PathBuf,
+}
+
 /// Fit a prepared config on `device`; returns the fit and its report. A
 /// stop requested meanwhile ([`crate::interrupt`]) ends the fit at its next
 /// block with status `interrupted` (its report is returned, to be
@@ -393,6 +420,18 @@ pub fn run_prepared(
     device: Device,
     observer: &mut dyn Observer,
 ) -> Result<(Fit, RunReport)> {
+    run_prepared_checkpointed(cfg, prepared, device, observer, None)
+}
+
+/// [`run_prepared`], writing checkpoints or resuming as `plan` says.
+pub fn run_prepared_checkpointed(
+    cfg: &FitConfig,
+    prepared: &Prepared,
+    device: Device,
+    observer: &mut dyn Observer,
+    plan: Option<&CheckpointPlan>,
+) -> Result<(Fit, RunReport)> {
+    let context = plan.map(|p| serde_json::to_value(&p.context)).transpose()?;
     let x = data_tensor(prepared);
     let mut start = match &prepared.init_from {
         Some(dir) => Some(crate::fitted::load_start(
@@ -405,18 +444,25 @@ pub fn run_prepared(
         None => None,
     };
     let mut run = |observer: &mut dyn Observer| {
-        let request = fit(prepared.model.as_model(), &x, &cfg.method)
+        let mut request = fit(prepared.model.as_model(), &x, &cfg.method)
             .fixed_theta(cfg.model.fixed_theta())
             .options(cfg.options())
             .device(device)
             .threads(libtorch_threads())
             .observer(observer)
             .interrupt(crate::interrupt::flag());
-        match start.take() {
-            Some(start) => request.start_from(start),
-            None => request,
+        if let Some(start) = start.take() {
+            request = request.start_from(start);
         }
-        .run()
+        if let (Some(p), Some(c)) = (plan, &context) {
+            request = request
+                .checkpoint(&p.dir, p.every)
+                .checkpoint_context(c.clone());
+            if p.resume {
+                request = request.resume(&p.dir);
+            }
+        }
+        request.run()
     };
     let (result, monitor) = match (prepared.model.downcast_ref::<BnnModel>(), &cfg.mse) {
         (Some(model), Some(m)) => {

@@ -48,12 +48,33 @@ pub enum InferenceError {
     /// New data cannot be encoded by this family.
     #[error("cannot encode new data: {0}")]
     Encode(String),
+    /// A checkpoint could not be written, or one to resume from is
+    /// missing, tampered with, truncated or of another fit.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The file or folder at fault.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl InferenceError {
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Self::InvalidConfig {
             field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl InferenceError {
+    pub(crate) fn checkpoint(
+        path: impl Into<std::path::PathBuf>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
             reason: reason.into(),
         }
     }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use avi_models::Model;
 use tch::{Device, Tensor};
 
+use crate::checkpoint::{self, FitFacts, Resumed, Writer};
 use crate::elbo::evaluate_from;
 use crate::engine::batched::BatchedTrainer;
 use crate::engine::cavi::CaviTrainer;
@@ -61,6 +62,9 @@ pub fn fit<'a>(model: &'a dyn Model, x: &'a Tensor, method: &MethodConfig) -> Fi
         threads: 1,
         observer: None,
         interrupt: None,
+        checkpoint: None,
+        context: None,
+        resume: None,
     }
 }
 
@@ -82,6 +86,9 @@ pub struct FitRequest<'a> {
     threads: usize,
     observer: Option<&'a mut dyn Observer>,
     interrupt: Option<&'a AtomicBool>,
+    checkpoint: Option<(std::path::PathBuf, usize)>,
+    context: Option<serde_json::Value>,
+    resume: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for FitRequest<'_> {
@@ -94,6 +101,8 @@ impl std::fmt::Debug for FitRequest<'_> {
             .field("fixed_theta", &self.fixed_theta)
             .field("seeds", &self.seeds)
             .field("threads", &self.threads)
+            .field("checkpoint", &self.checkpoint)
+            .field("resume", &self.resume)
             .finish()
     }
 }
@@ -158,6 +167,38 @@ impl<'a> FitRequest<'a> {
     /// last bits, depend on it.
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
+        self
+    }
+
+    /// Write a checkpoint into the folder `dir` every `every` steps (see
+    /// [`crate::checkpoint`] for the format and its atomicity): the fit
+    /// killed at any moment can continue from the latest one
+    /// ([`FitRequest::resume`]) and end with the same bits as without the
+    /// interruption. The libtorch and fused CPU engines can checkpoint;
+    /// others refuse, as do several seeds in one request. A checkpoint
+    /// step ends a block of the loop; writing is off the trace's clock.
+    pub fn checkpoint(mut self, dir: impl Into<std::path::PathBuf>, every: usize) -> Self {
+        self.checkpoint = Some((dir.into(), every));
+        self
+    }
+
+    /// Anything the caller wants stored in every checkpoint (the `avi`
+    /// binary stores its resolved config), read back by
+    /// [`crate::latest_checkpoint`].
+    pub fn checkpoint_context(mut self, context: serde_json::Value) -> Self {
+        self.context = Some(context);
+        self
+    }
+
+    /// Continue the fit from the latest checkpoint in the folder `dir`
+    /// (written by [`FitRequest::checkpoint`]) instead of starting afresh.
+    /// The request must describe the same fit (model, data, method,
+    /// options, engine, threads, device; checked, as is every file's
+    /// SHA-256); the engine is built as for a fresh fit, then given the
+    /// checkpoint's state, trace and step count. Checkpointing, if also
+    /// asked for, continues.
+    pub fn resume(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.resume = Some(dir.into());
         self
     }
 
@@ -234,6 +275,12 @@ impl<'a> FitRequest<'a> {
         let seeds = self.seeds.take().unwrap_or_else(|| vec![opts.seed]);
         if seeds.is_empty() {
             return Err(InferenceError::config("seeds", "at least one seed"));
+        }
+        if (self.checkpoint.is_some() || self.resume.is_some()) && (batched || seeds.len() > 1) {
+            return Err(InferenceError::config(
+                "checkpoint",
+                "checkpoints are of one fit: one seed per request",
+            ));
         }
         let mut silent = Silent;
         let observer: &mut dyn Observer = match self.observer.take() {
@@ -402,10 +449,21 @@ impl<'a> FitRequest<'a> {
         let x = stepper
             .data()
             .unwrap_or_else(|| self.x.to_device(self.device).to_kind(opts.dtype.kind()));
+        let (mut writer, resumed) = self.checkpoints(stepper.as_mut(), opts)?;
         let (traces, status, stopped, seconds) = {
             let _capture = stepper.exclusive().then(global_guard);
-            drive(stepper.as_mut(), opts, observer, self.interrupt)?
+            drive(
+                stepper.as_mut(),
+                opts,
+                observer,
+                self.interrupt,
+                writer.as_mut(),
+                resumed,
+            )?
         };
+        if let Some(w) = &mut writer {
+            w.wait()?;
+        }
         let runs = stepper.finish()?;
         let mut fits = Vec::with_capacity(runs.len());
         for (((run, trace), status), stopped) in
@@ -422,6 +480,45 @@ impl<'a> FitRequest<'a> {
             )?);
         }
         Ok(fits)
+    }
+}
+
+impl FitRequest<'_> {
+    /// The checkpoint writer, and the state restored into `stepper` from
+    /// the checkpoint to resume from, as the request asks.
+    fn checkpoints(
+        &self,
+        stepper: &mut dyn Stepper,
+        opts: &FitOptions,
+    ) -> Result<(Option<Writer>, Option<Resumed>)> {
+        if self.checkpoint.is_none() && self.resume.is_none() {
+            return Ok((None, None));
+        }
+        let facts = FitFacts {
+            model: self.model,
+            x: self.x,
+            method: &self.method,
+            options: opts,
+            threads: self.threads,
+            device: self.device,
+        };
+        let writer = match &self.checkpoint {
+            Some((dir, every)) => {
+                // Refuse an engine that cannot save before any step is taken.
+                stepper.state()?;
+                Some(Writer::new(dir, *every, self.context.clone(), &facts)?)
+            }
+            None => None,
+        };
+        let resumed = match &self.resume {
+            Some(dir) => {
+                let (state, resumed) = checkpoint::load(dir, &facts)?;
+                stepper.restore(&state)?;
+                Some(resumed)
+            }
+            None => None,
+        };
+        Ok((writer, resumed))
     }
 }
 
@@ -451,11 +548,19 @@ fn drive(
     opts: &FitOptions,
     observer: &mut dyn Observer,
     interrupt: Option<&AtomicBool>,
+    mut checkpoints: Option<&mut Writer>,
+    resumed: Option<Resumed>,
 ) -> Result<(Vec<Trace>, Vec<FitStatus>, Vec<Option<Stopped>>, f64)> {
     let runs = stepper.runs();
     let block = stepper.block().min(opts.check_every).max(1);
     let every = observer.monitor_every();
     let mut traces = vec![Trace::default(); runs];
+    // A resumed fit (one run) continues its trace, step count and clock.
+    let (mut done, mut last_time) = (0, 0.0);
+    let offset = resumed.as_ref().map_or(0.0, |r| r.last_time);
+    if let Some(r) = resumed {
+        (done, last_time, traces) = (r.step, r.last_time, vec![r.trace]);
+    }
     let mut status = vec![FitStatus::Ok; runs];
     let mut rules: Vec<StopState> = match &opts.stop {
         Some(rule) => vec![StopState::new(rule); runs],
@@ -467,17 +572,18 @@ fn drive(
             .try_for_each(|r| stepper.monitor(r, &mut |var| observer.on_monitor(done, now, var)))
     };
     if every > 0 {
-        monitor(stepper, observer, 0, 0.0)?;
+        monitor(stepper, observer, done, last_time)?;
     }
     let mut paused = Duration::ZERO;
     let start = Instant::now();
     let clock = |at: Instant, paused: Duration| {
-        (at.duration_since(start).saturating_sub(paused)).as_secs_f64()
+        (at.duration_since(start).saturating_sub(paused)).as_secs_f64() + offset
     };
-    let mut done = 0;
-    let mut last_time = 0.0;
     while done < opts.steps {
         let mut end = ((done / block + 1) * block).min(opts.steps);
+        if let Some(c) = &checkpoints {
+            end = end.min(c.next_stop(done));
+        }
         if let Some(k) = done.checked_div(every) {
             end = end.min((k + 1) * every);
         }
@@ -543,6 +649,11 @@ fn drive(
         if status.iter().all(|s| *s != FitStatus::Ok) {
             break;
         }
+        if let Some(c) = checkpoints.as_deref_mut().filter(|c| c.due(done)) {
+            let t0 = Instant::now();
+            c.write(done, stepper, &traces[0], now)?;
+            paused += t0.elapsed();
+        }
         if every > 0 && done % every == 0 {
             let t0 = Instant::now();
             monitor(stepper, observer, done, now)?;
@@ -558,6 +669,11 @@ fn drive(
         if done < opts.steps && interrupt.is_some_and(|f| f.load(Ordering::SeqCst)) {
             for s in status.iter_mut().filter(|s| **s == FitStatus::Ok) {
                 *s = FitStatus::Interrupted { at: done };
+            }
+            // A checkpointed fit leaves a checkpoint at the step it stopped
+            // at (unless one was just written): resuming loses nothing.
+            if let Some(c) = checkpoints.as_deref_mut().filter(|c| !c.due(done)) {
+                c.write(done, stepper, &traces[0], now)?;
             }
             break;
         }

@@ -52,6 +52,7 @@
 //! ([`check_fit`], [`memory_estimate`]) before it allocates anything.
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod convergence;
 mod de;
 mod diagnose;
@@ -80,6 +81,7 @@ pub use tch;
 /// libtorch's fused Adam and the generators, in the `avi-cuda` shim (which
 /// builds without the CUDA headers, graphs then off).
 pub use avi_cuda::CudaError;
+pub use checkpoint::{latest_checkpoint, CheckpointInfo};
 pub use diagnose::{diagnose, Diagnosis};
 pub use elbo::{elbo_draws, elbo_draws_batch, evaluate_elbo};
 pub use encode::{encode, EncodeOptions, Encoded, OutsideRange, Refined, HELDOUT_EXCLUDES};
@@ -114,7 +116,7 @@ pub use result::{
 pub use rng::global_guard as generator_guard;
 pub use saved::{
     DataFingerprint, Expect, FileEntry, Fitted, Manifest, OutputLayout, TensorEntry,
-    FORMAT_VERSION, MANIFEST_FILE, STATE_FILE,
+    CHECKPOINT_FOLDER, FORMAT_VERSION, MANIFEST_FILE, STATE_FILE,
 };
 pub use stop::{verdict, Convergence, StopRule, VERDICT_BINS, VERDICT_MIN_STEPS, VERDICT_T};
 

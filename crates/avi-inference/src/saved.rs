@@ -506,7 +506,12 @@ impl Fitted {
     }
 }
 
-/// Refuse a target folder holding anything but the same fit's state.
+/// The subfolder of a save folder that holds the fit's checkpoints
+/// ([`crate::FitRequest::checkpoint`] as `avi fit` uses it).
+pub const CHECKPOINT_FOLDER: &str = "checkpoint";
+
+/// Refuse a target folder holding anything but the same fit's state (and
+/// its checkpoints).
 fn check_target(
     dir: &Path,
     model: &str,
@@ -520,9 +525,13 @@ fn check_target(
     if !dir.is_dir() {
         return Err(saved_error(dir, "exists and is not a folder"));
     }
+    // The fit's checkpoints (`avi fit` writes them into `DIR/checkpoint/`;
+    // the checkpoint code checks that they are this fit's) may sit beside
+    // its state; the final save replaces them with the folder.
     let entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| saved_error(dir, format!("cannot be read: {e}")))?
         .filter_map(|e| e.ok())
+        .filter(|e| !(e.file_name() == CHECKPOINT_FOLDER && e.path().is_dir()))
         .collect();
     if entries.is_empty() {
         return Ok(());

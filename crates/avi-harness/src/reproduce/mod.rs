@@ -31,7 +31,7 @@ use tch::Device;
 use crate::claim::{Claimed, Holder, RunClaim};
 use crate::experiment::{Experiment, RunSpec};
 use crate::report::{remove_stale_temp_files, write_json_atomic};
-use crate::run::{diagnosis_section, prepare, run_prepared, Prepared};
+use crate::run::{diagnosis_section, prepare, run_prepared_checkpointed, Prepared};
 use crate::run_report::{is_finished, RunReport, RunStatus};
 
 mod stored;
@@ -76,6 +76,12 @@ pub struct ReproduceOptions {
     /// results as separate runs with the graph engine). In this process
     /// only (`jobs` = 1).
     pub batch_seeds: bool,
+    /// Write each run's checkpoints every this many steps into
+    /// `NAME/checkpoints/LABEL-SEED/` (removed once its report is written);
+    /// with `resume`, a run with a checkpoint continues from it (to the same
+    /// bits) instead of starting again. In this process only (`jobs` = 1),
+    /// not with `batch_seeds`.
+    pub checkpoint_every: Option<usize>,
     /// Keep each run's fitted state (`avi fit --save`) in
     /// `out/NAME/fitted/<run label>-<seed>/` (a diverged run's is not kept).
     pub save: bool,
@@ -288,6 +294,14 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     };
     if opts.batch_seeds && opts.jobs > 1 {
         bail!("--batch-seeds fits in this process: leave out --jobs");
+    }
+    if let Some(every) = opts.checkpoint_every {
+        if every == 0 {
+            bail!("--checkpoint-every must be at least 1");
+        }
+        if opts.jobs > 1 || opts.batch_seeds {
+            bail!("--checkpoint-every fits one run at a time in this process: leave out --jobs and --batch-seeds");
+        }
     }
     if opts.fresh && opts.resume {
         bail!("--fresh and --resume exclude each other");
@@ -544,9 +558,23 @@ fn run_here(
             progress.overall.inc(1);
             continue;
         };
+        let plan = match opts.checkpoint_every {
+            Some(every) => Some(checkpoint_plan(runs_dir, run, every, opts.resume)?),
+            None => None,
+        };
+        if let Some(info) = plan.as_ref().filter(|p| p.resume).map(|p| &p.dir) {
+            progress.line(format!(
+                "{}: {} seed {} resumes from its checkpoint in {}",
+                exp.name,
+                run.label,
+                run.seed,
+                info.display()
+            ));
+        }
         let bar = progress.run_bar(run.config.steps, &format!("{} {}", run.label, run.seed));
         let mut observer = BarObserver(bar.clone());
-        let (fit, mut report) = run_prepared(&run.config, p, opts.device, &mut observer)?;
+        let (fit, mut report) =
+            run_prepared_checkpointed(&run.config, p, opts.device, &mut observer, plan.as_ref())?;
         bar.finish_and_clear();
         progress.multi.remove(&bar);
         if report.status == RunStatus::Interrupted {
@@ -572,11 +600,51 @@ fn run_here(
         slim(&mut report);
         write_json_atomic(&runs_dir.join(&run.file), &report)?;
         save_run(opts, runs_dir, run, p, fit)?;
+        if let Some(p) = &plan {
+            // The report (and the state) are written: the run's checkpoints
+            // are done with.
+            std::fs::remove_dir_all(&p.dir)
+                .with_context(|| format!("cannot remove {}", p.dir.display()))?;
+        }
         drop(claim);
         progress.overall.inc(1);
         progress.line(done_line(&exp.name, run, &report));
     }
     Ok(())
+}
+
+/// The checkpoints of `run` (`--checkpoint-every`): into
+/// `NAME/checkpoints/LABEL-SEED/`; resumed from there with `resume` when
+/// there is one, otherwise started afresh (an earlier folder removed).
+fn checkpoint_plan(
+    runs_dir: &Path,
+    run: &RunSpec,
+    every: usize,
+    resume: bool,
+) -> Result<crate::run::CheckpointPlan> {
+    let stem = Path::new(&run.file).with_extension("");
+    let dir = runs_dir
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("checkpoints")
+        .join(stem);
+    let found = avi_inference::latest_checkpoint(&dir)?.is_some();
+    if !resume && dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    let config_dir = Path::new(".")
+        .canonicalize()
+        .context("cannot resolve the working folder")?;
+    Ok(crate::run::CheckpointPlan {
+        dir,
+        every,
+        resume: resume && found,
+        context: crate::run::CheckpointContext {
+            config: run.config.clone(),
+            config_dir,
+        },
+    })
 }
 
 fn run_children(

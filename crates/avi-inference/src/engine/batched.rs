@@ -251,6 +251,10 @@ impl<'a> BatchedTrainer<'a> {
 }
 
 impl Stepper for BatchedTrainer<'_> {
+    fn name(&self) -> &'static str {
+        "batched-seeds engine"
+    }
+
     fn runs(&self) -> usize {
         self.gens.len()
     }

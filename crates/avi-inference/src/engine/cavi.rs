@@ -271,6 +271,10 @@ fn check_chain(
 }
 
 impl Stepper for CaviTrainer<'_> {
+    fn name(&self) -> &'static str {
+        "CAVI engine"
+    }
+
     fn steps(&mut self, len: usize) -> Result<Block> {
         let mut values = Vec::with_capacity(len);
         let mut stamps = Vec::with_capacity(len);

@@ -62,7 +62,7 @@ use crate::forms::FusedModel;
 use avi_models::check_finite_data;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use crate::engine::{params_finite, Block, Stepper};
+use crate::engine::{cannot_checkpoint, params_finite, Block, EngineState, Stepper};
 use crate::family::host_vec;
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::options::{Entropy, FitOptions};
@@ -625,7 +625,65 @@ impl FusedTrainer {
     pub fn steps_done(&self) -> u64 {
         self.steps_done
     }
+
+    /// The host parameters and their Adam; `None` for A-VI with a function
+    /// the host does not evaluate (libtorch parameters and tch's Adam).
+    fn host_parts(&mut self) -> Option<(&mut Vec<f64>, &mut Adam)> {
+        match &mut self.state {
+            State::Flat { params, adam, .. } => Some((params, adam)),
+            State::Host(host) => Some((&mut host.params, &mut host.adam)),
+            State::Torch { .. } => None,
+        }
+    }
+
+    /// The state for a checkpoint: the host parameters, Adam's moments,
+    /// step count and learning rate, the steps taken (the Philox draws'
+    /// counter) and the generator of the final evaluation.
+    pub(crate) fn state(&self) -> Result<EngineState> {
+        let (params, adam) = match &self.state {
+            State::Flat { params, adam, .. } => (params, adam),
+            State::Host(host) => (&host.params, &host.adam),
+            State::Torch { .. } => return Err(cannot_checkpoint(TORCH_FALLBACK)),
+        };
+        let mut state = EngineState::default();
+        state.put_f64("params", params);
+        state.put_f64("adam/m", &adam.m);
+        state.put_f64("adam/v", &adam.v);
+        state.put_i64("adam/t", i64::from(adam.t));
+        state.put_f64("lr", &[adam.lr]);
+        state.put_i64("steps_done", self.steps_done as i64);
+        if let EngineDraws::Own(g) = &self.rng {
+            state.put("rng", &g.state()?);
+        }
+        Ok(state)
+    }
+
+    /// Continue from [`FusedTrainer::state`] of a trainer of the same
+    /// problem.
+    pub(crate) fn restore(&mut self, state: &EngineState) -> Result<()> {
+        let steps_done = state.i64("steps_done")?;
+        if let EngineDraws::Own(g) = &mut self.rng {
+            g.set_state(state.get("rng")?)?;
+        }
+        let Some((params, adam)) = self.host_parts() else {
+            return Err(cannot_checkpoint(TORCH_FALLBACK));
+        };
+        let len = params.len();
+        *params = state.f64s("params", len)?;
+        adam.m = state.f64s("adam/m", len)?;
+        adam.v = state.f64s("adam/v", len)?;
+        adam.t = i32::try_from(state.i64("adam/t")?)
+            .map_err(|_| InferenceError::config("resume", "Adam's step count is out of range"))?;
+        adam.lr = state.f64s("lr", 1)?[0];
+        self.steps_done = u64::try_from(steps_done)
+            .map_err(|_| InferenceError::config("resume", "a negative step count"))?;
+        Ok(())
+    }
 }
+
+/// The fused engine running an inference function on libtorch.
+const TORCH_FALLBACK: &str =
+    "fused CPU engine with an inference function it does not evaluate on the host";
 
 /// Validate `x`, seed libtorch's generator with `opts.seed` and initialise
 /// the parameters of `method` on the CPU exactly as [`crate::testing::Trainer::new`]
@@ -719,6 +777,18 @@ impl Stepper for FusedTrainer {
     fn set_lr(&mut self, lr: f64) -> Result<()> {
         FusedTrainer::set_lr(self, lr);
         Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "fused CPU engine"
+    }
+
+    fn state(&self) -> Result<EngineState> {
+        FusedTrainer::state(self)
+    }
+
+    fn restore(&mut self, state: &EngineState) -> Result<()> {
+        FusedTrainer::restore(self, state)
     }
 
     fn params_finite(&self) -> Result<Vec<bool>> {

@@ -240,6 +240,10 @@ impl CudaFviTrainer {
 }
 
 impl Stepper for CudaFviTrainer {
+    fn name(&self) -> &'static str {
+        "fused CUDA engine"
+    }
+
     fn block(&self) -> usize {
         self.block
     }

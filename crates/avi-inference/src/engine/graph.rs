@@ -234,6 +234,10 @@ fn device_index(device: Device) -> i64 {
 }
 
 impl Stepper for GraphTrainer<'_> {
+    fn name(&self) -> &'static str {
+        "graph engine"
+    }
+
     fn block(&self) -> usize {
         self.block
     }

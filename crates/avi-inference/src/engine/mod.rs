@@ -8,7 +8,7 @@ use tch::{nn, Kind, Tensor};
 use crate::family::host_vec;
 use crate::method::Variational;
 use crate::rng::Draws;
-use crate::Result;
+use crate::{InferenceError, Result};
 
 pub(crate) mod batched;
 pub(crate) mod cavi;
@@ -76,6 +76,111 @@ impl Block {
     }
 }
 
+/// An engine's state between two blocks: everything a freshly built engine
+/// of the same problem needs to continue exactly as this one would (the
+/// variational parameters, the optimiser's moments and step counts, the
+/// random generators, the learning rate), as named CPU tensors.
+#[derive(Debug, Default)]
+pub(crate) struct EngineState {
+    pub(crate) tensors: Vec<(String, Tensor)>,
+}
+
+impl EngineState {
+    /// Add `tensor` (copied to the CPU, detached) under `name`.
+    pub(crate) fn put(&mut self, name: impl Into<String>, tensor: &Tensor) {
+        let t = tch::no_grad(|| tensor.detach().to_device(tch::Device::Cpu).contiguous());
+        // A tensor already on the CPU is shared, not copied, by `to_device`.
+        let t = if t.data_ptr() == tensor.data_ptr() {
+            t.copy()
+        } else {
+            t
+        };
+        self.tensors.push((name.into(), t));
+    }
+
+    /// Add host values under `name` (f64, or i64 for counts).
+    pub(crate) fn put_f64(&mut self, name: &str, values: &[f64]) {
+        self.tensors.push((name.into(), Tensor::from_slice(values)));
+    }
+
+    /// Add a count under `name`.
+    pub(crate) fn put_i64(&mut self, name: &str, value: i64) {
+        self.tensors
+            .push((name.into(), Tensor::from_slice(&[value])));
+    }
+
+    /// The tensor under `name`.
+    pub(crate) fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| {
+                InferenceError::config("resume", format!("the checkpoint has no `{name}`"))
+            })
+    }
+
+    /// Whether there is a tensor under `name`.
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.tensors.iter().any(|(n, _)| n == name)
+    }
+
+    /// The f64 values under `name`, `len` of them.
+    pub(crate) fn f64s(&self, name: &str, len: usize) -> Result<Vec<f64>> {
+        let t = self.get(name)?;
+        if t.kind() != Kind::Double || t.numel() != len {
+            return Err(InferenceError::config(
+                "resume",
+                format!(
+                    "`{name}` holds {} values of {:?}, the fit {len} f64",
+                    t.numel(),
+                    t.kind()
+                ),
+            ));
+        }
+        host_vec(t)
+    }
+
+    /// The count under `name`.
+    pub(crate) fn i64(&self, name: &str) -> Result<i64> {
+        let t = self.get(name)?;
+        if t.kind() != Kind::Int64 || t.numel() != 1 {
+            return Err(InferenceError::config(
+                "resume",
+                format!("`{name}` is not one i64"),
+            ));
+        }
+        Ok(t.int64_value(&[0]))
+    }
+
+    /// Copy the tensor under `name` into `dst` (same shape and kind).
+    pub(crate) fn copy_into(&self, name: &str, dst: &mut Tensor) -> Result<()> {
+        let src = self.get(name)?;
+        if src.size() != dst.size() || src.kind() != dst.kind() {
+            return Err(InferenceError::config(
+                "resume",
+                format!(
+                    "`{name}` is {:?} {:?}, the fit's {:?} {:?}",
+                    src.kind(),
+                    src.size(),
+                    dst.kind(),
+                    dst.size()
+                ),
+            ));
+        }
+        tch::no_grad(|| dst.f_copy_(src))?;
+        Ok(())
+    }
+}
+
+/// The error of an engine that cannot save or restore its state.
+pub(crate) fn cannot_checkpoint(engine: &str) -> InferenceError {
+    InferenceError::config(
+        "checkpoint",
+        format!("the {engine} cannot checkpoint (the libtorch engine \"torch\" and the fused CPU engine \"fused\" can)"),
+    )
+}
+
 /// An engine as the one training loop sees it: it takes blocks of steps of
 /// every run and reports their ELBO estimates; the loop owns the trace, the
 /// divergence rule, the learning-rate schedule, monitoring and the
@@ -116,6 +221,24 @@ pub(crate) trait Stepper {
     /// engine (CUDA graph capture).
     fn exclusive(&self) -> bool {
         false
+    }
+
+    /// The engine's state between blocks, for a checkpoint; engines that
+    /// cannot save it say so.
+    fn state(&self) -> Result<EngineState> {
+        Err(cannot_checkpoint(self.name()))
+    }
+
+    /// Continue from `state` (from [`Stepper::state`] of the same engine on
+    /// the same problem); engines that cannot say so.
+    fn restore(&mut self, state: &EngineState) -> Result<()> {
+        let _ = state;
+        Err(cannot_checkpoint(self.name()))
+    }
+
+    /// The engine's name in messages.
+    fn name(&self) -> &'static str {
+        "engine"
     }
 
     /// The fitted parameters of every run, each with the generator its

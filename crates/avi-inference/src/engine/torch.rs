@@ -2,10 +2,10 @@
 //! device ([`Trainer`]).
 
 use avi_models::Model;
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::elbo::{draws_from, evaluate_from};
-use crate::engine::{params_finite, Block, Stepper};
+use crate::engine::{params_finite, Block, EngineState, Stepper};
 use crate::forms::{init_hint, Init};
 use crate::limits::check_data_size;
 use crate::method::{MethodConfig, Variational};
@@ -13,10 +13,11 @@ use crate::options::{Engine, FitOptions};
 use crate::rng::{seeded, Draws};
 use crate::{InferenceError, Result};
 
-/// Adam as tch binds it (host step count) or libtorch's fused kernel with
-/// device step counts ([`Engine::Graph`]).
+/// libtorch's Adam as tch's `nn::Adam` builds it (host step count; through
+/// the shim, so that its state can be checkpointed) or libtorch's fused
+/// kernel with device step counts ([`Engine::Graph`]).
 enum Optim {
-    Torch(nn::Optimizer),
+    Torch(avi_cuda::TorchAdam),
     Fused(avi_cuda::FusedAdam),
 }
 
@@ -27,7 +28,7 @@ impl Optim {
                 var.vs.trainable_variables(),
                 opts.lr,
             )?),
-            _ => Self::Torch(nn::Adam::default().build(&var.vs, opts.lr)?),
+            _ => Self::Torch(avi_cuda::TorchAdam::new(&var.vs, opts.lr)?),
         })
     }
 
@@ -42,9 +43,9 @@ impl Optim {
     fn minimise(&mut self, loss: &Tensor) -> Result<()> {
         match self {
             Self::Torch(o) => {
-                o.zero_grad();
+                o.zero_grad()?;
                 loss.backward();
-                o.step();
+                o.step()?;
             }
             Self::Fused(o) => {
                 o.zero_grad();
@@ -70,6 +71,8 @@ pub struct Trainer<'a> {
     position: i64,
     /// The fit's own generator (draws and shuffles).
     pub(crate) rng: Draws,
+    /// The learning rate of the following steps.
+    lr: f64,
 }
 
 impl std::fmt::Debug for Trainer<'_> {
@@ -148,6 +151,7 @@ impl<'a> Trainer<'a> {
             order,
             position: 0,
             rng,
+            lr: opts.lr,
         })
     }
 
@@ -205,6 +209,7 @@ impl<'a> Trainer<'a> {
             order: None,
             position: 0,
             rng,
+            lr: opts.lr,
         })
     }
 
@@ -238,6 +243,7 @@ impl<'a> Trainer<'a> {
             order: None,
             position: 0,
             rng,
+            lr: opts.lr,
         })
     }
 
@@ -282,7 +288,111 @@ impl<'a> Trainer<'a> {
     /// Set the learning rate of the following steps (Adam's moments carry
     /// over).
     pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
         self.optimizer.set_lr(lr);
+    }
+
+    /// The state for a checkpoint: every variable of the `VarStore` by
+    /// name, Adam's per-parameter state (in the optimizer's order), the
+    /// learning rate, the generator, and the mini-batch order and position.
+    pub(crate) fn state(&self) -> Result<EngineState> {
+        let Optim::Torch(adam) = &self.optimizer else {
+            return Err(crate::engine::cannot_checkpoint("graph engine"));
+        };
+        let Draws::Own(rng) = &self.rng else {
+            return Err(crate::engine::cannot_checkpoint("graph engine"));
+        };
+        let mut state = EngineState::default();
+        let mut vars: Vec<(String, Tensor)> = self.var.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in &vars {
+            state.put(format!("param/{name}"), t);
+        }
+        state.put_i64("adam/len", adam.params().len() as i64);
+        for i in 0..adam.params().len() {
+            if let Some(s) = adam.state(i)? {
+                state.put_i64(&format!("adam/{i}/step"), s.step);
+                state.put(format!("adam/{i}/exp_avg"), &s.exp_avg);
+                state.put(format!("adam/{i}/exp_avg_sq"), &s.exp_avg_sq);
+            }
+        }
+        state.put_f64("lr", &[self.lr]);
+        state.put("rng", &rng.state()?);
+        if let Some(order) = &self.order {
+            state.put("batch/order", order);
+            state.put_i64("batch/position", self.position);
+        }
+        Ok(state)
+    }
+
+    /// Continue from [`Trainer::state`] of a trainer of the same problem.
+    pub(crate) fn restore(&mut self, state: &EngineState) -> Result<()> {
+        let (Optim::Torch(adam), Draws::Own(rng)) = (&mut self.optimizer, &mut self.rng) else {
+            return Err(crate::engine::cannot_checkpoint("graph engine"));
+        };
+        let vars = self.var.vs.variables();
+        let saved = state
+            .tensors
+            .iter()
+            .filter(|(n, _)| n.starts_with("param/"))
+            .count();
+        if saved != vars.len() {
+            return Err(InferenceError::config(
+                "resume",
+                format!(
+                    "the checkpoint holds {saved} variables, the fit {}",
+                    vars.len()
+                ),
+            ));
+        }
+        for (name, mut t) in vars {
+            state.copy_into(&format!("param/{name}"), &mut t)?;
+        }
+        let len = adam.params().len();
+        if state.i64("adam/len")? != len as i64 {
+            return Err(InferenceError::config(
+                "resume",
+                "the checkpoint's optimizer has another number of parameters",
+            ));
+        }
+        for i in 0..len {
+            if !state.has(&format!("adam/{i}/step")) {
+                continue;
+            }
+            let s = avi_cuda::AdamParamState {
+                step: state.i64(&format!("adam/{i}/step"))?,
+                exp_avg: state.get(&format!("adam/{i}/exp_avg"))?.shallow_clone(),
+                exp_avg_sq: state.get(&format!("adam/{i}/exp_avg_sq"))?.shallow_clone(),
+            };
+            let p = &adam.params()[i];
+            if s.exp_avg.kind() != p.kind() || s.exp_avg_sq.kind() != p.kind() {
+                return Err(InferenceError::config(
+                    "resume",
+                    "the checkpoint's Adam moments are of another dtype",
+                ));
+            }
+            adam.set_state(i, &s)?;
+        }
+        rng.set_state(state.get("rng")?)?;
+        let lr = state.f64s("lr", 1)?[0];
+        self.set_lr(lr);
+        match &mut self.order {
+            Some(order) => {
+                *order = state
+                    .get("batch/order")?
+                    .to_device(order.device())
+                    .to_kind(Kind::Int64);
+                self.position = state.i64("batch/position")?;
+            }
+            None if state.has("batch/order") => {
+                return Err(InferenceError::config(
+                    "resume",
+                    "the checkpoint is of a mini-batched fit",
+                ))
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     /// The current variational parameters.
@@ -324,6 +434,18 @@ impl Stepper for Trainer<'_> {
     fn set_lr(&mut self, lr: f64) -> Result<()> {
         Trainer::set_lr(self, lr);
         Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "libtorch engine"
+    }
+
+    fn state(&self) -> Result<EngineState> {
+        Trainer::state(self)
+    }
+
+    fn restore(&mut self, state: &EngineState) -> Result<()> {
+        Trainer::restore(self, state)
     }
 
     fn params_finite(&self) -> Result<Vec<bool>> {

@@ -1,0 +1,296 @@
+//! Checkpoints and bit-exact resumption (`FitRequest::checkpoint`,
+//! `FitRequest::resume`).
+//!
+//! For each engine that can checkpoint (libtorch: F-VI and A-VI with an
+//! MLP; fused CPU: F-VI and A-VI with an MLP) three fits of the same
+//! problem are compared: a plain fit, the same fit writing a checkpoint
+//! every 100 steps (copies of the checkpoints at steps 100 and 200 are kept
+//! by an observer), and the fit resumed from each copy. A resumed fit runs
+//! the same operations on the same values as the uninterrupted one, so
+//! every ELBO estimate of the trace, every variational parameter and the
+//! final ELBO must be equal exactly (tolerance 0: a single lost bit of
+//! Adam's moments, the generator's state, the step count or the
+//! learning-rate schedule changes the following estimates by far more).
+//! The schedule changes the rate at step 151, between the two copies.
+
+use std::path::{Path, PathBuf};
+
+use avi_inference::{
+    fit, latest_checkpoint, Dtype, Engine, Fit, FitOptions, InferenceError, LrStep, MethodConfig,
+    Observer, Variational,
+};
+use avi_models::{LinearModel, Model, NonlinearModel, NonlinearSim, SawModel};
+use avi_tests::mlp;
+use tch::Tensor;
+
+fn options(engine: Engine, dtype: Dtype) -> FitOptions {
+    FitOptions {
+        steps: 300,
+        lr: 0.02,
+        draws: 10,
+        seed: 17,
+        eval_draws: 200,
+        dtype,
+        check_every: 50,
+        engine,
+        lr_schedule: vec![LrStep {
+            from: 151,
+            factor: 0.5,
+        }],
+        ..FitOptions::default()
+    }
+}
+
+/// Keeps a copy of the checkpoint folder once the checkpoints of the steps
+/// in `at` are complete (monitoring runs right after a checkpoint of the
+/// same step was handed to its writing thread; the copy waits until
+/// `latest.json` points to it).
+struct Snapshots {
+    dir: PathBuf,
+    at: Vec<usize>,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+impl Observer for Snapshots {
+    fn monitor_every(&self) -> usize {
+        100
+    }
+
+    fn on_monitor(
+        &mut self,
+        done: usize,
+        _seconds: f64,
+        _var: &Variational,
+    ) -> avi_inference::Result<()> {
+        if self.at.contains(&done) {
+            let start = std::time::Instant::now();
+            while latest_checkpoint(&self.dir).ok().flatten().map(|c| c.step) != Some(done) {
+                assert!(
+                    start.elapsed().as_secs() < 30,
+                    "no checkpoint of step {done}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            // The pointer and the folder it names (the writing thread may
+            // still be removing older folders).
+            let to = self.dir.with_extension(format!("at{done}"));
+            let folder = format!("step-{done}");
+            copy_dir(&self.dir.join(&folder), &to.join(&folder));
+            std::fs::copy(self.dir.join("latest.json"), to.join("latest.json")).unwrap();
+        }
+        Ok(())
+    }
+}
+
+/// Everything a fit returns that must not change, as bits.
+fn bits(f: &Fit) -> Vec<u64> {
+    let mut out: Vec<u64> = f.trace.elbo.iter().map(|v| v.to_bits()).collect();
+    out.extend(f.trace.iteration.iter().map(|&i| i as u64));
+    for v in [&f.q_z.mean, &f.q_z.sd] {
+        out.extend(v.iter().map(|x| x.to_bits()));
+    }
+    if let Some(q) = &f.q_theta {
+        out.extend(q.mean.iter().chain(&q.sd).map(|x| x.to_bits()));
+    }
+    out.extend([f.elbo.to_bits(), f.elbo_se.to_bits(), f.iterations as u64]);
+    out
+}
+
+fn check_resumes_exactly(
+    name: &str,
+    model: &dyn Model,
+    x: &Tensor,
+    method: &MethodConfig,
+    opts: &FitOptions,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let plain = fit(model, x, method).options(opts).run().unwrap();
+    assert_eq!(plain.engine, opts.engine, "{name}");
+    let mut snaps = Snapshots {
+        dir: dir.clone(),
+        at: vec![100, 200],
+    };
+    let checkpointed = fit(model, x, method)
+        .options(opts)
+        .checkpoint(&dir, 100)
+        .observer(&mut snaps)
+        .run()
+        .unwrap();
+    assert_eq!(
+        bits(&plain),
+        bits(&checkpointed),
+        "{name}: checkpointing changed the fit"
+    );
+    // The last checkpoint is the final step's; older ones were removed.
+    let info = latest_checkpoint(&dir).unwrap().unwrap();
+    assert_eq!((info.step, info.steps), (300, 300), "{name}");
+    let folders: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(folders.len(), 2, "{name}: {folders:?}");
+    for at in [100, 200] {
+        let snap = dir.with_extension(format!("at{at}"));
+        assert_eq!(latest_checkpoint(&snap).unwrap().unwrap().step, at);
+        let resumed = fit(model, x, method)
+            .options(opts)
+            .resume(&snap)
+            .run()
+            .unwrap();
+        assert_eq!(
+            bits(&plain),
+            bits(&resumed),
+            "{name}: resumed at step {at} differs"
+        );
+        assert_eq!(resumed.trace.seconds.len(), 300);
+    }
+}
+
+#[test]
+fn torch_engine_resumes_exactly() {
+    let linear = LinearModel::new(1.155, 2.43).unwrap();
+    let xl = Tensor::from_slice(&linear.simulate(200, 1, None).unwrap());
+    check_resumes_exactly(
+        "torch F-VI linear f64",
+        &linear,
+        &xl,
+        &MethodConfig::Fvi,
+        &options(Engine::Torch, Dtype::F64),
+    );
+    let nl = NonlinearModel::new(NonlinearSim::Model);
+    let xn = Tensor::from_slice(&nl.simulate(200, 3, None).unwrap());
+    check_resumes_exactly(
+        "torch A-VI MLP nonlinear f32",
+        &nl,
+        &xn,
+        &mlp(8, [0, 0]),
+        &options(Engine::Torch, Dtype::F32),
+    );
+}
+
+#[test]
+fn fused_engine_resumes_exactly() {
+    let saw = SawModel::new(0.75, 0.0).unwrap();
+    let xs = Tensor::from_slice(&saw.simulate(200, 2012, Some(3.4159)).unwrap());
+    check_resumes_exactly(
+        "fused A-VI MLP saw f64",
+        &saw,
+        &xs,
+        &mlp(10, [1, 0]),
+        &options(Engine::Fused, Dtype::F64),
+    );
+    let nl = NonlinearModel::new(NonlinearSim::Model);
+    let xn = Tensor::from_slice(&nl.simulate(200, 3, None).unwrap());
+    check_resumes_exactly(
+        "fused F-VI nonlinear f32",
+        &nl,
+        &xn,
+        &MethodConfig::Fvi,
+        &options(Engine::Fused, Dtype::F32),
+    );
+}
+
+fn short(engine: Engine) -> FitOptions {
+    FitOptions {
+        steps: 40,
+        ..options(engine, Dtype::F64)
+    }
+}
+
+/// A checkpoint whose file was changed or truncated, or one of another fit,
+/// is refused with an error naming the file, before any step.
+#[test]
+fn damaged_or_foreign_checkpoints_are_refused() {
+    let linear = LinearModel::new(1.155, 2.43).unwrap();
+    let x = Tensor::from_slice(&linear.simulate(50, 1, None).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let opts = short(Engine::Torch);
+    fit(&linear, &x, &MethodConfig::Fvi)
+        .options(&opts)
+        .checkpoint(&dir, 20)
+        .run()
+        .unwrap();
+    let folder = latest_checkpoint(&dir).unwrap().unwrap().path;
+    let resume = |o: &FitOptions, x: &Tensor| {
+        fit(&linear, x, &MethodConfig::Fvi)
+            .options(o)
+            .resume(&dir)
+            .run()
+            .unwrap_err()
+    };
+    // another fit: options, data
+    let mut other = opts.clone();
+    other.lr = 0.03;
+    let e = resume(&other, &x).to_string();
+    assert!(e.contains("options differ"), "{e}");
+    let e = resume(&opts, &(&x + 1.0)).to_string();
+    assert!(e.contains("data differs"), "{e}");
+    // truncated tensors; a changed byte of the metadata
+    for (file, damage) in [("state.safetensors", 0usize), ("meta.json", 1)] {
+        let path = folder.join(file);
+        let original = std::fs::read(&path).unwrap();
+        let mut bytes = original.clone();
+        if damage == 0 {
+            bytes.truncate(bytes.len() / 2);
+        } else {
+            let i = bytes.len() / 2;
+            bytes[i] ^= 1;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let e = resume(&opts, &x);
+        assert!(matches!(e, InferenceError::Checkpoint { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(file) && msg.contains("SHA-256"), "{msg}");
+        std::fs::write(&path, &original).unwrap();
+    }
+    // a garbled pointer
+    std::fs::write(dir.join("latest.json"), b"{\"step\": ").unwrap();
+    let e = resume(&opts, &x).to_string();
+    assert!(e.contains("latest.json"), "{e}");
+    // nothing to resume from
+    let e = fit(&linear, &x, &MethodConfig::Fvi)
+        .options(&opts)
+        .resume(tmp.path().join("none"))
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no checkpoint"), "{e}");
+}
+
+/// Engines that cannot save their state refuse checkpointing up front.
+#[test]
+fn engines_without_state_refuse() {
+    let linear = LinearModel::new(1.155, 2.43).unwrap();
+    let x = Tensor::from_slice(&linear.simulate(50, 1, None).unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let e = fit(&linear, &x, &MethodConfig::Fvi)
+        .options(short(Engine::Graph))
+        .checkpoint(tmp.path(), 20)
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("graph engine cannot checkpoint"), "{e}");
+    let e = fit(&linear, &x, &MethodConfig::Fvi)
+        .options(short(Engine::Torch))
+        .seeds(&[1, 2])
+        .checkpoint(tmp.path(), 20)
+        .run_all()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one seed"), "{e}");
+    assert!(latest_checkpoint(tmp.path()).unwrap().is_none());
+}
