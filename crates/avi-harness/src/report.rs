@@ -91,6 +91,7 @@ pub fn fit_report(
         diverged_at,
         elbo: fit.elbo,
         elbo_se: fit.elbo_se,
+        heldout: None,
         iterations: fit.iterations,
         method: value(&cfg.method),
         model: value(&cfg.model),

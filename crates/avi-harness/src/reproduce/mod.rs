@@ -34,6 +34,7 @@ use crate::report::{remove_stale_temp_files, write_json_atomic};
 use crate::run::{diagnosis_section, prepare, run_prepared, Prepared};
 use crate::run_report::{RunReport, RunStatus};
 
+mod heldout;
 mod stored;
 use stored::*;
 
@@ -286,6 +287,12 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     } else {
         opts
     };
+    if exp.heldout.is_some() && (opts.jobs > 1 || opts.batch_seeds) {
+        bail!(
+            "experiment {}: the held-out encoding after each fit runs in this process: leave out --jobs and --batch-seeds",
+            exp.name
+        );
+    }
     if opts.batch_seeds && opts.jobs > 1 {
         bail!("--batch-seeds fits in this process: leave out --jobs");
     }
@@ -475,6 +482,7 @@ fn run_here(
     // Model and data are built once per distinct (model, data, mse).
     let mut prepared: BTreeMap<String, Prepared> = BTreeMap::new();
     let mut batched: std::collections::BTreeSet<String> = Default::default();
+    let mut heldout_data = heldout::HeldoutData::default();
     for run in runs {
         if crate::interrupt::requested() {
             return Err(crate::interrupt::Interrupted.into());
@@ -547,9 +555,25 @@ fn run_here(
                 DIAGNOSE_DRAWS,
             )?);
         }
-        slim(&mut report);
-        write_json_atomic(&runs_dir.join(&run.file), &report)?;
-        save_run(opts, runs_dir, run, p, fit)?;
+        if heldout::wanted(exp, run) {
+            let (section, fitted) =
+                heldout::encode_run(exp, run, p, fit, &mut heldout_data)?;
+            report.heldout = section;
+            slim(&mut report);
+            write_json_atomic(&runs_dir.join(&run.file), &report)?;
+            if opts.save && report.status == RunStatus::Ok {
+                let dir = fitted_dir(runs_dir.parent().unwrap_or(Path::new(".")), run);
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                crate::fitted::save_variational(&run.config, p, fitted.variational, &dir)?;
+            }
+        } else {
+            slim(&mut report);
+            write_json_atomic(&runs_dir.join(&run.file), &report)?;
+            save_run(opts, runs_dir, run, p, fit)?;
+        }
         drop(claim);
         progress.overall.inc(1);
         progress.line(done_line(&exp.name, run, &report));
