@@ -932,4 +932,48 @@ mod tests {
             ]
         );
     }
+
+    /// The held-out data of each kind of training data: a simulation with
+    /// the seed moved by the offset (θ must be named), the Fashion-MNIST
+    /// test split, no file; and the committed definition's amortized
+    /// methods all have held-out data.
+    #[test]
+    fn heldout_data_follow_from_the_training_data() {
+        let h: HeldoutEntry = serde_json::from_value(serde_json::json!({
+            "seed_offset": 1000, "draws": 100, "refine_steps": 10, "refine_lr": 0.01
+        }))
+        .unwrap();
+        let sim: DataConfig = serde_json::from_value(
+            serde_json::json!({"simulate": {"n": 50, "seed": 7, "theta": [1.0]}}),
+        )
+        .unwrap();
+        let DataConfig::Simulate(s) = h.data(&sim).unwrap() else {
+            panic!("a simulation's held-out data are simulated");
+        };
+        assert_eq!((s.n, s.seed, s.theta), (50, 1007, Some(vec![1.0])));
+        let drawn: DataConfig =
+            serde_json::from_value(serde_json::json!({"simulate": {"n": 50, "seed": 7}})).unwrap();
+        let err = h.data(&drawn).unwrap_err().to_string();
+        assert!(err.contains("theta"), "{err}");
+        let images: DataConfig = serde_json::from_value(
+            serde_json::json!({"fashion_mnist": {"split": "train", "n": 300}}),
+        )
+        .unwrap();
+        let DataConfig::FashionMnist(f) = h.data(&images).unwrap() else {
+            panic!("Fashion-MNIST held-out data are images");
+        };
+        assert_eq!((f.split, f.n), (crate::config::FashionMnistSplit::Test, 300));
+        assert!(h.data(&DataConfig::File("x.json".into())).is_err());
+        // Refinement steps and draws are checked at load.
+        let mut exp = load_experiment(&default_experiments_dir(), "generalization").unwrap();
+        assert!(exp.heldout.is_some());
+        exp.heldout.as_mut().unwrap().refine_steps = 0;
+        assert!(check_experiment(&exp).is_err());
+        // The quick run uses the quick refinement steps.
+        let exp = load_experiment(&default_experiments_dir(), "generalization").unwrap();
+        let q = effective(&exp, true, None).unwrap();
+        let h = q.heldout.unwrap();
+        assert_eq!(Some(h.refine_steps), h.quick_refine_steps);
+        assert!(q.methods.iter().all(|m| m.steps.is_none()));
+    }
 }

@@ -223,3 +223,118 @@ pub(super) fn markdown(md: &mut String, rows: &[Value]) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A summary row of `label` whose seeds have these (held-out gap, its
+    /// SE, training gap).
+    fn row_of(label: &str, seeds: &[(f64, f64, f64)]) -> Value {
+        let per_seed: Vec<Value> = seeds
+            .iter()
+            .map(|&(g, se, t)| {
+                json!({ "generalization": {
+                    "training_gap": t,
+                    "heldout": { "gap": g, "gap_se": se },
+                }})
+            })
+            .collect();
+        json!({
+            "label": label,
+            "generalization": row_entry(&per_seed),
+            "seeds": per_seed,
+        })
+    }
+
+    fn zero(k_se: f64, slack: f64) -> Claim {
+        Claim::HeldoutGapZero {
+            text: "t".into(),
+            paper_verdicts: None,
+            labels: vec!["a".into()],
+            k_se,
+            slack,
+        }
+    }
+
+    fn like(factor: f64) -> Claim {
+        Claim::HeldoutGapLikeTraining {
+            text: "t".into(),
+            paper_verdicts: None,
+            labels: vec!["a".into()],
+            factor,
+        }
+    }
+
+    fn verdicts(claim: &Claim, rows: &[Value]) -> (bool, bool) {
+        (
+            check(claim, rows, false).unwrap().0,
+            check(claim, rows, true).unwrap().0,
+        )
+    }
+
+    /// HeldoutGapZero: |gap| ≤ k·SE + slack on every seed (inclusive, both
+    /// signs); the median rule compares the median gap with the median SE.
+    #[test]
+    fn heldout_gap_zero_bound_is_inclusive_and_two_sided() {
+        // 2·0.125 + 0.25 = 0.5 exactly (binary fractions): at the bound of
+        // either sign it holds, a hair beyond it fails.
+        let c = zero(2.0, 0.25);
+        for (g, ok) in [(0.5, true), (-0.5, true), (0.0, true), (0.5 + 1e-12, false), (-0.5 - 1e-12, false)] {
+            assert_eq!(verdicts(&c, &[row_of("a", &[(g, 0.125, 0.0)])]), (ok, ok), "gap {g}");
+        }
+        // One seed of three far out: every seed fails, the median holds.
+        let rows = [row_of(
+            "a",
+            &[(0.1, 0.125, 0.0), (0.2, 0.125, 0.0), (50.0, 0.125, 0.0)],
+        )];
+        assert_eq!(verdicts(&c, &rows), (false, true));
+        // A seed without a held-out section (NaN) fails; so does a missing
+        // method.
+        let rows = [row_of("a", &[(f64::NAN, 0.125, 0.0)])];
+        assert_eq!(verdicts(&c, &rows), (false, false));
+        assert_eq!(
+            verdicts(&c, &[row_of("b", &[(0.0, 0.125, 0.0)])]),
+            (false, false)
+        );
+    }
+
+    /// HeldoutGapLikeTraining: held-out within ×factor of training either
+    /// way, both positive; the median rule uses the two medians.
+    #[test]
+    fn heldout_gap_like_training_is_a_two_sided_ratio() {
+        let c = like(2.0);
+        for (g, t, ok) in [
+            (200.0, 100.0, true),
+            (50.0, 100.0, true),
+            (100.0, 100.0, true),
+            (200.5, 100.0, false),
+            (49.5, 100.0, false),
+            // A zero held-out gap (the encoder generalises) is not "as large".
+            (0.0, 100.0, false),
+            // No training gap to compare with.
+            (0.0, 0.0, false),
+            (-5.0, -5.0, false),
+        ] {
+            let rows = [row_of("a", &[(g, 0.1, t)])];
+            assert_eq!(verdicts(&c, &rows), (ok, ok), "held-out {g} training {t}");
+        }
+        // One seed of three outside: every seed fails, the medians hold.
+        let rows = [row_of(
+            "a",
+            &[(100.0, 0.1, 100.0), (110.0, 0.1, 100.0), (1.0, 0.1, 100.0)],
+        )];
+        assert_eq!(verdicts(&c, &rows), (false, true));
+    }
+
+    /// Other claim kinds are not decided here.
+    #[test]
+    fn other_claims_are_left_to_the_general_checks() {
+        let c = Claim::Never {
+            text: "t".into(),
+            paper_verdicts: None,
+            labels: vec!["a".into()],
+        };
+        assert!(check(&c, &[], false).is_none());
+    }
+}
