@@ -673,16 +673,25 @@ fn check_experiment(exp: &Experiment) -> Result<()> {
         if h.refine_steps == 0 || h.draws < 2 {
             bail!("heldout: needs refine_steps ≥ 1 (the held-out gap is refined − amortized) and draws ≥ 2");
         }
-        for m in exp.methods.iter().filter(|m| !matches!(m.method, MethodConfig::Fvi)) {
+        for m in exp
+            .methods
+            .iter()
+            .filter(|m| !matches!(m.method, MethodConfig::Fvi))
+        {
             h.data(m.data.as_ref().unwrap_or(&exp.data))
                 .with_context(|| format!("method `{}`", m.label))?;
         }
     }
     for c in &exp.claims {
-        if matches!(c, Claim::HeldoutGapZero { .. } | Claim::HeldoutGapLikeTraining { .. })
-            && exp.heldout.is_none()
+        if matches!(
+            c,
+            Claim::HeldoutGapZero { .. } | Claim::HeldoutGapLikeTraining { .. }
+        ) && exp.heldout.is_none()
         {
-            bail!("the claim `{}` is about held-out data: the experiment needs a `heldout` block", c.text());
+            bail!(
+                "the claim `{}` is about held-out data: the experiment needs a `heldout` block",
+                c.text()
+            );
         }
     }
     Ok(())
@@ -962,7 +971,10 @@ mod tests {
         let DataConfig::FashionMnist(f) = h.data(&images).unwrap() else {
             panic!("Fashion-MNIST held-out data are images");
         };
-        assert_eq!((f.split, f.n), (crate::config::FashionMnistSplit::Test, 300));
+        assert_eq!(
+            (f.split, f.n),
+            (crate::config::FashionMnistSplit::Test, 300)
+        );
         assert!(h.data(&DataConfig::File("x.json".into())).is_err());
         // Refinement steps and draws are checked at load.
         let mut exp = load_experiment(&default_experiments_dir(), "generalization").unwrap();

@@ -97,7 +97,10 @@ fn quick_generalization_writes_heldout_sections_claims_and_report() {
     assert_eq!(find("Linear model")["reproduced"], true, "{claims:?}");
     let like = find("Saw, window [0, 0]");
     assert!(like["reproduced"].is_boolean(), "{like}");
-    assert!(like["detail"].as_str().unwrap().contains("training gap"), "{like}");
+    assert!(
+        like["detail"].as_str().unwrap().contains("training gap"),
+        "{like}"
+    );
     // Claims about methods the tiny quick run leaves out are not checked.
     assert_eq!(find("Mixture")["status"], "not checked");
     let row = s["methods"]
@@ -107,7 +110,12 @@ fn quick_generalization_writes_heldout_sections_claims_and_report() {
         .find(|m| m["label"] == "saw i=1 k=10")
         .unwrap();
     assert_eq!(row["generalization"]["encoded"], 1);
-    assert!(row["generalization"]["training_gap"]["median"].as_f64().unwrap() > 10.0);
+    assert!(
+        row["generalization"]["training_gap"]["median"]
+            .as_f64()
+            .unwrap()
+            > 10.0
+    );
     let md = std::fs::read_to_string(exp.join("REPORT.md")).unwrap();
     assert!(md.contains("## Held-out data"), "{md}");
     assert!(md.contains("| saw i=1 k=10 | saw |"), "{md}");

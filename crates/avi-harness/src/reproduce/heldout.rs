@@ -53,20 +53,18 @@ pub(super) fn encode_run(
         hcfg.data = data.clone();
         hcfg.mse = None;
         let p = prepare(&hcfg, Path::new(".")).with_context(|| {
-            format!("experiment {}, method {}: held-out data", exp.name, run.label)
+            format!(
+                "experiment {}, method {}: held-out data",
+                exp.name, run.label
+            )
         })?;
         cache.0.insert(key.clone(), p);
     }
     let held = &cache.0[&key];
     let opts = h.options(cfg.draws);
     let start = Instant::now();
-    let e = avi_inference::encode(
-        held.model.as_model(),
-        &fitted,
-        &data_tensor(held),
-        &opts,
-    )
-    .with_context(|| format!("experiment {}, method {}: encoding", exp.name, run.label))?;
+    let e = avi_inference::encode(held.model.as_model(), &fitted, &data_tensor(held), &opts)
+        .with_context(|| format!("experiment {}, method {}: encoding", exp.name, run.label))?;
     let seconds = start.elapsed().as_secs_f64();
     let r = e
         .refined

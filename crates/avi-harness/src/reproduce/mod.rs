@@ -556,8 +556,7 @@ fn run_here(
             )?);
         }
         if heldout::wanted(exp, run) {
-            let (section, fitted) =
-                heldout::encode_run(exp, run, p, fit, &mut heldout_data)?;
+            let (section, fitted) = heldout::encode_run(exp, run, p, fit, &mut heldout_data)?;
             report.heldout = section;
             slim(&mut report);
             write_json_atomic(&runs_dir.join(&run.file), &report)?;

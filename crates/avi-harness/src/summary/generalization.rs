@@ -38,10 +38,7 @@ pub(super) fn seed_entry(h: Option<&HeldoutSection>, training_gap: Option<f64>) 
 /// The method's statistics over its per-seed entries.
 pub(super) fn row_entry(per_seed: &[Value]) -> Value {
     let get = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> {
-        per_seed
-            .iter()
-            .map(|s| f(s).unwrap_or(f64::NAN))
-            .collect()
+        per_seed.iter().map(|s| f(s).unwrap_or(f64::NAN)).collect()
     };
     let held = |k: &'static str| move |s: &Value| s["generalization"]["heldout"][k].as_f64();
     json!({
@@ -86,9 +83,7 @@ pub(super) fn check(claim: &Claim, rows: &[Value], median: bool) -> Option<(bool
             slack,
             ..
         } => {
-            let within = |g: Option<f64>, se: Option<f64>| {
-                matches!((g, se), (Some(g), Some(se)) if g.abs() <= k_se * se + slack)
-            };
+            let within = |g: Option<f64>, se: Option<f64>| matches!((g, se), (Some(g), Some(se)) if g.abs() <= k_se * se + slack);
             let mut ok = true;
             let mut parts = vec![];
             for l in labels {
@@ -134,9 +129,7 @@ pub(super) fn check(claim: &Claim, rows: &[Value], median: bool) -> Option<(bool
             ))
         }
         Claim::HeldoutGapLikeTraining { labels, factor, .. } => {
-            let like = |h: Option<f64>, t: Option<f64>| {
-                matches!((h, t), (Some(h), Some(t)) if t > 0.0 && h > 0.0 && h <= t * factor && h >= t / factor)
-            };
+            let like = |h: Option<f64>, t: Option<f64>| matches!((h, t), (Some(h), Some(t)) if t > 0.0 && h > 0.0 && h <= t * factor && h >= t / factor);
             let ratio = |h: Option<f64>, t: Option<f64>| h.zip(t).map(|(h, t)| h / t);
             let mut ok = true;
             let mut parts = vec![];
@@ -173,7 +166,10 @@ pub(super) fn check(claim: &Claim, rows: &[Value], median: bool) -> Option<(bool
             }
             Some((
                 ok,
-                format!("{} (bound: ratio within ×{factor} either way)", parts.join("; ")),
+                format!(
+                    "{} (bound: ratio within ×{factor} either way)",
+                    parts.join("; ")
+                ),
             ))
         }
         _ => None,
@@ -189,13 +185,7 @@ pub(super) fn markdown(md: &mut String, rows: &[Value]) {
     if rows.is_empty() {
         return;
     }
-    let cell = |v: &Value| -> String {
-        match (v["median"].as_f64(), v["min"].as_f64(), v["max"].as_f64()) {
-            (Some(m), Some(a), Some(b)) if a == b => format!("{m:.2}"),
-            (Some(m), Some(a), Some(b)) => format!("{m:.2} ({a:.2}–{b:.2})"),
-            _ => "n/a".into(),
-        }
-    };
+    let cell = |v: &Value| super::markdown::cell_range(v, 2, false);
     let _ = writeln!(
         md,
         "\n## Held-out data\n\nEach amortized fit encodes a second data set (simulated with another seed and the same θ, or Fashion-MNIST test images). \
@@ -280,8 +270,18 @@ mod tests {
         // 2·0.125 + 0.25 = 0.5 exactly (binary fractions): at the bound of
         // either sign it holds, a hair beyond it fails.
         let c = zero(2.0, 0.25);
-        for (g, ok) in [(0.5, true), (-0.5, true), (0.0, true), (0.5 + 1e-12, false), (-0.5 - 1e-12, false)] {
-            assert_eq!(verdicts(&c, &[row_of("a", &[(g, 0.125, 0.0)])]), (ok, ok), "gap {g}");
+        for (g, ok) in [
+            (0.5, true),
+            (-0.5, true),
+            (0.0, true),
+            (0.5 + 1e-12, false),
+            (-0.5 - 1e-12, false),
+        ] {
+            assert_eq!(
+                verdicts(&c, &[row_of("a", &[(g, 0.125, 0.0)])]),
+                (ok, ok),
+                "gap {g}"
+            );
         }
         // One seed of three far out: every seed fails, the median holds.
         let rows = [row_of(

@@ -151,14 +151,15 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             };
             let run_seconds = r.report.seconds;
             let iterations = r.report.iterations as f64;
-            let held = (exp.heldout.is_some() && !matches!(m.method, MethodConfig::Fvi)).then(|| {
-                let training_gap = exact
-                    .map(|e| e.0)
-                    .or_else(|| fvi_elbo.get(&(key.clone(), r.seed)).copied())
-                    .map(|f| f - elbo)
-                    .filter(|g| g.is_finite());
-                generalization::seed_entry(r.report.heldout.as_ref(), training_gap)
-            });
+            let held =
+                (exp.heldout.is_some() && !matches!(m.method, MethodConfig::Fvi)).then(|| {
+                    let training_gap = exact
+                        .map(|e| e.0)
+                        .or_else(|| fvi_elbo.get(&(key.clone(), r.seed)).copied())
+                        .map(|f| f - elbo)
+                        .filter(|g| g.is_finite());
+                    generalization::seed_entry(r.report.heldout.as_ref(), training_gap)
+                });
             per_seed.push(json!({
                 "seed": r.seed,
                 "final_elbo": num(fin),
