@@ -144,3 +144,30 @@ fn bad_heldout_settings_exit_2() {
     assert!(err.contains("theta"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// `--resume` keeps finished runs with their held-out sections and refuses
+/// (exit 2, the file named) an amortized run stored without one.
+#[test]
+fn resume_needs_the_heldout_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = tiny(dir.path());
+    let mut v = read(&def);
+    v["quick"]["methods"] = json!(["linear fvi", "linear d=1"]);
+    std::fs::write(&def, v.to_string()).unwrap();
+    let out = dir.path().join("out");
+    let o = reproduce(&def, &out, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = reproduce(&def, &out, &["--resume"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = out.join("generalization/runs/linear_d_1-1954.json");
+    let mut r = read(&run);
+    r.as_object_mut().unwrap().remove("heldout");
+    std::fs::write(&run, r.to_string()).unwrap();
+    let o = reproduce(&def, &out, &["--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("linear_d_1-1954.json") && err.contains("held-out"),
+        "{err}"
+    );
+}

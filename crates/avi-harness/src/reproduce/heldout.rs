@@ -25,6 +25,38 @@ pub(super) fn wanted(exp: &Experiment, run: &RunSpec) -> bool {
     exp.heldout.is_some() && !matches!(run.config.method, MethodConfig::Fvi)
 }
 
+/// With `--resume`: a finished amortized run of an experiment with a
+/// `heldout` block must carry its held-out section (made with the same
+/// held-out data), or the summary would silently lack it.
+pub(super) fn check_stored(exp: &Experiment, run: &RunSpec, path: &Path) -> Result<()> {
+    let Some(h) = exp.heldout.as_ref().filter(|_| wanted(exp, run)) else {
+        return Ok(());
+    };
+    let report = crate::run_report::load(path)?;
+    if report.status != crate::run_report::RunStatus::Ok {
+        return Ok(());
+    }
+    let want = serde_json::to_value(h.data(&run.config.data)?)?;
+    match &report.heldout {
+        // The rate as configured, read back from JSON exactly.
+        Some(s)
+            if s.data == want
+                && s.draws == h.draws
+                && s.refine_lr.to_bits() == h.refine_lr.to_bits() =>
+        {
+            Ok(())
+        }
+        Some(_) => anyhow::bail!(
+            "{}: its held-out section was made with other held-out settings: it is kept; resume with the definition it was made with, or start with --fresh",
+            path.display()
+        ),
+        None => anyhow::bail!(
+            "{}: a finished run without the held-out section this experiment asks for: it is kept; move it away to rerun it, or start with --fresh",
+            path.display()
+        ),
+    }
+}
+
 /// Encode the held-out data of `run` with its finished `fit` (a fit of
 /// `run.config` on `train`), refine, and return the report's section and
 /// the fitted family (for `--save`). A diverged fit gets no section.

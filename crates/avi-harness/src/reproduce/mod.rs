@@ -368,6 +368,7 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
             let path = runs_dir.join(&r.file);
             if path.is_file() {
                 check_stored_run(&path, &r.config, opts.batch_seeds)?;
+                heldout::check_stored(&exp, r, &path)?;
             }
         }
         runs.retain(|r| !runs_dir.join(&r.file).is_file());
