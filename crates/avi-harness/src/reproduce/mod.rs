@@ -287,12 +287,26 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     } else {
         opts
     };
-    if exp.heldout.is_some() && (opts.jobs > 1 || opts.batch_seeds) {
-        bail!(
-            "experiment {}: the held-out encoding after each fit runs in this process: leave out --jobs and --batch-seeds",
-            exp.name
-        );
-    }
+    // The held-out encoding after each fit needs the fit in this process:
+    // one fit at a time, no batched seeds (so that `reproduce all --jobs K`
+    // still runs every experiment; the results do not depend on K).
+    let in_process;
+    let opts = if exp.heldout.is_some() && (opts.jobs > 1 || opts.batch_seeds) {
+        if !opts.quiet {
+            println!(
+                "{}: the held-out encoding after each fit runs in this process: one fit at a time (--jobs and --batch-seeds do not apply)",
+                exp.name
+            );
+        }
+        in_process = ReproduceOptions {
+            jobs: 1,
+            batch_seeds: false,
+            ..opts.clone()
+        };
+        &in_process
+    } else {
+        opts
+    };
     if opts.batch_seeds && opts.jobs > 1 {
         bail!("--batch-seeds fits in this process: leave out --jobs");
     }
