@@ -140,6 +140,12 @@ bench-sweep *ARGS: bootstrap
     {{torch_env}} cargo build --release -p avi-benches --bin avi-step-time
     {{torch_env}} "{{venv}}/bin/python" benches/sweep.py --out out/bench-sweep --step-time "${CARGO_TARGET_DIR:-target}/release/avi-step-time" {{ARGS}}
 
+# the payoff of amortization: encode 10^5 new saw observations with a fitted A-VI encoder (window [1, 0]) vs fit F-VI to them; wall times, their ratio, the forward pass's elements per second, both ELBOs; out/bench-amortization/. ARGS: --device cuda, --threads T, or avi-amortization flags (e.g. --fvi-steps 20000)
+[group('bench')]
+bench-amortization *ARGS: bootstrap
+    {{torch_env}} cargo build --release -p avi-harness -p avi-benches --bin avi --bin avi-amortization
+    {{torch_env}} benches/amortization/run.sh "${CARGO_TARGET_DIR:-target}/release/avi" "${CARGO_TARGET_DIR:-target}/release/avi-amortization" out/bench-amortization {{ARGS}}
+
 # build what benches/gpu/device-check.sh runs on a GPU machine (no Rust there) into .gpu/: avi, avi-step-time and the CUDA test executables, stripped
 [group('bench')]
 gpu-bundle: bootstrap

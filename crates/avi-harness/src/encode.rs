@@ -89,6 +89,9 @@ pub struct EncodeReport {
     /// amortization gap on the new data.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heldout_gap: Option<f64>,
+    /// Its Monte Carlo standard error (from the per-draw differences).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heldout_gap_se: Option<f64>,
     /// q(z'_n) after refinement.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refined_q_z: Option<QZ>,
@@ -233,6 +236,7 @@ pub fn encode_command(args: &EncodeArgs) -> Result<()> {
         refined_heldout_elbo: refined.and_then(|r| finite(r.heldout_elbo)),
         refined_heldout_elbo_se: refined.and_then(|r| finite(r.heldout_elbo_se)),
         heldout_gap: refined.and_then(|r| finite(r.heldout_gap)),
+        heldout_gap_se: refined.and_then(|r| finite(r.heldout_gap_se)),
         refined_q_z: refined.map(|r| q_z(&r.q_z, &r.q_z_probs, states)),
         warnings,
         provenance: Provenance::here("torch"),

@@ -37,6 +37,114 @@ pub struct MethodEntry {
     /// `"gradient"`; `"cavi"` or `"annealed_cavi"` with θ fixed).
     #[serde(default, skip_serializing_if = "LocalUpdates::is_gradient")]
     pub local_updates: LocalUpdates,
+    /// An engine of its own (default: the experiment's), e.g. the fused
+    /// CPU engine for the scalar models of an experiment that also fits
+    /// the BNN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<avi_inference::Engine>,
+    /// Steps of its own (default: the experiment's; a quick run uses the
+    /// quick block's steps for every method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Monte Carlo draws per step of its own (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draws: Option<usize>,
+    /// Draws of its final ELBO of its own (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_draws: Option<usize>,
+    /// Precision of its own (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+    /// Mini-batch size of its own (default: the experiment's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+}
+
+/// The `heldout` block of an experiment: after each amortized run (A-VI,
+/// Const), encode a second data set with the fitted inference function
+/// ([`avi_inference::encode`]) and store its held-out ELBO, refined and
+/// amortized, in the run report's `heldout` section.
+///
+/// The held-out data follow from each method's training data: a simulation
+/// is repeated with seed `seed + seed_offset` (same N and the same θ, which
+/// the simulation must name: a θ drawn from the prior would differ between
+/// the two seeds); Fashion-MNIST training images are replaced by the first
+/// N test images. F-VI runs have no encoder and get no section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldoutEntry {
+    /// Added to a simulation's seed for the held-out data.
+    pub seed_offset: u64,
+    /// Monte Carlo draws of each held-out ELBO.
+    pub draws: usize,
+    /// Seed of those draws (the same for the amortized and the refined
+    /// estimate, so that their difference is not blurred by independent
+    /// noise).
+    #[serde(default)]
+    pub seed: u64,
+    /// F-VI steps on the held-out local factors, from the encoder's
+    /// output, with q(θ) held ([`avi_inference::EncodeOptions::refine_steps`]).
+    pub refine_steps: usize,
+    /// Adam's rate of the refinement (×0.1 from half-way, ×0.01 for the
+    /// last quarter).
+    pub refine_lr: f64,
+    /// Draws per refinement step (default: the run's own draws per step,
+    /// e.g. 100 for linear and saw, 1 for the BNN whose decoder makes each
+    /// draw costly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine_draws: Option<usize>,
+    /// Refinement steps of the quick run (default: `refine_steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quick_refine_steps: Option<usize>,
+}
+
+impl HeldoutEntry {
+    /// The held-out data of a run trained on `data` (see the type's docs).
+    pub fn data(&self, data: &DataConfig) -> Result<DataConfig> {
+        match data {
+            DataConfig::Simulate(s) => {
+                if s.theta.is_none() {
+                    bail!(
+                        "heldout: the simulation (seed {}) draws θ from its prior, so data simulated with another seed would have another θ: name `theta` in the data block",
+                        s.seed
+                    );
+                }
+                let mut h = s.clone();
+                h.seed = s.seed.checked_add(self.seed_offset).with_context(|| {
+                    format!("heldout: seed {} + seed_offset {} overflows", s.seed, self.seed_offset)
+                })?;
+                Ok(DataConfig::Simulate(h))
+            }
+            DataConfig::FashionMnist(f) => {
+                if f.split != crate::config::FashionMnistSplit::Train {
+                    bail!("heldout: Fashion-MNIST training data must be the `train` split (the held-out images are the test split)");
+                }
+                if f.n > 10_000 {
+                    bail!("heldout: {} training images, but the test split has 10,000", f.n);
+                }
+                Ok(DataConfig::FashionMnist(crate::config::FashionMnistConfig {
+                    split: crate::config::FashionMnistSplit::Test,
+                    ..f.clone()
+                }))
+            }
+            DataConfig::File(p) => bail!(
+                "heldout: the training data are a file ({}): there is no second data set to derive from it",
+                p.display()
+            ),
+        }
+    }
+
+    /// The encoding settings of a run that drew `run_draws` per step.
+    pub fn options(&self, run_draws: usize) -> avi_inference::EncodeOptions {
+        avi_inference::EncodeOptions {
+            draws: self.draws,
+            seed: self.seed,
+            refine_steps: self.refine_steps,
+            refine_lr: self.refine_lr,
+            refine_draws: self.refine_draws.unwrap_or(run_draws),
+            ..avi_inference::EncodeOptions::default()
+        }
+    }
 }
 
 /// The `quick` block of an experiment.
@@ -296,6 +404,39 @@ pub enum Claim {
         /// Monte Carlo and optimisation slack (nats).
         slack: f64,
     },
+    /// Held-out data (the experiment's `heldout` block): each run's
+    /// held-out gap (refined − amortized held-out ELBO) is zero within
+    /// `k_se` standard errors plus `slack` nats: |gap| ≤ k_se · SE + slack,
+    /// SE the gap's Monte Carlo standard error (per-draw differences).
+    HeldoutGapZero {
+        /// The claim in words.
+        text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
+        /// The amortized methods.
+        labels: Vec<String>,
+        /// Standard errors allowed.
+        k_se: f64,
+        /// Optimisation slack of the refinement (nats).
+        slack: f64,
+    },
+    /// Held-out data: each run's held-out gap is positive and within a
+    /// factor `factor` of its training gap (the exact optimal ELBO minus
+    /// the method's, or without one F-VI's ELBO of the same seed, model and
+    /// data minus the method's): training / factor ≤ held-out ≤ training ·
+    /// factor.
+    HeldoutGapLikeTraining {
+        /// The claim in words.
+        text: String,
+        /// What the paper's own (recomputed) numbers give under each rule.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paper_verdicts: Option<PaperVerdicts>,
+        /// The amortized methods.
+        labels: Vec<String>,
+        /// Largest allowed ratio either way (> 1).
+        factor: f64,
+    },
 }
 
 impl Claim {
@@ -306,6 +447,8 @@ impl Claim {
             | Self::Never { labels, .. }
             | Self::WindowBound { labels, .. }
             | Self::GapBelow { labels, .. }
+            | Self::HeldoutGapZero { labels, .. }
+            | Self::HeldoutGapLikeTraining { labels, .. }
             | Self::GapAbove {
                 labels, than: None, ..
             } => labels.iter().collect(),
@@ -333,7 +476,9 @@ impl Claim {
             | Self::GapAbove { paper_verdicts, .. }
             | Self::MseRatio { paper_verdicts, .. }
             | Self::WindowBound { paper_verdicts, .. }
-            | Self::GapShrinks { paper_verdicts, .. } => paper_verdicts.as_ref(),
+            | Self::GapShrinks { paper_verdicts, .. }
+            | Self::HeldoutGapZero { paper_verdicts, .. }
+            | Self::HeldoutGapLikeTraining { paper_verdicts, .. } => paper_verdicts.as_ref(),
         }
     }
 
@@ -347,7 +492,9 @@ impl Claim {
             | Self::GapAbove { text, .. }
             | Self::MseRatio { text, .. }
             | Self::WindowBound { text, .. }
-            | Self::GapShrinks { text, .. } => text,
+            | Self::GapShrinks { text, .. }
+            | Self::HeldoutGapZero { text, .. }
+            | Self::HeldoutGapLikeTraining { text, .. } => text,
         }
     }
 }
@@ -398,6 +545,9 @@ pub struct Experiment {
     /// Run the §5 diagnostic after every amortized run.
     #[serde(default)]
     pub diagnose: bool,
+    /// Encode held-out data after each amortized run ([`HeldoutEntry`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout: Option<HeldoutEntry>,
     /// `"torch"` (default), `"fused"` (the fused CPU engine; scalar models
     /// only) or `"graph"` (CUDA graphs of the libtorch step; mini-batches
     /// in a fixed order, whole epochs per graph).
@@ -437,7 +587,7 @@ pub struct Unchecked {
 }
 
 /// The experiments `avi reproduce` knows, in the order of `all`.
-pub const EXPERIMENTS: [&str; 7] = [
+pub const EXPERIMENTS: [&str; 8] = [
     "linear",
     "nonlinear",
     "bnn",
@@ -445,6 +595,7 @@ pub const EXPERIMENTS: [&str; 7] = [
     "hmm-window",
     "mixture",
     "hmm-counterexample",
+    "generalization",
 ];
 
 /// The project's experiment folder.
@@ -518,6 +669,31 @@ fn check_experiment(exp: &Experiment) -> Result<()> {
     if !(exp.rel_tol > 0.0 && exp.rel_tol.is_finite()) {
         bail!("rel_tol must be > 0");
     }
+    if let Some(h) = &exp.heldout {
+        if h.refine_steps == 0 || h.draws < 2 {
+            bail!("heldout: needs refine_steps ≥ 1 (the held-out gap is refined − amortized) and draws ≥ 2");
+        }
+        for m in exp
+            .methods
+            .iter()
+            .filter(|m| !matches!(m.method, MethodConfig::Fvi))
+        {
+            h.data(m.data.as_ref().unwrap_or(&exp.data))
+                .with_context(|| format!("method `{}`", m.label))?;
+        }
+    }
+    for c in &exp.claims {
+        if matches!(
+            c,
+            Claim::HeldoutGapZero { .. } | Claim::HeldoutGapLikeTraining { .. }
+        ) && exp.heldout.is_none()
+        {
+            bail!(
+                "the claim `{}` is about held-out data: the experiment needs a `heldout` block",
+                c.text()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -545,6 +721,7 @@ pub fn effective(exp: &Experiment, quick: bool, seeds: Option<usize>) -> Result<
             if let Some(lr) = q.lr {
                 m.lr = lr;
             }
+            m.steps = None;
         }
         e.steps = q.steps;
         e.seeds.truncate(q.seeds);
@@ -562,6 +739,11 @@ pub fn effective(exp: &Experiment, quick: bool, seeds: Option<usize>) -> Result<
         }
         if let Some(m) = &q.model {
             e.model = m.clone();
+        }
+        if let Some(h) = &mut e.heldout {
+            if let Some(k) = h.quick_refine_steps {
+                h.refine_steps = k;
+            }
         }
         if let Some(mse) = &mut e.mse {
             if let Some(every) = q.mse_every {
@@ -645,18 +827,18 @@ pub fn run_config(exp: &Experiment, method: &MethodEntry, seed: u64) -> FitConfi
         model: method.model.clone().unwrap_or_else(|| exp.model.clone()),
         data: method.data.clone().unwrap_or_else(|| exp.data.clone()),
         method: method.method.clone(),
-        steps: exp.steps,
+        steps: method.steps.unwrap_or(exp.steps),
         lr: method.lr,
-        draws: exp.draws,
+        draws: method.draws.unwrap_or(exp.draws),
         seed,
-        eval_draws: exp.eval_draws,
+        eval_draws: method.eval_draws.unwrap_or(exp.eval_draws),
         entropy: exp.entropy,
-        dtype: exp.dtype,
+        dtype: method.dtype.unwrap_or(exp.dtype),
         report_q_z: false,
-        batch_size: exp.batch_size,
+        batch_size: method.batch_size.or(exp.batch_size),
         shuffle: exp.shuffle,
         lr_schedule: exp.lr_schedule.clone(),
-        engine: exp.engine,
+        engine: method.engine.unwrap_or(exp.engine),
         local_updates: method.local_updates,
         stop: None,
         mse: exp.mse.as_ref().map(|m| MseConfig {
@@ -760,5 +942,52 @@ mod tests {
                 None
             ]
         );
+    }
+
+    /// The held-out data of each kind of training data: a simulation with
+    /// the seed moved by the offset (θ must be named), the Fashion-MNIST
+    /// test split, no file; and the committed definition's amortized
+    /// methods all have held-out data.
+    #[test]
+    fn heldout_data_follow_from_the_training_data() {
+        let h: HeldoutEntry = serde_json::from_value(serde_json::json!({
+            "seed_offset": 1000, "draws": 100, "refine_steps": 10, "refine_lr": 0.01
+        }))
+        .unwrap();
+        let sim: DataConfig = serde_json::from_value(
+            serde_json::json!({"simulate": {"n": 50, "seed": 7, "theta": [1.0]}}),
+        )
+        .unwrap();
+        let DataConfig::Simulate(s) = h.data(&sim).unwrap() else {
+            panic!("a simulation's held-out data are simulated");
+        };
+        assert_eq!((s.n, s.seed, s.theta), (50, 1007, Some(vec![1.0])));
+        let drawn: DataConfig =
+            serde_json::from_value(serde_json::json!({"simulate": {"n": 50, "seed": 7}})).unwrap();
+        let err = h.data(&drawn).unwrap_err().to_string();
+        assert!(err.contains("theta"), "{err}");
+        let images: DataConfig = serde_json::from_value(
+            serde_json::json!({"fashion_mnist": {"split": "train", "n": 300}}),
+        )
+        .unwrap();
+        let DataConfig::FashionMnist(f) = h.data(&images).unwrap() else {
+            panic!("Fashion-MNIST held-out data are images");
+        };
+        assert_eq!(
+            (f.split, f.n),
+            (crate::config::FashionMnistSplit::Test, 300)
+        );
+        assert!(h.data(&DataConfig::File("x.json".into())).is_err());
+        // Refinement steps and draws are checked at load.
+        let mut exp = load_experiment(&default_experiments_dir(), "generalization").unwrap();
+        assert!(exp.heldout.is_some());
+        exp.heldout.as_mut().unwrap().refine_steps = 0;
+        assert!(check_experiment(&exp).is_err());
+        // The quick run uses the quick refinement steps.
+        let exp = load_experiment(&default_experiments_dir(), "generalization").unwrap();
+        let q = effective(&exp, true, None).unwrap();
+        let h = q.heldout.unwrap();
+        assert_eq!(Some(h.refine_steps), h.quick_refine_steps);
+        assert!(q.methods.iter().all(|m| m.steps.is_none()));
     }
 }

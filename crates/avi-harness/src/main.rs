@@ -183,7 +183,7 @@ enum Command {
         #[arg(long)]
         batch_seeds: bool,
         /// Keep each run's fitted state in
-        /// OUT/EXPERIMENT/fitted/<run label>-<seed>/ (see `avi encode`).
+        /// `OUT/EXPERIMENT/fitted/LABEL-SEED/` (see `avi encode`).
         #[arg(long)]
         save: bool,
         /// Write each run's checkpoints every S steps into

@@ -94,6 +94,7 @@ pub fn fit_report(
         elbo: fit.elbo,
         elbo_se: fit.elbo_se,
         interrupted_at,
+        heldout: None,
         iterations: fit.iterations,
         method: value(&cfg.method),
         model: value(&cfg.model),

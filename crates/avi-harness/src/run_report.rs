@@ -48,6 +48,10 @@ pub struct RunReport {
     /// `status: interrupted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted_at: Option<usize>,
+    /// Held-out data encoded after the fit (experiments with a `heldout`
+    /// block, amortized methods only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout: Option<HeldoutSection>,
     /// The optimisation steps taken.
     pub iterations: usize,
     /// The method (the config's `method`).
@@ -91,6 +95,52 @@ pub struct RunReport {
     /// Warnings of the fit (absent, read as none, in older reports).
     #[serde(default)]
     pub warnings: Vec<String>,
+}
+
+/// A second data set encoded with the fitted inference function
+/// ([`avi_inference::encode`]): its held-out ELBO from the encoder's
+/// factors (amortized) and after F-VI steps on those factors with q(θ)
+/// held (refined). Both estimates leave out log p(θ) and q(θ)'s entropy
+/// (`elbo_excludes`) and use the same draws.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldoutSection {
+    /// The held-out data's config block.
+    pub data: Value,
+    /// N' of the held-out data.
+    pub n: usize,
+    /// Monte Carlo draws of each estimate.
+    pub draws: usize,
+    /// Held-out ELBO of the encoder's factors.
+    #[serde(with = "nullable")]
+    pub amortized_elbo: f64,
+    /// Its standard error.
+    #[serde(with = "nullable")]
+    pub amortized_elbo_se: f64,
+    /// Held-out ELBO after the refinement.
+    #[serde(with = "nullable")]
+    pub refined_elbo: f64,
+    /// Its standard error.
+    #[serde(with = "nullable")]
+    pub refined_elbo_se: f64,
+    /// Refined − amortized: the amortization gap on the held-out data.
+    #[serde(with = "nullable")]
+    pub gap: f64,
+    /// Its Monte Carlo standard error (from the per-draw differences).
+    #[serde(with = "nullable")]
+    pub gap_se: f64,
+    /// F-VI steps of the refinement taken.
+    pub refine_steps: usize,
+    /// Its learning rate.
+    pub refine_lr: f64,
+    /// `ok`, or `diverged at K`.
+    pub refine_status: String,
+    /// Held-out observations outside the training data's range.
+    pub outside_training_range: usize,
+    /// What the held-out ELBOs leave out.
+    pub elbo_excludes: String,
+    /// Seconds of encoding and refining.
+    #[serde(with = "nullable")]
+    pub seconds: f64,
 }
 
 /// How a fit ended.

@@ -129,6 +129,14 @@ fn fit_save_then_encode() {
     // 0.1 nats of optimisation noise (50 Adam steps from the encoder's
     // output at a decaying rate).
     assert!((gap - (r - a)).abs() < 1e-9);
+    // The paired standard error: the refined factors start at the
+    // amortized ones, so the per-draw differences vary far less than
+    // either estimate (below the combined error).
+    let gap_se = q["heldout_gap_se"].as_f64().unwrap();
+    assert!(
+        gap_se >= 0.0 && gap_se < (a_se * a_se + r_se * r_se).sqrt(),
+        "{gap_se}"
+    );
     assert!(
         gap.abs() <= 4.0 * (a_se * a_se + r_se * r_se).sqrt() + 0.1,
         "{gap}"

@@ -103,6 +103,10 @@ pub struct Refined {
     /// Refined minus amortized held-out ELBO (same draws): the
     /// amortization gap on the new data.
     pub heldout_gap: f64,
+    /// The Monte Carlo standard error of `heldout_gap`: the sd of the
+    /// per-draw differences / √M (both estimates use the same draws, so
+    /// this is smaller than √(SE_amortized² + SE_refined²)).
+    pub heldout_gap_se: f64,
     /// q(z'_n) after refinement (Gaussian local factors).
     pub q_z: Option<GaussianSummary>,
     /// Probabilities after refinement (categorical local factors).
@@ -191,14 +195,15 @@ pub fn encode(
         .ok_or_else(|| InferenceError::Encode("this family has no encoder".into()))?;
     let n_new = x.size()[0] as usize;
     let outside = outside_range(&x, &fitted.data_range, opts.max_listed)?;
-    let (heldout, se) = heldout_elbo(model, &var.theta, &raw, var.output, &x, opts)?;
+    let amortized = heldout_values(model, &var.theta, &raw, var.output, &x, opts)?;
+    let (heldout, se) = mean_se(&amortized);
     let (q_z, q_z_probs) = local_summary(&raw, var.output)?;
     let (q_theta, fixed_theta) = match &var.theta {
         ThetaFactor::Free(q) => (Some(summarize(&q.detach())?), None),
         ThetaFactor::Fixed(t) => (None, Some(crate::family::host_vec(t)?)),
     };
     let refined = if opts.refine_steps > 0 {
-        Some(refine(model, fitted, &raw, &x, opts, heldout)?)
+        Some(refine(model, fitted, &raw, &x, opts, &amortized)?)
     } else {
         None
     };
@@ -259,17 +264,22 @@ fn outside_range(
     })
 }
 
+/// Mean and standard error of per-draw values.
+fn mean_se(values: &[f64]) -> (f64, f64) {
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    (mean, standard_error(values, mean))
+}
+
 /// The held-out ELBO of local rows `raw` (`[N', W]`) and q(θ) `theta` on
-/// `x` from `opts.draws` draws seeded with `opts.seed`: (mean, standard
-/// error).
-fn heldout_elbo(
+/// `x` at each of `opts.draws` draws seeded with `opts.seed`.
+fn heldout_values(
     model: &dyn avi_models::Model,
     theta: &ThetaFactor,
     raw: &Tensor,
     output: Output,
     x: &Tensor,
     opts: &EncodeOptions,
-) -> Result<(f64, f64)> {
+) -> Result<Vec<f64>> {
     let (kind, device) = (x.kind(), x.device());
     let ((), rng) = seeded(opts.seed, device, || Ok(()))?;
     let (n, w) = (raw.size()[0], raw.size()[1]);
@@ -291,8 +301,7 @@ fn heldout_elbo(
         }
         Ok(())
     })?;
-    let mean = values.iter().sum::<f64>() / values.len() as f64;
-    Ok((mean, standard_error(&values, mean)))
+    Ok(values)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -339,7 +348,7 @@ fn refine(
     raw: &Tensor,
     x: &Tensor,
     opts: &EncodeOptions,
-    amortized: f64,
+    amortized: &[f64],
 ) -> Result<Refined> {
     let var = &fitted.variational;
     let device = var.vs.device();
@@ -392,14 +401,18 @@ fn refine(
         .start_from(start)
         .run()?;
     let rows = result.variational.local_raw().detach();
-    let (elbo, se) = heldout_elbo(model, &var.theta, &rows, var.output, x, opts)?;
+    let refined = heldout_values(model, &var.theta, &rows, var.output, x, opts)?;
+    let (elbo, se) = mean_se(&refined);
+    let diff: Vec<f64> = refined.iter().zip(amortized).map(|(r, a)| r - a).collect();
+    let (gap, gap_se) = mean_se(&diff);
     let (q_z, q_z_probs) = local_summary(&rows, var.output)?;
     Ok(Refined {
         steps: result.iterations,
         status: result.status,
         heldout_elbo: elbo,
         heldout_elbo_se: se,
-        heldout_gap: elbo - amortized,
+        heldout_gap: gap,
+        heldout_gap_se: gap_se,
         q_z,
         q_z_probs,
     })

@@ -34,6 +34,7 @@ use crate::report::{remove_stale_temp_files, write_json_atomic};
 use crate::run::{diagnosis_section, prepare, run_prepared_checkpointed, Prepared};
 use crate::run_report::{is_finished, RunReport, RunStatus};
 
+mod heldout;
 mod stored;
 use stored::*;
 
@@ -292,6 +293,26 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
     } else {
         opts
     };
+    // The held-out encoding after each fit needs the fit in this process:
+    // one fit at a time, no batched seeds (so that `reproduce all --jobs K`
+    // still runs every experiment; the results do not depend on K).
+    let in_process;
+    let opts = if exp.heldout.is_some() && (opts.jobs > 1 || opts.batch_seeds) {
+        if !opts.quiet {
+            println!(
+                "{}: the held-out encoding after each fit runs in this process: one fit at a time (--jobs and --batch-seeds do not apply)",
+                exp.name
+            );
+        }
+        in_process = ReproduceOptions {
+            jobs: 1,
+            batch_seeds: false,
+            ..opts.clone()
+        };
+        &in_process
+    } else {
+        opts
+    };
     if opts.batch_seeds && opts.jobs > 1 {
         bail!("--batch-seeds fits in this process: leave out --jobs");
     }
@@ -382,6 +403,7 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
             let path = runs_dir.join(&r.file);
             if is_finished(&path) {
                 check_stored_run(&path, &r.config, opts.batch_seeds)?;
+                heldout::check_stored(&exp, r, &path)?;
             }
         }
         runs.retain(|r| !is_finished(&runs_dir.join(&r.file)));
@@ -496,6 +518,7 @@ fn run_here(
     // Model and data are built once per distinct (model, data, mse).
     let mut prepared: BTreeMap<String, Prepared> = BTreeMap::new();
     let mut batched: std::collections::BTreeSet<String> = Default::default();
+    let mut heldout_data = heldout::HeldoutData::default();
     for run in runs {
         if crate::interrupt::requested() {
             return Err(crate::interrupt::Interrupted.into());
@@ -597,9 +620,24 @@ fn run_here(
                 DIAGNOSE_DRAWS,
             )?);
         }
-        slim(&mut report);
-        write_json_atomic(&runs_dir.join(&run.file), &report)?;
-        save_run(opts, runs_dir, run, p, fit)?;
+        if heldout::wanted(exp, run) {
+            let (section, fitted) = heldout::encode_run(exp, run, p, fit, &mut heldout_data)?;
+            report.heldout = section;
+            slim(&mut report);
+            write_json_atomic(&runs_dir.join(&run.file), &report)?;
+            if opts.save && report.status == RunStatus::Ok {
+                let dir = fitted_dir(runs_dir.parent().unwrap_or(Path::new(".")), run);
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                crate::fitted::save_variational(&run.config, p, fitted.variational, &dir)?;
+            }
+        } else {
+            slim(&mut report);
+            write_json_atomic(&runs_dir.join(&run.file), &report)?;
+            save_run(opts, runs_dir, run, p, fit)?;
+        }
         if let Some(p) = &plan {
             // The report (and the state) are written: the run's checkpoints
             // are done with.

@@ -84,6 +84,9 @@ pub(super) fn add_paper_verdicts(v: &mut Value, claim: &Claim) {
 /// - Faster, MseRatio and GapShrinks already compare medians, and
 ///   WindowBound exact values: the same verdict as [`check_claim`].
 pub(super) fn check_claim_median(claim: &Claim, rows: &[Value]) -> Value {
+    if let Some((ok, detail)) = super::generalization::check(claim, rows, true) {
+        return json!({ "reproduced": ok, "detail": detail });
+    }
     let median = |r: &Value| r["iterations_to_converge"]["median"].as_f64();
     let gap = |l: &str| row(rows, l).and_then(|r| r["gap"]["median"].as_f64());
     let (ok, detail): (bool, String) = match claim {
@@ -152,6 +155,9 @@ pub(super) fn check_claim_median(claim: &Claim, rows: &[Value]) -> Value {
                 ),
             )
         }
+        Claim::HeldoutGapZero { .. } | Claim::HeldoutGapLikeTraining { .. } => {
+            unreachable!("decided by summary::generalization")
+        }
         Claim::Faster { .. }
         | Claim::MseRatio { .. }
         | Claim::GapShrinks { .. }
@@ -172,6 +178,9 @@ pub(super) fn check_claim_median(claim: &Claim, rows: &[Value]) -> Value {
 
 /// Decide a claim from the summary rows: `{text, reproduced, detail}`.
 pub(super) fn check_claim(claim: &Claim, rows: &[Value]) -> Value {
+    if let Some((ok, detail)) = super::generalization::check(claim, rows, false) {
+        return json!({ "text": claim.text(), "reproduced": ok, "detail": detail });
+    }
     let median = |r: &Value| r["iterations_to_converge"]["median"].as_f64();
     let conv = |r: &Value| {
         format!(
@@ -319,6 +328,9 @@ pub(super) fn check_claim(claim: &Claim, rows: &[Value]) -> Value {
                 );
             }
             (ok, format!("median gaps: {}", parts.join("; ")))
+        }
+        Claim::HeldoutGapZero { .. } | Claim::HeldoutGapLikeTraining { .. } => {
+            unreachable!("decided by summary::generalization")
         }
     };
     json!({ "text": claim.text(), "reproduced": ok, "detail": detail })

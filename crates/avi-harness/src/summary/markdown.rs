@@ -196,6 +196,11 @@ pub(super) fn report_markdown(exp: &Experiment, s: &Value) -> String {
             super::optimum::shortfall_markdown(&shortfalls)
         );
     }
+    if exp.heldout.is_some() {
+        if let Some(rows) = s["methods"].as_array() {
+            super::generalization::markdown(&mut md, rows);
+        }
+    }
     if !exp.paper.is_empty() {
         let _ = writeln!(
             md,

@@ -15,6 +15,7 @@
 //! when its training MSE first falls below the experiment's threshold.
 
 mod claims;
+mod generalization;
 mod markdown;
 mod optimum;
 mod plots;
@@ -87,6 +88,9 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
     // F-VI's final window per (model and data, seed): the target without an
     // exact reference.
     let mut fvi_final: BTreeMap<(String, u64), f64> = BTreeMap::new();
+    // F-VI's ELBO (fresh draws) per (model and data, seed): the reference
+    // of the training gap beside the held-out gap without an exact one.
+    let mut fvi_elbo: BTreeMap<(String, u64), f64> = BTreeMap::new();
     for r in runs {
         let m = exp
             .methods
@@ -98,6 +102,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 (key_of(m), r.seed),
                 final_window(r.elbo(), exp.final_window),
             );
+            fvi_elbo.insert((key_of(m), r.seed), r.report.elbo);
         }
     }
     let mut rows = Vec::new();
@@ -146,6 +151,15 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             };
             let run_seconds = r.report.seconds;
             let iterations = r.report.iterations as f64;
+            let held =
+                (exp.heldout.is_some() && !matches!(m.method, MethodConfig::Fvi)).then(|| {
+                    let training_gap = exact
+                        .map(|e| e.0)
+                        .or_else(|| fvi_elbo.get(&(key.clone(), r.seed)).copied())
+                        .map(|f| f - elbo)
+                        .filter(|g| g.is_finite());
+                    generalization::seed_entry(r.report.heldout.as_ref(), training_gap)
+                });
             per_seed.push(json!({
                 "seed": r.seed,
                 "final_elbo": num(fin),
@@ -162,6 +176,11 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 "diagnosis": serde_json::to_value(&r.report.diagnosis)?,
                 "run": format!("runs/{}-{}.json", file_stem(&m.label), r.seed),
             }));
+            if let Some(h) = held {
+                if let Some(last) = per_seed.last_mut() {
+                    last["generalization"] = h;
+                }
+            }
         }
         let get = |k: &str| -> Vec<f64> {
             per_seed
@@ -179,6 +198,8 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 .map(|r| r[k][f].as_f64().unwrap_or(f64::NAN))
                 .collect()
         };
+        let held = (exp.heldout.is_some() && !matches!(m.method, MethodConfig::Fvi))
+            .then(|| generalization::row_entry(&per_seed));
         rows.push(json!({
             "label": m.label,
             "group": m.group,
@@ -209,6 +230,9 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             "diagnosis_gain": stats(&sub("diagnosis", "gain")),
             "seeds": per_seed,
         }));
+        if let (Some(h), Some(last)) = (held, rows.last_mut()) {
+            last["generalization"] = h;
+        }
     }
     if exp.figures.fig8 {
         add_window_bounds(exp, &mut rows)?;
