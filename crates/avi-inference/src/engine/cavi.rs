@@ -42,7 +42,7 @@ use avi_models::Model;
 use tch::{Kind, Tensor};
 
 use crate::engine::torch::Trainer;
-use crate::engine::{params_finite, Block, Draws, Stepper};
+use crate::engine::{params_finite, Block, Draws, EngineState, Stepper};
 use crate::function::Output;
 use crate::method::{LocalFactor, ThetaFactor, Variational};
 use crate::options::{LocalUpdates, ANNEAL_START};
@@ -297,6 +297,25 @@ impl Stepper for CaviTrainer<'_> {
     }
 
     fn set_lr(&mut self, _lr: f64) -> Result<()> {
+        Ok(())
+    }
+
+    /// The libtorch trainer's state (the factors, its generator; its Adam is
+    /// not used by the sweeps) and the sweep count (annealing's position)
+    /// and the current factors' ELBO (the ascent check's reference).
+    fn state(&self) -> Result<EngineState> {
+        let mut state = self.inner.state()?;
+        state.put_i64("cavi/sweep", self.sweep as i64);
+        state.put_f64("cavi/elbo", &[self.elbo]);
+        Ok(state)
+    }
+
+    fn restore(&mut self, state: &EngineState) -> Result<()> {
+        self.inner.restore(state)?;
+        self.sweep = usize::try_from(state.i64("cavi/sweep")?).map_err(|_| {
+            InferenceError::config("resume", "the checkpoint's CAVI sweep count is negative")
+        })?;
+        self.elbo = state.f64s("cavi/elbo", 1)?[0];
         Ok(())
     }
 
