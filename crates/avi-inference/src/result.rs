@@ -165,7 +165,7 @@ pub const ELBO_WARN_PER_VALUE: f64 = 1e4;
 const WARN_FACTORS: usize = 5;
 
 /// The median of non-empty `v` (sorted copy).
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let k = s.len();

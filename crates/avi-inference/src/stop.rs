@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::result::{FitStatus, Trace};
+use crate::result::{median, FitStatus, Trace};
 use crate::{InferenceError, Result};
 
 /// An early-stopping rule, evaluated by the training loop between blocks
@@ -348,17 +348,6 @@ pub(crate) fn not_converged_warning(c: &Convergence) -> Option<String> {
             c.rise_per_1000_steps, c.rise_se, c.steps
         )
     })
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let k = s.len();
-    if k % 2 == 1 {
-        s[k / 2]
-    } else {
-        0.5 * (s[k / 2 - 1] + s[k / 2])
-    }
 }
 
 #[cfg(test)]
