@@ -173,6 +173,51 @@ impl FusedAdam {
         })
     }
 
+    /// Adam's state, per parameter in the order given to [`FusedAdam::new`]:
+    /// the first and second moments and the step count (an f32 scalar
+    /// tensor), for a checkpoint.
+    pub fn state(&self) -> (&[Tensor], &[Tensor], &[Tensor]) {
+        (&self.exp_avg, &self.exp_avg_sq, &self.steps)
+    }
+
+    /// Copy a saved [`FusedAdam::state`] into this one, in place (the
+    /// tensors keep their storage, as a captured graph requires); shapes
+    /// and kinds must match.
+    pub fn set_state(
+        &mut self,
+        exp_avg: &[Tensor],
+        exp_avg_sq: &[Tensor],
+        steps: &[Tensor],
+    ) -> Result<()> {
+        let n = self.params.len();
+        if exp_avg.len() != n || exp_avg_sq.len() != n || steps.len() != n {
+            return Err(CudaError::Unsupported(format!(
+                "an Adam state of {} parameters for an optimiser of {n}",
+                exp_avg.len()
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        for (mine, saved) in [
+            (&mut self.exp_avg, exp_avg),
+            (&mut self.exp_avg_sq, exp_avg_sq),
+            (&mut self.steps, steps),
+        ] {
+            for (m, s) in mine.iter_mut().zip(saved) {
+                if m.size() != s.size() || m.kind() != s.kind() {
+                    return Err(CudaError::Unsupported(format!(
+                        "an Adam state tensor of shape {:?} ({:?}) for one of {:?} ({:?})",
+                        s.size(),
+                        s.kind(),
+                        m.size(),
+                        m.kind()
+                    )));
+                }
+                m.copy_(&s.to_device(m.device()));
+            }
+        }
+        Ok(())
+    }
+
     /// Set every existing gradient to zero in place (the gradient tensors
     /// keep their storage, as a captured graph requires).
     pub fn zero_grad(&mut self) {

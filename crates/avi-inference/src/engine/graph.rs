@@ -4,7 +4,7 @@
 use tch::{Device, Tensor};
 
 use crate::engine::torch::Trainer;
-use crate::engine::{params_finite, Block, Stepper};
+use crate::engine::{params_finite, Block, EngineState, Stepper};
 use crate::method::Variational;
 use crate::options::Engine;
 use crate::rng::Draws;
@@ -256,6 +256,24 @@ impl Stepper for GraphTrainer<'_> {
 
     fn set_lr(&mut self, lr: f64) -> Result<()> {
         GraphTrainer::set_lr(self, lr)
+    }
+
+    /// On the CPU (no CUDA graph): the libtorch trainer's state with the
+    /// device-side Adam's moments and step counts. On CUDA the blocks draw
+    /// from the default generator under capture: refused (not tested on a
+    /// device).
+    fn state(&self) -> Result<EngineState> {
+        if self.graph.enabled() {
+            return Err(crate::engine::cannot_checkpoint("graph engine on CUDA"));
+        }
+        self.trainer.state()
+    }
+
+    fn restore(&mut self, state: &EngineState) -> Result<()> {
+        if self.graph.enabled() {
+            return Err(crate::engine::cannot_checkpoint("graph engine on CUDA"));
+        }
+        self.trainer.restore(state)
     }
 
     fn params_finite(&self) -> Result<Vec<bool>> {

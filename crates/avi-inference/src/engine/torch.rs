@@ -296,11 +296,8 @@ impl<'a> Trainer<'a> {
     /// name, Adam's per-parameter state (in the optimizer's order), the
     /// learning rate, the generator, and the mini-batch order and position.
     pub(crate) fn state(&self) -> Result<EngineState> {
-        let Optim::Torch(adam) = &self.optimizer else {
-            return Err(crate::engine::cannot_checkpoint("graph engine"));
-        };
         let Draws::Own(rng) = &self.rng else {
-            return Err(crate::engine::cannot_checkpoint("graph engine"));
+            return Err(crate::engine::cannot_checkpoint("graph engine on CUDA"));
         };
         let mut state = EngineState::default();
         let mut vars: Vec<(String, Tensor)> = self.var.vs.variables().into_iter().collect();
@@ -308,12 +305,27 @@ impl<'a> Trainer<'a> {
         for (name, t) in &vars {
             state.put(format!("param/{name}"), t);
         }
-        state.put_i64("adam/len", adam.params().len() as i64);
-        for i in 0..adam.params().len() {
-            if let Some(s) = adam.state(i)? {
-                state.put_i64(&format!("adam/{i}/step"), s.step);
-                state.put(format!("adam/{i}/exp_avg"), &s.exp_avg);
-                state.put(format!("adam/{i}/exp_avg_sq"), &s.exp_avg_sq);
+        match &self.optimizer {
+            Optim::Torch(adam) => {
+                state.put_i64("adam/len", adam.params().len() as i64);
+                for i in 0..adam.params().len() {
+                    if let Some(s) = adam.state(i)? {
+                        state.put_i64(&format!("adam/{i}/step"), s.step);
+                        state.put(format!("adam/{i}/exp_avg"), &s.exp_avg);
+                        state.put(format!("adam/{i}/exp_avg_sq"), &s.exp_avg_sq);
+                    }
+                }
+            }
+            // The graph engine's device-side Adam: its moments and f32 step
+            // counts, per parameter.
+            Optim::Fused(adam) => {
+                let (m, v, steps) = adam.state();
+                state.put_i64("fused_adam/len", m.len() as i64);
+                for (i, ((m, v), t)) in m.iter().zip(v).zip(steps).enumerate() {
+                    state.put(format!("fused_adam/{i}/exp_avg"), m);
+                    state.put(format!("fused_adam/{i}/exp_avg_sq"), v);
+                    state.put(format!("fused_adam/{i}/step"), t);
+                }
             }
         }
         state.put_f64("lr", &[self.lr]);
@@ -327,9 +339,9 @@ impl<'a> Trainer<'a> {
 
     /// Continue from [`Trainer::state`] of a trainer of the same problem.
     pub(crate) fn restore(&mut self, state: &EngineState) -> Result<()> {
-        let (Optim::Torch(adam), Draws::Own(rng)) = (&mut self.optimizer, &mut self.rng) else {
-            return Err(crate::engine::cannot_checkpoint("graph engine"));
-        };
+        if !matches!(self.rng, Draws::Own(_)) {
+            return Err(crate::engine::cannot_checkpoint("graph engine on CUDA"));
+        }
         let vars = self.var.vs.variables();
         let saved = state
             .tensors
@@ -348,31 +360,57 @@ impl<'a> Trainer<'a> {
         for (name, mut t) in vars {
             state.copy_into(&format!("param/{name}"), &mut t)?;
         }
-        let len = adam.params().len();
-        if state.i64("adam/len")? != len as i64 {
-            return Err(InferenceError::config(
-                "resume",
-                "the checkpoint's optimizer has another number of parameters",
-            ));
-        }
-        for i in 0..len {
-            if !state.has(&format!("adam/{i}/step")) {
-                continue;
+        match &mut self.optimizer {
+            Optim::Torch(adam) => {
+                let len = adam.params().len();
+                if !state.has("adam/len") || state.i64("adam/len")? != len as i64 {
+                    return Err(InferenceError::config(
+                        "resume",
+                        "the checkpoint's optimizer has another number of parameters",
+                    ));
+                }
+                for i in 0..len {
+                    if !state.has(&format!("adam/{i}/step")) {
+                        continue;
+                    }
+                    let s = avi_cuda::AdamParamState {
+                        step: state.i64(&format!("adam/{i}/step"))?,
+                        exp_avg: state.get(&format!("adam/{i}/exp_avg"))?.shallow_clone(),
+                        exp_avg_sq: state.get(&format!("adam/{i}/exp_avg_sq"))?.shallow_clone(),
+                    };
+                    let p = &adam.params()[i];
+                    if s.exp_avg.kind() != p.kind() || s.exp_avg_sq.kind() != p.kind() {
+                        return Err(InferenceError::config(
+                            "resume",
+                            "the checkpoint's Adam moments are of another dtype",
+                        ));
+                    }
+                    adam.set_state(i, &s)?;
+                }
             }
-            let s = avi_cuda::AdamParamState {
-                step: state.i64(&format!("adam/{i}/step"))?,
-                exp_avg: state.get(&format!("adam/{i}/exp_avg"))?.shallow_clone(),
-                exp_avg_sq: state.get(&format!("adam/{i}/exp_avg_sq"))?.shallow_clone(),
-            };
-            let p = &adam.params()[i];
-            if s.exp_avg.kind() != p.kind() || s.exp_avg_sq.kind() != p.kind() {
-                return Err(InferenceError::config(
-                    "resume",
-                    "the checkpoint's Adam moments are of another dtype",
-                ));
+            Optim::Fused(adam) => {
+                let len = adam.state().0.len();
+                if !state.has("fused_adam/len") || state.i64("fused_adam/len")? != len as i64 {
+                    return Err(InferenceError::config(
+                        "resume",
+                        "the checkpoint's optimizer has another number of parameters",
+                    ));
+                }
+                let part = |what: &str| {
+                    (0..len)
+                        .map(|i| {
+                            state
+                                .get(&format!("fused_adam/{i}/{what}"))
+                                .map(Tensor::shallow_clone)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                };
+                adam.set_state(&part("exp_avg")?, &part("exp_avg_sq")?, &part("step")?)?;
             }
-            adam.set_state(i, &s)?;
         }
+        let Draws::Own(rng) = &mut self.rng else {
+            return Err(crate::engine::cannot_checkpoint("graph engine on CUDA"));
+        };
         rng.set_state(state.get("rng")?)?;
         let lr = state.f64s("lr", 1)?[0];
         self.set_lr(lr);
