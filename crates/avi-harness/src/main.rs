@@ -65,6 +65,20 @@ enum Command {
         /// the uninterrupted fit's, times aside.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "check", "save"])]
         resume: Option<PathBuf>,
+        /// Write checkpoints every `--checkpoint-every` steps into DIR itself
+        /// (not `SAVE/checkpoint/`), continuing from DIR's latest checkpoint
+        /// when it holds one: how `avi reproduce --jobs K --checkpoint-every
+        /// S` runs its child fits.
+        #[arg(
+            long,
+            value_name = "DIR",
+            requires = "checkpoint_every",
+            conflicts_with = "resume"
+        )]
+        checkpoint_dir: Option<PathBuf>,
+        /// Steps between the checkpoints of `--checkpoint-dir`.
+        #[arg(long, value_name = "S", requires = "checkpoint_dir")]
+        checkpoint_every: Option<usize>,
     },
     /// Encode new data with a saved fit (`avi fit --save`): q(z) of every
     /// new observation through the fitted inference function, q(θ) as
@@ -189,8 +203,8 @@ enum Command {
         /// Write each run's checkpoints every S steps into
         /// OUT/EXPERIMENT/checkpoints/LABEL-SEED/ (removed when its report
         /// is written); with --resume an unfinished run continues from its
-        /// checkpoint instead of starting again, to the same bits. Not with
-        /// --jobs or --batch-seeds.
+        /// checkpoint instead of starting again, to the same bits (with --jobs
+        /// in its child fits). Not with --batch-seeds.
         #[arg(long, value_name = "S")]
         checkpoint_every: Option<usize>,
     },
@@ -378,6 +392,16 @@ fn resume_plan(save: &Path) -> Result<(FitConfig, PathBuf, CheckpointPlan)> {
     Ok((context.config, context.config_dir, plan))
 }
 
+/// Where `avi fit`'s checkpoints come from (the flags exclude each other).
+enum Checkpoints<'a> {
+    /// As the config says (`"checkpoint"` with the save folder).
+    Config,
+    /// `--resume DIR`: continue DIR's killed fit.
+    Resume(&'a Path),
+    /// `--checkpoint-dir DIR --checkpoint-every S`.
+    Into(&'a Path, usize),
+}
+
 fn fit_command(
     config: Option<&Path>,
     out: &Path,
@@ -385,8 +409,13 @@ fn fit_command(
     check: bool,
     quiet: bool,
     save: Option<&Path>,
-    resume: Option<&Path>,
+    checkpoints: Checkpoints<'_>,
 ) -> Result<Outcome> {
+    let (resume, run_checkpoints) = match checkpoints {
+        Checkpoints::Config => (None, None),
+        Checkpoints::Resume(dir) => (Some(dir), None),
+        Checkpoints::Into(dir, every) => (None, Some((dir, every))),
+    };
     let (cfg, dir, plan) = match (config, resume) {
         (_, Some(save)) => {
             let (cfg, dir, plan) = resume_plan(save)?;
@@ -416,6 +445,29 @@ fn fit_command(
     if let Some(save) = &save {
         fitted::check_save(&cfg, &prepared, save)?;
     }
+    // `--checkpoint-dir DIR --checkpoint-every S` (reproduce's children):
+    // checkpoints in DIR itself, continued from there when DIR holds one.
+    let plan = match run_checkpoints {
+        Some((ckpt, every)) if !check => {
+            if every == 0 {
+                anyhow::bail!("--checkpoint-every must be at least 1");
+            }
+            let found = avi_inference::latest_checkpoint(ckpt)?.is_some();
+            let config_dir = dir
+                .canonicalize()
+                .with_context(|| format!("cannot resolve the config's folder {}", dir.display()))?;
+            Some(CheckpointPlan {
+                dir: ckpt.to_path_buf(),
+                every,
+                resume: found,
+                context: CheckpointContext {
+                    config: cfg.clone(),
+                    config_dir,
+                },
+            })
+        }
+        _ => plan,
+    };
     let plan = match (plan, &cfg.checkpoint) {
         (Some(plan), _) => Some(plan),
         (None, None) => None,
@@ -576,6 +628,8 @@ fn run(cli: Cli) -> Result<Outcome> {
             quiet,
             save,
             resume,
+            checkpoint_dir,
+            checkpoint_every,
         } => fit_command(
             config.as_deref(),
             &out,
@@ -583,7 +637,14 @@ fn run(cli: Cli) -> Result<Outcome> {
             check,
             quiet,
             save.as_deref(),
-            resume.as_deref(),
+            match (
+                resume.as_deref(),
+                checkpoint_dir.as_deref().zip(checkpoint_every),
+            ) {
+                (Some(dir), _) => Checkpoints::Resume(dir),
+                (None, Some((dir, every))) => Checkpoints::Into(dir, every),
+                (None, None) => Checkpoints::Config,
+            },
         ),
         Command::Encode {
             fitted,

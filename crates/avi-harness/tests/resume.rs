@@ -325,42 +325,59 @@ fn reproduce_resumes_unfinished_runs_from_their_checkpoints() {
     std::fs::write(&def, d.to_string()).unwrap();
     let reference = dir.join("reference");
     ok(&reproduce(&def, &reference, &["--quiet"]).output().unwrap());
-    let out = dir.join("killed");
-    let mut child = reproduce(&def, &out, &["--quiet", "--checkpoint-every", "500"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let checkpoints = out.join("tiny/checkpoints");
-    let start = Instant::now();
-    let has_checkpoint = || {
-        std::fs::read_dir(&checkpoints)
-            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().join("latest.json").exists())))
-    };
-    while !has_checkpoint() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint");
-        std::thread::sleep(Duration::from_millis(2));
+    // in this process, then with two child `avi fit` processes (killed
+    // with their parent: they exit when its pipe closes)
+    for (name, jobs) in [("killed", "1"), ("killed-jobs", "2")] {
+        let out = dir.join(name);
+        let args = ["--jobs", jobs, "--checkpoint-every", "500"];
+        let mut child = reproduce(&def, &out, &[&["--quiet"][..], &args[..]].concat())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let checkpoints = out.join("tiny/checkpoints");
+        let start = Instant::now();
+        let has_checkpoint = || {
+            std::fs::read_dir(&checkpoints).is_ok_and(|mut d| {
+                d.any(|e| e.is_ok_and(|e| e.path().join("latest.json").exists()))
+            })
+        };
+        while !has_checkpoint() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{name}: no checkpoint"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        assert!(
+            !child.wait().unwrap().success(),
+            "{name}: the grid ended before the kill"
+        );
+        let o = reproduce(&def, &out, &[&["--resume"][..], &args[..]].concat())
+            .output()
+            .unwrap();
+        ok(&o);
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            said.contains("resumes from its checkpoint"),
+            "{name}: {said}"
+        );
+        assert_eq!(
+            run_reports(&out.join("tiny")),
+            run_reports(&reference.join("tiny")),
+            "{name}"
+        );
+        let left: Vec<_> = std::fs::read_dir(&checkpoints).unwrap().collect();
+        assert!(left.is_empty(), "{name}: {left:?}");
     }
-    child.kill().unwrap();
-    assert!(
-        !child.wait().unwrap().success(),
-        "the grid ended before the kill"
-    );
-    let o = reproduce(&def, &out, &["--resume", "--checkpoint-every", "500"])
-        .output()
-        .unwrap();
-    ok(&o);
-    let said = String::from_utf8_lossy(&o.stdout);
-    assert!(said.contains("resumes from its checkpoint"), "{said}");
-    assert_eq!(
-        run_reports(&out.join("tiny")),
-        run_reports(&reference.join("tiny"))
-    );
-    let left: Vec<_> = std::fs::read_dir(&checkpoints).unwrap().collect();
-    assert!(left.is_empty(), "{left:?}");
     // misuse
-    let o = reproduce(&def, &out, &["--jobs", "2", "--checkpoint-every", "500"])
-        .output()
-        .unwrap();
+    let o = reproduce(
+        &def,
+        &dir.join("batched"),
+        &["--batch-seeds", "--checkpoint-every", "500"],
+    )
+    .output()
+    .unwrap();
     refused(&o, &["--checkpoint-every"]);
 }

@@ -80,8 +80,8 @@ pub struct ReproduceOptions {
     /// Write each run's checkpoints every this many steps into
     /// `NAME/checkpoints/LABEL-SEED/` (removed once its report is written);
     /// with `resume`, a run with a checkpoint continues from it (to the same
-    /// bits) instead of starting again. In this process only (`jobs` = 1),
-    /// not with `batch_seeds`.
+    /// bits) instead of starting again; with `jobs` > 1 in the child fits
+    /// (`avi fit --checkpoint-dir`). Not with `batch_seeds`.
     pub checkpoint_every: Option<usize>,
     /// Keep each run's fitted state (`avi fit --save`) in
     /// `out/NAME/fitted/<run label>-<seed>/` (a diverged run's is not kept).
@@ -320,8 +320,8 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
         if every == 0 {
             bail!("--checkpoint-every must be at least 1");
         }
-        if opts.jobs > 1 || opts.batch_seeds {
-            bail!("--checkpoint-every fits one run at a time in this process: leave out --jobs and --batch-seeds");
+        if opts.batch_seeds {
+            bail!("--checkpoint-every checkpoints one seed per fit: leave out --batch-seeds");
         }
     }
     if opts.fresh && opts.resume {
@@ -716,6 +716,8 @@ fn run_children(
                     device,
                     threads,
                     save: opts.save,
+                    checkpoint_every: opts.checkpoint_every,
+                    resume: opts.resume,
                 };
                 let result =
                     claim_run(&dir.join("runs"), run, opts, progress).and_then(
@@ -756,6 +758,12 @@ struct Child<'a> {
     threads: usize,
     /// Pass `--save` (the run's [`fitted_dir`]).
     save: bool,
+    /// `--checkpoint-every S`: each child fit checkpoints into its run's
+    /// folder under `NAME/checkpoints/`, continuing from there with
+    /// `resume` (see [`checkpoint_plan`]).
+    checkpoint_every: Option<usize>,
+    /// `--resume`.
+    resume: bool,
 }
 
 /// The environment variable that tells a child `avi` to exit when its
@@ -799,6 +807,31 @@ fn run_child(
                 .with_context(|| format!("cannot create {}", parent.display()))?;
         }
         cmd.arg("--save").arg(fitted);
+    }
+    // Checkpoints (not for `avi diagnose` children: its F-VI refinement
+    // after the fit has no checkpoints; those runs start again).
+    let plan = match child.checkpoint_every.filter(|_| !diagnose) {
+        Some(every) => Some(checkpoint_plan(
+            &dir.join("runs"),
+            run,
+            every,
+            child.resume,
+        )?),
+        None => None,
+    };
+    if let Some(plan) = &plan {
+        if plan.resume {
+            progress.line(format!(
+                "{}: {} seed {} resumes from its checkpoint in {}",
+                exp.name,
+                run.label,
+                run.seed,
+                plan.dir.display()
+            ));
+        }
+        cmd.arg("--checkpoint-dir")
+            .arg(&plan.dir)
+            .args(["--checkpoint-every", &plan.every.to_string()]);
     }
     if diagnose {
         cmd.args([
@@ -859,6 +892,13 @@ fn run_child(
     let mut report = crate::run_report::load(&out)?;
     if slim(&mut report) {
         write_json_atomic(&out, &report)?;
+    }
+    if let Some(plan) = &plan {
+        // The report is written: the run's checkpoints are done with.
+        if plan.dir.exists() {
+            std::fs::remove_dir_all(&plan.dir)
+                .with_context(|| format!("cannot remove {}", plan.dir.display()))?;
+        }
     }
     progress.overall.inc(1);
     progress.line(done_line(&exp.name, run, &report));
