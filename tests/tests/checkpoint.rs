@@ -147,14 +147,20 @@ fn check_resumes_exactly_with(
         bits(&checkpointed),
         "{name}: checkpointing changed the fit"
     );
-    // The last checkpoint is the final step's; older ones were removed.
+    // The last checkpoint is the final step's; older ones were removed
+    // (what remains: it, the pointer and the folder's mark).
     let info = latest_checkpoint(&dir).unwrap().unwrap();
     assert_eq!((info.step, info.steps), (300, 300), "{name}");
-    let folders: Vec<_> = std::fs::read_dir(&dir)
+    let mut folders: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(folders.len(), 2, "{name}: {folders:?}");
+    folders.sort();
+    assert_eq!(
+        folders,
+        [".avi-checkpoints", "latest.json", "step-300"],
+        "{name}"
+    );
     for at in [100, 200] {
         let snap = dir.with_extension(format!("at{at}"));
         assert_eq!(latest_checkpoint(&snap).unwrap().unwrap().step, at);
@@ -284,21 +290,184 @@ fn damaged_or_foreign_checkpoints_are_refused() {
     assert!(e.contains("no checkpoint"), "{e}");
 }
 
-/// Engines that cannot save their state refuse checkpointing up front.
+/// The writer removes old `step-…` folders in its folder, so it refuses a
+/// folder that holds anything and is not a checkpoint folder (no
+/// `latest.json`, no mark), before any step, and leaves it as it was.
 #[test]
-fn engines_without_state_refuse() {
+fn a_folder_of_other_files_is_refused() {
     let linear = LinearModel::new(1.155, 2.43).unwrap();
     let x = Tensor::from_slice(&linear.simulate(50, 1, None).unwrap());
     let tmp = tempfile::tempdir().unwrap();
+    let users = tmp.path().join("mine");
+    std::fs::create_dir_all(users.join("step-1")).unwrap();
+    std::fs::write(users.join("step-1").join("notes.txt"), b"keep").unwrap();
     let e = fit(&linear, &x, &MethodConfig::Fvi)
         .options(short(Engine::Torch))
-        .seeds(&[1, 2])
-        .checkpoint(tmp.path(), 20)
-        .run_all()
+        .checkpoint(&users, 20)
+        .run()
         .unwrap_err()
         .to_string();
-    assert!(e.contains("one seed"), "{e}");
-    assert!(latest_checkpoint(tmp.path()).unwrap().is_none());
+    assert!(e.contains("not a checkpoint folder"), "{e}");
+    assert_eq!(
+        std::fs::read(users.join("step-1").join("notes.txt")).unwrap(),
+        b"keep"
+    );
+    assert_eq!(std::fs::read_dir(&users).unwrap().count(), 1);
+    // An empty folder is taken (and marked); a second fit may write there.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for _ in 0..2 {
+        fit(&linear, &x, &MethodConfig::Fvi)
+            .options(short(Engine::Torch))
+            .checkpoint(&empty, 20)
+            .run()
+            .unwrap();
+    }
+    assert!(empty.join(".avi-checkpoints").is_file());
+}
+
+/// Sets `flag` at the `at`-th monitoring call (an interruption at a known
+/// step of a known run).
+struct InterruptAt<'f> {
+    flag: &'f std::sync::atomic::AtomicBool,
+    calls: usize,
+    at: usize,
+    every: usize,
+}
+
+impl Observer for InterruptAt<'_> {
+    fn monitor_every(&self) -> usize {
+        self.every
+    }
+
+    fn on_monitor(
+        &mut self,
+        _done: usize,
+        _seconds: f64,
+        _var: &Variational,
+    ) -> avi_inference::Result<()> {
+        self.calls += 1;
+        if self.calls == self.at {
+            self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// Several seeds fitted one after another keep a checkpoint folder each
+/// (`DIR/seed-<seed>/`). Interrupted during the second seed (at step 150,
+/// between checkpoints: the interrupted step is checkpointed), the request
+/// resumed gives every seed's fit bit for bit (tolerance 0, as above): the
+/// first from its final checkpoint, the second from step 150, the third
+/// afresh.
+#[test]
+fn several_seeds_in_turn_resume_exactly() {
+    let linear = LinearModel::new(1.155, 2.43).unwrap();
+    let x = Tensor::from_slice(&linear.simulate(120, 1, None).unwrap());
+    let seeds = [3, 4, 5];
+    let opts = options(Engine::Torch, Dtype::F64);
+    let plain = fit(&linear, &x, &MethodConfig::Fvi)
+        .options(&opts)
+        .seeds(&seeds)
+        .run_all()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let flag = std::sync::atomic::AtomicBool::new(false);
+    // Monitoring every 50 steps: calls at steps 0, 50, …, 300 (7) per
+    // seed; the 11th is the second seed's step 150.
+    let mut stop = InterruptAt {
+        flag: &flag,
+        calls: 0,
+        at: 11,
+        every: 50,
+    };
+    let cut = fit(&linear, &x, &MethodConfig::Fvi)
+        .options(&opts)
+        .seeds(&seeds)
+        .checkpoint(&dir, 100)
+        .interrupt(&flag)
+        .observer(&mut stop)
+        .run_all()
+        .unwrap();
+    assert_eq!(cut.len(), 2, "the third seed is not started");
+    assert_eq!(bits(&cut[0]), bits(&plain[0]));
+    for (seed, step) in [(3, 300), (4, 150)] {
+        let info = latest_checkpoint(&dir.join(format!("seed-{seed}")))
+            .unwrap()
+            .unwrap();
+        assert_eq!(info.step, step, "seed {seed}");
+    }
+    assert!(!dir.join("seed-5").exists());
+    let resumed = fit(&linear, &x, &MethodConfig::Fvi)
+        .options(&opts)
+        .seeds(&seeds)
+        .checkpoint(&dir, 100)
+        .resume(&dir)
+        .run_all()
+        .unwrap();
+    assert_eq!(resumed.len(), 3);
+    for ((p, r), seed) in plain.iter().zip(&resumed).zip(seeds) {
+        assert_eq!(bits(p), bits(r), "seed {seed}");
+    }
+}
+
+/// Batched seeds (the graph engine's R runs as one problem, on the CPU)
+/// keep every run's trace, status, generator and Adam state in one
+/// checkpoint: interrupted at step 150 and resumed, every run ends with the
+/// bits of the uninterrupted batch (tolerance 0); the checkpoint refuses a
+/// batch of other seeds.
+#[test]
+fn batched_seeds_resume_exactly() {
+    let linear = LinearModel::new(1.155, 2.43).unwrap();
+    let x = Tensor::from_slice(&linear.simulate(120, 1, None).unwrap());
+    let seeds = [3, 4, 5];
+    for method in [MethodConfig::Fvi, MethodConfig::Const] {
+        let opts = options(Engine::Graph, Dtype::F64);
+        let plain = fit(&linear, &x, &method)
+            .options(&opts)
+            .seeds(&seeds)
+            .run_all()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        let flag = std::sync::atomic::AtomicBool::new(false);
+        // Monitoring every 50 steps (from step 0), once per run: the calls
+        // of step 150 are the 10th to 12th.
+        let mut stop = InterruptAt {
+            flag: &flag,
+            calls: 0,
+            at: 10,
+            every: 50,
+        };
+        let cut = fit(&linear, &x, &method)
+            .options(&opts)
+            .seeds(&seeds)
+            .checkpoint(&dir, 100)
+            .interrupt(&flag)
+            .observer(&mut stop)
+            .run_all()
+            .unwrap();
+        assert!(cut.iter().all(|f| f.iterations == 150), "{method:?}");
+        assert_eq!(latest_checkpoint(&dir).unwrap().unwrap().step, 150);
+        let resumed = fit(&linear, &x, &method)
+            .options(&opts)
+            .seeds(&seeds)
+            .resume(&dir)
+            .run_all()
+            .unwrap();
+        for ((p, r), seed) in plain.iter().zip(&resumed).zip(seeds) {
+            assert_eq!(bits(p), bits(r), "{method:?} seed {seed}");
+        }
+        let e = fit(&linear, &x, &method)
+            .options(&opts)
+            .seeds(&[3, 4, 6])
+            .resume(&dir)
+            .run_all()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("seeds differ"), "{e}");
+    }
 }
 
 /// The CAVI engine (F-VI's categorical factors by coordinate ascent, θ
@@ -352,4 +521,84 @@ fn graph_engine_on_the_cpu_resumes_exactly() {
         &mlp(8, [0, 0]),
         &options(Engine::Graph, Dtype::F32),
     );
+}
+
+/// An observer that keeps the steps it was shown, keeps them in
+/// checkpoints, and sets `flag` at its `at`-th monitoring call.
+struct Recorder<'f> {
+    flag: &'f std::sync::atomic::AtomicBool,
+    at: usize,
+    seen: Vec<usize>,
+}
+
+impl Observer for Recorder<'_> {
+    fn monitor_every(&self) -> usize {
+        50
+    }
+
+    fn on_monitor(
+        &mut self,
+        done: usize,
+        _seconds: f64,
+        _var: &Variational,
+    ) -> avi_inference::Result<()> {
+        self.seen.push(done);
+        if self.seen.len() == self.at {
+            self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!(self.seen))
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> avi_inference::Result<()> {
+        self.seen = serde_json::from_value(state.clone()).unwrap();
+        Ok(())
+    }
+}
+
+/// An observer's records travel in the checkpoint and the resumed fit's
+/// observer continues them without a gap or a repeat, whether the fit
+/// stopped between checkpoints (step 150: its monitoring had run when the
+/// checkpoint was written) or at one (step 200: the checkpoint is written
+/// before that step's monitoring).
+#[test]
+fn observer_records_continue_across_a_resume() {
+    let linear = LinearModel::new(1.155, 2.43).unwrap();
+    let x = Tensor::from_slice(&linear.simulate(60, 1, None).unwrap());
+    let opts = options(Engine::Torch, Dtype::F64);
+    let all: Vec<usize> = (0..=300).step_by(50).collect();
+    for (at, step) in [(4, 150), (5, 200)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        let flag = std::sync::atomic::AtomicBool::new(false);
+        let mut first = Recorder {
+            flag: &flag,
+            at,
+            seen: vec![],
+        };
+        let cut = fit(&linear, &x, &MethodConfig::Fvi)
+            .options(&opts)
+            .checkpoint(&dir, 100)
+            .interrupt(&flag)
+            .observer(&mut first)
+            .run()
+            .unwrap();
+        assert_eq!(cut.iterations, step);
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let mut second = Recorder {
+            flag: &never,
+            at: 0,
+            seen: vec![],
+        };
+        fit(&linear, &x, &MethodConfig::Fvi)
+            .options(&opts)
+            .resume(&dir)
+            .observer(&mut second)
+            .run()
+            .unwrap();
+        assert_eq!(second.seen, all, "stopped at {step}");
+    }
 }

@@ -290,9 +290,6 @@ impl FitConfig {
             if c.every == 0 {
                 bail!("field `checkpoint.every` must be at least 1");
             }
-            if cfg.mse.is_some() {
-                bail!("field `checkpoint`: a fit that monitors `mse` cannot checkpoint yet (its MSE trace is not saved)");
-            }
         }
         Ok(cfg)
     }

@@ -376,6 +376,63 @@ impl Observer for MseMonitor<'_> {
         self.test_mse.push(test);
         Ok(())
     }
+
+    /// The records so far, for a checkpoint: floats as their bits (exact,
+    /// and NaN survives).
+    fn state(&self) -> Option<serde_json::Value> {
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+        let test: Vec<Option<u64>> = self.test_mse.iter().map(|t| t.map(f64::to_bits)).collect();
+        Some(serde_json::json!({
+            "mse": {
+                "every": self.every,
+                "iteration": self.steps,
+                "seconds_bits": bits(&self.seconds),
+                "train_bits": bits(&self.train),
+                "test_bits": test,
+            }
+        }))
+    }
+
+    fn restore(&mut self, state: &serde_json::Value) -> avi_inference::Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Saved {
+            every: usize,
+            iteration: Vec<usize>,
+            seconds_bits: Vec<u64>,
+            train_bits: Vec<u64>,
+            test_bits: Vec<Option<u64>>,
+        }
+        let bad = |why: String| avi_inference::InferenceError::InvalidConfig {
+            field: "resume",
+            reason: format!("the checkpoint's MSE records: {why}"),
+        };
+        let saved: Saved =
+            serde_json::from_value(state["mse"].clone()).map_err(|e| bad(e.to_string()))?;
+        let n = saved.iteration.len();
+        if saved.every != self.every
+            || [
+                saved.seconds_bits.len(),
+                saved.train_bits.len(),
+                saved.test_bits.len(),
+            ]
+            .iter()
+            .any(|&l| l != n)
+        {
+            return Err(bad(format!(
+                "{n} records every {} steps do not fit this fit's every {}",
+                saved.every, self.every
+            )));
+        }
+        self.steps = saved.iteration;
+        self.seconds = saved.seconds_bits.into_iter().map(f64::from_bits).collect();
+        self.train = saved.train_bits.into_iter().map(f64::from_bits).collect();
+        self.test_mse = saved
+            .test_bits
+            .into_iter()
+            .map(|t| t.map(f64::from_bits))
+            .collect();
+        Ok(())
+    }
 }
 
 /// The thread count `avi --threads` set for libtorch (in this thread), which
@@ -561,18 +618,27 @@ pub fn run_prepared_batched(
     seeds: &[u64],
     device: Device,
     observer: &mut dyn Observer,
+    plan: Option<&CheckpointPlan>,
 ) -> Result<Vec<(Fit, RunReport)>> {
     let x = data_tensor(prepared);
     let mut opts = cfg.options();
     opts.engine = avi_inference::Engine::Graph;
-    let fits = avi_inference::fit(prepared.model.as_model(), &x, &cfg.method)
+    let mut request = avi_inference::fit(prepared.model.as_model(), &x, &cfg.method)
         .seeds(seeds)
         .options(&opts)
         .device(device)
         .threads(libtorch_threads())
         .observer(observer)
-        .interrupt(crate::interrupt::flag())
-        .run_all()?;
+        .interrupt(crate::interrupt::flag());
+    if let Some(p) = plan {
+        request = request
+            .checkpoint(&p.dir, p.every)
+            .checkpoint_context(serde_json::to_value(&p.context)?);
+        if p.resume {
+            request = request.resume(&p.dir);
+        }
+    }
+    let fits = request.run_all()?;
     let mut out = Vec::with_capacity(fits.len());
     for (fit, &seed) in fits.into_iter().zip(seeds) {
         let mut c = cfg.clone();

@@ -76,6 +76,9 @@ fn comparable(path: &Path) -> Value {
     let mut r: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     r["seconds"] = Value::Null;
     r["trace"]["seconds"] = Value::Null;
+    if r["mse"].is_object() {
+        r["mse"]["seconds"] = Value::Null;
+    }
     r
 }
 
@@ -146,6 +149,34 @@ fn killed_fits_resume_to_the_uninterrupted_report() {
     let avi_mlp = r#"{"kind": "avi", "fn": {"kind": "mlp", "width": 8}, "window": [1, 0]}"#;
     let cfg = config(dir, "fused", saw, avi_mlp, "fused", 8000);
     killed_fit_resumes_exactly(dir, &cfg, "fused");
+}
+
+/// The BNN monitoring its training reconstruction MSE (every 100 steps)
+/// with shuffled mini-batches: the MSE records travel in the
+/// checkpoint, so the resumed report's `mse` equals the uninterrupted one
+/// (wall-clock times aside; tolerance 0), as do its trace and q.
+#[test]
+fn a_killed_bnn_fit_resumes_with_its_mse_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = dir.join("bnn.json");
+    std::fs::write(
+        &cfg,
+        r#"{"model": {"kind": "bnn", "latent": 2, "hidden": 3},
+            "data": {"simulate": {"n": 40, "seed": 1, "dim": 5}},
+            "method": {"kind": "avi", "fn": {"kind": "mlp", "width": 4, "activation": "leaky_relu"}},
+            "steps": 8000, "lr": 0.001, "draws": 2, "eval_draws": 20,
+            "batch_size": 16, "shuffle": true, "dtype": "f64", "engine": "torch",
+            "report_q_z": false,
+            "mse": {"every": 100},
+            "checkpoint": {"every": 500}}"#,
+    )
+    .unwrap();
+    killed_fit_resumes_exactly(dir, &cfg, "bnn");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("bnn-resumed.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["mse"]["train"].as_array().unwrap().len(), 81);
 }
 
 #[test]
@@ -371,13 +402,62 @@ fn reproduce_resumes_unfinished_runs_from_their_checkpoints() {
         let left: Vec<_> = std::fs::read_dir(&checkpoints).unwrap().collect();
         assert!(left.is_empty(), "{name}: {left:?}");
     }
-    // misuse
-    let o = reproduce(
-        &def,
-        &dir.join("batched"),
-        &["--batch-seeds", "--checkpoint-every", "500"],
-    )
-    .output()
-    .unwrap();
-    refused(&o, &["--checkpoint-every"]);
+}
+
+/// `avi reproduce --batch-seeds --checkpoint-every S` (each method's seeds
+/// as one batched fit, here two seeds): killed once the batch has a
+/// checkpoint and resumed, it writes the uninterrupted batched grid's run
+/// reports (times aside) and leaves no checkpoint.
+#[test]
+fn a_batched_grid_resumes_from_its_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let def = common::tiny_definition(dir);
+    let mut d: Value = serde_json::from_str(&std::fs::read_to_string(&def).unwrap()).unwrap();
+    d["steps"] = 3000.into();
+    std::fs::write(&def, d.to_string()).unwrap();
+    let grid = |out: &Path, extra: &[&str]| {
+        let mut c = Command::new(AVI);
+        c.args(["--threads", "1", "reproduce"])
+            .arg(&def)
+            .args(["--device", "cpu", "--seeds", "2", "--batch-seeds", "--out"])
+            .arg(out)
+            .args(extra);
+        c
+    };
+    let reference = dir.join("reference");
+    ok(&grid(&reference, &["--quiet"]).output().unwrap());
+    let out = dir.join("killed");
+    let mut child = grid(&out, &["--quiet", "--checkpoint-every", "500"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join("tiny/checkpoints");
+    let start = Instant::now();
+    let has_checkpoint = || {
+        std::fs::read_dir(&checkpoints)
+            .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().join("latest.json").exists())))
+    };
+    while !has_checkpoint() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    assert!(
+        !child.wait().unwrap().success(),
+        "the grid ended before the kill"
+    );
+    let o = grid(&out, &["--resume", "--checkpoint-every", "500"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("resume from their checkpoint"), "{said}");
+    assert_eq!(
+        run_reports(&out.join("tiny")),
+        run_reports(&reference.join("tiny"))
+    );
+    let left: Vec<_> = std::fs::read_dir(&checkpoints).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -35,8 +35,19 @@
 //! restores its state, the trace and the step count, and continues the loop
 //! from there: on the CPU, the libtorch and fused engines then end with the
 //! same bits as the uninterrupted fit (the trace's wall-clock seconds
-//! aside). Engines that cannot save their state (graph, fused CUDA, batched
-//! seeds, CAVI) refuse checkpointing with an error.
+//! aside). Engines that cannot save their state (the graph engine on CUDA,
+//! the fused CUDA kernels) refuse checkpointing with an error.
+//!
+//! Batched seeds (one engine fitting R runs) keep every run's trace
+//! (`trace/<r>/iteration`, …) and status (a run that diverged stays
+//! diverged) in one checkpoint. Several seeds fitted one after another by
+//! [`crate::FitRequest::run_all`] keep one checkpoint folder per seed,
+//! `DIR/seed-<seed>/`.
+//!
+//! The writer removes only what it wrote: it marks a folder it writes into
+//! with the file `.avi-checkpoints`, and refuses a folder that holds
+//! anything but neither that mark nor a `latest.json` (a folder of the
+//! user's that happens to hold `step-…` entries is never cleared).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -52,7 +63,7 @@ use crate::engine::{EngineState, Stepper};
 use crate::family::host_vec;
 use crate::method::MethodConfig;
 use crate::options::FitOptions;
-use crate::result::{Clock, Trace};
+use crate::result::{Clock, FitStatus, Trace};
 use crate::{InferenceError, Result};
 
 /// The version of the checkpoint format.
@@ -61,6 +72,8 @@ const FORMAT: u32 = 1;
 const LATEST: &str = "latest.json";
 const STATE: &str = "state.safetensors";
 const META: &str = "meta.json";
+/// The mark of a folder the writer owns.
+const MARK: &str = ".avi-checkpoints";
 
 /// What a checkpoint says about itself, without its tensors
 /// ([`latest_checkpoint`]).
@@ -101,6 +114,9 @@ struct Identity {
     device: String,
     /// SHA-256 of the data (their f64 values, row-major, and shape).
     data_sha256: String,
+    /// Batched seeds: the seeds of the runs (absent for one run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seeds: Option<Vec<u64>>,
 }
 
 /// `meta.json`.
@@ -115,6 +131,19 @@ struct Meta {
     /// The trace's last time stamp, as f64 bits (exact).
     last_time_bits: u64,
     context: Option<serde_json::Value>,
+    /// Batched seeds: each run's status (absent for one run, whose status
+    /// is always ok at a checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    runs: Option<Vec<FitStatus>>,
+    /// The observer's records ([`crate::Observer::state`]), when it keeps
+    /// any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    observer: Option<serde_json::Value>,
+    /// Whether the monitoring of this step had run when the checkpoint was
+    /// written (an interrupted fit's last step); a resumed fit then does
+    /// not monitor it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    monitored: bool,
 }
 
 /// Writes a checkpoint every `every` steps into `dir`.
@@ -129,12 +158,18 @@ pub(crate) struct Writer {
     pending: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-/// Where a resumed fit continues: its step count, trace and clock.
+/// Where a resumed fit continues: its step count, each run's trace and
+/// status, and the clock.
 #[derive(Debug)]
 pub(crate) struct Resumed {
     pub(crate) step: usize,
-    pub(crate) trace: Trace,
+    pub(crate) traces: Vec<Trace>,
+    pub(crate) status: Vec<FitStatus>,
     pub(crate) last_time: f64,
+    /// The observer's records.
+    pub(crate) observer: Option<serde_json::Value>,
+    /// Whether the resumed step's monitoring already ran.
+    pub(crate) monitored: bool,
 }
 
 /// What a fit is, for [`Identity`].
@@ -145,6 +180,9 @@ pub(crate) struct FitFacts<'a> {
     pub(crate) options: &'a FitOptions,
     pub(crate) threads: usize,
     pub(crate) device: Device,
+    /// The seeds of the runs the engine fits at once (batched seeds: R of
+    /// them; one run: its seed, which the options also hold).
+    pub(crate) seeds: &'a [u64],
 }
 
 impl FitFacts<'_> {
@@ -168,6 +206,7 @@ impl FitFacts<'_> {
             threads: self.threads,
             device: format!("{:?}", self.device),
             data_sha256: format!("{:x}", hash.finalize()),
+            seeds: (self.seeds.len() > 1).then(|| self.seeds.to_vec()),
         })
     }
 }
@@ -181,6 +220,37 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| io(dir, "cannot sync the folder", e))
+}
+
+/// Create `dir` for checkpoints, or take it over when it is one already
+/// (it holds the mark or a `latest.json`) or is empty; mark it. A folder
+/// holding anything else is refused: the writer removes `step-…` folders
+/// in it.
+fn claim_folder(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| io(dir, "cannot create the folder", e))?;
+    let ours = dir.join(MARK).is_file() || dir.join(LATEST).is_file();
+    if !ours {
+        let mut entries = fs::read_dir(dir).map_err(|e| io(dir, "cannot list", e))?;
+        if let Some(entry) = entries.next() {
+            let name = entry.map_or_else(
+                |_| "?".into(),
+                |e| e.file_name().to_string_lossy().into_owned(),
+            );
+            return Err(InferenceError::checkpoint(
+                dir,
+                format!(
+                    "the folder holds `{name}` and is not a checkpoint folder (no {LATEST}, no {MARK}): \
+                     give an empty or new folder"
+                ),
+            ));
+        }
+        write_synced(
+            &dir.join(MARK),
+            b"checkpoints of avi fits: the writer removes old step-* folders here\n",
+        )?;
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Write `bytes` to `path` and fsync it.
@@ -210,7 +280,7 @@ impl Writer {
                 "must be at least 1",
             ));
         }
-        fs::create_dir_all(dir).map_err(|e| io(dir, "cannot create the folder", e))?;
+        claim_folder(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             every,
@@ -237,13 +307,18 @@ impl Writer {
     /// atomically by a background thread (off the training thread's
     /// critical path), which then removes the previous checkpoint. At most
     /// one write is in flight: this first waits for the previous one and
-    /// reports its error.
+    /// reports its error. `observer` is what the observer keeps;
+    /// `monitored`, whether this step's monitoring has run.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn write(
         &mut self,
         step: usize,
         stepper: &dyn Stepper,
-        trace: &Trace,
+        traces: &[Trace],
+        status: &[FitStatus],
         last_time: f64,
+        observer: Option<serde_json::Value>,
+        monitored: bool,
     ) -> Result<()> {
         let state = stepper.state()?;
         let mut tensors: Vec<(String, Tensor)> = state
@@ -251,18 +326,35 @@ impl Writer {
             .into_iter()
             .map(|(n, t)| (format!("engine/{n}"), t))
             .collect();
-        let iteration: Vec<i64> = trace.iteration.iter().map(|&i| i as i64).collect();
-        tensors.push(("trace/iteration".into(), Tensor::from_slice(&iteration)));
-        tensors.push(("trace/elbo".into(), Tensor::from_slice(&trace.elbo)));
-        tensors.push(("trace/seconds".into(), Tensor::from_slice(&trace.seconds)));
+        let one = traces.len() == 1;
+        for (r, trace) in traces.iter().enumerate() {
+            let prefix = if one {
+                "trace".to_string()
+            } else {
+                format!("trace/{r}")
+            };
+            let iteration: Vec<i64> = trace.iteration.iter().map(|&i| i as i64).collect();
+            tensors.push((
+                format!("{prefix}/iteration"),
+                Tensor::from_slice(&iteration),
+            ));
+            tensors.push((format!("{prefix}/elbo"), Tensor::from_slice(&trace.elbo)));
+            tensors.push((
+                format!("{prefix}/seconds"),
+                Tensor::from_slice(&trace.seconds),
+            ));
+        }
         let meta = Meta {
             format: FORMAT,
             step,
             steps: self.steps,
             identity: self.identity.clone(),
-            clock: trace.clock,
+            clock: traces.first().map_or_else(Clock::default, |t| t.clock),
             last_time_bits: last_time.to_bits(),
             context: self.context.clone(),
+            runs: (!one).then(|| status.to_vec()),
+            observer,
+            monitored,
         };
         self.wait()?;
         let dir = self.dir.clone();
@@ -454,6 +546,7 @@ pub(crate) fn load(dir: &Path, facts: &FitFacts<'_>) -> Result<(EngineState, Res
         ("threads", theirs.threads != ours.threads),
         ("device", theirs.device != ours.device),
         ("data", theirs.data_sha256 != ours.data_sha256),
+        ("seeds", theirs.seeds != ours.seeds),
     ];
     if let Some((what, _)) = differs.iter().find(|(_, d)| *d) {
         let detail = match *what {
@@ -484,30 +577,63 @@ pub(crate) fn load(dir: &Path, facts: &FitFacts<'_>) -> Result<(EngineState, Res
             .get(name)
             .ok_or_else(|| InferenceError::checkpoint(&state_path, format!("no `{name}`")))
     };
-    let iteration: Vec<usize> = Vec::<i64>::try_from(part("trace/iteration")?)
-        .map_err(|e| InferenceError::checkpoint(&state_path, e.to_string()))?
-        .into_iter()
-        .map(|i| i as usize)
-        .collect();
-    let elbo = host_vec(part("trace/elbo")?)?;
-    let seconds = host_vec(part("trace/seconds")?)?;
-    if iteration.len() != meta.step || elbo.len() != meta.step || seconds.len() != meta.step {
+    let bad_trace = |detail: String| InferenceError::checkpoint(&state_path, detail);
+    let (runs, status) = match &meta.runs {
+        None => (1, vec![FitStatus::Ok]),
+        Some(status) => (status.len(), status.clone()),
+    };
+    if runs != facts.seeds.len() {
         return Err(InferenceError::checkpoint(
-            &state_path,
-            format!("a trace of {} steps at step {}", elbo.len(), meta.step),
+            folder.join(META),
+            format!(
+                "the checkpoint is of another fit: it holds {runs} runs, the fit has {}",
+                facts.seeds.len()
+            ),
         ));
+    }
+    let mut traces = Vec::with_capacity(runs);
+    for (r, s) in status.iter().enumerate() {
+        let prefix = if meta.runs.is_none() {
+            "trace".to_string()
+        } else {
+            format!("trace/{r}")
+        };
+        let iteration: Vec<usize> = Vec::<i64>::try_from(part(&format!("{prefix}/iteration"))?)
+            .map_err(|e| bad_trace(e.to_string()))?
+            .into_iter()
+            .map(|i| i as usize)
+            .collect();
+        let elbo = host_vec(part(&format!("{prefix}/elbo"))?)?;
+        let seconds = host_vec(part(&format!("{prefix}/seconds"))?)?;
+        // A run still going has a record of every step; a diverged one is
+        // cut at its divergence.
+        let len_ok = match s {
+            FitStatus::Ok => elbo.len() == meta.step,
+            _ => elbo.len() <= meta.step,
+        };
+        if !len_ok || iteration.len() != elbo.len() || seconds.len() != elbo.len() {
+            return Err(bad_trace(format!(
+                "a trace of {} steps at step {}",
+                elbo.len(),
+                meta.step
+            )));
+        }
+        traces.push(Trace {
+            iteration,
+            elbo,
+            seconds,
+            clock: meta.clock,
+        });
     }
     Ok((
         engine,
         Resumed {
             step: meta.step,
-            trace: Trace {
-                iteration,
-                elbo,
-                seconds,
-                clock: meta.clock,
-            },
+            traces,
+            status,
             last_time: f64::from_bits(meta.last_time_bits),
+            observer: meta.observer,
+            monitored: meta.monitored,
         },
     ))
 }

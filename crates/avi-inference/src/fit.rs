@@ -174,9 +174,14 @@ impl<'a> FitRequest<'a> {
     /// [`crate::checkpoint`] for the format and its atomicity): the fit
     /// killed at any moment can continue from the latest one
     /// ([`FitRequest::resume`]) and end with the same bits as without the
-    /// interruption. The libtorch and fused CPU engines can checkpoint;
-    /// others refuse, as do several seeds in one request. A checkpoint
-    /// step ends a block of the loop; writing is off the trace's clock.
+    /// interruption. Every engine on the CPU can checkpoint (on CUDA the
+    /// graph engine and the fused kernels refuse). Batched seeds keep one
+    /// checkpoint of the whole batch; several seeds fitted one after
+    /// another keep one each, in `dir/seed-<seed>/`. The observer's records
+    /// ([`Observer::state`]) travel with it. `dir` must be new, empty or a
+    /// checkpoint folder already: old checkpoints in it are removed. A
+    /// checkpoint step ends a block of the loop; writing is off the
+    /// trace's clock.
     pub fn checkpoint(mut self, dir: impl Into<std::path::PathBuf>, every: usize) -> Self {
         self.checkpoint = Some((dir.into(), every));
         self
@@ -276,11 +281,18 @@ impl<'a> FitRequest<'a> {
         if seeds.is_empty() {
             return Err(InferenceError::config("seeds", "at least one seed"));
         }
-        if (self.checkpoint.is_some() || self.resume.is_some()) && (batched || seeds.len() > 1) {
-            return Err(InferenceError::config(
-                "checkpoint",
-                "checkpoints are of one fit: one seed per request",
-            ));
+        // Seeds fitted one after another keep a checkpoint folder each.
+        let per_seed = !batched && seeds.len() > 1;
+        if let (Some(dir), true) = (&self.resume, per_seed) {
+            let any = seeds
+                .iter()
+                .any(|s| dir.join(seed_folder(*s)).join("latest.json").is_file());
+            if !any {
+                return Err(InferenceError::checkpoint(
+                    dir.join(seed_folder(seeds[0])).join("latest.json"),
+                    "no checkpoint to resume from (none of the seeds has one)",
+                ));
+            }
         }
         let mut silent = Silent;
         let observer: &mut dyn Observer = match self.observer.take() {
@@ -296,7 +308,7 @@ impl<'a> FitRequest<'a> {
             }
             let stepper =
                 BatchedTrainer::new(self.model, self.x, &self.method, &seeds, &opts, self.device)?;
-            return self.drive_and_finish(Box::new(stepper), &opts, observer);
+            return self.drive_and_finish(Box::new(stepper), &opts, observer, &seeds, None);
         }
         let mut fits = Vec::with_capacity(seeds.len());
         for seed in seeds {
@@ -304,7 +316,8 @@ impl<'a> FitRequest<'a> {
             o.seed = seed;
             let opts = o.checked()?;
             let stepper = self.stepper(&opts, observer.monitor_every())?;
-            fits.extend(self.drive_and_finish(stepper, &opts, observer)?);
+            let sub = per_seed.then(|| seed_folder(seed));
+            fits.extend(self.drive_and_finish(stepper, &opts, observer, &[seed], sub)?);
             if fits
                 .last()
                 .is_some_and(|f| matches!(f.status, FitStatus::Interrupted { .. }))
@@ -439,17 +452,23 @@ impl<'a> FitRequest<'a> {
         }
     }
 
+    /// Drive `stepper` (the runs of `seeds`) and finish its fits;
+    /// checkpoints, when asked for, go to the subfolder `sub` of the
+    /// checkpoint and resume folders when given.
     fn drive_and_finish(
         &self,
         stepper: Box<dyn Stepper + 'a>,
         opts: &FitOptions,
         observer: &mut dyn Observer,
+        seeds: &[u64],
+        sub: Option<String>,
     ) -> Result<Vec<Fit>> {
         let mut stepper = stepper;
         let x = stepper
             .data()
             .unwrap_or_else(|| self.x.to_device(self.device).to_kind(opts.dtype.kind()));
-        let (mut writer, resumed) = self.checkpoints(stepper.as_mut(), opts)?;
+        let (mut writer, resumed) =
+            self.checkpoints(stepper.as_mut(), opts, seeds, sub.as_deref())?;
         let (traces, status, stopped, seconds) = {
             let _capture = stepper.exclusive().then(global_guard);
             drive(
@@ -490,6 +509,8 @@ impl FitRequest<'_> {
         &self,
         stepper: &mut dyn Stepper,
         opts: &FitOptions,
+        seeds: &[u64],
+        sub: Option<&str>,
     ) -> Result<(Option<Writer>, Option<Resumed>)> {
         if self.checkpoint.is_none() && self.resume.is_none() {
             return Ok((None, None));
@@ -501,16 +522,33 @@ impl FitRequest<'_> {
             options: opts,
             threads: self.threads,
             device: self.device,
+            seeds,
+        };
+        let folder = |dir: &std::path::Path| match sub {
+            Some(s) => dir.join(s),
+            None => dir.to_path_buf(),
         };
         let writer = match &self.checkpoint {
             Some((dir, every)) => {
                 // Refuse an engine that cannot save before any step is taken.
                 stepper.state()?;
-                Some(Writer::new(dir, *every, self.context.clone(), &facts)?)
+                Some(Writer::new(
+                    &folder(dir),
+                    *every,
+                    self.context.clone(),
+                    &facts,
+                )?)
             }
             None => None,
         };
-        let resumed = match &self.resume {
+        // Seeds fitted one after another: a seed without a checkpoint of
+        // its own (not reached before the interruption) starts afresh.
+        let resume = self
+            .resume
+            .as_deref()
+            .map(folder)
+            .filter(|d| sub.is_none() || d.join("latest.json").is_file());
+        let resumed = match &resume {
             Some(dir) => {
                 let (state, resumed) = checkpoint::load(dir, &facts)?;
                 stepper.restore(&state)?;
@@ -520,6 +558,12 @@ impl FitRequest<'_> {
         };
         Ok((writer, resumed))
     }
+}
+
+/// The checkpoint subfolder of one of several seeds fitted one after
+/// another.
+fn seed_folder(seed: u64) -> String {
+    format!("seed-{seed}")
 }
 
 /// The most threads a fit asks libtorch for.
@@ -555,13 +599,18 @@ fn drive(
     let block = stepper.block().min(opts.check_every).max(1);
     let every = observer.monitor_every();
     let mut traces = vec![Trace::default(); runs];
-    // A resumed fit (one run) continues its trace, step count and clock.
+    // A resumed fit continues its traces, statuses, step count and clock.
     let (mut done, mut last_time) = (0, 0.0);
     let offset = resumed.as_ref().map_or(0.0, |r| r.last_time);
-    if let Some(r) = resumed {
-        (done, last_time, traces) = (r.step, r.last_time, vec![r.trace]);
-    }
     let mut status = vec![FitStatus::Ok; runs];
+    let mut monitored = false;
+    if let Some(r) = resumed {
+        (done, last_time, traces, status) = (r.step, r.last_time, r.traces, r.status);
+        if let Some(state) = &r.observer {
+            observer.restore(state)?;
+        }
+        monitored = r.monitored;
+    }
     let mut rules: Vec<StopState> = match &opts.stop {
         Some(rule) => vec![StopState::new(rule); runs],
         None => Vec::new(),
@@ -571,7 +620,7 @@ fn drive(
         (0..runs)
             .try_for_each(|r| stepper.monitor(r, &mut |var| observer.on_monitor(done, now, var)))
     };
-    if every > 0 {
+    if every > 0 && !monitored {
         monitor(stepper, observer, done, last_time)?;
     }
     let mut paused = Duration::ZERO;
@@ -651,7 +700,15 @@ fn drive(
         }
         if let Some(c) = checkpoints.as_deref_mut().filter(|c| c.due(done)) {
             let t0 = Instant::now();
-            c.write(done, stepper, &traces[0], now)?;
+            c.write(
+                done,
+                stepper,
+                &traces,
+                &status,
+                now,
+                observer.state(),
+                false,
+            )?;
             paused += t0.elapsed();
         }
         if every > 0 && done % every == 0 {
@@ -667,13 +724,22 @@ fn drive(
             break;
         }
         if done < opts.steps && interrupt.is_some_and(|f| f.load(Ordering::SeqCst)) {
-            for s in status.iter_mut().filter(|s| **s == FitStatus::Ok) {
-                *s = FitStatus::Interrupted { at: done };
-            }
             // A checkpointed fit leaves a checkpoint at the step it stopped
             // at (unless one was just written): resuming loses nothing.
             if let Some(c) = checkpoints.as_deref_mut().filter(|c| !c.due(done)) {
-                c.write(done, stepper, &traces[0], now)?;
+                let monitored = every > 0 && done % every == 0;
+                c.write(
+                    done,
+                    stepper,
+                    &traces,
+                    &status,
+                    now,
+                    observer.state(),
+                    monitored,
+                )?;
+            }
+            for s in status.iter_mut().filter(|s| **s == FitStatus::Ok) {
+                *s = FitStatus::Interrupted { at: done };
             }
             break;
         }

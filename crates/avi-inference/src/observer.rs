@@ -24,6 +24,22 @@ pub trait Observer {
     fn on_monitor(&mut self, _done: usize, _seconds: f64, _var: &Variational) -> Result<()> {
         Ok(())
     }
+
+    /// What the observer has recorded so far, stored in every checkpoint
+    /// ([`crate::FitRequest::checkpoint`]) so that a resumed fit's observer
+    /// continues from it ([`Observer::restore`]); `None` (the default):
+    /// nothing to keep. Called between blocks, off the trace's clock.
+    fn state(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Continue from a [`Observer::state`] read back from the checkpoint a
+    /// fit resumes from, before its first step (and before the monitoring
+    /// call of the resumed step, when that step's monitoring had not run
+    /// when the checkpoint was written). The default ignores it.
+    fn restore(&mut self, _state: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An [`Observer`] that does nothing.

@@ -39,7 +39,9 @@ mod stored;
 use stored::*;
 
 /// The experiment schema's entry points, at their older path.
-pub use crate::experiment::{effective, load_experiment, load_experiment_file, plan, run_config};
+pub use crate::experiment::{
+    effective, file_stem, load_experiment, load_experiment_file, plan, run_config,
+};
 
 /// Settings of one `avi reproduce` invocation.
 #[derive(Debug, Clone)]
@@ -320,9 +322,6 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
         if every == 0 {
             bail!("--checkpoint-every must be at least 1");
         }
-        if opts.batch_seeds {
-            bail!("--checkpoint-every checkpoints one seed per fit: leave out --batch-seeds");
-        }
     }
     if opts.fresh && opts.resume {
         bail!("--fresh and --resume exclude each other");
@@ -548,6 +547,30 @@ fn run_here(
                 continue;
             }
             let seeds: Vec<u64> = group.iter().map(|(r, _)| r.seed).collect();
+            // One checkpoint folder for the batch, named by its seeds (a
+            // resumed grid whose batch has other seeds starts it afresh).
+            let plan = match opts.checkpoint_every {
+                Some(every) => {
+                    let names: Vec<String> = seeds.iter().map(u64::to_string).collect();
+                    let mut spec = run.clone();
+                    spec.file = format!("{}-seeds-{}.json", file_stem(&run.label), names.join("-"));
+                    Some(checkpoint_plan(runs_dir, &spec, every, opts.resume)?)
+                }
+                None => None,
+            };
+            if let Some(dir) = plan.as_ref().filter(|p| p.resume).map(|p| &p.dir) {
+                progress.line(format!(
+                    "{}: {} seeds {} resume from their checkpoint in {}",
+                    exp.name,
+                    run.label,
+                    seeds
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    dir.display()
+                ));
+            }
             let bar =
                 progress.run_bar(run.config.steps, &format!("{} ×{}", run.label, seeds.len()));
             let mut observer = BarObserver(bar.clone());
@@ -557,6 +580,7 @@ fn run_here(
                 &seeds,
                 opts.device,
                 &mut observer,
+                plan.as_ref(),
             )?;
             bar.finish_and_clear();
             progress.multi.remove(&bar);
@@ -574,6 +598,11 @@ fn run_here(
             }
             if interrupted {
                 return Err(crate::interrupt::Interrupted.into());
+            }
+            // The reports are written: the batch's checkpoints are done with.
+            if let Some(p) = &plan {
+                std::fs::remove_dir_all(&p.dir)
+                    .with_context(|| format!("cannot remove {}", p.dir.display()))?;
             }
             continue;
         }

@@ -19,7 +19,7 @@ use avi_models::Model;
 use tch::{Device, Tensor};
 
 use crate::elbo::gaussian_neg_log_q;
-use crate::engine::{Block, Stepper};
+use crate::engine::{Block, EngineState, Stepper};
 use crate::family::host_vec;
 use crate::family::GaussianParams;
 use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
@@ -40,6 +40,8 @@ pub struct BatchedTrainer<'a> {
     gens: Vec<Generator>,
     adam: FusedAdam,
     opts: FitOptions,
+    /// The learning rate of the next step.
+    lr: f64,
 }
 
 impl std::fmt::Debug for BatchedTrainer<'_> {
@@ -145,6 +147,7 @@ impl<'a> BatchedTrainer<'a> {
             local_dim: model.local_dim(),
             gens,
             adam,
+            lr: opts.lr,
             opts: opts.clone(),
         })
     }
@@ -223,7 +226,68 @@ impl<'a> BatchedTrainer<'a> {
 
     /// Set the learning rate of the following steps (every run).
     pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
         self.adam.set_lr(lr);
+    }
+
+    /// The state for a checkpoint: the batched parameters, the fused Adam's
+    /// moments and step counts, the learning rate and every run's
+    /// generator.
+    fn state(&self) -> Result<EngineState> {
+        let mut state = EngineState::default();
+        state.put("param/theta_mean", &self.theta_mean);
+        state.put("param/theta_log_sd", &self.theta_log_sd);
+        state.put("param/local", &self.local);
+        let (m, v, steps) = self.adam.state();
+        state.put_i64("fused_adam/len", m.len() as i64);
+        for (i, ((m, v), t)) in m.iter().zip(v).zip(steps).enumerate() {
+            state.put(format!("fused_adam/{i}/exp_avg"), m);
+            state.put(format!("fused_adam/{i}/exp_avg_sq"), v);
+            state.put(format!("fused_adam/{i}/step"), t);
+        }
+        state.put_f64("lr", &[self.lr]);
+        state.put_i64("runs", self.gens.len() as i64);
+        for (r, g) in self.gens.iter().enumerate() {
+            state.put(format!("rng/{r}"), &g.state()?);
+        }
+        Ok(state)
+    }
+
+    /// Continue from [`BatchedTrainer::state`] of the same batch.
+    fn restore(&mut self, state: &EngineState) -> Result<()> {
+        if state.i64("runs")? != self.gens.len() as i64 {
+            return Err(InferenceError::config(
+                "resume",
+                "the checkpoint holds another number of runs",
+            ));
+        }
+        state.copy_into("param/theta_mean", &mut self.theta_mean)?;
+        state.copy_into("param/theta_log_sd", &mut self.theta_log_sd)?;
+        state.copy_into("param/local", &mut self.local)?;
+        let len = self.adam.state().0.len();
+        if state.i64("fused_adam/len")? != len as i64 {
+            return Err(InferenceError::config(
+                "resume",
+                "the checkpoint's optimizer has another number of parameters",
+            ));
+        }
+        let part = |what: &str| {
+            (0..len)
+                .map(|i| {
+                    state
+                        .get(&format!("fused_adam/{i}/{what}"))
+                        .map(Tensor::shallow_clone)
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        self.adam
+            .set_state(&part("exp_avg")?, &part("exp_avg_sq")?, &part("step")?)?;
+        for (r, g) in self.gens.iter_mut().enumerate() {
+            g.set_state(state.get(&format!("rng/{r}"))?)?;
+        }
+        let lr = state.f64s("lr", 1)?[0];
+        self.set_lr(lr);
+        Ok(())
     }
 
     /// Per run: whether its parameters are finite (one device read).
@@ -270,6 +334,14 @@ impl Stepper for BatchedTrainer<'_> {
 
     fn params_finite(&self) -> Result<Vec<bool>> {
         BatchedTrainer::params_finite(self)
+    }
+
+    fn state(&self) -> Result<EngineState> {
+        BatchedTrainer::state(self)
+    }
+
+    fn restore(&mut self, state: &EngineState) -> Result<()> {
+        BatchedTrainer::restore(self, state)
     }
 
     fn monitor(&mut self, run: usize, f: &mut dyn FnMut(&Variational) -> Result<()>) -> Result<()> {
