@@ -90,7 +90,10 @@ fn exact_posterior_chain_gives_log_marginal() {
     assert!(mc_se <= 1e-9 * log_p.abs(), "SE {mc_se}");
     let (an, an_se) = evaluate_elbo(&model, &var, &xt, 4000, Entropy::Analytic).unwrap();
     eprintln!("analytic entropy {an} ± {an_se}");
-    assert!((an - log_p).abs() <= 5.0 * an_se, "{an} ± {an_se} vs {log_p}");
+    assert!(
+        (an - log_p).abs() <= 5.0 * an_se,
+        "{an} ± {an_se} vs {log_p}"
+    );
     // The reported marginals are the posterior's (the smoother's): the
     // same as mean-field F-VI's exact optimum means (its means are the
     // posterior means; 1e-9 absolute).
@@ -137,7 +140,11 @@ fn structured_fvi_reaches_log_marginal() {
         f.elbo,
         f.elbo_se
     );
-    assert!(log_p - mean_field > 20.0, "mean-field gap {}", log_p - mean_field);
+    assert!(
+        log_p - mean_field > 20.0,
+        "mean-field gap {}",
+        log_p - mean_field
+    );
     // The reported q_z are the chain's marginals, of the posterior's shape.
     assert_eq!(f.q_z.shape, vec![100, 1]);
 }
@@ -205,7 +212,10 @@ fn engines_models_and_saving_refuse_or_pick_torch() {
         .run()
         .unwrap_err()
         .to_string();
-    assert!(e.contains("does not support") && e.contains("markov"), "{e}");
+    assert!(
+        e.contains("does not support") && e.contains("markov"),
+        "{e}"
+    );
 
     let lin = avi_models::LinearModel::new(1.0, 1.0).unwrap();
     let e = fit(&lin, &xt, &method)
@@ -213,7 +223,10 @@ fn engines_models_and_saving_refuse_or_pick_torch() {
         .run()
         .unwrap_err()
         .to_string();
-    assert!(e.contains("method.structure") && e.contains(lin.name()), "{e}");
+    assert!(
+        e.contains("method.structure") && e.contains(lin.name()),
+        "{e}"
+    );
 
     let f = fit(&saw, &xt, &method).options(&opts).run().unwrap();
     let e = avi_inference::Fitted::new(&saw, &method, f.variational, &xt, serde_json::Value::Null)

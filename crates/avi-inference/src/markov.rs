@@ -77,7 +77,8 @@ pub(crate) fn scan(a: &Tensor, u: &Tensor) -> Tensor {
             ],
             0,
         );
-        big_u = big_u + &big_a * u_prev;
+        // Out of place: the first `big_u` is the caller's `u`.
+        big_u = big_u.g_add(&(&big_a * u_prev));
         big_a = &big_a * a_prev;
         d *= 2;
     }
@@ -158,7 +159,10 @@ mod tests {
             let a = Tensor::rand([n], opts).multiply_scalar(1.8) - 0.9;
             let _ = a.get(n / 2).fill_(0.0);
             let u = Tensor::randn([4, n], opts);
-            let d = (scan(&a, &u) - looped(&a, &u)).abs().max().double_value(&[]);
+            let d = (scan(&a, &u) - looped(&a, &u))
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(d < 1e-12, "n = {n}: {d}");
         }
     }
