@@ -22,8 +22,8 @@
 //! **Sampling.** The recurrence is a first-order linear scan; it is computed
 //! in ⌈log₂ N⌉ rounds of whole-tensor operations (Hillis–Steele doubling
 //! on the affine maps `y ↦ a_n y + u_n`, with no division, so a_n = 0 is
-//! fine): O(M N log N) work and O(M N) memory per step for M draws,
-//! differentiable by autograd. A plain loop over n is the reference it is
+//! fine): O(M N log N) work, and O(M N log N) memory kept for the
+//! backward pass, per step for M draws; differentiable by autograd. A plain loop over n is the reference it is
 //! tested against.
 //!
 //! **Marginals.** `mean_n = a_n mean_{n−1} + m_n` and
