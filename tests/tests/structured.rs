@@ -246,7 +246,23 @@ fn measure() {
     let log_p = model.log_marginal(&x, THETA).unwrap();
     let mf = model.fvi_optimum(&x, Some(THETA)).unwrap().elbo;
     eprintln!("log p {log_p} mean-field optimum {mf}");
-    for run in std::env::var("STRUCT_RUNS").unwrap().split(';') {
+    if let Ok(path) = std::env::var("STRUCT_REFERENCE") {
+        // The exact references of the committed structured results
+        // (data/results/cpu/structured/), written atomically.
+        let v = serde_json::json!({
+            "model": {"kind": "gaussian_hmm", "rho": 0.95, "q": 0.3, "r": 1.0, "s0": 1.0},
+            "data": {"simulate": {"n": n, "seed": 5, "theta": [THETA]}},
+            "log_marginal": log_p,
+            "mean_field_optimum_elbo": mf,
+            "how": "GaussianHmm::log_marginal (Kalman filter) and fvi_optimum, f64",
+        });
+        let tmp = format!("{path}.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&v).unwrap() + "\n").unwrap();
+        std::fs::File::open(&tmp).unwrap().sync_all().unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+    let runs = std::env::var("STRUCT_RUNS").unwrap_or_default();
+    for run in runs.split(';').filter(|r| !r.is_empty()) {
         let p: Vec<&str> = run.split(':').collect();
         let w: usize = p[1].parse().unwrap();
         let wb: usize = p.get(4).map_or(w, |v| v.parse().unwrap());

@@ -392,6 +392,11 @@ pub(crate) fn check_runs(
     runs: usize,
     available: Option<u64>,
 ) -> Result<()> {
+    // A structure the model cannot take is a config error, found here
+    // (before any allocation, and by `avi fit --check`).
+    if matches!(method, MethodConfig::Markov(_)) {
+        crate::markov::check_model(model)?;
+    }
     opts.check()?;
     if n == 0 {
         return Err(InferenceError::config("data", "the data set is empty"));
