@@ -68,16 +68,22 @@ pub(crate) fn draws_from(
             let h_z = -(log_probs.exp() * &log_probs).sum(kind);
             expected + h_z
         }
-        Output::Gaussian { .. } => {
-            let local = var.local_params();
+        Output::Gaussian { .. } | Output::Markov => {
             let eps_z = rng.randn(&[m, var.n as i64, var.local_dim as i64], kind, device)?;
-            let z = local.sample(&eps_z);
+            // z and Σ log sd: the map ε ↦ z is triangular with diagonal sd
+            // for both families, so −log q has the same form.
+            let (z, sum_log_sd) = if var.output == Output::Markov {
+                crate::markov::sample(&var.local_raw(), &eps_z)
+            } else {
+                let local = var.local_params();
+                (local.sample(&eps_z), local.sum_log_sd())
+            };
             let log_p = match batch {
                 None => model.log_joint(&theta, &z, x)?,
                 Some((idx, scale)) => model.log_joint_batch(&theta, &z, x, idx, scale)?,
             };
             let dims = (var.n * var.local_dim) as f64;
-            log_p + gaussian_neg_log_q(entropy, &eps_z, &[1, 2], local.sum_log_sd(), dims)
+            log_p + gaussian_neg_log_q(entropy, &eps_z, &[1, 2], sum_log_sd, dims)
         }
     };
     Ok(match theta_neg_log_q {
@@ -135,7 +141,7 @@ pub(crate) fn evaluate_from(
     rng: &Draws,
 ) -> Result<(f64, f64)> {
     let per_draw = match var.output {
-        Output::Gaussian { .. } => (var.n * var.local_dim).max(1),
+        Output::Gaussian { .. } | Output::Markov => (var.n * var.local_dim).max(1),
         Output::Categorical { .. } => 1,
     };
     let chunk = (crate::limits::EVAL_CHUNK_ELEMENTS / per_draw).clamp(1, draws);

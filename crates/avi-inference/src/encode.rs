@@ -226,7 +226,7 @@ fn local_summary(
     output: Output,
 ) -> Result<(Option<GaussianSummary>, Option<Vec<f64>>)> {
     Ok(match output {
-        Output::Gaussian { .. } => (Some(summarize(&output.gaussian(raw))?), None),
+        Output::Gaussian { .. } | Output::Markov => (Some(summarize(&output.gaussian(raw))?), None),
         Output::Categorical { .. } => (
             None,
             Some(crate::family::host_vec(&raw.softmax(1, raw.kind()))?),
@@ -286,6 +286,7 @@ fn heldout_values(
     let per_draw = match output {
         Output::Gaussian { dim } => (n as usize * dim).max(1),
         Output::Categorical { .. } => n as usize * w as usize,
+        Output::Markov => (n as usize).max(1),
     };
     let chunk = (crate::limits::EVAL_CHUNK_ELEMENTS / per_draw).clamp(1, opts.draws);
     let mut values = Vec::with_capacity(opts.draws);
@@ -336,6 +337,13 @@ fn heldout_draws(
             let count = (raw.size()[0] as usize * dim) as f64;
             model.log_joint(&theta, &z, x)?
                 + gaussian_neg_log_q(Entropy::Analytic, &eps, &[1, 2], q.sum_log_sd(), count)
+        }
+        Output::Markov => {
+            let eps = rng.randn(&[m, raw.size()[0], 1], kind, device)?;
+            let (z, sum_log_sd) = crate::markov::sample(raw, &eps);
+            let count = raw.size()[0] as f64;
+            model.log_joint(&theta, &z, x)?
+                + gaussian_neg_log_q(Entropy::Analytic, &eps, &[1, 2], sum_log_sd, count)
         }
     };
     Ok(local - model.log_prior(&theta)?)

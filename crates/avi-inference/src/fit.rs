@@ -239,7 +239,8 @@ impl<'a> FitRequest<'a> {
             && self.options.batch_size.is_none()
             && self.start.is_none()
             && self.init_theta.is_none()
-            && self.options.local_updates == LocalUpdates::Gradient;
+            && self.options.local_updates == LocalUpdates::Gradient
+            && !matches!(self.method, MethodConfig::Markov(_));
         if fused {
             Engine::Fused
         } else {
@@ -337,6 +338,16 @@ impl<'a> FitRequest<'a> {
     ) -> Result<Box<dyn Stepper + 'a>> {
         let (model, x, method, device) = (self.model, self.x, &self.method, self.device);
         check_data_size(model, x, method, opts, device)?;
+        if matches!(method, MethodConfig::Markov(_)) && opts.engine != Engine::Torch {
+            return Err(InferenceError::config(
+                "engine",
+                format!(
+                    "the {:?} engine does not support \"structure\": \"markov\" (it runs on the libtorch engine: \"torch\" or \"auto\")",
+                    opts.engine
+                )
+                .to_lowercase(),
+            ));
+        }
         let fixed = self.fixed_theta.as_deref();
         if let Some(start) = self.start.take() {
             if self.init_theta.is_some() {
@@ -805,7 +816,9 @@ fn finish(
         ThetaFactor::Fixed(_) => None,
     };
     let (q_z, q_z_probs) = match var.output {
-        Output::Gaussian { .. } => (summarize(&var.local_params().detach())?, None),
+        Output::Gaussian { .. } | Output::Markov => {
+            (summarize(&var.local_params().detach())?, None)
+        }
         Output::Categorical { .. } => (
             GaussianSummary {
                 mean: vec![],

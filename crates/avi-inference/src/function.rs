@@ -168,6 +168,13 @@ impl FunctionConfig {
                             "a polynomial gives Gaussian factors; use an MLP for discrete z",
                         ))
                     }
+                    Output::Markov => {
+                        return Err(InferenceError::config(
+                            "method.fn.kind",
+                            "a polynomial gives a mean and a log-sd, not a Markov chain's \
+                             (a, m, log s); use an MLP",
+                        ))
+                    }
                 };
                 if *degree > 10 {
                     return Err(InferenceError::config(
@@ -192,10 +199,10 @@ impl FunctionConfig {
                 heads,
                 ..
             } => {
-                if *heads == Heads::Separate && matches!(output, Output::Categorical { .. }) {
+                if *heads == Heads::Separate && !matches!(output, Output::Gaussian { .. }) {
                     return Err(InferenceError::config(
                         "method.fn.heads",
-                        "\"separate\" needs Gaussian factors (mean and log-sd networks); use \"shared\"",
+                        "\"separate\" needs mean-field Gaussian factors (mean and log-sd networks); use \"shared\"",
                     ));
                 }
                 if *width == 0 || *width > 1 << 16 {
@@ -269,6 +276,10 @@ pub enum Output {
         /// K.
         states: usize,
     },
+    /// A Gauss–Markov chain over scalar z (`"structure": "markov"`, see
+    /// [`crate::MethodConfig::Markov`]): per observation `(a_n, m_n,
+    /// log s_n)`, 3 values, with z_n = a_n z_{n−1} + m_n + s_n ε_n.
+    Markov,
 }
 
 impl Output {
@@ -277,11 +288,17 @@ impl Output {
         match self {
             Self::Gaussian { dim } => 2 * dim,
             Self::Categorical { states } => states,
+            Self::Markov => crate::markov::WIDTH,
         }
     }
 
-    /// Split `[N, 2L]` raw Gaussian parameters into mean and log-sd.
+    /// Split `[N, 2L]` raw Gaussian parameters into mean and log-sd; for
+    /// [`Output::Markov`], the `[N, 1]` means and log-sds of the chain's
+    /// marginals q(z_n).
     pub fn gaussian(self, raw: &Tensor) -> GaussianParams {
+        if self == Self::Markov {
+            return crate::markov::marginals(raw);
+        }
         let l = (self.width() / 2) as i64;
         GaussianParams {
             mean: raw.narrow(1, 0, l),

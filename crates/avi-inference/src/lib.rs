@@ -65,6 +65,7 @@ mod fit;
 mod forms;
 mod function;
 mod limits;
+mod markov;
 mod method;
 mod observer;
 mod options;
@@ -95,7 +96,7 @@ pub use limits::{
 };
 pub use method::{
     amortization_inputs, check_window, Edges, FunctionBuilder, InputMap, LocalFactor, MethodConfig,
-    ThetaFactor, Variational,
+    Structure, ThetaFactor, Variational,
 };
 pub use observer::{Observer, Silent};
 pub use options::{

@@ -147,6 +147,11 @@ fn estimate(
             dim: model.local_dim(),
         },
     };
+    // A Markov structure: the method inside, with chain rows.
+    let (method, output) = match method {
+        MethodConfig::Markov(inner) => (inner.as_ref(), Output::Markov),
+        m => (m, output),
+    };
     let (l, w) = (model.local_dim(), output.width());
     let d = model.theta_dim();
     let dx = model.observation_dim();
@@ -164,7 +169,7 @@ fn estimate(
             "data",
             0,
         ),
-        MethodConfig::Const => (w as u128, String::new(), "method", 0),
+        MethodConfig::Const | MethodConfig::Markov(_) => (w as u128, String::new(), "method", 0),
         MethodConfig::Avi {
             function,
             window,
@@ -249,6 +254,10 @@ fn estimate(
         Output::Gaussian { .. } if !fused => prod(&[6, m, n, l])
             .saturating_add(prod(&[3, m, batch, work]))
             .saturating_add(prod(&[4, m, d])),
+        // The chain's scan keeps 3 [M, N] tensors per doubling round.
+        Output::Markov => prod(&[6 + 3 * (usize::BITS - n.leading_zeros()) as usize, m, n])
+            .saturating_add(prod(&[3, m, batch, work]))
+            .saturating_add(prod(&[4, m, d])),
         // The fused engine keeps no draw tensors; discrete local factors are
         // enumerated (only θ is drawn).
         _ => prod(&[4, m, d]).saturating_add(prod(&[4, n, w])),
@@ -268,12 +277,12 @@ fn estimate(
     // two model terms: 4 × N × L, and 2 × N × work per draw), plus every
     // draw's value on the host (f64, and the copy it is read into).
     let per_draw = match output {
-        Output::Gaussian { .. } => n.saturating_mul(l).max(1),
+        Output::Gaussian { .. } | Output::Markov => n.saturating_mul(l).max(1),
         Output::Categorical { .. } => 1,
     };
     let chunk = (EVAL_CHUNK_ELEMENTS / per_draw).clamp(1, opts.eval_draws.max(1));
     let eval_elems = match output {
-        Output::Gaussian { .. } => prod(&[chunk, 4, n, l])
+        Output::Gaussian { .. } | Output::Markov => prod(&[chunk, 4, n, l])
             .saturating_add(prod(&[chunk, 2, n, work]))
             .saturating_add(prod(&[chunk, 2, d])),
         Output::Categorical { .. } => prod(&[chunk, 2, d]).saturating_add(prod(&[4, n, w])),
@@ -383,6 +392,11 @@ pub(crate) fn check_runs(
     runs: usize,
     available: Option<u64>,
 ) -> Result<()> {
+    // A structure the model cannot take is a config error, found here
+    // (before any allocation, and by `avi fit --check`).
+    if matches!(method, MethodConfig::Markov(_)) {
+        crate::markov::check_model(model)?;
+    }
     opts.check()?;
     if n == 0 {
         return Err(InferenceError::config("data", "the data set is empty"));

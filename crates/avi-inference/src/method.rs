@@ -2,6 +2,7 @@
 //! §1.2–1.3, §4.1), and the state that holds their parameters.
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -17,16 +18,17 @@ fn yes() -> bool {
 
 /// Which family the local factors q(z_n) come from (the config's `"method"`):
 /// an object with a `"kind"` (`"fvi"`, `"const"` or `"avi"`) and, for A-VI,
-/// its fields.
+/// its fields; F-VI and A-VI also take `"structure"` (`"mean_field"`, the
+/// default, or `"markov"`: [`MethodConfig::Markov`]).
 ///
-/// Serialized as an internally tagged object (`{"kind": "fvi"}`). Read by
+/// Serialized as an internally tagged object (`{"kind": "fvi"}`; the
+/// structure is written only when it is `"markov"`). Read by
 /// a hand-written [`Deserialize`] that refuses every field its kind does not
 /// take (`{"kind": "fvi", "window": [1, 1]}` is an error, not F-VI) and
 /// reads each field with its own deserializer, so that a path-tracking
 /// reader (`serde_path_to_error`) names the field at fault
 /// (`method.fn.width`, `method.window`), not only `method`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum MethodConfig {
     /// F-VI: a free (mean, log-sd) for every z_n, the richest family (Eq. 2).
     Fvi,
@@ -35,7 +37,6 @@ pub enum MethodConfig {
     /// A-VI: (mean, log-sd) of q(z_n) = f_φ(input_n), Eq. 3.
     Avi {
         /// The inference function class (the config's `"fn"`).
-        #[serde(rename = "fn")]
         function: FunctionConfig,
         /// Feed the function `(x − mean(x)) / sd(x)` (a fixed affine map of
         /// the data, computed once) instead of raw x. Default `true`; `false`
@@ -48,6 +49,72 @@ pub enum MethodConfig {
         /// What indices without a full window get (default `"pad"`).
         edges: Edges,
     },
+    /// The structured Gauss–Markov family of [`crate::markov`]
+    /// (`"structure": "markov"`): the F-VI or A-VI method inside gives each
+    /// observation the parameters `(a_n, m_n, log s_n)` of
+    /// q(z_n | z_{n−1}) instead of a mean and a log-sd. Only
+    /// [`MethodConfig::Fvi`] and [`MethodConfig::Avi`] may be inside; for
+    /// models whose scalar local latents form a chain (Gaussian HMM, saw).
+    Markov(Box<MethodConfig>),
+}
+
+/// How the local factors depend on each other (a method's `"structure"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Structure {
+    /// Independent factors q(z_n) (every method's default).
+    #[default]
+    MeanField,
+    /// A Gauss–Markov chain q(z_1) ∏ q(z_n | z_{n−1}).
+    Markov,
+}
+
+impl Serialize for MethodConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        self.write(serializer, Structure::MeanField)
+    }
+}
+
+impl MethodConfig {
+    /// Write the method as `{"kind": …, fields…}`, with `"structure"` last
+    /// when it is not mean-field (so every mean-field method keeps its
+    /// serialized form).
+    fn write<S: Serializer>(
+        &self,
+        serializer: S,
+        structure: Structure,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        if let Self::Markov(inner) = self {
+            if structure != Structure::MeanField {
+                return Err(serde::ser::Error::custom(
+                    "a Markov structure inside a Markov structure",
+                ));
+            }
+            return inner.write(serializer, Structure::Markov);
+        }
+        let mut map = serializer.serialize_map(None)?;
+        match self {
+            Self::Fvi => map.serialize_entry("kind", "fvi")?,
+            Self::Const => map.serialize_entry("kind", "const")?,
+            Self::Avi {
+                function,
+                standardize,
+                window,
+                edges,
+            } => {
+                map.serialize_entry("kind", "avi")?;
+                map.serialize_entry("fn", function)?;
+                map.serialize_entry("standardize", standardize)?;
+                map.serialize_entry("window", window)?;
+                map.serialize_entry("edges", edges)?;
+            }
+            Self::Markov(_) => unreachable!("written above"),
+        }
+        if structure != Structure::MeanField {
+            map.serialize_entry("structure", &structure)?;
+        }
+        map.end()
+    }
 }
 
 /// The `"kind"` of a [`MethodConfig`].
@@ -60,13 +127,14 @@ enum MethodKind {
 }
 
 /// The fields of an A-VI method, `kind` included.
-const AVI_FIELDS: &[&str] = &["kind", "fn", "standardize", "window", "edges"];
+const AVI_FIELDS: &[&str] = &["kind", "fn", "standardize", "window", "edges", "structure"];
 
 impl MethodKind {
     /// The fields a method of this kind takes.
     fn fields(self) -> &'static [&'static str] {
         match self {
-            Self::Fvi | Self::Const => &["kind"],
+            Self::Fvi => &["kind", "structure"],
+            Self::Const => &["kind"],
             Self::Avi => AVI_FIELDS,
         }
     }
@@ -96,6 +164,7 @@ impl<'de> Visitor<'de> for MethodVisitor {
         let mut standardize: Option<bool> = None;
         let mut window: Option<[usize; 2]> = None;
         let mut edges: Option<Edges> = None;
+        let mut structure: Option<Structure> = None;
         while let Some(key) = map.next_key::<String>()? {
             check_key(&key, kind.map_or(AVI_FIELDS, MethodKind::fields))?;
             match key.as_str() {
@@ -104,6 +173,7 @@ impl<'de> Visitor<'de> for MethodVisitor {
                 "standardize" => read_field(&mut map, &mut standardize, "standardize")?,
                 "window" => read_field(&mut map, &mut window, "window")?,
                 "edges" => read_field(&mut map, &mut edges, "edges")?,
+                "structure" => read_field(&mut map, &mut structure, "structure")?,
                 _ => unreachable!("check_key accepts the fields above only"),
             }
         }
@@ -114,12 +184,13 @@ impl<'de> Visitor<'de> for MethodVisitor {
             ("standardize", standardize.is_some()),
             ("window", window.is_some()),
             ("edges", edges.is_some()),
+            ("structure", structure.is_some()),
         ] {
             if given {
                 check_key(name, kind.fields())?;
             }
         }
-        Ok(match kind {
+        let method = match kind {
             MethodKind::Fvi => MethodConfig::Fvi,
             MethodKind::Const => MethodConfig::Const,
             MethodKind::Avi => MethodConfig::Avi {
@@ -128,6 +199,10 @@ impl<'de> Visitor<'de> for MethodVisitor {
                 window: window.unwrap_or_default(),
                 edges: edges.unwrap_or_default(),
             },
+        };
+        Ok(match structure.unwrap_or_default() {
+            Structure::MeanField => method,
+            Structure::Markov => MethodConfig::Markov(Box::new(method)),
         })
     }
 }
@@ -148,6 +223,7 @@ impl MethodConfig {
     /// A short label for tables: `fvi`, `const`, `avi-poly1`, ...
     pub fn label(&self) -> String {
         match self {
+            Self::Markov(inner) => format!("{}-markov", inner.label()),
             Self::Fvi => "fvi".into(),
             Self::Const => "const".into(),
             Self::Avi {
@@ -299,9 +375,29 @@ impl Variational {
         device: Device,
         custom: Option<FunctionBuilder<'_>>,
     ) -> Result<Self> {
+        // A Markov structure: the method inside, with chain rows.
+        let (method, output) = match method {
+            MethodConfig::Markov(inner) => {
+                if !matches!(**inner, MethodConfig::Fvi | MethodConfig::Avi { .. }) {
+                    return Err(InferenceError::config(
+                        "method.structure",
+                        "\"markov\" applies to the fvi and avi methods",
+                    ));
+                }
+                if output != (Output::Gaussian { dim: 1 }) {
+                    return Err(InferenceError::config(
+                        "method.structure",
+                        "\"markov\" needs scalar continuous local latents",
+                    ));
+                }
+                (inner.as_ref(), Output::Markov)
+            }
+            m => (m, output),
+        };
         let local_dim = match output {
             Output::Gaussian { dim } => dim,
             Output::Categorical { states } => states,
+            Output::Markov => 1,
         };
         let width = output.width() as i64;
         // Initial local rows: Gaussian F-VI rows ~ U[0, 1) (authors' code);
@@ -312,7 +408,9 @@ impl Variational {
                 let _ = t.narrow(1, dim as i64, dim as i64).g_add_scalar_(shift);
                 t
             }
-            (Output::Gaussian { .. }, true, None) => Tensor::rand([rows, width], (kind, device)),
+            (Output::Gaussian { .. } | Output::Markov, true, None) => {
+                Tensor::rand([rows, width], (kind, device))
+            }
             _ => Tensor::randn([rows, width], (kind, device)),
         };
         let n = x.size()[0] as usize;
@@ -397,6 +495,12 @@ impl Variational {
                         standardize: stats,
                     },
                 }
+            }
+            MethodConfig::Markov(_) => {
+                return Err(InferenceError::config(
+                    "method.structure",
+                    "a Markov structure inside a Markov structure",
+                ))
             }
         };
         // Layers built by tch are created in f32; bring everything to `kind`
@@ -539,6 +643,9 @@ impl Variational {
         device: Device,
         init: crate::forms::Init,
     ) -> Result<Self> {
+        if matches!(method, MethodConfig::Markov(_)) {
+            crate::markov::check_model(model)?;
+        }
         Self::new(
             method,
             x,
@@ -809,8 +916,17 @@ mod tests {
             e.contains("unknown field `x`, expected one of `kind`, `fn`"),
             "{e}"
         );
-        let e = refused(r#"{"kind": "fvi", "structure": "markov"}"#);
-        assert!(e.contains("unknown field `structure`"), "{e}");
+        // F-VI and A-VI take a structure; Const does not.
+        let e = refused(r#"{"kind": "const", "structure": "markov"}"#);
+        assert!(
+            e.contains("unknown field `structure`, expected `kind`"),
+            "{e}"
+        );
+        let e = refused(r#"{"structure": "markov", "kind": "const"}"#);
+        assert!(
+            e.contains("unknown field `structure`, expected `kind`"),
+            "{e}"
+        );
         // A field of A-VI is not one of F-VI's, before or after the kind.
         for m in [
             r#"{"kind": "fvi", "window": [1, 1]}"#,
@@ -934,6 +1050,113 @@ mod tests {
         let again: MethodConfig =
             serde_json::from_str(&serde_json::to_string(&poly).unwrap()).unwrap();
         assert_eq!(again, poly);
+    }
+
+    /// `"structure"`: `"markov"` wraps F-VI or A-VI in
+    /// [`MethodConfig::Markov`], `"mean_field"` is the plain method; the
+    /// serialized form writes the structure last and only when it is
+    /// Markov; a write and a read give the same method; bad values name
+    /// `method.structure`.
+    #[test]
+    fn markov_structure_reads_and_round_trips() {
+        let fvi = read(r#"{"kind": "fvi", "structure": "markov"}"#).unwrap();
+        assert_eq!(fvi, MethodConfig::Markov(Box::new(MethodConfig::Fvi)));
+        assert_eq!(
+            serde_json::to_string(&fvi).unwrap(),
+            r#"{"kind":"fvi","structure":"markov"}"#
+        );
+        assert_eq!(fvi.label(), "fvi-markov");
+        assert_eq!(
+            read(r#"{"structure": "mean_field", "kind": "fvi"}"#).unwrap(),
+            MethodConfig::Fvi
+        );
+        let avi = read(
+            r#"{"structure": "markov", "kind": "avi", "fn": {"kind": "mlp", "width": 8}, "window": [1, 1]}"#,
+        )
+        .unwrap();
+        let MethodConfig::Markov(inner) = &avi else {
+            panic!("{avi:?}")
+        };
+        assert!(matches!(**inner, MethodConfig::Avi { window: [1, 1], .. }));
+        assert_eq!(
+            serde_json::to_string(&avi).unwrap(),
+            r#"{"kind":"avi","fn":{"kind":"mlp","width":8,"depth":2,"activation":"relu","heads":"shared"},"standardize":true,"window":[1,1],"edges":"pad","structure":"markov"}"#
+        );
+        assert_eq!(avi.label(), "avi-mlp8-w1-1-markov");
+        for m in [&fvi, &avi] {
+            let again: MethodConfig =
+                serde_json::from_str(&serde_json::to_string(m).unwrap()).unwrap();
+            assert_eq!(&again, m);
+        }
+        let e = refused(r#"{"kind": "fvi", "structure": "chain"}"#);
+        assert!(
+            e.starts_with("field `method.structure`: unknown variant `chain`"),
+            "{e}"
+        );
+        // A Markov structure inside a Markov structure cannot be written.
+        let nested = MethodConfig::Markov(Box::new(fvi.clone()));
+        assert!(serde_json::to_string(&nested).is_err());
+    }
+
+    /// A Markov structure is built for scalar Gaussian latents only, with
+    /// 3 values per row (a, m, log s); Const inside it is refused.
+    #[test]
+    fn markov_variational_shapes_and_refusals() {
+        let _generator = crate::rng::test_serial();
+        let x = Tensor::randn([30], (Kind::Double, Device::Cpu));
+        let build = |m: &MethodConfig, output: Output| {
+            Variational::new(
+                m,
+                &x,
+                0.0,
+                1,
+                output,
+                None,
+                crate::forms::Init::default(),
+                Kind::Double,
+                Device::Cpu,
+            )
+        };
+        let fvi = MethodConfig::Markov(Box::new(MethodConfig::Fvi));
+        let var = build(&fvi, Output::Gaussian { dim: 1 }).unwrap();
+        assert_eq!(var.output, Output::Markov);
+        assert_eq!(var.local_raw().size(), [30, 3]);
+        assert_eq!(var.local_params().mean.size(), [30, 1]);
+        let avi = MethodConfig::Markov(Box::new(MethodConfig::Avi {
+            function: FunctionConfig::Mlp {
+                width: 4,
+                depth: 1,
+                activation: Activation::Relu,
+                heads: Heads::Shared,
+            },
+            standardize: true,
+            window: [1, 1],
+            edges: Edges::Free,
+        }));
+        let var = build(&avi, Output::Gaussian { dim: 1 }).unwrap();
+        assert_eq!(var.local_raw().size(), [30, 3]);
+        for (m, output, want) in [
+            (&fvi, Output::Gaussian { dim: 2 }, "scalar continuous"),
+            (&fvi, Output::Categorical { states: 3 }, "scalar continuous"),
+            (
+                &MethodConfig::Markov(Box::new(MethodConfig::Const)),
+                Output::Gaussian { dim: 1 },
+                "fvi and avi",
+            ),
+        ] {
+            let e = build(m, output).unwrap_err().to_string();
+            assert!(e.contains("method.structure") && e.contains(want), "{e}");
+        }
+        let poly = MethodConfig::Markov(Box::new(MethodConfig::Avi {
+            function: FunctionConfig::Poly { degree: 1 },
+            standardize: true,
+            window: [0, 0],
+            edges: Edges::Pad,
+        }));
+        let e = build(&poly, Output::Gaussian { dim: 1 })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use an MLP"), "{e}");
     }
 
     /// Every method of the committed configs and results (any `"method"`

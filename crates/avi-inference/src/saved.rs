@@ -163,6 +163,8 @@ impl From<Output> for OutputLayout {
         match o {
             Output::Gaussian { dim } => Self::Gaussian { dim },
             Output::Categorical { states } => Self::Categorical { states },
+            // Never saved (refused by `Fitted::new`): its marginals' layout.
+            Output::Markov => Self::Gaussian { dim: 1 },
         }
     }
 }
@@ -246,6 +248,13 @@ impl Fitted {
         x: &Tensor,
         model_config: serde_json::Value,
     ) -> Result<Self> {
+        if matches!(method, MethodConfig::Markov(_)) || variational.output == Output::Markov {
+            return Err(InferenceError::config(
+                "method.structure",
+                "fits with \"structure\": \"markov\" cannot be saved or encoded yet \
+                 (the saved format holds mean-field local factors only)",
+            ));
+        }
         let data = DataFingerprint::of(x)?;
         let n = data.shape.first().copied().unwrap_or(0);
         if n == 0 || n != variational.n {
@@ -857,6 +866,12 @@ fn rebuild(
     };
     let n = m.n as i64;
     let (local, n_rows) = match &m.method {
+        MethodConfig::Markov(_) => {
+            return Err(InferenceError::config(
+                "method.structure",
+                "a saved state of a \"markov\" structure (never written by avi)",
+            ))
+        }
         MethodConfig::Fvi => (
             LocalFactor::Free(root.add("z", on(named.take("z", Some(&[n, width]))?), true)),
             m.n,
@@ -967,6 +982,7 @@ fn rebuild(
     let local_dim = match output {
         Output::Gaussian { dim } => dim,
         Output::Categorical { states } => states,
+        Output::Markov => 1,
     };
     Ok(Variational {
         vs,

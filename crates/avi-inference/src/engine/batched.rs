@@ -91,6 +91,12 @@ impl<'a> BatchedTrainer<'a> {
                     "batched seeds cover F-VI and Const (A-VI's networks are not batched)",
                 ))
             }
+            MethodConfig::Markov(_) => {
+                return Err(InferenceError::config(
+                    "method.structure",
+                    "batched seeds cover mean-field F-VI and Const; \"markov\" runs on the libtorch engine",
+                ))
+            }
         };
         if model.local_states().is_some() {
             return Err(InferenceError::config(

@@ -350,6 +350,12 @@ impl FusedTrainer {
         let kind = opts.dtype.kind();
         let (var, rng) = initial_variational(model, x, method, opts, device)?;
         let state = match method {
+            MethodConfig::Markov(_) => {
+                return Err(InferenceError::config(
+                    "engine",
+                    "the fused engine does not support \"structure\": \"markov\" (use \"torch\" or \"auto\")",
+                ))
+            }
             MethodConfig::Fvi | MethodConfig::Const => {
                 let params = flat_params(&var)?;
                 let len = params.len();

@@ -193,6 +193,7 @@ fn objective_and_gradients_equal_autograd() {
                         assert_all_close(&format!("{case} rows"), &got_rows, get("z"));
                         worst_err = worst_err.max(worst(&got_rows, get("z")));
                     }
+                    MethodConfig::Markov(_) => unreachable!("no Markov case here"),
                     MethodConfig::Avi { .. } => {
                         let fill = FixedDraws {
                             eps_theta: &eps_theta,
