@@ -65,6 +65,7 @@ mod fit;
 mod forms;
 mod function;
 mod limits;
+mod marginal;
 mod method;
 mod observer;
 mod options;
@@ -92,6 +93,9 @@ pub use forms::Init;
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
 pub use limits::{
     available_memory, check_fit, check_fit_within, check_representable, memory_estimate,
+};
+pub use marginal::{
+    log_marginal_iw, log_marginal_quadrature, IwEstimate, Quadrature, QuadratureOptions,
 };
 pub use method::{
     amortization_inputs, check_window, Edges, FunctionBuilder, InputMap, LocalFactor, MethodConfig,
