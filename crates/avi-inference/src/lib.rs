@@ -63,6 +63,7 @@ mod error;
 mod family;
 mod fit;
 mod forms;
+mod gap;
 mod function;
 mod limits;
 mod marginal;
@@ -91,6 +92,7 @@ pub use family::{host_vec, GaussianParams, GaussianSummary};
 pub use fit::{fit, FitRequest, MAX_THREADS};
 pub use forms::Init;
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
+pub use gap::{gap, Estimate, GapOptions, GapSplit, Marginal, MarginalMethod, Refinement};
 pub use limits::{
     available_memory, check_fit, check_fit_within, check_representable, memory_estimate,
 };
