@@ -45,6 +45,7 @@ pub mod demo;
 pub mod encode;
 pub mod experiment;
 pub mod figures;
+pub mod gap;
 pub mod fitted;
 pub mod interrupt;
 pub mod models;
