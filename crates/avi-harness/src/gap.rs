@@ -163,6 +163,31 @@ pub fn gap_command(args: &GapArgs) -> Result<()> {
             ));
         }
     }
+    let values = split.n * prepared.model.as_model().observation_dim();
+    for (name, e) in [
+        ("fitted family's", &split.elbo_fitted),
+        ("F-VI optimum's", &split.elbo_fvi),
+    ] {
+        let se_limit = avi_inference::SE_WARN_REL * e.value.abs() + avi_inference::SE_WARN_NATS;
+        if e.se > se_limit {
+            warnings.push(format!(
+                "the {name} ELBO {:.6e} has a Monte Carlo standard error of {:.3e}, more than \
+                 {} of its size + {} nats: a few draws dominate the estimate",
+                e.value,
+                e.se,
+                avi_inference::SE_WARN_REL,
+                avi_inference::SE_WARN_NATS
+            ));
+        }
+        if e.value < -avi_inference::ELBO_WARN_PER_VALUE * values as f64 {
+            warnings.push(format!(
+                "the {name} ELBO {:.6e} is below −{} nats per observed value: a parameter has \
+                 run off, and the split says little",
+                e.value,
+                avi_inference::ELBO_WARN_PER_VALUE
+            ));
+        }
+    }
     if split.approximation_gap.value < -3.0 * split.approximation_gap.se {
         warnings.push(format!(
             "the approximation gap is negative ({:.3} ± {:.3}): log p(x | θ) is understated",

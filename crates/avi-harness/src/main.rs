@@ -149,6 +149,9 @@ enum Command {
         /// Adam's learning rate of the refinement.
         #[arg(long, default_value_t = 0.01)]
         refine_lr: f64,
+        /// Monte Carlo draws per refinement step.
+        #[arg(long, default_value_t = 100)]
+        refine_draws: usize,
         /// Seed of the draws, the refinement and the IW draws.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -725,6 +728,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             iw,
             refine_steps,
             refine_lr,
+            refine_draws,
             seed,
         } => {
             let device = resolve_device(device)?;
@@ -743,6 +747,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                     seed,
                     refine_steps,
                     refine_lr,
+                    refine_draws,
                     iw_samples,
                     marginal: if iw {
                         avi_inference::MarginalMethod::ImportanceWeighted
