@@ -154,7 +154,13 @@ fn linear_gap_against_closed_form() {
     std::fs::write(d.join("other.json"), linear_config(8)).unwrap();
     let o = avi(
         &[
-            "gap", "--fitted", "state", "--config", "other.json", "--out", "g3.json",
+            "gap",
+            "--fitted",
+            "state",
+            "--config",
+            "other.json",
+            "--out",
+            "g3.json",
         ],
         d,
     );
@@ -205,13 +211,19 @@ fn nonlinear_gap_quadrature_and_iw() {
     let q = run("quad.json", &[]);
     let iw = run("iw.json", &["--iw", "--iw-samples", "2000"]);
     let s = &q["split"];
-    assert!(num(s, &["marginal", "quadrature", "error_estimate"]) < 1e-8, "{s}");
+    assert!(
+        num(s, &["marginal", "quadrature", "error_estimate"]) < 1e-8,
+        "{s}"
+    );
     let lp = num(s, &["log_marginal", "value"]);
     let (lp_iw, iw_se) = (
         num(&iw["split"], &["log_marginal", "value"]),
         num(&iw["split"], &["log_marginal", "se"]),
     );
-    assert!(lp_iw < lp + 3.0 * iw_se, "IW {lp_iw} ± {iw_se} vs quadrature {lp}");
+    assert!(
+        lp_iw < lp + 3.0 * iw_se,
+        "IW {lp_iw} ± {iw_se} vs quadrature {lp}"
+    );
     for e in ["elbo_fitted", "elbo_fvi"] {
         let (v, se) = (num(s, &[e, "value"]), num(s, &[e, "se"]));
         assert!(v < lp + 3.0 * se, "{e} {v} ± {se} vs {lp}");

@@ -215,7 +215,7 @@ pub fn gap(
         refine_draws: opts.refine_draws,
         ..EncodeOptions::default()
     };
-    if opts.draws < 2 || opts.draws > crate::options::MAX_DRAWS {
+    if !(2..=crate::options::MAX_DRAWS).contains(&opts.draws) {
         return Err(InferenceError::config(
             "draws",
             format!(
@@ -375,11 +375,17 @@ mod tests {
             "{split:?}"
         );
         let se = split.elbo_fitted.se;
-        assert!((split.total_gap.value - kl).abs() < 4.0 * se, "{split:?} vs KL {kl}");
+        assert!(
+            (split.total_gap.value - kl).abs() < 4.0 * se,
+            "{split:?} vs KL {kl}"
+        );
         let a = &split.approximation_gap;
         assert!(a.value.abs() < 4.0 * a.se + 0.05, "{split:?}");
         let g = &split.amortization_gap;
-        assert!((g.value - kl).abs() < 4.0 * (g.se + a.se) + 0.05, "{split:?}");
+        assert!(
+            (g.value - kl).abs() < 4.0 * (g.se + a.se) + 0.05,
+            "{split:?}"
+        );
         assert!(matches!(split.marginal, Marginal::Quadrature(_)));
         // The same by importance weighting.
         let iw = gap(
@@ -393,6 +399,9 @@ mod tests {
         )
         .unwrap();
         let l = &iw.log_marginal;
-        assert!((l.value - exact).abs() < 3.0 * l.se + 0.05, "{iw:?} vs {exact}");
+        assert!(
+            (l.value - exact).abs() < 3.0 * l.se + 0.05,
+            "{iw:?} vs {exact}"
+        );
     }
 }

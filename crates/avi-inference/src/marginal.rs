@@ -198,7 +198,8 @@ pub fn log_marginal_quadrature(
     if !(opts.half_width.is_finite() && opts.half_width > 0.0)
         || opts.points < 3
         || opts.max_points < opts.points
-        || !(opts.rel_tol > 0.0)
+        || opts.rel_tol.is_nan()
+        || opts.rel_tol <= 0.0
     {
         return Err(InferenceError::config(
             "quadrature",
@@ -292,7 +293,7 @@ pub fn log_marginal_iw(
             "importance weighting here draws continuous local latents",
         ));
     }
-    if samples < 2 || samples > crate::options::MAX_DRAWS {
+    if !(2..=crate::options::MAX_DRAWS).contains(&samples) {
         return Err(InferenceError::config(
             "iw_samples",
             format!(
@@ -443,7 +444,10 @@ mod tests {
         let post_sd = vec![sigma / v.sqrt(); xs.len()];
         let exact_q = proposal(&post_mean, &post_sd);
         let iw = log_marginal_iw(&m, &x, &[theta], &exact_q, 8, 3).unwrap();
-        assert!((iw.log_marginal - exact).abs() < 1e-10 * exact.abs(), "{iw:?}");
+        assert!(
+            (iw.log_marginal - exact).abs() < 1e-10 * exact.abs(),
+            "{iw:?}"
+        );
         assert!(iw.se < 1e-6, "{iw:?}");
         let shifted: Vec<f64> = post_mean.iter().map(|m| m + 0.3).collect();
         let wide: Vec<f64> = post_sd.iter().map(|s| s * 1.5).collect();
@@ -454,7 +458,10 @@ mod tests {
         // as SE²); K = 4: a lower bound (its bias, summed over 200
         // observations, outweighs its SE).
         let tol = 3.0 * large.se + large.se * large.se;
-        assert!((large.log_marginal - exact).abs() < tol, "{large:?} vs {exact}");
+        assert!(
+            (large.log_marginal - exact).abs() < tol,
+            "{large:?} vs {exact}"
+        );
         assert!(small.log_marginal < exact + 3.0 * small.se, "{small:?}");
         assert!(
             (large.log_marginal - exact).abs() < (small.log_marginal - exact).abs(),
@@ -476,8 +483,7 @@ mod tests {
         let theta = 0.5;
         let xs = m.simulate(100, 1789, Some(theta)).unwrap();
         let x = Tensor::from_slice(&xs);
-        let q =
-            log_marginal_quadrature(&m, &x, &[theta], &QuadratureOptions::default()).unwrap();
+        let q = log_marginal_quadrature(&m, &x, &[theta], &QuadratureOptions::default()).unwrap();
         assert!(q.error_estimate < 1e-10 * q.log_marginal.abs(), "{q:?}");
         let prior = proposal(&vec![0.0; 100], &vec![1.0; 100]);
         let big = log_marginal_iw(&m, &x, &[theta], &prior, 4_000, 1).unwrap();

@@ -293,7 +293,10 @@ impl crate::Model for BnnModel {
         let kind = theta.kind();
         // log N(z_n; 0, I) + log N(x_n; Ω(z_n; θ), σ² I), each summed over
         // its own dimension only.
-        let prior_z = z.square().sum_dim_intlist(2, false, kind).multiply_scalar(-0.5)
+        let prior_z = z
+            .square()
+            .sum_dim_intlist(2, false, kind)
+            .multiply_scalar(-0.5)
             - self.latent as f64 * HALF_LN_2PI;
         let resid = x.unsqueeze(0) - self.decode(theta, z);
         let lik = resid

@@ -251,8 +251,7 @@ impl Model for LinearModel {
         // log N(z_n; 0, 1) + log N(x_n; θ + τ z_n, σ²), the direct form.
         let z = z.squeeze_dim(2); // [M, N]
         let r = (x.unsqueeze(0) - theta - z.multiply_scalar(self.tau)).divide_scalar(self.sigma);
-        Ok((z.square() + r.square()).multiply_scalar(-0.5)
-            - (self.sigma.ln() + 2.0 * HALF_LN_2PI))
+        Ok((z.square() + r.square()).multiply_scalar(-0.5) - (self.sigma.ln() + 2.0 * HALF_LN_2PI))
     }
 
     fn log_joint(&self, theta: &Tensor, z: &Tensor, x: &Tensor) -> Result<Tensor> {
