@@ -127,7 +127,10 @@ fn finite(v: f64) -> Option<f64> {
 
 /// The new data of `avi encode` as a config for the saved model and method
 /// (so that every data source of a config, simulation included, works).
-fn data_config(manifest: &avi_inference::Manifest, data: &Path) -> Result<(FitConfig, PathBuf)> {
+pub(crate) fn data_config(
+    manifest: &avi_inference::Manifest,
+    data: &Path,
+) -> Result<(FitConfig, PathBuf)> {
     let here = data
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -46,6 +46,7 @@ pub mod encode;
 pub mod experiment;
 pub mod figures;
 pub mod fitted;
+pub mod gap;
 pub mod interrupt;
 pub mod models;
 pub mod report;

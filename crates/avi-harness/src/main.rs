@@ -112,6 +112,50 @@ enum Command {
         #[arg(long, default_value_t = 0.01)]
         refine_lr: f64,
     },
+    /// Split a saved fit's gap to log p(x | θ) into the approximation gap
+    /// and the amortization gap (Cremer et al. 2018), on its training data,
+    /// at its fixed θ (or q(θ)'s mean): see docs/gap.md.
+    Gap {
+        /// The saved fit's folder (`avi fit --save`).
+        #[arg(long, value_name = "DIR")]
+        fitted: PathBuf,
+        /// The training data: a data file (JSON {"x": …}, CSV, .npy) or a
+        /// JSON file holding a config `data` block.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        data: Option<PathBuf>,
+        /// The config the fit was made with (its data are simulated or
+        /// read as in `avi fit`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Where to write the JSON report (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Device: auto (CUDA when available), cpu or cuda.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Monte Carlo draws of each ELBO estimate.
+        #[arg(long, default_value_t = 1000)]
+        draws: usize,
+        /// Importance-weighting draws K per observation (when log p(x | θ)
+        /// is not by quadrature).
+        #[arg(long, default_value_t = 1000)]
+        iw_samples: usize,
+        /// Use importance weighting even where quadrature applies.
+        #[arg(long)]
+        iw: bool,
+        /// F-VI refinement steps to the F-VI optimum, θ held.
+        #[arg(long, default_value_t = 5000)]
+        refine_steps: usize,
+        /// Adam's learning rate of the refinement.
+        #[arg(long, default_value_t = 0.01)]
+        refine_lr: f64,
+        /// Monte Carlo draws per refinement step.
+        #[arg(long, default_value_t = 100)]
+        refine_draws: usize,
+        /// Seed of the draws, the refinement and the IW draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Fit a config, then run F-VI from its solution (the paper's §5
     /// diagnostic): the report gains a `diagnosis` section.
     Diagnose {
@@ -671,6 +715,49 @@ fn run(cli: Cli) -> Result<Outcome> {
                 },
             };
             avi_harness::encode::encode_command(&args)?;
+            Ok(Outcome::Done)
+        }
+        Command::Gap {
+            fitted,
+            data,
+            config,
+            out,
+            device,
+            draws,
+            iw_samples,
+            iw,
+            refine_steps,
+            refine_lr,
+            refine_draws,
+            seed,
+        } => {
+            let device = resolve_device(device)?;
+            let data = match (data, config) {
+                (Some(d), _) => avi_harness::gap::GapData::File(d),
+                (None, Some(c)) => avi_harness::gap::GapData::Config(c),
+                (None, None) => anyhow::bail!("give --data FILE or --config C"),
+            };
+            let args = avi_harness::gap::GapArgs {
+                fitted,
+                data,
+                out,
+                device,
+                options: avi_inference::GapOptions {
+                    draws,
+                    seed,
+                    refine_steps,
+                    refine_lr,
+                    refine_draws,
+                    iw_samples,
+                    marginal: if iw {
+                        avi_inference::MarginalMethod::ImportanceWeighted
+                    } else {
+                        avi_inference::MarginalMethod::Auto
+                    },
+                    ..avi_inference::GapOptions::default()
+                },
+            };
+            avi_harness::gap::gap_command(&args)?;
             Ok(Outcome::Done)
         }
         Command::Diagnose {

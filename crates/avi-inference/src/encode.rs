@@ -265,14 +265,14 @@ fn outside_range(
 }
 
 /// Mean and standard error of per-draw values.
-fn mean_se(values: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_se(values: &[f64]) -> (f64, f64) {
     let mean = values.iter().sum::<f64>() / values.len() as f64;
     (mean, standard_error(values, mean))
 }
 
 /// The held-out ELBO of local rows `raw` (`[N', W]`) and q(θ) `theta` on
 /// `x` at each of `opts.draws` draws seeded with `opts.seed`.
-fn heldout_values(
+pub(crate) fn heldout_values(
     model: &dyn avi_models::Model,
     theta: &ThetaFactor,
     raw: &Tensor,
@@ -359,12 +359,50 @@ fn refine(
     amortized: &[f64],
 ) -> Result<Refined> {
     let var = &fitted.variational;
-    let device = var.vs.device();
+    let result = refine_fit(model, &var.theta, var.output, var.local_dim, raw, x, opts)?;
+    let rows = result.variational.local_raw().detach();
+    let refined = heldout_values(model, &var.theta, &rows, var.output, x, opts)?;
+    let (elbo, se) = mean_se(&refined);
+    let diff: Vec<f64> = refined.iter().zip(amortized).map(|(r, a)| r - a).collect();
+    let (gap, gap_se) = mean_se(&diff);
+    let (q_z, q_z_probs) = local_summary(&rows, var.output)?;
+    Ok(Refined {
+        steps: result.iterations,
+        status: result.status,
+        heldout_elbo: elbo,
+        heldout_elbo_se: se,
+        heldout_gap: gap,
+        heldout_gap_se: gap_se,
+        q_z,
+        q_z_probs,
+    })
+}
+
+/// The refinement's fit: `opts.refine_steps` F-VI steps on free local rows
+/// started at `raw` (`[N, W]`, laid out as `output`), with q(θ) (or the
+/// fixed θ) copied and held, through the one fit loop ([`crate::fit`] with
+/// [`crate::FitRequest::start_from`], libtorch engine, analytic entropy,
+/// the rate ×0.1 from half-way and ×0.01 for the last quarter), in the
+/// dtype and on the device of `raw`.
+pub(crate) fn refine_fit(
+    model: &dyn avi_models::Model,
+    theta: &ThetaFactor,
+    output: Output,
+    local_dim: usize,
+    raw: &Tensor,
+    x: &Tensor,
+    opts: &EncodeOptions,
+) -> Result<crate::Fit> {
+    let device = raw.device();
+    let dtype = match raw.kind() {
+        Kind::Double => crate::Dtype::F64,
+        _ => crate::Dtype::F32,
+    };
     let vs = nn::VarStore::new(device);
     let root = vs.root();
     // q(θ) is copied but not trainable: the optimiser updates the local
     // rows only.
-    let theta = match &var.theta {
+    let theta = match theta {
         ThetaFactor::Free(q) => ThetaFactor::Free(GaussianParams {
             mean: root.add("theta_mean", q.mean.detach().copy(), false),
             log_sd: root.add("theta_log_sd", q.log_sd.detach().copy(), false),
@@ -377,9 +415,9 @@ fn refine(
         vs,
         theta,
         local: LocalFactor::Free(z),
-        output: var.output,
+        output,
         n,
-        local_dim: var.local_dim,
+        local_dim,
     };
     // The rate decays (×0.1 from half-way, ×0.01 for the last quarter) so
     // that Adam's noise floor does not lower an ELBO that starts near its
@@ -398,30 +436,14 @@ fn refine(
         seed: opts.seed,
         eval_draws: 2,
         entropy: Entropy::Analytic,
-        dtype: fitted.dtype(),
+        dtype,
         engine: Engine::Torch,
         lr_schedule,
         ..FitOptions::default()
     };
-    let result = crate::fit(model, x, &MethodConfig::Fvi)
+    crate::fit(model, x, &MethodConfig::Fvi)
         .options(fit_opts)
         .device(device)
         .start_from(start)
-        .run()?;
-    let rows = result.variational.local_raw().detach();
-    let refined = heldout_values(model, &var.theta, &rows, var.output, x, opts)?;
-    let (elbo, se) = mean_se(&refined);
-    let diff: Vec<f64> = refined.iter().zip(amortized).map(|(r, a)| r - a).collect();
-    let (gap, gap_se) = mean_se(&diff);
-    let (q_z, q_z_probs) = local_summary(&rows, var.output)?;
-    Ok(Refined {
-        steps: result.iterations,
-        status: result.status,
-        heldout_elbo: elbo,
-        heldout_elbo_se: se,
-        heldout_gap: gap,
-        heldout_gap_se: gap_se,
-        q_z,
-        q_z_probs,
-    })
+        .run()
 }

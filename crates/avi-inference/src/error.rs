@@ -48,6 +48,9 @@ pub enum InferenceError {
     /// New data cannot be encoded by this family.
     #[error("cannot encode new data: {0}")]
     Encode(String),
+    /// An estimate came out non-finite (infinite or NaN).
+    #[error("non-finite estimate: {0}")]
+    NonFinite(String),
     /// A checkpoint could not be written, or one to resume from is
     /// missing, tampered with, truncated or of another fit.
     #[error("checkpoint {}: {reason}", path.display())]

@@ -64,7 +64,9 @@ mod family;
 mod fit;
 mod forms;
 mod function;
+mod gap;
 mod limits;
+mod marginal;
 mod markov;
 mod method;
 mod observer;
@@ -91,8 +93,12 @@ pub use family::{host_vec, GaussianParams, GaussianSummary};
 pub use fit::{fit, FitRequest, MAX_THREADS};
 pub use forms::Init;
 pub use function::{Activation, FunctionConfig, Heads, InferenceFunction, Mlp, Output, Polynomial};
+pub use gap::{gap, Estimate, GapOptions, GapSplit, Marginal, MarginalMethod, Refinement};
 pub use limits::{
     available_memory, check_fit, check_fit_within, check_representable, memory_estimate,
+};
+pub use marginal::{
+    log_marginal_iw, log_marginal_quadrature, IwEstimate, Quadrature, QuadratureOptions,
 };
 pub use method::{
     amortization_inputs, check_window, Edges, FunctionBuilder, InputMap, LocalFactor, MethodConfig,

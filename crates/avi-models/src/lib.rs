@@ -103,6 +103,28 @@ pub trait Model: std::any::Any {
     /// subtracts it, so that its ELBO bounds `log p(x | θ)`.
     fn log_prior(&self, theta: &Tensor) -> Result<Tensor>;
 
+    /// Whether [`Model::local_terms`] is implemented: the model's local
+    /// latents are independent given θ, so that its log joint is
+    /// `log p(θ) + Σ_n t_n(θ, z_n, x_n)` with one term per observation.
+    fn has_local_terms(&self) -> bool {
+        false
+    }
+
+    /// The model's density per observation: for each of M draws and each
+    /// n, `t_n = log p(z_n | θ) + log p(x_n | z_n, θ)` (normalising
+    /// constants included), so that `Σ_n t_n + log p(θ)` is
+    /// [`Model::log_joint`]. Only models whose local latents are
+    /// independent given θ have such terms (not a chain of z_n). Shapes as
+    /// in [`Model::log_joint`] (`theta` `[M, D]`, `z` `[M, N, L]`); the
+    /// result is `[M, N]`. The default: not supported (an error).
+    fn local_terms(&self, _theta: &Tensor, _z: &Tensor, _x: &Tensor) -> Result<Tensor> {
+        Err(ModelError::InvalidData(format!(
+            "the {} model has no per-observation terms (its local latents are not \
+             independent given θ, or the terms are not implemented)",
+            self.name()
+        )))
+    }
+
     /// Whether [`Model::log_joint_batch`] is implemented (mini-batching).
     fn supports_batches(&self) -> bool {
         false

@@ -37,3 +37,12 @@ pub(crate) fn compare(
     let (v0, t0, z0) = value_and_grads(direct, theta, z, x);
     [rel_err(&v1, &v0), rel_err(&t1, &t0), rel_err(&z1, &z0)]
 }
+
+/// Largest |Σ_n local_terms + log_prior − log_joint| over |log_joint|, for
+/// the check that a model's per-observation terms add up to its log joint.
+pub(crate) fn local_terms_error(m: &impl Model, theta: &Tensor, z: &Tensor, x: &Tensor) -> f64 {
+    let terms = m.local_terms(theta, z, x).unwrap();
+    assert_eq!(terms.size(), [theta.size()[0], x.size()[0]]);
+    let total = terms.sum_dim_intlist(1, false, None) + m.log_prior(theta).unwrap();
+    rel_err(&total, &m.log_joint(theta, z, x).unwrap())
+}
