@@ -837,6 +837,138 @@ impl RunReport {
 mod tests {
     use super::*;
 
+    /// A full trace of `len` noisy entries rising towards -100.
+    fn trace(len: usize) -> TraceSection {
+        let elbo = (0..len)
+            .map(|i| -100.0 - 500.0 * (-(i as f64) / 40.0).exp() + 0.3 * ((i * 7919) % 13) as f64)
+            .collect();
+        TraceSection {
+            elbo,
+            iteration: (1..=len).collect(),
+            seconds: (0..len)
+                .map(|i| 0.001 * (i + 1) as f64 + 1e-7 * i as f64)
+                .collect(),
+            clock: Some(avi_inference::Clock::Step),
+        }
+    }
+
+    /// The block metrics agree with the step definitions they replace: the
+    /// final window with the mean of the last `2 · half` entries (relative
+    /// 1e-12: the sums are taken in a different order, each step rounding
+    /// by ≤ 1e-16 relative on values of one sign), exactly when `2 · half`
+    /// is a multiple of 10 and the length too; the convergence index with
+    /// `first_within` on the full trace (equal indices: the two window
+    /// means differ by rounding only, and no window of this trace lies that
+    /// close to the tolerance's edge).
+    #[test]
+    fn block_metrics_match_the_step_definitions() {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        for len in [0, 7, 10, 300, 305, 1003] {
+            let t = trace(len);
+            let b = BlockTrace::from_full(&t);
+            b.check().unwrap();
+            assert_eq!(
+                (b.length, b.elbo.len(), b.tail.elbo.len()),
+                (len, len / 10, len % 10)
+            );
+            for half in [1, 5, 7, 50, 250] {
+                let got = b.final_window(half);
+                if len == 0 {
+                    assert!(got.is_nan());
+                    continue;
+                }
+                let r = len % 10;
+                // Whole blocks rounded up, the tail always in.
+                let k = (2 * half).saturating_sub(r).div_ceil(10).min(len / 10);
+                let want = mean(&t.elbo[len - (10 * k + r)..]);
+                assert!(
+                    (got - want).abs() <= 1e-12 * want.abs(),
+                    "len {len} half {half}: {got} vs {want}"
+                );
+                if r == 0 && half % 5 == 0 && 2 * half <= len {
+                    let step = mean(&t.elbo[len - 2 * half..]);
+                    assert!((got - step).abs() <= 1e-12 * step.abs());
+                }
+            }
+            for target in [-100.5, -101.0, -110.0, -99.0] {
+                let c = b.first_within(target, 0.01);
+                assert_eq!(
+                    c,
+                    avi_inference::convergence::first_within(&t.elbo, target, 0.01, 10),
+                    "len {len} target {target}"
+                );
+                if let Some(c) = c {
+                    assert_eq!(b.seconds_at(c), Some(t.seconds[c]));
+                }
+            }
+        }
+        // A trace that never gets there, and a non-finite window.
+        let mut t = trace(300);
+        assert_eq!(BlockTrace::from_full(&t).first_within(-50.0, 0.01), None);
+        for v in &mut t.elbo[..200] {
+            *v = -100.0;
+        }
+        t.elbo[15] = f64::NAN;
+        let b = BlockTrace::from_full(&t);
+        assert!(b.elbo[1].is_nan());
+        // The window at c = 20 (blocks 1 and 2) holds the NaN: the first
+        // window within tolerance is c = 30.
+        assert_eq!(b.first_within(-100.0, 0.01), Some(30));
+    }
+
+    /// A compact report reads back to the same values, bit for bit (the
+    /// block means and every other number), and its bytes are the same
+    /// each time.
+    #[test]
+    fn compact_reports_round_trip_exactly() {
+        let text = format!(
+            r#"{{"config": {{}}, "device": "cpu", "elbo": -100.12345678901234, "elbo_se": 0.1,
+                "iterations": 305, "method": {{}}, "model": {{}}, "n": 1, "num_parameters": 1,
+                "q_theta": null, "q_z": null, "seconds": 0.30503, "status": "ok",
+                "trace": {}}}"#,
+            serde_json::to_string(&trace(305)).unwrap()
+        );
+        let full = RunReport::from_json(&text).unwrap();
+        let bytes = full.compact_bytes().unwrap();
+        assert_eq!(bytes, full.compact_bytes().unwrap());
+        let back = RunReport::from_compact_bytes(&bytes).unwrap();
+        assert_eq!(back, full.compacted());
+        assert_eq!(back.trace.blocks(), full.trace.blocks());
+        assert_eq!(back.trace.len(), 305);
+        assert!(back.trace.full().is_none());
+        // Written again, the compact report is unchanged.
+        assert_eq!(back.compact_bytes().unwrap(), bytes);
+        // A compact trace whose parts disagree is refused, naming `trace`.
+        let mut v: Value = serde_json::from_str(&serde_json::to_string(&back).unwrap()).unwrap();
+        v["trace"]["length"] = 306.into();
+        let err = format!("{:#}", RunReport::from_json(&v.to_string()).unwrap_err());
+        assert!(err.contains("trace") && err.contains("length"), "{err}");
+    }
+
+    /// A run stored in both forms is an error naming both files; either
+    /// form alone is found from the `.json` name.
+    #[test]
+    fn a_run_is_read_from_either_form_and_not_from_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("fvi-1.json");
+        let gz = compact_path(&json);
+        assert_eq!(gz, dir.path().join("fvi-1.json.gz"));
+        assert_eq!(locate(&json).unwrap(), None);
+        assert!(!is_finished(&json));
+        std::fs::write(&gz, b"x").unwrap();
+        assert_eq!(locate(&json).unwrap(), Some(gz.clone()));
+        std::fs::write(&json, b"x").unwrap();
+        let err = format!("{:#}", load(&json).unwrap_err());
+        assert!(
+            err.contains("fvi-1.json ") && err.contains("fvi-1.json.gz"),
+            "{err}"
+        );
+        // Counted as finished, so that loading it names the problem.
+        assert!(is_finished(&json));
+        std::fs::remove_file(&gz).unwrap();
+        assert_eq!(locate(&json).unwrap(), Some(json));
+    }
+
     #[test]
     fn values_round_trip_with_nulls() {
         let flat: Values = serde_json::from_str("[1.0, null, 2]").unwrap();
