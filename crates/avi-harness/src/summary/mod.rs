@@ -64,8 +64,6 @@ pub fn rebuild(dir: &Path) -> Result<Value> {
     let exp = load_experiment_file(&dir.join("experiment.json"))?;
     let runs = load_runs(dir, &exp)?;
     let summary = summarize(&exp, &runs)?;
-    // A run's `run` entry names its `.json` (the full form's name) whichever
-    // form is stored, so compacting leaves the summary as it was.
     write_json_atomic(&dir.join("summary.json"), &summary)?;
     draw_figures(dir, &exp, &runs, &summary)?;
     write_atomic(&dir.join("REPORT.md"), &report_markdown(&exp, &summary))?;
@@ -183,6 +181,8 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 "status": r.report.effective_status().as_str(),
                 "mse": mse,
                 "diagnosis": serde_json::to_value(&r.report.diagnosis)?,
+                // The full form's name whichever form is stored, so that
+                // compacting the runs leaves the summary as it was.
                 "run": format!("runs/{}-{}.json", file_stem(&m.label), r.seed),
             }));
             if let Some(h) = held {
