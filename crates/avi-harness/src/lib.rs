@@ -4,7 +4,8 @@
 //! ([`config`]), running them on a chosen device ([`run`]), reports written
 //! atomically ([`report`]), the linear-model demo ([`demo`]), the paper's
 //! experiments ([`reproduce`]), their summaries and `REPORT.md`
-//! ([`summary`]) and SVG figures ([`figures`]).
+//! ([`summary`]), SVG figures ([`figures`]) and committed run reports in
+//! compact form ([`compact`]).
 //!
 //! ```text
 //! avi fit --config CFG.json --out REPORT.json [--save DIR] [--check] [--device auto|cpu|cuda] [--threads T]
@@ -39,6 +40,7 @@
 #![warn(missing_docs)]
 
 pub mod claim;
+pub mod compact;
 pub mod config;
 pub mod data_files;
 pub mod demo;

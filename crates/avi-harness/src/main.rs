@@ -252,6 +252,15 @@ enum Command {
         #[arg(long, value_name = "S")]
         checkpoint_every: Option<usize>,
     },
+    /// Rewrite the full run reports of an experiment folder (or of each
+    /// experiment folder in DIR) as compact ones, runs/LABEL-SEED.json.gz
+    /// (gzip, the trace as 10-step block means), after checking that
+    /// `avi report` gives the same summary.json from them; nothing is
+    /// changed otherwise.
+    Compact {
+        /// The folder.
+        dir: PathBuf,
+    },
     /// Rebuild summary.json, the figures and REPORT.md from stored runs
     /// (no refitting): DIR is an `avi reproduce --out` folder or one
     /// experiment's folder in it.
@@ -855,6 +864,23 @@ fn run(cli: Cli) -> Result<Outcome> {
             // With shards, the last one to finish gathers the reports.
             if defs.len() > 1 && complete {
                 avi_harness::summary::report_all(&out, None)?;
+            }
+            Ok(Outcome::Done)
+        }
+        Command::Compact { dir } => {
+            for c in avi_harness::compact::compact(&dir)? {
+                println!(
+                    "{}: {} run report(s) compacted, {:.1} MB → {:.1} MB{}",
+                    c.dir.display(),
+                    c.runs,
+                    c.bytes_before as f64 / 1e6,
+                    c.bytes_after as f64 / 1e6,
+                    if c.interrupted > 0 {
+                        format!("; {} interrupted run(s) left full", c.interrupted)
+                    } else {
+                        String::new()
+                    }
+                );
             }
             Ok(Outcome::Done)
         }

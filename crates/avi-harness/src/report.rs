@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 
 use crate::config::FitConfig;
 use crate::run_report::{
-    Gaussian, Provenance, QTheta, ReferenceSection, RunReport, RunStatus, TraceSection, Values, QZ,
+    Gaussian, Provenance, QTheta, ReferenceSection, RunReport, RunStatus, Trace, TraceSection,
+    Values, QZ,
 };
 
 /// A float as JSON, `null` when not finite.
@@ -115,12 +116,12 @@ pub fn fit_report(
         stop_reason: fit.stop_reason.clone(),
         stopped_at: fit.stopped_at,
         threads: Some(tch::get_num_threads()),
-        trace: TraceSection {
+        trace: Trace::Full(TraceSection {
             elbo: fit.trace.elbo.clone(),
             iteration: fit.trace.iteration.clone(),
             seconds: fit.trace.seconds.clone(),
             clock: Some(fit.trace.clock),
-        },
+        }),
         warnings: fit.warnings.clone(),
     }
 }

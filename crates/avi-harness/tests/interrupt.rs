@@ -110,7 +110,7 @@ fn fit_interrupted_writes_its_report_and_exits_130() {
     let at = report.interrupted_at.unwrap();
     assert!(at < 1_000_000 && at % 100 == 0, "{at}");
     assert_eq!(report.iterations, at);
-    assert_eq!(report.trace.elbo.len(), at);
+    assert_eq!(report.trace.len(), at);
     assert!(report.elbo.is_finite());
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -248,7 +248,7 @@ fn fit_with_a_stop_rule_reports_where_and_why() {
     let r = load(&dir.path().join("stop-r.json")).unwrap();
     let s = r.stopped_at.expect("the rule stopped the fit");
     assert!(s < 4000 && s % 300 == 0, "{s}");
-    assert_eq!((r.iterations, r.trace.elbo.len()), (s, s));
+    assert_eq!((r.iterations, r.trace.len()), (s, s));
     assert!(r.stop_reason.unwrap().contains("windows of 300 steps"));
     assert!(r.convergence.unwrap().converged);
     assert_eq!(r.config["stop"]["window"], 300);

@@ -392,7 +392,12 @@ pub fn reproduce(exp: &Experiment, opts: &ReproduceOptions) -> Result<Value> {
         // A claimant killed after writing its report and before releasing
         // its claim: the run is finished, the claim is stale.
         for (lock, holder) in &claims {
-            if holder.is_stale() && lock.with_extension("json").is_file() {
+            if holder.is_stale()
+                && matches!(
+                    crate::run_report::locate(&lock.with_extension("json")),
+                    Ok(Some(_))
+                )
+            {
                 std::fs::remove_file(lock)
                     .with_context(|| format!("cannot remove {}", lock.display()))?;
             }

@@ -10,14 +10,16 @@ use serde_json::Value;
 use crate::config::{DataConfig, FitConfig, MseConfig};
 use crate::run_report::{QTheta, RunReport};
 
-/// The run reports (`*.json`) in `runs_dir`.
+/// The run reports in `runs_dir`: full (`*.json`) and compact
+/// (`*.json.gz`).
 pub(super) fn finished_reports(runs_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(runs_dir)
         .with_context(|| format!("cannot read {}", runs_dir.display()))?
     {
         let p = entry?.path();
-        if p.extension().is_some_and(|e| e == "json") {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| n.ends_with(".json") || n.ends_with(".json.gz")) {
             out.push(p);
         }
     }

@@ -2,8 +2,11 @@
 //! DIR`, and the end of every `avi reproduce`).
 //!
 //! Everything here reads `DIR/EXPERIMENT/experiment.json` and the run
-//! reports in `runs/`; nothing is refitted. Per run: the final ELBO (mean of
-//! the last `2 · final_window` step estimates, digest §4.1.1), the ELBO
+//! reports in `runs/` (full or compact: every trace metric is computed on
+//! its 10-step blocks, [`crate::run_report::BlockTrace`], so both forms
+//! give the same summary); nothing is refitted. Per run: the final ELBO
+//! (mean of the last `2 · final_window` step estimates, digest §4.1.1,
+//! [`BlockTrace::final_window`](crate::run_report::BlockTrace::final_window)), the ELBO
 //! from many fresh draws, the gap to the exact reference where one exists,
 //! and the iterations and wall time to convergence. The convergence target
 //! is, in order: the closed-form optimal ELBO (linear, saw, Gaussian HMM),
@@ -26,7 +29,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use avi_inference::convergence::first_within;
 use avi_inference::MethodConfig;
 use serde_json::{json, Value};
 
@@ -34,6 +36,7 @@ use crate::config::FitConfig;
 use crate::experiment::{file_stem, load_experiment_file, Experiment};
 use crate::report::{num, write_json_atomic};
 use crate::run::prepare;
+use crate::run_report::RunReport;
 
 use claims::*;
 use markdown::*;
@@ -67,6 +70,16 @@ pub fn rebuild(dir: &Path) -> Result<Value> {
     Ok(summary)
 }
 
+/// The summary `avi report` would write for the experiment folder `dir`,
+/// each run report read by `read` from where it is stored (nothing is
+/// written). `avi compact` compares it over the full and the compact
+/// reports.
+pub fn summary_with(dir: &Path, read: &dyn Fn(&Path) -> Result<RunReport>) -> Result<Value> {
+    let exp = load_experiment_file(&dir.join("experiment.json"))?;
+    let runs = load_runs_with(dir, &exp, read)?;
+    summarize(&exp, &runs)
+}
+
 /// The summary of an experiment's runs.
 fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
     // References per distinct model and data.
@@ -98,10 +111,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
             .find(|m| m.label == r.label)
             .context("run of an unknown method")?;
         if matches!(m.method, MethodConfig::Fvi) && r.ok() {
-            fvi_final.insert(
-                (key_of(m), r.seed),
-                final_window(r.elbo(), exp.final_window),
-            );
+            fvi_final.insert((key_of(m), r.seed), r.blocks.final_window(exp.final_window));
             fvi_elbo.insert((key_of(m), r.seed), r.report.elbo);
         }
     }
@@ -114,7 +124,7 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
         for r in runs.iter().filter(|r| r.label == m.label) {
             devices.insert(r.report.device.clone());
             let ok = r.ok();
-            let fin = final_window(r.elbo(), exp.final_window);
+            let fin = r.blocks.final_window(exp.final_window);
             let elbo = r.report.elbo;
             let target = exact
                 .map(|e| e.0)
@@ -139,13 +149,10 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 }
                 None => {
                     let conv = match (target, ok) {
-                        (Some(t), true) => first_within(r.elbo(), t, exp.rel_tol, 10),
+                        (Some(t), true) => r.blocks.first_within(t, exp.rel_tol),
                         _ => None,
                     };
-                    let conv = conv.map(|c| {
-                        let s = r.seconds().get(c).or(r.seconds().last()).copied();
-                        (c as f64, s.unwrap_or(f64::NAN))
-                    });
+                    let conv = conv.map(|c| (c as f64, r.blocks.seconds_at(c).unwrap_or(f64::NAN)));
                     (conv, Value::Null)
                 }
             };
@@ -174,6 +181,8 @@ fn summarize(exp: &Experiment, runs: &[Run]) -> Result<Value> {
                 "status": r.report.effective_status().as_str(),
                 "mse": mse,
                 "diagnosis": serde_json::to_value(&r.report.diagnosis)?,
+                // The full form's name whichever form is stored, so that
+                // compacting the runs leaves the summary as it was.
                 "run": format!("runs/{}-{}.json", file_stem(&m.label), r.seed),
             }));
             if let Some(h) = held {

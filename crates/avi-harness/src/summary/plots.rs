@@ -28,21 +28,6 @@ pub(super) fn thin(points: Vec<(f64, f64)>, max: usize) -> Vec<(f64, f64)> {
     out
 }
 
-/// A moving average of width `w` (the ELBO estimates are noisy; the figures
-/// show the running mean of 10 steps, as the paper's convergence window).
-pub(super) fn smooth(v: &[f64], w: usize) -> Vec<f64> {
-    let mut out = Vec::with_capacity(v.len());
-    let mut sum = 0.0;
-    for i in 0..v.len() {
-        sum += v[i];
-        if i >= w {
-            sum -= v[i - w];
-        }
-        out.push(sum / (i + 1).min(w) as f64);
-    }
-    out
-}
-
 pub(super) fn draw_figures(
     dir: &Path,
     exp: &Experiment,
@@ -65,21 +50,18 @@ pub(super) fn draw_figures(
     let mut by_time = Vec::new();
     let mut by_iter = Vec::new();
     for r in runs.iter().filter(|r| r.seed == seed && shown(&r.label)) {
-        let s = smooth(r.elbo(), 10);
+        // The ELBO estimates are noisy: the curves show the 10-step block
+        // means (the paper's convergence window), each at its block's
+        // first step, then the raw last steps (full and compact runs alike).
+        let points: Vec<_> = r.blocks.points().collect();
         by_time.push(Series {
             label: r.label.clone(),
-            points: thin(
-                r.seconds().iter().zip(&s).map(|(t, e)| (*t, -e)).collect(),
-                1500,
-            ),
+            points: thin(points.iter().map(|&(_, t, e)| (t, -e)).collect(), 1500),
         });
         by_iter.push(Series {
             label: r.label.clone(),
             points: thin(
-                s.iter()
-                    .enumerate()
-                    .map(|(i, e)| ((i + 1) as f64, -e))
-                    .collect(),
+                points.iter().map(|&(i, _, e)| (i as f64, -e)).collect(),
                 1500,
             ),
         });
@@ -92,7 +74,7 @@ pub(super) fn draw_figures(
             &dir.join("fig3-elbo-vs-time.svg"),
             &LinePlot {
                 title: format!(
-                    "{}: −ELBO vs wall time (seed {seed}, 10-step mean)",
+                    "{}: −ELBO vs wall time (seed {seed}, 10-step block means)",
                     exp.name
                 ),
                 x_label: "wall time (s)".into(),
@@ -107,7 +89,7 @@ pub(super) fn draw_figures(
             &dir.join("fig6-elbo-vs-iteration.svg"),
             &LinePlot {
                 title: format!(
-                    "{}: optimisation paths (seed {seed}, 10-step mean)",
+                    "{}: optimisation paths (seed {seed}, 10-step block means)",
                     exp.name
                 ),
                 x_label: "iteration".into(),
@@ -122,7 +104,8 @@ pub(super) fn draw_figures(
     // Fig. 4: time (and iterations) to convergence over seeds.
     let longest = runs
         .iter()
-        .filter_map(|r| r.seconds().last().copied())
+        .map(|r| r.blocks.end_seconds)
+        .filter(|s| s.is_finite())
         .fold(0.0, f64::max);
     let rows = summary["methods"].as_array().cloned().unwrap_or_default();
     let groups = |key: &str| -> Vec<BoxGroup> {

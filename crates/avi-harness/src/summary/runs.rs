@@ -8,7 +8,7 @@ use avi_inference::{FunctionConfig, MethodConfig};
 use serde_json::{json, Value};
 
 use crate::experiment::{file_stem, Experiment};
-use crate::run_report::{MseTrace, RunReport, RunStatus};
+use crate::run_report::{BlockTrace, MseTrace, RunReport, RunStatus};
 
 /// One stored run.
 #[derive(Debug)]
@@ -18,15 +18,22 @@ pub(super) struct Run {
     /// Where the report was read from (named in errors).
     pub(super) path: PathBuf,
     pub(super) report: RunReport,
+    /// Its trace in block form, which every metric reads (full and compact
+    /// reports alike).
+    pub(super) blocks: BlockTrace,
 }
 
 impl Run {
-    pub(super) fn elbo(&self) -> &[f64] {
-        &self.report.trace.elbo
-    }
-
-    pub(super) fn seconds(&self) -> &[f64] {
-        &self.report.trace.seconds
+    /// A stored run.
+    pub(super) fn new(label: String, seed: u64, path: PathBuf, report: RunReport) -> Self {
+        let blocks = report.trace.blocks();
+        Run {
+            label,
+            seed,
+            path,
+            report,
+            blocks,
+        }
     }
 
     pub(super) fn ok(&self) -> bool {
@@ -95,42 +102,41 @@ pub(super) fn window_of(method: &MethodConfig) -> Option<usize> {
     }
 }
 
+/// The finished runs of `exp` stored in `dir/runs/`, full or compact
+/// ([`crate::run_report::locate`]).
 pub(super) fn load_runs(dir: &Path, exp: &Experiment) -> Result<Vec<Run>> {
+    load_runs_with(dir, exp, &|path| crate::run_report::load(path))
+}
+
+/// The finished runs of `exp` in `dir/runs/`, each report read by `read`
+/// from the path where it is stored (`avi compact` reads the compact form
+/// it is about to write through it).
+pub(super) fn load_runs_with(
+    dir: &Path,
+    exp: &Experiment,
+    read: &dyn Fn(&Path) -> Result<RunReport>,
+) -> Result<Vec<Run>> {
     let mut runs = Vec::new();
     for m in &exp.methods {
         for &seed in &exp.seeds {
-            let path = dir
+            let name = dir
                 .join("runs")
                 .join(format!("{}-{seed}.json", file_stem(&m.label)));
-            if !path.is_file() {
+            let Some(path) = crate::run_report::locate(&name)? else {
                 continue;
-            }
-            let report = crate::run_report::load(&path)?;
+            };
+            let report = read(&path)?;
             if !report.finished() {
                 // Interrupted part-way: missing, not a result.
                 continue;
             }
-            runs.push(Run {
-                label: m.label.clone(),
-                seed,
-                path,
-                report,
-            });
+            runs.push(Run::new(m.label.clone(), seed, path, report));
         }
     }
     if runs.is_empty() {
         bail!("{}: no run reports in runs/", dir.display());
     }
     Ok(runs)
-}
-
-pub(super) fn final_window(trace: &[f64], half: usize) -> f64 {
-    let k = trace.len().min(2 * half).max(1);
-    let tail = &trace[trace.len().saturating_sub(k)..];
-    if tail.is_empty() {
-        return f64::NAN;
-    }
-    tail.iter().sum::<f64>() / tail.len() as f64
 }
 
 /// `v` with `digits` decimals, or in scientific notation (4 significant
