@@ -71,6 +71,7 @@ mod options;
 mod result;
 mod rng;
 mod saved;
+mod semi;
 mod stop;
 
 /// The `tch` crate (libtorch's Rust bindings) this crate is built on,
@@ -95,7 +96,7 @@ pub use limits::{
 };
 pub use method::{
     amortization_inputs, check_window, Edges, FunctionBuilder, InputMap, LocalFactor, MethodConfig,
-    ThetaFactor, Variational,
+    Refine, ThetaFactor, Variational,
 };
 pub use observer::{Observer, Silent};
 pub use options::{
@@ -103,7 +104,7 @@ pub use options::{
     MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
 };
 pub use result::{
-    elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
+    elbo_warnings, Clock, Fit, FitStatus, SemiReport, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
     TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
 /// Hold libtorch's process-wide default generator (and CUDA graph capture):

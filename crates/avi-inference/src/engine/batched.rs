@@ -89,6 +89,9 @@ impl<'a> BatchedTrainer<'a> {
                     "batched seeds cover F-VI and Const (A-VI's networks are not batched)",
                 ))
             }
+            MethodConfig::Semi { .. } => {
+                return Err(crate::semi::engine_refused("batched-seeds engine"))
+            }
         };
         if model.local_states().is_some() {
             return Err(InferenceError::config(
