@@ -88,7 +88,10 @@ fn refinement_lifts_a_constant_encoder_to_the_fvi_optimum() {
     // (measured 24 nats).
     let a = fit_cpu(&model, &x, &poly0_avi(), &opts);
     let a_gap = opt.elbo - linear_exact_elbo(&model, &x, &a);
-    eprintln!("A-VI poly0: gap {a_gap:.3} (ELBO {} ± {})", a.elbo, a.elbo_se);
+    eprintln!(
+        "A-VI poly0: gap {a_gap:.3} (ELBO {} ± {})",
+        a.elbo, a.elbo_se
+    );
     assert!(a_gap > 10.0, "A-VI's gap {a_gap}");
     assert!(a.semi.is_none());
     for through in [true, false] {
@@ -139,8 +142,7 @@ fn refinement_lifts_a_constant_encoder_to_the_fvi_optimum() {
             // optimum: the same ELBO within 4 standard errors and the slack.
             assert!(
                 (enc - a.elbo).abs()
-                    <= 4.0 * (enc_se.powi(2) + a.elbo_se.powi(2)).sqrt()
-                        + linear_gap_tolerance(n),
+                    <= 4.0 * (enc_se.powi(2) + a.elbo_se.powi(2)).sqrt() + linear_gap_tolerance(n),
                 "encoder ELBO {enc} vs A-VI {}",
                 a.elbo
             );
@@ -156,7 +158,10 @@ fn switching_to_fvi_reaches_the_optimum() {
     let method = semi(POLY0, [0, 0], None, Some(300));
     let f = fit_cpu(&model, &x, &method, &opts);
     let gap = opt.elbo - linear_exact_elbo(&model, &x, &f);
-    eprintln!("switch_at 300: gap {gap:.3}, ELBO {} ± {}", f.elbo, f.elbo_se);
+    eprintln!(
+        "switch_at 300: gap {gap:.3}, ELBO {} ± {}",
+        f.elbo, f.elbo_se
+    );
     assert!(gap <= linear_gap_tolerance(x.len()), "gap {gap}");
     let report = f.semi.as_ref().unwrap();
     assert_eq!(report.switched_at, Some(300));
@@ -200,7 +205,12 @@ fn refinement_closes_part_of_the_hmm_window_gap() {
         let exact = model
             .exact_elbo(&x, None, Some(theta), &f.q_z.mean, &f.q_z.sd)
             .unwrap();
-        eprintln!("{}: gap {:.3}, {:.1} s", method.label(), opt.elbo - exact, f.seconds);
+        eprintln!(
+            "{}: gap {:.3}, {:.1} s",
+            method.label(),
+            opt.elbo - exact,
+            f.seconds
+        );
         opt.elbo - exact
     };
     let function = match mlp(16, [1, 1]) {
@@ -220,4 +230,57 @@ fn refinement_closes_part_of_the_hmm_window_gap() {
     ));
     // Measured: A-VI 22.7 nats, refined (K = 5) 1.5 nats.
     assert!(refined < 0.25 * avi, "refined {refined} vs A-VI {avi}");
+}
+
+/// A saved semi fit holds its family: the encoder (`refine`: new data get
+/// the same factors from the loaded encoder) or F-VI's free factors
+/// (`switch_at`: no encoder left); the manifest keeps the semi method.
+#[test]
+fn saved_semi_fits_load_back() {
+    use avi_inference::{fit, Expect, Fitted};
+    let (model, x) = linear_problem();
+    let xt = tch::Tensor::from_slice(&x[..40]);
+    let x_new = tch::Tensor::from_slice(&x[40..65]);
+    let refine = semi(
+        FunctionConfig::Poly { degree: 1 },
+        [0, 0],
+        Some(Refine {
+            steps: 2,
+            lr: 0.5,
+            through: true,
+        }),
+        None,
+    );
+    let switch = semi(POLY0, [0, 0], None, Some(10));
+    for method in [refine, switch] {
+        let f = fit(&model, &xt, &method)
+            .options(linear_options(30))
+            .run()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fit");
+        let before = f.variational.predict_raw(&x_new).unwrap();
+        Fitted::new(&model, &method, f.variational, &xt, serde_json::Value::Null)
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        let expect = Expect {
+            method: Some(&method),
+            ..Expect::model(&model)
+        };
+        let g = Fitted::load(&path, &expect, tch::Device::Cpu).unwrap();
+        let after = g.variational.predict_raw(&x_new).unwrap();
+        match (before, after) {
+            // The same operations on the same values: equal bit for bit.
+            (Some(a), Some(b)) => {
+                assert!(method.refine().is_some());
+                assert_eq!(
+                    avi_inference::host_vec(&a).unwrap(),
+                    avi_inference::host_vec(&b).unwrap()
+                );
+            }
+            (None, None) => assert!(method.switch_at().is_some()),
+            _ => panic!("{}: the loaded family differs", method.label()),
+        }
+    }
 }

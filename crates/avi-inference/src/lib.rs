@@ -104,8 +104,8 @@ pub use options::{
     MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
 };
 pub use result::{
-    elbo_warnings, Clock, Fit, FitStatus, SemiReport, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
-    TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
+    elbo_warnings, Clock, Fit, FitStatus, SemiReport, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS,
+    SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
 /// Hold libtorch's process-wide default generator (and CUDA graph capture):
 /// code outside [`fit`] that seeds it and draws from it while fits may run

@@ -139,9 +139,7 @@ impl<'de> Visitor<'de> for MethodVisitor {
     type Value = MethodConfig;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "a method object with a \"kind\" (\"fvi\", \"const\", \"avi\" or \"semi\")",
-        )
+        f.write_str("a method object with a \"kind\" (\"fvi\", \"const\", \"avi\" or \"semi\")")
     }
 
     fn visit_map<A: MapAccess<'de>>(

@@ -104,10 +104,7 @@ pub(crate) fn step_loss(
 ) -> Result<(Tensor, Tensor)> {
     let kind = x.kind();
     let elbo = |local: &Tensor, theta_grad: bool| -> Result<Tensor> {
-        Ok(
-            draws_at(model, var, local, theta_grad, x, draws, entropy, None, rng)?
-                .mean(kind),
-        )
+        Ok(draws_at(model, var, local, theta_grad, x, draws, entropy, None, rng)?.mean(kind))
     };
     let lam0 = var.local_raw();
     if r.through {
@@ -115,7 +112,8 @@ pub(crate) fn step_loss(
         for _ in 0..r.steps {
             let e = elbo(&lam, true)?;
             let g = Tensor::f_run_backward(&[&e], &[&lam], true, true)?.remove(0);
-            lam = lam + g * r.lr;
+            // Out of place: the graph keeps every λ_k.
+            lam = lam.f_add(&(g * r.lr))?;
         }
         let e = elbo(&lam, true)?;
         Ok((e.neg(), e.detach()))
@@ -188,9 +186,10 @@ impl Stepper for Switch<'_> {
         let mut block = self.trainer()?.steps(first)?;
         self.done += block.values.len();
         if self.done == self.at && block.values.len() == first {
-            let a = self.trainer.take().ok_or_else(|| {
-                InferenceError::config("method.switch_at", "the switch failed")
-            })?;
+            let a = self
+                .trainer
+                .take()
+                .ok_or_else(|| InferenceError::config("method.switch_at", "the switch failed"))?;
             self.trainer = Some(a.switch_to_free()?);
         }
         if first < len && block.values.len() == first {
@@ -288,12 +287,27 @@ mod tests {
         assert!(check(&semi(refine(1, 0.1), None), &opts, Engine::Auto).is_ok());
         assert!(check(&semi(None, Some(99)), &opts, Engine::Torch).is_ok());
         assert!(check(&MethodConfig::Fvi, &opts, Engine::Fused).is_ok());
-        refused(&semi(refine(0, 0.1), None), &opts, Engine::Auto, "method.refine.steps");
+        refused(
+            &semi(refine(0, 0.1), None),
+            &opts,
+            Engine::Auto,
+            "method.refine.steps",
+        );
         for lr in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            refused(&semi(refine(1, lr), None), &opts, Engine::Auto, "method.refine.lr");
+            refused(
+                &semi(refine(1, lr), None),
+                &opts,
+                Engine::Auto,
+                "method.refine.lr",
+            );
         }
         for s in [0, 100, 1000] {
-            refused(&semi(None, Some(s)), &opts, Engine::Auto, "method.switch_at");
+            refused(
+                &semi(None, Some(s)),
+                &opts,
+                Engine::Auto,
+                "method.switch_at",
+            );
         }
         for e in [Engine::Fused, Engine::Graph] {
             let err = check(&semi(refine(1, 0.1), None), &opts, e)
@@ -305,6 +319,11 @@ mod tests {
             batch_size: Some(10),
             ..opts.clone()
         };
-        refused(&semi(refine(1, 0.1), None), &batched, Engine::Auto, "batch_size");
+        refused(
+            &semi(refine(1, 0.1), None),
+            &batched,
+            Engine::Auto,
+            "batch_size",
+        );
     }
 }
