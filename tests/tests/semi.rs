@@ -284,3 +284,42 @@ fn saved_semi_fits_load_back() {
         }
     }
 }
+
+/// `switch_at` refuses checkpoints before any step, naming the reason;
+/// the refinement form writes them (its state is A-VI's: parameters, Adam,
+/// generator).
+#[test]
+fn checkpoints_refinement_yes_switch_no() {
+    let (model, x) = linear_problem();
+    let xt = tch::Tensor::from_slice(&x[..40]);
+    let opts = linear_options(20);
+    let dir = tempfile::tempdir().unwrap();
+    let switch = semi(POLY0, [0, 0], None, Some(10));
+    let e = avi_inference::fit(&model, &xt, &switch)
+        .options(&opts)
+        .checkpoint(dir.path().join("switch"), 10)
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("switch_at") && e.contains("checkpoint"), "{e}");
+    let refine = semi(
+        POLY0,
+        [0, 0],
+        Some(Refine {
+            steps: 2,
+            lr: 0.5,
+            through: true,
+        }),
+        None,
+    );
+    let f = avi_inference::fit(&model, &xt, &refine)
+        .options(&opts)
+        .checkpoint(dir.path().join("refine"), 10)
+        .run()
+        .unwrap();
+    assert_eq!(f.iterations, 20);
+    let saved = avi_inference::latest_checkpoint(&dir.path().join("refine"))
+        .unwrap()
+        .expect("a checkpoint");
+    assert_eq!(saved.step, 20);
+}
