@@ -587,7 +587,7 @@ pub struct Unchecked {
 }
 
 /// The experiments `avi reproduce` knows, in the order of `all`.
-pub const EXPERIMENTS: [&str; 8] = [
+pub const EXPERIMENTS: [&str; 9] = [
     "linear",
     "nonlinear",
     "bnn",
@@ -596,6 +596,7 @@ pub const EXPERIMENTS: [&str; 8] = [
     "mixture",
     "hmm-counterexample",
     "generalization",
+    "semi-amortized",
 ];
 
 /// The project's experiment folder.

@@ -186,7 +186,8 @@ enum Command {
     /// summary.json, figures and REPORT.md under OUT/EXPERIMENT/.
     Reproduce {
         /// linear | nonlinear | bnn | saw | hmm-window | mixture |
-        /// hmm-counterexample | all, or the path of a definition file.
+        /// hmm-counterexample | generalization | semi-amortized | all, or the
+        /// path of a definition file.
         experiment: String,
         /// Only the first N seeds of the experiment.
         #[arg(long)]

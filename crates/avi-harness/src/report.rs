@@ -112,6 +112,7 @@ pub fn fit_report(
             gap: r.elbo - fit.elbo,
         }),
         seconds: fit.seconds,
+        semi: fit.semi.as_ref().map(value),
         status,
         stop_reason: fit.stop_reason.clone(),
         stopped_at: fit.stopped_at,

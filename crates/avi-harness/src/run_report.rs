@@ -90,6 +90,11 @@ pub struct RunReport {
     /// Seconds of optimisation.
     #[serde(with = "nullable")]
     pub seconds: f64,
+    /// A semi-amortized fit's own numbers ([`avi_inference::SemiReport`]:
+    /// inner steps, K, the switch step, the encoder's own ELBO); absent for
+    /// every other method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semi: Option<Value>,
     /// Whether the fit finished, diverged or was interrupted.
     pub status: RunStatus,
     /// Why the config's stopping rule stopped the fit early (with its

@@ -48,10 +48,49 @@ pub(crate) fn draws_from(
     batch: Option<(&Tensor, f64)>,
     rng: &Draws,
 ) -> Result<Tensor> {
+    draws_at(
+        model,
+        var,
+        &var.local_raw(),
+        true,
+        x,
+        draws,
+        entropy,
+        batch,
+        rng,
+    )
+}
+
+/// [`draws_from`] with the local factors' raw `[N, W]` rows `local` in
+/// place of the family's (semi-amortized refinement); with `theta_grad`
+/// false, q(θ)'s parameters enter detached (no gradient reaches them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn draws_at(
+    model: &dyn Model,
+    var: &Variational,
+    local: &Tensor,
+    theta_grad: bool,
+    x: &Tensor,
+    draws: usize,
+    entropy: Entropy,
+    batch: Option<(&Tensor, f64)>,
+    rng: &Draws,
+) -> Result<Tensor> {
     let kind = x.kind();
     let device = x.device();
     let m = draws as i64;
-    let (theta, theta_q) = match &var.theta {
+    let held;
+    let theta_factor = match &var.theta {
+        ThetaFactor::Free(q) if !theta_grad => {
+            held = ThetaFactor::Free(crate::family::GaussianParams {
+                mean: q.mean.detach(),
+                log_sd: q.log_sd.detach(),
+            });
+            &held
+        }
+        t => t,
+    };
+    let (theta, theta_q) = match theta_factor {
         ThetaFactor::Free(q) => {
             let eps = rng.randn(&[m, q.mean.size()[0]], kind, device)?;
             (q.sample(&eps), Some((q, eps)))
@@ -63,7 +102,7 @@ pub(crate) fn draws_from(
         .map(|(q, eps)| gaussian_neg_log_q(entropy, &eps, &[1], q.sum_log_sd(), q.numel() as f64));
     let local = match var.output {
         Output::Categorical { .. } => {
-            let log_probs = var.local_log_probs();
+            let log_probs = local.log_softmax(1, local.kind());
             let expected = model.expected_log_joint(&theta, &log_probs, x)?;
             let h_z = -(log_probs.exp() * &log_probs).sum(kind);
             expected + h_z
@@ -73,9 +112,9 @@ pub(crate) fn draws_from(
             // z and Σ log sd: the map ε ↦ z is triangular with diagonal sd
             // for both families, so −log q has the same form.
             let (z, sum_log_sd) = if var.output == Output::Markov {
-                crate::markov::sample(&var.local_raw(), &eps_z)
+                crate::markov::sample(local, &eps_z)
             } else {
-                let local = var.local_params();
+                let local = var.output.gaussian(local);
                 (local.sample(&eps_z), local.sum_log_sd())
             };
             let log_p = match batch {
@@ -140,6 +179,20 @@ pub(crate) fn evaluate_from(
     entropy: Entropy,
     rng: &Draws,
 ) -> Result<(f64, f64)> {
+    evaluate_at(model, var, None, x, draws, entropy, rng)
+}
+
+/// [`evaluate_from`] with the local factors' raw rows `local` in place of
+/// the family's when given.
+pub(crate) fn evaluate_at(
+    model: &dyn Model,
+    var: &Variational,
+    local: Option<&Tensor>,
+    x: &Tensor,
+    draws: usize,
+    entropy: Entropy,
+    rng: &Draws,
+) -> Result<(f64, f64)> {
     let per_draw = match var.output {
         Output::Gaussian { .. } | Output::Markov => (var.n * var.local_dim).max(1),
         Output::Categorical { .. } => 1,
@@ -150,7 +203,10 @@ pub(crate) fn evaluate_from(
         let mut left = draws;
         while left > 0 {
             let m = left.min(chunk);
-            let e = draws_from(model, var, x, m, entropy, None, rng)?;
+            let e = match local {
+                None => draws_from(model, var, x, m, entropy, None, rng)?,
+                Some(l) => draws_at(model, var, l, true, x, m, entropy, None, rng)?,
+            };
             values.extend(Vec::<f64>::try_from(
                 e.to_kind(Kind::Double).to_device(Device::Cpu),
             )?);

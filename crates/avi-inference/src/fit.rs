@@ -10,7 +10,7 @@ use avi_models::Model;
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, FitFacts, Resumed, Writer};
-use crate::elbo::evaluate_from;
+use crate::elbo::{evaluate_at, evaluate_from};
 use crate::engine::batched::BatchedTrainer;
 use crate::engine::cavi::CaviTrainer;
 use crate::engine::fused::FusedTrainer;
@@ -22,7 +22,7 @@ use crate::family::{host_vec, summarize, GaussianSummary};
 use crate::forms::fused_form;
 use crate::function::Output;
 use crate::limits::check_data_size;
-use crate::method::{MethodConfig, ThetaFactor, Variational};
+use crate::method::{LocalFactor, MethodConfig, ThetaFactor, Variational};
 use crate::observer::{Observer, Silent};
 use crate::options::{CheckedOptions, Engine, FitOptions, LocalUpdates};
 use crate::result::{elbo_warnings, final_status, Clock, Fit, FitStatus, Trace};
@@ -240,7 +240,10 @@ impl<'a> FitRequest<'a> {
             && self.start.is_none()
             && self.init_theta.is_none()
             && self.options.local_updates == LocalUpdates::Gradient
-            && !matches!(self.method, MethodConfig::Markov(_));
+            && !matches!(
+                self.method,
+                MethodConfig::Markov(_) | MethodConfig::Semi { .. }
+            );
         if fused {
             Engine::Fused
         } else {
@@ -276,6 +279,7 @@ impl<'a> FitRequest<'a> {
         // global default), so a count set by another thread is no promise.
         tch::set_num_threads(self.threads as i32);
         let engine = self.engine();
+        crate::semi::check(&self.method, &self.options, engine)?;
         let opts = self.options.clone().checked()?.with_engine(engine);
         let batched = engine == Engine::Graph && self.seeds.is_some();
         let seeds = self.seeds.take().unwrap_or_else(|| vec![opts.seed]);
@@ -349,6 +353,15 @@ impl<'a> FitRequest<'a> {
             ));
         }
         let fixed = self.fixed_theta.as_deref();
+        if matches!(method, MethodConfig::Semi { .. })
+            && (self.start.is_some() || opts.local_updates != LocalUpdates::Gradient)
+        {
+            return Err(InferenceError::config(
+                "method",
+                "a semi-amortized method starts from its own initialisation and takes gradient steps \
+                 (no warm start, no CAVI updates)",
+            ));
+        }
         if let Some(start) = self.start.take() {
             if self.init_theta.is_some() {
                 return Err(InferenceError::config(
@@ -394,7 +407,10 @@ impl<'a> FitRequest<'a> {
             return Ok(Box::new(CaviTrainer::new(model, trainer()?)?));
         }
         match opts.engine {
-            Engine::Auto | Engine::Torch => Ok(Box::new(trainer()?)),
+            Engine::Auto | Engine::Torch => match method.switch_at() {
+                Some(at) => Ok(Box::new(crate::semi::Switch::new(trainer()?, at))),
+                None => Ok(Box::new(trainer()?)),
+            },
             Engine::Graph => {
                 // Monitoring happens between blocks: a block must end at
                 // every monitoring step and at every check.
@@ -507,6 +523,7 @@ impl<'a> FitRequest<'a> {
                 seconds,
                 opts,
                 self.threads,
+                &self.method,
             )?);
         }
         Ok(fits)
@@ -799,25 +816,75 @@ fn finish(
     seconds: f64,
     opts: &FitOptions,
     threads: usize,
+    method: &MethodConfig,
 ) -> Result<Fit> {
     let iterations = match status {
         FitStatus::Ok => stopped.as_ref().map_or(opts.steps, |s| s.at),
         FitStatus::Diverged { at } | FitStatus::Interrupted { at } => at,
     };
-    let (elbo, elbo_se) = {
+    // A semi-amortized fit with `refine` is judged at its refined factors:
+    // K more inner steps from the final encoder's output.
+    let refined = match method.refine() {
+        Some(r) if matches!(var.local, LocalFactor::Amortized { .. }) => {
+            Some(crate::semi::refine_rows(
+                model,
+                &var,
+                x,
+                var.local_raw().detach(),
+                r,
+                opts.draws,
+                opts.entropy,
+                &rng,
+            )?)
+        }
+        _ => None,
+    };
+    let ((elbo, elbo_se), encoder_elbo) = {
         // The default generator is drawn from under the lock only.
         let _lock = matches!(rng, Draws::Default).then(global_guard);
-        evaluate_from(model, &var, x, opts.eval_draws, opts.entropy, &rng)?
+        let at = evaluate_at(
+            model,
+            &var,
+            refined.as_ref(),
+            x,
+            opts.eval_draws,
+            opts.entropy,
+            &rng,
+        )?;
+        let encoder = match &refined {
+            Some(_) => Some(evaluate_from(
+                model,
+                &var,
+                x,
+                opts.eval_draws,
+                opts.entropy,
+                &rng,
+            )?),
+            None => None,
+        };
+        (at, encoder)
     };
+    let semi = matches!(method, MethodConfig::Semi { .. }).then(|| crate::result::SemiReport {
+        inner_steps: method.refine().map_or(0, |r| r.steps * iterations),
+        refine_steps: method.refine().map(|r| r.steps),
+        switched_at: method
+            .switch_at()
+            .filter(|&s| iterations >= s && matches!(var.local, LocalFactor::Free(_))),
+        encoder_elbo,
+    });
     rng.hand_back()?;
     let status = final_status(status, elbo, iterations);
     let q_theta = match &var.theta {
         ThetaFactor::Free(q) => Some(summarize(q)?),
         ThetaFactor::Fixed(_) => None,
     };
+    let raw = match &refined {
+        Some(rows) => rows.shallow_clone(),
+        None => var.local_raw().detach(),
+    };
     let (q_z, q_z_probs) = match var.output {
         Output::Gaussian { .. } | Output::Markov => {
-            (summarize(&var.local_params().detach())?, None)
+            (summarize(&var.output.gaussian(&raw).detach())?, None)
         }
         Output::Categorical { .. } => (
             GaussianSummary {
@@ -825,7 +892,7 @@ fn finish(
                 sd: vec![],
                 shape: vec![var.n, 0],
             },
-            Some(host_vec(&var.local_log_probs().exp())?),
+            Some(host_vec(&raw.log_softmax(1, raw.kind()).exp())?),
         ),
     };
     let converged = match status {
@@ -860,5 +927,6 @@ fn finish(
         threads,
         variational: var,
         warnings,
+        semi,
     })
 }

@@ -74,6 +74,7 @@ mod options;
 mod result;
 mod rng;
 mod saved;
+mod semi;
 mod stop;
 
 /// The `tch` crate (libtorch's Rust bindings) this crate is built on,
@@ -102,7 +103,7 @@ pub use marginal::{
 };
 pub use method::{
     amortization_inputs, check_window, Edges, FunctionBuilder, InputMap, LocalFactor, MethodConfig,
-    Structure, ThetaFactor, Variational,
+    Refine, Structure, ThetaFactor, Variational,
 };
 pub use observer::{Observer, Silent};
 pub use options::{
@@ -110,8 +111,8 @@ pub use options::{
     MAX_DRAWS, MAX_LR, MAX_STEPS, MIN_LR,
 };
 pub use result::{
-    elbo_warnings, Clock, Fit, FitStatus, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS, SE_WARN_REL,
-    TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
+    elbo_warnings, Clock, Fit, FitStatus, SemiReport, Trace, ELBO_WARN_PER_VALUE, SE_WARN_NATS,
+    SE_WARN_REL, TRACE_WARN_SPREADS, TRACE_WARN_STEPS,
 };
 /// Hold libtorch's process-wide default generator (and CUDA graph capture):
 /// code outside [`fit`] that seeds it and draws from it while fits may run

@@ -137,6 +137,10 @@ fn estimate(
     opts: &FitOptions,
     runs: usize,
 ) -> Estimate {
+    // A semi-amortized method's family is A-VI's (the estimate leaves out
+    // the K inner steps' graph kept by `refine` with `through`).
+    let encoder = method.encoder();
+    let method = &encoder;
     let elem: usize = match opts.dtype {
         Dtype::F32 => 4,
         Dtype::F64 => 8,
@@ -170,6 +174,7 @@ fn estimate(
             0,
         ),
         MethodConfig::Const | MethodConfig::Markov(_) => (w as u128, String::new(), "method", 0),
+        MethodConfig::Semi { .. } => unreachable!("encoder() is not semi-amortized"),
         MethodConfig::Avi {
             function,
             window,
@@ -417,7 +422,7 @@ pub(crate) fn check_runs(
     }
     if let MethodConfig::Avi {
         function, window, ..
-    } = method
+    } = &method.encoder()
     {
         check_window(*window, n)?;
         // before + after < N ≤ 2³⁰: no overflow below.

@@ -56,6 +56,44 @@ pub enum MethodConfig {
     /// [`MethodConfig::Fvi`] and [`MethodConfig::Avi`] may be inside; for
     /// models whose scalar local latents form a chain (Gaussian HMM, saw).
     Markov(Box<MethodConfig>),
+    /// Semi-amortized VI: A-VI's inference function (the same fields) with
+    /// exactly one of `refine` (the encoder's output refined by K gradient
+    /// steps inside every training step, Kim et al. 2018) or `switch_at`
+    /// (A-VI for S steps, then F-VI started at the encoder's output, the
+    /// paper's suggestion); see [`crate::Refine`] and `docs/semi.md`.
+    Semi {
+        /// The inference function class (the config's `"fn"`).
+        function: FunctionConfig,
+        /// As A-VI's `standardize` (default `true`).
+        standardize: bool,
+        /// As A-VI's `window` (default `[0, 0]`).
+        window: [usize; 2],
+        /// As A-VI's `edges` (default `"pad"`).
+        edges: Edges,
+        /// Refine the encoder's output inside every step.
+        refine: Option<Refine>,
+        /// Switch from A-VI to F-VI after this many steps.
+        switch_at: Option<usize>,
+    },
+}
+
+/// The inner refinement of a semi-amortized method (`"refine"`): K plain
+/// gradient-ascent steps λ_{k+1} = λ_k + η ∇_λ ELBO(λ_k, θ) on the local
+/// factors' raw parameters λ (means and log-sds, or logits), started at the
+/// encoder's output λ₀ = f_φ(x), with fresh draws at every inner step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refine {
+    /// K ≥ 1, the inner steps per training step.
+    pub steps: usize,
+    /// η > 0, the inner step size (no 1/N scaling: the gradient of the
+    /// ELBO with respect to factor n's row is that factor's own term's).
+    pub lr: f64,
+    /// Train the encoder (and θ) through the K steps (SA-VAE; default);
+    /// `false`: the encoder is trained on its own output's ELBO and θ on
+    /// the refined factors' ELBO.
+    #[serde(default = "yes")]
+    pub through: bool,
 }
 
 /// How the local factors depend on each other (a method's `"structure"`).
@@ -108,6 +146,26 @@ impl MethodConfig {
                 map.serialize_entry("window", window)?;
                 map.serialize_entry("edges", edges)?;
             }
+            Self::Semi {
+                function,
+                standardize,
+                window,
+                edges,
+                refine,
+                switch_at,
+            } => {
+                map.serialize_entry("kind", "semi")?;
+                map.serialize_entry("fn", function)?;
+                map.serialize_entry("standardize", standardize)?;
+                map.serialize_entry("window", window)?;
+                map.serialize_entry("edges", edges)?;
+                if let Some(r) = refine {
+                    map.serialize_entry("refine", r)?;
+                }
+                if let Some(s) = switch_at {
+                    map.serialize_entry("switch_at", s)?;
+                }
+            }
             Self::Markov(_) => unreachable!("written above"),
         }
         if structure != Structure::MeanField {
@@ -124,10 +182,34 @@ enum MethodKind {
     Fvi,
     Const,
     Avi,
+    Semi,
 }
 
 /// The fields of an A-VI method, `kind` included.
 const AVI_FIELDS: &[&str] = &["kind", "fn", "standardize", "window", "edges", "structure"];
+
+/// The fields of a semi-amortized method, `kind` included.
+const SEMI_FIELDS: &[&str] = &[
+    "kind",
+    "fn",
+    "standardize",
+    "window",
+    "edges",
+    "refine",
+    "switch_at",
+];
+
+/// Every method's fields: those accepted before the kind is known.
+const ANY_FIELDS: &[&str] = &[
+    "kind",
+    "fn",
+    "standardize",
+    "window",
+    "edges",
+    "structure",
+    "refine",
+    "switch_at",
+];
 
 impl MethodKind {
     /// The fields a method of this kind takes.
@@ -136,6 +218,7 @@ impl MethodKind {
             Self::Fvi => &["kind", "structure"],
             Self::Const => &["kind"],
             Self::Avi => AVI_FIELDS,
+            Self::Semi => SEMI_FIELDS,
         }
     }
 }
@@ -152,7 +235,7 @@ impl<'de> Visitor<'de> for MethodVisitor {
     type Value = MethodConfig;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a method object with a \"kind\" (\"fvi\", \"const\" or \"avi\")")
+        f.write_str("a method object with a \"kind\" (\"fvi\", \"const\", \"avi\" or \"semi\")")
     }
 
     fn visit_map<A: MapAccess<'de>>(
@@ -165,8 +248,10 @@ impl<'de> Visitor<'de> for MethodVisitor {
         let mut window: Option<[usize; 2]> = None;
         let mut edges: Option<Edges> = None;
         let mut structure: Option<Structure> = None;
+        let mut refine: Option<Refine> = None;
+        let mut switch_at: Option<usize> = None;
         while let Some(key) = map.next_key::<String>()? {
-            check_key(&key, kind.map_or(AVI_FIELDS, MethodKind::fields))?;
+            check_key(&key, kind.map_or(ANY_FIELDS, MethodKind::fields))?;
             match key.as_str() {
                 "kind" => read_field(&mut map, &mut kind, "kind")?,
                 "fn" => read_field(&mut map, &mut function, "fn")?,
@@ -174,6 +259,8 @@ impl<'de> Visitor<'de> for MethodVisitor {
                 "window" => read_field(&mut map, &mut window, "window")?,
                 "edges" => read_field(&mut map, &mut edges, "edges")?,
                 "structure" => read_field(&mut map, &mut structure, "structure")?,
+                "refine" => read_field(&mut map, &mut refine, "refine")?,
+                "switch_at" => read_field(&mut map, &mut switch_at, "switch_at")?,
                 _ => unreachable!("check_key accepts the fields above only"),
             }
         }
@@ -185,6 +272,8 @@ impl<'de> Visitor<'de> for MethodVisitor {
             ("window", window.is_some()),
             ("edges", edges.is_some()),
             ("structure", structure.is_some()),
+            ("refine", refine.is_some()),
+            ("switch_at", switch_at.is_some()),
         ] {
             if given {
                 check_key(name, kind.fields())?;
@@ -199,6 +288,22 @@ impl<'de> Visitor<'de> for MethodVisitor {
                 window: window.unwrap_or_default(),
                 edges: edges.unwrap_or_default(),
             },
+            MethodKind::Semi => {
+                if refine.is_some() == switch_at.is_some() {
+                    return Err(de::Error::custom(
+                        "a semi-amortized method takes exactly one of `refine` \
+                         ({\"steps\": K, \"lr\": η}) or `switch_at` (a step count)",
+                    ));
+                }
+                MethodConfig::Semi {
+                    function: function.ok_or_else(|| de::Error::missing_field("fn"))?,
+                    standardize: standardize.unwrap_or_else(yes),
+                    window: window.unwrap_or_default(),
+                    edges: edges.unwrap_or_default(),
+                    refine,
+                    switch_at,
+                }
+            }
         };
         Ok(match structure.unwrap_or_default() {
             Structure::MeanField => method,
@@ -220,21 +325,85 @@ pub enum Edges {
 }
 
 impl MethodConfig {
-    /// A short label for tables: `fvi`, `const`, `avi-poly1`, ...
+    /// A short label for tables: `fvi`, `const`, `avi-poly1`,
+    /// `semi-k5-mlp8`, `semi-s500-poly1-w1-1`, ...
     pub fn label(&self) -> String {
+        let windowed = |prefix: String, window: &[usize; 2]| {
+            if *window == [0, 0] {
+                prefix
+            } else {
+                format!("{prefix}-w{}-{}", window[0], window[1])
+            }
+        };
         match self {
             Self::Markov(inner) => format!("{}-markov", inner.label()),
             Self::Fvi => "fvi".into(),
             Self::Const => "const".into(),
             Self::Avi {
                 function, window, ..
+            } => windowed(format!("avi-{}", function.label()), window),
+            Self::Semi {
+                function,
+                window,
+                refine,
+                switch_at,
+                ..
             } => {
-                if *window == [0, 0] {
-                    format!("avi-{}", function.label())
-                } else {
-                    format!("avi-{}-w{}-{}", function.label(), window[0], window[1])
-                }
+                let how = match (refine, switch_at) {
+                    (Some(r), _) if r.through => format!("k{}", r.steps),
+                    (Some(r), _) => format!("k{}d", r.steps),
+                    (None, s) => format!("s{}", s.unwrap_or(0)),
+                };
+                windowed(format!("semi-{how}-{}", function.label()), window)
             }
+        }
+    }
+
+    /// The A-VI method whose family a semi-amortized method trains (its
+    /// inference function, inputs and edges); every other method itself.
+    pub fn encoder(&self) -> MethodConfig {
+        match self {
+            Self::Semi {
+                function,
+                standardize,
+                window,
+                edges,
+                ..
+            } => Self::Avi {
+                function: function.clone(),
+                standardize: *standardize,
+                window: *window,
+                edges: *edges,
+            },
+            m => m.clone(),
+        }
+    }
+
+    /// The family of a finished fit's variational parameters: F-VI for a
+    /// semi-amortized method with `switch_at` (its free factors after the
+    /// switch), else [`MethodConfig::encoder`].
+    pub fn fitted_family(&self) -> MethodConfig {
+        match self {
+            Self::Semi {
+                switch_at: Some(_), ..
+            } => Self::Fvi,
+            m => m.encoder(),
+        }
+    }
+
+    /// The inner refinement of a semi-amortized method with `refine`.
+    pub fn refine(&self) -> Option<&Refine> {
+        match self {
+            Self::Semi { refine, .. } => refine.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The switch step S of a semi-amortized method with `switch_at`.
+    pub fn switch_at(&self) -> Option<usize> {
+        match self {
+            Self::Semi { switch_at, .. } => *switch_at,
+            _ => None,
         }
     }
 }
@@ -375,8 +544,10 @@ impl Variational {
         device: Device,
         custom: Option<FunctionBuilder<'_>>,
     ) -> Result<Self> {
+        // A semi-amortized method trains A-VI's family.
+        let encoder = method.encoder();
         // A Markov structure: the method inside, with chain rows.
-        let (method, output) = match method {
+        let (method, output) = match &encoder {
             MethodConfig::Markov(inner) => {
                 if !matches!(**inner, MethodConfig::Fvi | MethodConfig::Avi { .. }) {
                     return Err(InferenceError::config(
@@ -457,6 +628,7 @@ impl Variational {
         let local = match method {
             MethodConfig::Fvi => LocalFactor::Free(root.add("z", init(n as i64, true), true)),
             MethodConfig::Const => LocalFactor::Shared(root.add("z", init(1, false), true)),
+            MethodConfig::Semi { .. } => unreachable!("encoder() is not semi-amortized"),
             MethodConfig::Avi {
                 function,
                 standardize,
@@ -1205,6 +1377,99 @@ mod tests {
             let again: MethodConfig =
                 serde_json::from_value(serde_json::to_value(&m).unwrap()).unwrap();
             assert_eq!(again, m);
+        }
+    }
+
+    /// The semi-amortized kind: A-VI's fields plus exactly one of `refine`
+    /// and `switch_at`; `through` defaults to `true`; the serialized form
+    /// writes only the form given and reads back equal.
+    #[test]
+    fn semi_methods_parse_and_refuse() {
+        let m = read(
+            r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}, "refine": {"steps": 5, "lr": 0.1}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            MethodConfig::Semi {
+                function: FunctionConfig::Poly { degree: 1 },
+                standardize: true,
+                window: [0, 0],
+                edges: Edges::Pad,
+                refine: Some(Refine {
+                    steps: 5,
+                    lr: 0.1,
+                    through: true
+                }),
+                switch_at: None,
+            }
+        );
+        assert_eq!(m.label(), "semi-k5-poly1");
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"kind":"semi","fn":{"kind":"poly","degree":1},"standardize":true,"window":[0,0],"edges":"pad","refine":{"steps":5,"lr":0.1,"through":true}}"#
+        );
+        assert_eq!(read(&serde_json::to_string(&m).unwrap()).unwrap(), m);
+        assert_eq!(
+            m.encoder(),
+            MethodConfig::Avi {
+                function: FunctionConfig::Poly { degree: 1 },
+                standardize: true,
+                window: [0, 0],
+                edges: Edges::Pad,
+            }
+        );
+        assert_eq!(m.fitted_family(), m.encoder());
+        let s = read(
+            r#"{"switch_at": 300, "kind": "semi", "fn": {"kind": "poly", "degree": 0}, "window": [1, 1]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.switch_at(), Some(300));
+        assert_eq!(s.refine(), None);
+        assert_eq!(s.label(), "semi-s300-poly0-w1-1");
+        assert_eq!(s.fitted_family(), MethodConfig::Fvi);
+        let d = read(
+            r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}, "refine": {"steps": 2, "lr": 0.1, "through": false}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.label(), "semi-k2d-poly1");
+        let cases = [
+            (
+                r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}}"#,
+                "exactly one of `refine`",
+            ),
+            (
+                r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}, "switch_at": 3, "refine": {"steps": 1, "lr": 0.1}}"#,
+                "exactly one of `refine`",
+            ),
+            (
+                r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}, "refine": {"steps": 1}}"#,
+                "field `method.refine`: missing field `lr`",
+            ),
+            (
+                r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}, "refine": {"steps": 1, "lr": 0.1, "k": 2}}"#,
+                "field `method.refine.k`: unknown field `k`",
+            ),
+            (
+                r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}, "switch_at": -1}"#,
+                "field `method.switch_at`: invalid value",
+            ),
+            (
+                r#"{"kind": "avi", "fn": {"kind": "poly", "degree": 1}, "switch_at": 3}"#,
+                "field `method`: unknown field `switch_at`",
+            ),
+            (
+                r#"{"refine": {"steps": 1, "lr": 0.1}, "kind": "fvi"}"#,
+                "field `method`: unknown field `refine`, expected `kind`",
+            ),
+            (
+                r#"{"kind": "semi", "refine": {"steps": 1, "lr": 0.1}}"#,
+                "field `method`: missing field `fn`",
+            ),
+        ];
+        for (method, want) in cases {
+            let e = refused(method);
+            assert!(e.contains(want), "{method}: {e}\nwanted {want}");
         }
     }
 

@@ -125,6 +125,33 @@ pub struct Fit {
     /// words (empty when nothing is amiss); see [`elbo_warnings`] for the
     /// bounds. Each names the local factors most out of line.
     pub warnings: Vec<String>,
+    /// For a semi-amortized method: its inner steps, the switch, and the
+    /// encoder's own ELBO.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semi: Option<SemiReport>,
+}
+
+/// What a semi-amortized fit ([`crate::MethodConfig::Semi`]) reports beside
+/// the common fields. With `refine`, [`Fit::elbo`] and [`Fit::q_z`] are
+/// those of the refined factors: the final encoder's output refined by K
+/// more inner steps (on the fit's generator), then evaluated on
+/// `eval_draws` fresh draws.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SemiReport {
+    /// Inner refinement steps taken in training: K × iterations (not
+    /// counted in [`Fit::iterations`]); 0 for `switch_at`.
+    pub inner_steps: usize,
+    /// K, the inner steps per training step (`refine`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refine_steps: Option<usize>,
+    /// The step after which the fit switched from A-VI to F-VI
+    /// (`switch_at`, when the fit got that far).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switched_at: Option<usize>,
+    /// With `refine`: the final ELBO at the encoder's own output (no
+    /// refinement), `eval_draws` fresh draws, and its standard error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder_elbo: Option<(f64, f64)>,
 }
 
 /// The Monte Carlo standard error of a final ELBO is suspicious above

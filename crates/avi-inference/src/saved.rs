@@ -865,7 +865,9 @@ fn rebuild(
         })
     };
     let n = m.n as i64;
-    let (local, n_rows) = match &m.method {
+    // A semi-amortized fit holds A-VI's family (`refine`) or F-VI's
+    // (`switch_at`).
+    let (local, n_rows) = match &m.method.fitted_family() {
         MethodConfig::Markov(_) => {
             return Err(InferenceError::config(
                 "method.structure",
@@ -880,6 +882,7 @@ fn rebuild(
             LocalFactor::Shared(root.add("z", on(named.take("z", Some(&[1, width]))?), true)),
             m.n,
         ),
+        MethodConfig::Semi { .. } => unreachable!("fitted_family() is not semi-amortized"),
         MethodConfig::Avi {
             function,
             standardize,

@@ -97,6 +97,9 @@ impl<'a> BatchedTrainer<'a> {
                     "batched seeds cover mean-field F-VI and Const; \"markov\" runs on the libtorch engine",
                 ))
             }
+            MethodConfig::Semi { .. } => {
+                return Err(crate::semi::engine_refused("batched-seeds engine"))
+            }
         };
         if model.local_states().is_some() {
             return Err(InferenceError::config(

@@ -365,6 +365,7 @@ impl FusedTrainer {
                     shared: *method == MethodConfig::Const,
                 }
             }
+            MethodConfig::Semi { .. } => return Err(crate::semi::engine_refused("fused engine")),
             MethodConfig::Avi { .. } => match HostAvi::new(var, opts.lr)? {
                 Ok(host) => State::Host(Box::new(host)),
                 Err(var) => {

@@ -73,6 +73,8 @@ pub struct Trainer<'a> {
     pub(crate) rng: Draws,
     /// The learning rate of the following steps.
     lr: f64,
+    /// Semi-amortized refinement inside every step ([`crate::semi`]).
+    refine: Option<crate::method::Refine>,
 }
 
 impl std::fmt::Debug for Trainer<'_> {
@@ -152,6 +154,7 @@ impl<'a> Trainer<'a> {
             position: 0,
             rng,
             lr: opts.lr,
+            refine: method.refine().copied(),
         })
     }
 
@@ -210,6 +213,7 @@ impl<'a> Trainer<'a> {
             position: 0,
             rng,
             lr: opts.lr,
+            refine: None,
         })
     }
 
@@ -244,6 +248,7 @@ impl<'a> Trainer<'a> {
             position: 0,
             rng,
             lr: opts.lr,
+            refine: None,
         })
     }
 
@@ -251,6 +256,19 @@ impl<'a> Trainer<'a> {
     /// Returns the ELBO estimate (computed before the update) as a detached
     /// scalar on the device; nothing is read back to the host.
     pub fn step(&mut self) -> Result<Tensor> {
+        if let Some(r) = &self.refine {
+            let (loss, elbo) = crate::semi::step_loss(
+                self.model,
+                &self.var,
+                &self.x,
+                r,
+                self.opts.draws,
+                self.opts.entropy,
+                &self.rng,
+            )?;
+            self.optimizer.minimise(&loss)?;
+            return Ok(elbo);
+        }
         let batch = match (&self.order, self.opts.batch_size) {
             (Some(order), Some(b)) => {
                 let n = order.size()[0];
@@ -283,6 +301,22 @@ impl<'a> Trainer<'a> {
         .mean(self.opts.dtype.kind());
         self.optimizer.minimise(&elbo.neg())?;
         Ok(elbo.detach())
+    }
+
+    /// The same problem continued on F-VI's free factors started at the
+    /// current family's output ([`Variational::to_free`], q(θ) carried
+    /// over), with a fresh Adam state at the learning rate in force and the
+    /// same generator stream (semi-amortized `switch_at`).
+    pub(crate) fn switch_to_free(self) -> Result<Self> {
+        let var = self.var.to_free();
+        let mut optimizer = Optim::new(&var, &self.opts)?;
+        optimizer.set_lr(self.lr);
+        Ok(Self {
+            var,
+            optimizer,
+            refine: None,
+            ..self
+        })
     }
 
     /// Set the learning rate of the following steps (Adam's moments carry

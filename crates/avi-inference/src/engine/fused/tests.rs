@@ -221,6 +221,7 @@ fn objective_and_gradients_equal_autograd() {
                             worst_err = worst_err.max(worst(a, b));
                         }
                     }
+                    MethodConfig::Semi { .. } => unreachable!("the cases hold no semi method"),
                 }
             }
         }
