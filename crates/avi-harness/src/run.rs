@@ -660,8 +660,15 @@ pub fn diagnosis_section(
     fvi_steps: usize,
     gradient_draws: usize,
 ) -> Result<Diagnosis> {
-    if matches!(cfg.method, avi_inference::MethodConfig::Fvi) {
-        bail!("the diagnostic starts from an amortized (avi or const) solution, not fvi");
+    // The fitted family must be amortized and mean-field: F-VI, a
+    // semi-amortized fit that switched to F-VI, and the Gauss–Markov
+    // family (whose F-VI steps the diagnostic does not take) are refused.
+    match cfg.method.fitted_family() {
+        avi_inference::MethodConfig::Avi { .. } | avi_inference::MethodConfig::Const => {}
+        avi_inference::MethodConfig::Markov(_) => {
+            bail!("the diagnostic starts from a mean-field amortized (avi or const) solution, not a \"markov\" structure")
+        }
+        _ => bail!("the diagnostic starts from an amortized (avi or const) solution, not fvi"),
     }
     if cfg.batch_size.is_some() {
         bail!("the diagnostic needs full batches (remove batch_size)");

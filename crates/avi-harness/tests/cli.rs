@@ -536,6 +536,27 @@ fn diagnose_adds_a_diagnosis() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(!dir.path().join("f-r.json").exists());
+    // Nor is a Gauss–Markov family (its F-VI steps are not the diagnostic's).
+    std::fs::write(
+        dir.path().join("m.json"),
+        r#"{"model": {"kind": "gaussian_hmm", "rho": 0.9, "q": 0.3, "r": 1.0, "s0": 1.0},
+            "data": {"simulate": {"n": 30, "seed": 5}},
+            "method": {"kind": "avi", "fn": {"kind": "mlp", "width": 4}, "window": [1, 1],
+                       "structure": "markov"},
+            "steps": 20, "draws": 2, "eval_draws": 10}"#,
+    )
+    .unwrap();
+    let o = avi(
+        &["diagnose", "--config", "m.json", "--out", "m-r.json"],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("markov"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!dir.path().join("m-r.json").exists());
 }
 
 /// `avi demo` (small N): the fused engine on the CPU, a line per finished
