@@ -247,13 +247,7 @@ impl<'a> BatchedTrainer<'a> {
         state.put("param/theta_mean", &self.theta_mean);
         state.put("param/theta_log_sd", &self.theta_log_sd);
         state.put("param/local", &self.local);
-        let (m, v, steps) = self.adam.state();
-        state.put_i64("fused_adam/len", m.len() as i64);
-        for (i, ((m, v), t)) in m.iter().zip(v).zip(steps).enumerate() {
-            state.put(format!("fused_adam/{i}/exp_avg"), m);
-            state.put(format!("fused_adam/{i}/exp_avg_sq"), v);
-            state.put(format!("fused_adam/{i}/step"), t);
-        }
+        state.put_fused_adam(&self.adam);
         state.put_f64("lr", &[self.lr]);
         state.put_i64("runs", self.gens.len() as i64);
         for (r, g) in self.gens.iter().enumerate() {
@@ -273,24 +267,7 @@ impl<'a> BatchedTrainer<'a> {
         state.copy_into("param/theta_mean", &mut self.theta_mean)?;
         state.copy_into("param/theta_log_sd", &mut self.theta_log_sd)?;
         state.copy_into("param/local", &mut self.local)?;
-        let len = self.adam.state().0.len();
-        if state.i64("fused_adam/len")? != len as i64 {
-            return Err(InferenceError::config(
-                "resume",
-                "the checkpoint's optimizer has another number of parameters",
-            ));
-        }
-        let part = |what: &str| {
-            (0..len)
-                .map(|i| {
-                    state
-                        .get(&format!("fused_adam/{i}/{what}"))
-                        .map(Tensor::shallow_clone)
-                })
-                .collect::<Result<Vec<_>>>()
-        };
-        self.adam
-            .set_state(&part("exp_avg")?, &part("exp_avg_sq")?, &part("step")?)?;
+        state.restore_fused_adam(&mut self.adam)?;
         for (r, g) in self.gens.iter_mut().enumerate() {
             g.set_state(state.get(&format!("rng/{r}"))?)?;
         }

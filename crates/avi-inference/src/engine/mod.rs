@@ -153,6 +153,39 @@ impl EngineState {
         Ok(t.int64_value(&[0]))
     }
 
+    /// Add a [`avi_cuda::FusedAdam`]'s state: per parameter its moments
+    /// and f32 step count (`fused_adam/<i>/…`), and their number.
+    pub(crate) fn put_fused_adam(&mut self, adam: &avi_cuda::FusedAdam) {
+        let (m, v, steps) = adam.state();
+        self.put_i64("fused_adam/len", m.len() as i64);
+        for (i, ((m, v), t)) in m.iter().zip(v).zip(steps).enumerate() {
+            self.put(format!("fused_adam/{i}/exp_avg"), m);
+            self.put(format!("fused_adam/{i}/exp_avg_sq"), v);
+            self.put(format!("fused_adam/{i}/step"), t);
+        }
+    }
+
+    /// Give `adam` the state [`EngineState::put_fused_adam`] stored.
+    pub(crate) fn restore_fused_adam(&self, adam: &mut avi_cuda::FusedAdam) -> Result<()> {
+        let len = adam.state().0.len();
+        if !self.has("fused_adam/len") || self.i64("fused_adam/len")? != len as i64 {
+            return Err(InferenceError::config(
+                "resume",
+                "the checkpoint's optimizer has another number of parameters",
+            ));
+        }
+        let part = |what: &str| {
+            (0..len)
+                .map(|i| {
+                    self.get(&format!("fused_adam/{i}/{what}"))
+                        .map(Tensor::shallow_clone)
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        adam.set_state(&part("exp_avg")?, &part("exp_avg_sq")?, &part("step")?)?;
+        Ok(())
+    }
+
     /// Copy the tensor under `name` into `dst` (same shape and kind).
     pub(crate) fn copy_into(&self, name: &str, dst: &mut Tensor) -> Result<()> {
         let src = self.get(name)?;

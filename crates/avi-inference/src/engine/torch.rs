@@ -352,15 +352,7 @@ impl<'a> Trainer<'a> {
             }
             // The graph engine's device-side Adam: its moments and f32 step
             // counts, per parameter.
-            Optim::Fused(adam) => {
-                let (m, v, steps) = adam.state();
-                state.put_i64("fused_adam/len", m.len() as i64);
-                for (i, ((m, v), t)) in m.iter().zip(v).zip(steps).enumerate() {
-                    state.put(format!("fused_adam/{i}/exp_avg"), m);
-                    state.put(format!("fused_adam/{i}/exp_avg_sq"), v);
-                    state.put(format!("fused_adam/{i}/step"), t);
-                }
-            }
+            Optim::Fused(adam) => state.put_fused_adam(adam),
         }
         state.put_f64("lr", &[self.lr]);
         state.put("rng", &rng.state()?);
@@ -422,25 +414,7 @@ impl<'a> Trainer<'a> {
                     adam.set_state(i, &s)?;
                 }
             }
-            Optim::Fused(adam) => {
-                let len = adam.state().0.len();
-                if !state.has("fused_adam/len") || state.i64("fused_adam/len")? != len as i64 {
-                    return Err(InferenceError::config(
-                        "resume",
-                        "the checkpoint's optimizer has another number of parameters",
-                    ));
-                }
-                let part = |what: &str| {
-                    (0..len)
-                        .map(|i| {
-                            state
-                                .get(&format!("fused_adam/{i}/{what}"))
-                                .map(Tensor::shallow_clone)
-                        })
-                        .collect::<Result<Vec<_>>>()
-                };
-                adam.set_state(&part("exp_avg")?, &part("exp_avg_sq")?, &part("step")?)?;
-            }
+            Optim::Fused(adam) => state.restore_fused_adam(adam)?,
         }
         let Draws::Own(rng) = &mut self.rng else {
             return Err(crate::engine::cannot_checkpoint("graph engine on CUDA"));
