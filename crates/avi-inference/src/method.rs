@@ -49,7 +49,7 @@ pub enum MethodConfig {
         /// What indices without a full window get (default `"pad"`).
         edges: Edges,
     },
-    /// The structured Gauss–Markov family of [`crate::markov`]
+    /// The structured Gauss–Markov family (`docs/structured.md`)
     /// (`"structure": "markov"`): the F-VI or A-VI method inside gives each
     /// observation the parameters `(a_n, m_n, log s_n)` of
     /// q(z_n | z_{n−1}) instead of a mean and a log-sd. Only
