@@ -486,6 +486,25 @@ fn fit_command(
     // A resumed config's own file is not an input (it is in the checkpoint).
     let config_path = config.map_or_else(|| dir.join("config.json"), Path::to_path_buf);
     check_output(out, &inputs_of(&config_path, &cfg))?;
+    // `--check` of simulated data sizes them without drawing them (unless
+    // a save folder exists already: checking it needs the data's hash).
+    let save_exists = save
+        .map(Path::to_path_buf)
+        .or_else(|| cfg.save.as_ref().map(|p| fitted::resolve(p, &dir)))
+        .is_some_and(|p| p.exists());
+    if check && resume.is_none() && !save_exists {
+        let checked = avi_harness::run::check_simulated(&cfg, device)
+            .with_context(|| format!("config {}", config_path.display()))?;
+        if let Some((n, bytes)) = checked {
+            println!("{}", serde_json::to_string_pretty(&cfg)?);
+            println!(
+                "valid: {n} observations (to be simulated); the fit would need about {} of memory on {} (libtorch engine estimate)",
+                avi_harness::run::human_bytes(bytes),
+                avi_harness::run::device_name(device)
+            );
+            return Ok(Outcome::Done);
+        }
+    }
     let prepared =
         prepare(&cfg, &dir).with_context(|| format!("config {}", config_path.display()))?;
     // The saved state's folder: the resumed fit's own, else --save, else

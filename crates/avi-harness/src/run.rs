@@ -157,23 +157,7 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
             (model, load_fashion_mnist(f, config_dir, "data")?)
         }
         DataConfig::Simulate(s) => {
-            if s.n == 0 {
-                bail!("data.simulate.n must be at least 1");
-            }
-            let dim = cfg.model.kind.entry().simulated_dim(s);
-            let model = BuiltModel::new(&cfg.model, dim)?;
-            // Sizes, and the memory the fit would need against the host's,
-            // checked before the simulation allocates anything (a GPU fit
-            // is checked against the host too: conservative, as its host
-            // holds the data and more memory than the device).
-            avi_inference::check_fit_within(
-                model.as_model(),
-                s.n,
-                &cfg.method,
-                &cfg.options(),
-                avi_inference::available_memory(Device::Cpu),
-            )?;
-            check_host_data(s.n, model.vector_dim().unwrap_or(1))?;
+            let model = simulated_model(cfg, s)?;
             let values = model.simulate(s.n, s.seed, s.theta.as_deref())?;
             let dim = model.vector_dim();
             (model, Data { values, dim })
@@ -236,6 +220,59 @@ pub fn prepare(cfg: &FitConfig, config_dir: &Path) -> Result<Prepared> {
         test_x,
         init_from,
     })
+}
+
+/// The model of a config that simulates its data, after the checks that
+/// come before the simulation allocates anything: the sizes, and the
+/// memory the fit would need against the host's (a GPU fit is checked
+/// against the host too: conservative, as its host holds the data and
+/// more memory than the device).
+fn simulated_model(cfg: &FitConfig, s: &crate::config::SimulateConfig) -> Result<BuiltModel> {
+    if s.n == 0 {
+        bail!("data.simulate.n must be at least 1");
+    }
+    let dim = cfg.model.kind.entry().simulated_dim(s);
+    let model = BuiltModel::new(&cfg.model, dim)?;
+    avi_inference::check_fit_within(
+        model.as_model(),
+        s.n,
+        &cfg.method,
+        &cfg.options(),
+        avi_inference::available_memory(Device::Cpu),
+    )?;
+    check_host_data(s.n, model.vector_dim().unwrap_or(1))?;
+    Ok(model)
+}
+
+/// `avi fit --check` of a config that simulates its data, without drawing
+/// them (10⁸ observations take seconds to draw): the config's checks up to
+/// the simulation and [`check_prepared`]'s on N; returns N and the memory
+/// estimate in bytes. `None` when the config needs the full
+/// [`prepare`] (a held-out `mse.test`, an `init_from` state, a fixed θ,
+/// whose checks read the data): check with [`prepare`] then.
+pub fn check_simulated(cfg: &FitConfig, device: Device) -> Result<Option<(usize, u64)>> {
+    let DataConfig::Simulate(s) = &cfg.data else {
+        return Ok(None);
+    };
+    let needs_data = cfg.mse.as_ref().is_some_and(|m| m.test.is_some())
+        || cfg.init_from.is_some()
+        || cfg.model.fixed_theta().is_some();
+    if needs_data {
+        return Ok(None);
+    }
+    let model = simulated_model(cfg, s)?;
+    let opts = cfg.options();
+    avi_inference::check_fit_within(
+        model.as_model(),
+        s.n,
+        &cfg.method,
+        &opts,
+        avi_inference::available_memory(device),
+    )?;
+    Ok(Some((
+        s.n,
+        avi_inference::memory_estimate(model.as_model(), s.n, &cfg.method, &opts),
+    )))
 }
 
 /// The simulated data (f64, twice: the values and their tensor) must fit

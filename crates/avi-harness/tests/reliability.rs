@@ -602,6 +602,34 @@ fn check_mode_fits_nothing() {
     assert_eq!(snapshot(dir.path()), before);
 }
 
+/// `avi fit --check` of a simulated data set sizes it without drawing it
+/// (10⁸ observations took 6–13 s to draw): it says so, writes nothing, and
+/// still refuses what the fit would refuse (here N = 0).
+#[test]
+fn check_mode_does_not_draw_simulated_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |n: u64| {
+        format!(
+            r#"{{"model": {{"kind": "nonlinear"}}, "data": {{"simulate": {{"n": {n}, "seed": 1}}}},
+                "method": {{"kind": "fvi"}}, "steps": 10, "engine": "fused"}}"#
+        )
+    };
+    std::fs::write(dir.path().join("c.json"), cfg(100_000_000)).unwrap();
+    let before = snapshot(dir.path());
+    let o = fit(dir.path(), "r.json", &["--check"]);
+    ok(&o);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("valid: 100000000 observations (to be simulated)"),
+        "{text}"
+    );
+    assert_eq!(snapshot(dir.path()), before);
+    std::fs::write(dir.path().join("c.json"), cfg(0)).unwrap();
+    let o = fit(dir.path(), "r.json", &["--check"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("data.simulate.n"));
+}
+
 /// Defects 6 and 8: command-line errors are one line with the `avi:
 /// error:` prefix and exit 2; the thread count is bounded by the cores.
 #[test]
