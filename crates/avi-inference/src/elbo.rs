@@ -79,27 +79,7 @@ pub(crate) fn draws_at(
     let kind = x.kind();
     let device = x.device();
     let m = draws as i64;
-    let held;
-    let theta_factor = match &var.theta {
-        ThetaFactor::Free(q) if !theta_grad => {
-            held = ThetaFactor::Free(crate::family::GaussianParams {
-                mean: q.mean.detach(),
-                log_sd: q.log_sd.detach(),
-            });
-            &held
-        }
-        t => t,
-    };
-    let (theta, theta_q) = match theta_factor {
-        ThetaFactor::Free(q) => {
-            let eps = rng.randn(&[m, q.mean.size()[0]], kind, device)?;
-            (q.sample(&eps), Some((q, eps)))
-        }
-        ThetaFactor::Fixed(t) => (t.unsqueeze(0).expand([m, t.size()[0]], false), None),
-    };
-    // −log q(θ) per draw (or its analytic expectation).
-    let theta_neg_log_q = theta_q
-        .map(|(q, eps)| gaussian_neg_log_q(entropy, &eps, &[1], q.sum_log_sd(), q.numel() as f64));
+    let (theta, theta_neg_log_q) = theta_draws(var, theta_grad, m, kind, device, entropy, rng)?;
     let local = match var.output {
         Output::Categorical { .. } => {
             let log_probs = local.log_softmax(1, local.kind());
@@ -130,6 +110,80 @@ pub(crate) fn draws_at(
         // θ known: the target is p(z, x | θ), so log p(θ) is left out and the
         // ELBO bounds log p(x | θ).
         None => local - model.log_prior(&theta)?,
+    })
+}
+
+/// M draws of θ from q(θ) (with `theta_grad` false, its parameters enter
+/// detached) and −log q(θ) per draw (or its analytic expectation), `None`
+/// where θ is fixed (then `theta` is the fixed value repeated M times).
+fn theta_draws(
+    var: &Variational,
+    theta_grad: bool,
+    m: i64,
+    kind: Kind,
+    device: Device,
+    entropy: Entropy,
+    rng: &Draws,
+) -> Result<(Tensor, Option<Tensor>)> {
+    Ok(match &var.theta {
+        ThetaFactor::Free(q) => {
+            let held;
+            let q = if theta_grad {
+                q
+            } else {
+                held = crate::family::GaussianParams {
+                    mean: q.mean.detach(),
+                    log_sd: q.log_sd.detach(),
+                };
+                &held
+            };
+            let eps = rng.randn(&[m, q.mean.size()[0]], kind, device)?;
+            let neg_log_q =
+                gaussian_neg_log_q(entropy, &eps, &[1], q.sum_log_sd(), q.numel() as f64);
+            (q.sample(&eps), Some(neg_log_q))
+        }
+        ThetaFactor::Fixed(t) => (t.unsqueeze(0).expand([m, t.size()[0]], false), None),
+    })
+}
+
+/// The mini-batch ELBO of a model with per-observation terms
+/// ([`Model::local_terms`]) at the raw rows `local_b` (`[B, W]`, Gaussian
+/// factors) of the observations `x_b` (`[B, …]`), scaled by `scale` = N/B:
+/// `log p(θ) − log q(θ) + scale · Σ_{n ∈ batch} (t_n(θ, z_n, x_n) − log
+/// q(z_n))` per draw, `[M]`; an unbiased estimate of the full ELBO when the
+/// batch is a uniform share of the data. With θ fixed, `log p(θ)` is left
+/// out (the ELBO bounds `log p(x | θ)`). Semi-amortized refinement on
+/// mini-batches uses it: the gradient of one row, divided by `scale`, is
+/// that of its own factor's terms.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_at(
+    model: &dyn Model,
+    var: &Variational,
+    local_b: &Tensor,
+    theta_grad: bool,
+    x_b: &Tensor,
+    scale: f64,
+    draws: usize,
+    entropy: Entropy,
+    rng: &Draws,
+) -> Result<Tensor> {
+    let kind = x_b.kind();
+    let device = x_b.device();
+    let m = draws as i64;
+    let (theta, theta_neg_log_q) = theta_draws(var, theta_grad, m, kind, device, entropy, rng)?;
+    let b = local_b.size()[0];
+    let eps_z = rng.randn(&[m, b, var.local_dim as i64], kind, device)?;
+    let q = var.output.gaussian(local_b);
+    let z = q.sample(&eps_z);
+    let terms = model
+        .local_terms(&theta, &z, x_b)?
+        .sum_dim_intlist(1, false, kind);
+    let dims = (b as usize * var.local_dim) as f64;
+    let local = (terms + gaussian_neg_log_q(entropy, &eps_z, &[1, 2], q.sum_log_sd(), dims))
+        .multiply_scalar(scale);
+    Ok(match theta_neg_log_q {
+        Some(t) => local + t + model.log_prior(&theta)?,
+        None => local,
     })
 }
 

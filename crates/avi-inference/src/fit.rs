@@ -279,7 +279,7 @@ impl<'a> FitRequest<'a> {
         // global default), so a count set by another thread is no promise.
         tch::set_num_threads(self.threads as i32);
         let engine = self.engine();
-        crate::semi::check(&self.method, &self.options, engine)?;
+        crate::semi::check(self.model, &self.method, &self.options, engine)?;
         let opts = self.options.clone().checked()?.with_engine(engine);
         let batched = engine == Engine::Graph && self.seeds.is_some();
         let seeds = self.seeds.take().unwrap_or_else(|| vec![opts.seed]);

@@ -25,7 +25,7 @@
 use avi_models::Model;
 use tch::Tensor;
 
-use crate::elbo::draws_at;
+use crate::elbo::{draws_at, rows_at};
 use crate::engine::torch::Trainer;
 use crate::engine::{Block, EngineState, Stepper};
 use crate::method::{MethodConfig, Refine, Variational};
@@ -45,9 +45,15 @@ pub(crate) fn engine_refused(engine: &str) -> InferenceError {
 }
 
 /// Check a semi-amortized method against the fit's options: K ≥ 1, η > 0
-/// finite, 1 ≤ S < steps, the libtorch engine, full batches. Other methods
-/// pass.
-pub(crate) fn check(method: &MethodConfig, opts: &FitOptions, engine: Engine) -> Result<()> {
+/// finite, 1 ≤ S < steps, the libtorch engine, and refinement on
+/// mini-batches only for a model with per-observation terms
+/// ([`Model::has_local_terms`]). Other methods pass.
+pub(crate) fn check(
+    model: &dyn Model,
+    method: &MethodConfig,
+    opts: &FitOptions,
+    engine: Engine,
+) -> Result<()> {
     let MethodConfig::Semi { .. } = method else {
         return Ok(());
     };
@@ -82,17 +88,26 @@ pub(crate) fn check(method: &MethodConfig, opts: &FitOptions, engine: Engine) ->
             _ => "fused engine",
         }));
     }
-    if opts.batch_size.is_some() {
+    if opts.batch_size.is_some() && method.refine().is_some() && !model.has_local_terms() {
         return Err(InferenceError::config(
             "batch_size",
-            "semi-amortized methods run full batches",
+            format!(
+                "refinement on mini-batches needs a model with one term per observation \
+                 (the linear, nonlinear and BNN models); the {} model's semi-amortized \
+                 fits run full batches",
+                model.name()
+            ),
         ));
     }
     Ok(())
 }
 
 /// The loss of one semi-amortized training step with refinement `r` and
-/// the step's ELBO estimate at the refined factors (detached).
+/// the step's ELBO estimate at the refined factors (detached). With a
+/// mini-batch `(indices, scale)` only the batch's rows are refined, on the
+/// batch's own terms ([`crate::elbo::rows_at`]), and the loss is the
+/// mini-batch estimate of the ELBO at them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn step_loss(
     model: &dyn Model,
     var: &Variational,
@@ -100,33 +115,34 @@ pub(crate) fn step_loss(
     r: &Refine,
     draws: usize,
     entropy: Entropy,
+    batch: Option<(&Tensor, f64)>,
     rng: &Draws,
 ) -> Result<(Tensor, Tensor)> {
-    let kind = x.kind();
-    let elbo = |local: &Tensor, theta_grad: bool| -> Result<Tensor> {
-        Ok(draws_at(model, var, local, theta_grad, x, draws, entropy, None, rng)?.mean(kind))
+    let target = Target::new(model, var, x, draws, entropy, batch, rng);
+    let lam0 = match batch {
+        Some((idx, _)) => var.local_raw().f_index_select(0, idx)?,
+        None => var.local_raw(),
     };
-    let lam0 = var.local_raw();
     if r.through {
         let mut lam = lam0;
         for _ in 0..r.steps {
-            let e = elbo(&lam, true)?;
+            let e = target.elbo(&lam, true)?;
             let g = Tensor::f_run_backward(&[&e], &[&lam], true, true)?.remove(0);
             // Out of place: the graph keeps every λ_k.
-            lam = lam.f_add(&(g * r.lr))?;
+            lam = lam.f_add(&(g * (r.lr / target.scale)))?;
         }
-        let e = elbo(&lam, true)?;
+        let e = target.elbo(&lam, true)?;
         Ok((e.neg(), e.detach()))
     } else {
-        let lam = refine_rows(model, var, x, lam0.detach(), r, draws, entropy, rng)?;
-        let at_refined = elbo(&lam, true)?;
-        let at_encoder = elbo(&lam0, false)?;
+        let lam = target.refine(lam0.detach(), r)?;
+        let at_refined = target.elbo(&lam, true)?;
+        let at_encoder = target.elbo(&lam0, false)?;
         Ok(((&at_refined + at_encoder).neg(), at_refined.detach()))
     }
 }
 
-/// K inner steps from the (detached) rows `start`, θ held fixed; returns
-/// the detached refined rows λ_K.
+/// K inner steps from the (detached) rows `start` of every observation, θ
+/// held fixed; returns the detached refined rows λ_K.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn refine_rows(
     model: &dyn Model,
@@ -138,14 +154,81 @@ pub(crate) fn refine_rows(
     entropy: Entropy,
     rng: &Draws,
 ) -> Result<Tensor> {
-    let kind = x.kind();
-    let mut lam = start.detach().set_requires_grad(true);
-    for _ in 0..r.steps {
-        let e = draws_at(model, var, &lam, false, x, draws, entropy, None, rng)?.mean(kind);
-        let g = Tensor::f_run_backward(&[&e], &[&lam], false, false)?.remove(0);
-        lam = tch::no_grad(|| &lam + g * r.lr).set_requires_grad(true);
+    Target::new(model, var, x, draws, entropy, None, rng).refine(start, r)
+}
+
+/// The ELBO that refinement climbs: of every observation, or of a
+/// mini-batch's rows scaled by N/B.
+struct Target<'a> {
+    model: &'a dyn Model,
+    var: &'a Variational,
+    /// The data, or the batch's observations.
+    x: Tensor,
+    /// N/B for a mini-batch, 1 for every observation.
+    scale: f64,
+    batched: bool,
+    draws: usize,
+    entropy: Entropy,
+    rng: &'a Draws,
+}
+
+impl<'a> Target<'a> {
+    fn new(
+        model: &'a dyn Model,
+        var: &'a Variational,
+        x: &Tensor,
+        draws: usize,
+        entropy: Entropy,
+        batch: Option<(&Tensor, f64)>,
+        rng: &'a Draws,
+    ) -> Self {
+        let (x, scale) = match batch {
+            Some((idx, scale)) => (x.index_select(0, idx), scale),
+            None => (x.shallow_clone(), 1.0),
+        };
+        Self {
+            model,
+            var,
+            x,
+            scale,
+            batched: batch.is_some(),
+            draws,
+            entropy,
+            rng,
+        }
     }
-    Ok(lam.detach())
+
+    /// The mean over draws of the ELBO estimate at the rows `local`; with
+    /// `theta_grad` false q(θ)'s parameters enter detached.
+    fn elbo(&self, local: &Tensor, theta_grad: bool) -> Result<Tensor> {
+        let (m, v, x, d, e, rng) = (
+            self.model,
+            self.var,
+            &self.x,
+            self.draws,
+            self.entropy,
+            self.rng,
+        );
+        let per_draw = if self.batched {
+            rows_at(m, v, local, theta_grad, x, self.scale, d, e, rng)?
+        } else {
+            draws_at(m, v, local, theta_grad, x, d, e, None, rng)?
+        };
+        Ok(per_draw.mean(x.kind()))
+    }
+
+    /// K plain gradient steps of size η per factor from the detached rows
+    /// `start`, θ held fixed; the detached λ_K.
+    fn refine(&self, start: Tensor, r: &Refine) -> Result<Tensor> {
+        let mut lam = start.detach().set_requires_grad(true);
+        let step = r.lr / self.scale;
+        for _ in 0..r.steps {
+            let e = self.elbo(&lam, false)?;
+            let g = Tensor::f_run_backward(&[&e], &[&lam], false, false)?.remove(0);
+            lam = tch::no_grad(|| &lam + g * step).set_requires_grad(true);
+        }
+        Ok(lam.detach())
+    }
 }
 
 /// `switch_at`: the libtorch trainer of A-VI's family for the first S steps,
@@ -313,7 +396,7 @@ mod tests {
             if let Draws::Own(g) = rng {
                 g.set_state(&start).unwrap();
             }
-            step_loss(&model, &var, &x, &r, 4, Entropy::Mc, rng)
+            step_loss(&model, &var, &x, &r, 4, Entropy::Mc, None, rng)
                 .unwrap()
                 .0
         };
@@ -350,14 +433,105 @@ mod tests {
         eprintln!("worst relative difference {worst:e}");
     }
 
-    /// K ≥ 1, η > 0 finite, 1 ≤ S < steps, the libtorch engine and full
-    /// batches; each refusal names its field.
+    /// The mini-batch estimator [`rows_at`] against the full one
+    /// ([`draws_at`]) on the same draws: with every row in order and scale 1
+    /// they are the same ELBO per draw (nonlinear model) (log p(θ) + Σ_n t_n − log q), summed
+    /// in another order, so they agree to f64 rounding (relative 1e-12
+    /// allowed); with θ fixed too. The row gradient of a batch estimate
+    /// divided by its scale is the factor's own: with
+    /// the batch being rows {0, 1, 2} at scale 2 and their draws the same as
+    /// in the full estimate (θ drawn first, then z row by row), it matches
+    /// the full estimate's gradient in those rows (1e-12).
+    #[test]
+    fn the_batch_estimator_matches_the_full_one() {
+        use tch::{Device, Kind};
+        let _generator = crate::rng::test_serial();
+        // The nonlinear model: a proper prior on θ and per-observation terms.
+        let model = avi_models::NonlinearModel::new(avi_models::NonlinearSim::Model);
+        let x = Tensor::from_slice(&model.simulate(6, 3, None).unwrap());
+        for fixed in [None, Some(&[0.7][..])] {
+            tch::manual_seed(5);
+            let var = Variational::new(
+                &semi(refine(3, 0.4), None),
+                &x,
+                0.0,
+                1,
+                crate::function::Output::Gaussian { dim: 1 },
+                fixed,
+                crate::forms::Init::default(),
+                Kind::Double,
+                Device::Cpu,
+            )
+            .unwrap();
+            let ((), mut rng) = crate::rng::seeded(11, Device::Cpu, || Ok(())).unwrap();
+            let Draws::Own(g) = &rng else {
+                panic!("a CPU generator of its own")
+            };
+            let start = g.state().unwrap();
+            let reset = |rng: &mut Draws| {
+                if let Draws::Own(g) = rng {
+                    g.set_state(&start).unwrap();
+                }
+            };
+            let lam = var.local_raw().detach().set_requires_grad(true);
+            let full = draws_at(&model, &var, &lam, true, &x, 4, Entropy::Mc, None, &rng).unwrap();
+            reset(&mut rng);
+            let rows = rows_at(&model, &var, &lam, true, &x, 1.0, 4, Entropy::Mc, &rng).unwrap();
+            let (a, b) = (
+                crate::family::host_vec(&full).unwrap(),
+                crate::family::host_vec(&rows).unwrap(),
+            );
+            for (a, b) in a.iter().zip(&b) {
+                assert!((a - b).abs() <= 1e-12 * a.abs(), "θ {fixed:?}: {a} vs {b}");
+            }
+            // With M = 1 the batch's draws are a prefix of the full draws (θ's
+            // normals, then z row by row; fewer than 16 normals are drawn one
+            // at a time), so rows 0..3 see the same z in both estimates.
+            reset(&mut rng);
+            let full = draws_at(&model, &var, &lam, true, &x, 1, Entropy::Mc, None, &rng).unwrap();
+            let g_full = Tensor::f_run_backward(&[&full.sum(Kind::Double)], &[&lam], false, false)
+                .unwrap()
+                .remove(0);
+            reset(&mut rng);
+            let head = lam.narrow(0, 0, 3).detach().set_requires_grad(true);
+            let rows = rows_at(
+                &model,
+                &var,
+                &head,
+                true,
+                &x.narrow(0, 0, 3),
+                2.0,
+                1,
+                Entropy::Mc,
+                &rng,
+            )
+            .unwrap();
+            let g_rows = Tensor::f_run_backward(&[&rows.sum(Kind::Double)], &[&head], false, false)
+                .unwrap()
+                .remove(0)
+                / 2.0;
+            let want = crate::family::host_vec(&g_full.narrow(0, 0, 3).contiguous()).unwrap();
+            let got = crate::family::host_vec(&g_rows.contiguous()).unwrap();
+            for (w, g) in want.iter().zip(&got) {
+                assert!(
+                    (w - g).abs() <= 1e-12 * w.abs().max(1.0),
+                    "θ {fixed:?}: {w} vs {g}"
+                );
+            }
+        }
+    }
+
+    /// K ≥ 1, η > 0 finite, 1 ≤ S < steps, the libtorch engine, and
+    /// mini-batched refinement only for models with per-observation terms;
+    /// each refusal names its field.
     #[test]
     fn checks_refuse_bad_semi_methods() {
         let opts = FitOptions {
             steps: 100,
             ..FitOptions::default()
         };
+        let linear = avi_models::LinearModel::new(1.0, 1.0).unwrap();
+        let check = |m: &MethodConfig, o: &FitOptions, e: Engine| check(&linear, m, o, e);
         let refused = |m: &MethodConfig, o: &FitOptions, e: Engine, field: &str| {
             let err = check(m, o, e).unwrap_err().to_string();
             assert!(err.contains(field), "{m:?}: {err}");
@@ -397,11 +571,18 @@ mod tests {
             batch_size: Some(10),
             ..opts.clone()
         };
-        refused(
-            &semi(refine(1, 0.1), None),
-            &batched,
-            Engine::Auto,
-            "batch_size",
+        // The linear model has per-observation terms: its refinement runs on
+        // mini-batches (the switch's A-VI and F-VI steps need the model's
+        // `log_joint_batch`, which the trainer checks); an HMM's does not.
+        assert!(check(&semi(refine(1, 0.1), None), &batched, Engine::Auto).is_ok());
+        assert!(check(&semi(None, Some(99)), &batched, Engine::Auto).is_ok());
+        let hmm = avi_models::GaussianHmm::new(0.9, 0.5, 1.0, 1.0).unwrap();
+        let err = super::check(&hmm, &semi(refine(1, 0.1), None), &batched, Engine::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("batch_size") && err.contains("one term per observation"),
+            "{err}"
         );
     }
 }

@@ -124,7 +124,10 @@ impl<'a> Trainer<'a> {
         let kind = opts.dtype.kind();
         let x = x.to_device(device).to_kind(kind);
         model.check_data(&x)?;
-        if opts.batch_size.is_some() && !model.supports_batches() {
+        // Refinement on mini-batches needs only the per-observation terms
+        // (`crate::semi`); every other step needs `log_joint_batch`.
+        let refines_rows = method.refine().is_some() && model.has_local_terms();
+        if opts.batch_size.is_some() && !model.supports_batches() && !refines_rows {
             return Err(InferenceError::config(
                 "batch_size",
                 format!("the {} model does not support mini-batches", model.name()),
@@ -256,19 +259,6 @@ impl<'a> Trainer<'a> {
     /// Returns the ELBO estimate (computed before the update) as a detached
     /// scalar on the device; nothing is read back to the host.
     pub fn step(&mut self) -> Result<Tensor> {
-        if let Some(r) = &self.refine {
-            let (loss, elbo) = crate::semi::step_loss(
-                self.model,
-                &self.var,
-                &self.x,
-                r,
-                self.opts.draws,
-                self.opts.entropy,
-                &self.rng,
-            )?;
-            self.optimizer.minimise(&loss)?;
-            return Ok(elbo);
-        }
         let batch = match (&self.order, self.opts.batch_size) {
             (Some(order), Some(b)) => {
                 let n = order.size()[0];
@@ -289,13 +279,28 @@ impl<'a> Trainer<'a> {
             }
             _ => None,
         };
+        let batch = batch.as_ref().map(|(i, s)| (i, *s));
+        if let Some(r) = &self.refine {
+            let (loss, elbo) = crate::semi::step_loss(
+                self.model,
+                &self.var,
+                &self.x,
+                r,
+                self.opts.draws,
+                self.opts.entropy,
+                batch,
+                &self.rng,
+            )?;
+            self.optimizer.minimise(&loss)?;
+            return Ok(elbo);
+        }
         let elbo = draws_from(
             self.model,
             &self.var,
             &self.x,
             self.opts.draws,
             self.opts.entropy,
-            batch.as_ref().map(|(i, s)| (i, *s)),
+            batch,
             &self.rng,
         )?
         .mean(self.opts.dtype.kind());
