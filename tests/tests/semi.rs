@@ -102,6 +102,7 @@ fn refinement_lifts_a_constant_encoder_to_the_fvi_optimum() {
                 steps: 10,
                 lr: 0.5,
                 through,
+                max_step: None,
             }),
             None,
         );
@@ -182,6 +183,7 @@ fn refinement_on_mini_batches_reaches_the_fvi_optimum() {
                 steps: 10,
                 lr: 0.5,
                 through,
+                max_step: None,
             }),
             None,
         );
@@ -207,6 +209,7 @@ fn refinement_on_mini_batches_reaches_the_fvi_optimum() {
             steps: 2,
             lr: 0.02,
             through: true,
+            max_step: None,
         }),
         None,
     );
@@ -296,6 +299,7 @@ fn refinement_closes_part_of_the_hmm_window_gap() {
             steps: 5,
             lr: 0.02,
             through: true,
+            max_step: None,
         }),
         None,
     ));
@@ -319,6 +323,7 @@ fn saved_semi_fits_load_back() {
             steps: 2,
             lr: 0.5,
             through: true,
+            max_step: None,
         }),
         None,
     );
@@ -380,6 +385,7 @@ fn checkpoints_refinement_yes_switch_no() {
             steps: 2,
             lr: 0.5,
             through: true,
+            max_step: None,
         }),
         None,
     );

@@ -94,6 +94,13 @@ pub struct Refine {
     /// the refined factors' ELBO.
     #[serde(default = "yes")]
     pub through: bool,
+    /// The longest step one factor's row may take (Euclidean length of
+    /// η·gradient in raw parameters, > 0): longer steps are shortened to it
+    /// (gradient-norm clipping, as SA-VAE clips its inner steps). Default:
+    /// none. A stiff model (the BNN with a small pixel sd) needs it, or an η
+    /// small enough for its stiffest factor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_step: Option<f64>,
 }
 
 /// How the local factors depend on each other (a method's `"structure"`).
@@ -1399,7 +1406,8 @@ mod tests {
                 refine: Some(Refine {
                     steps: 5,
                     lr: 0.1,
-                    through: true
+                    through: true,
+                    max_step: None,
                 }),
                 switch_at: None,
             }
@@ -1433,6 +1441,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.label(), "semi-k2d-poly1");
+        let c = read(
+            r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}, "refine": {"steps": 2, "lr": 0.1, "max_step": 0.5}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.refine().unwrap().max_step, Some(0.5));
+        assert!(serde_json::to_string(&c).unwrap().contains(r#""max_step":0.5"#));
+        assert!(!serde_json::to_string(&d).unwrap().contains("max_step"));
         let cases = [
             (
                 r#"{"kind": "semi", "fn": {"kind": "poly", "degree": 1}}"#,

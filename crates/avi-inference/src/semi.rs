@@ -70,6 +70,14 @@ pub(crate) fn check(
                 format!("{} must be positive and finite", r.lr),
             ));
         }
+        if let Some(c) = r.max_step {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(InferenceError::config(
+                    "method.refine.max_step",
+                    format!("{c} must be positive and finite"),
+                ));
+            }
+        }
     }
     if let Some(s) = method.switch_at() {
         if s == 0 || s >= opts.steps {
@@ -129,7 +137,7 @@ pub(crate) fn step_loss(
             let e = target.elbo(&lam, true)?;
             let g = Tensor::f_run_backward(&[&e], &[&lam], true, true)?.remove(0);
             // Out of place: the graph keeps every λ_k.
-            lam = lam.f_add(&(g * (r.lr / target.scale)))?;
+            lam = lam.f_add(&bounded(g * (r.lr / target.scale), r.max_step))?;
         }
         let e = target.elbo(&lam, true)?;
         Ok((e.neg(), e.detach()))
@@ -155,6 +163,24 @@ pub(crate) fn refine_rows(
     rng: &Draws,
 ) -> Result<Tensor> {
     Target::new(model, var, x, draws, entropy, None, rng).refine(start, r)
+}
+
+/// The inner steps `d` (`[rows, W]`), each row shortened to at most
+/// `max_step` in Euclidean length: d_n · c / max(‖d_n‖, c), differentiable
+/// (the square root is taken of a value clamped to at least c², so a zero
+/// step has a finite gradient). `None`: unchanged.
+fn bounded(d: Tensor, max_step: Option<f64>) -> Tensor {
+    match max_step {
+        None => d,
+        Some(c) => {
+            let len = d
+                .square()
+                .sum_dim_intlist(1, true, d.kind())
+                .clamp_min(c * c)
+                .sqrt();
+            &d * len.reciprocal().multiply_scalar(c)
+        }
+    }
 }
 
 /// The ELBO that refinement climbs: of every observation, or of a
@@ -225,7 +251,7 @@ impl<'a> Target<'a> {
         for _ in 0..r.steps {
             let e = self.elbo(&lam, false)?;
             let g = Tensor::f_run_backward(&[&e], &[&lam], false, false)?.remove(0);
-            lam = tch::no_grad(|| &lam + g * step).set_requires_grad(true);
+            lam = tch::no_grad(|| &lam + bounded(g * step, r.max_step)).set_requires_grad(true);
         }
         Ok(lam.detach())
     }
@@ -352,6 +378,7 @@ mod tests {
             steps,
             lr,
             through: true,
+            max_step: None,
         })
     }
 
@@ -364,7 +391,8 @@ mod tests {
     /// differences' error: relative 1e-5 allowed (h = 1e-5; measured
     /// 1.5e-10). Without the second-order terms (`create_graph` false in
     /// the inner steps) the first element misses by 4 % (measured −0.565
-    /// against −0.544): the check can fail.
+    /// against −0.544): the check can fail. The same with every row's
+    /// inner step bounded (`max_step`), through the bound's derivative.
     #[test]
     fn the_through_gradient_matches_finite_differences() {
         use tch::{Device, Kind};
@@ -385,52 +413,81 @@ mod tests {
             Device::Cpu,
         )
         .unwrap();
-        let r = *method.refine().unwrap();
-        let ((), mut rng) = crate::rng::seeded(11, Device::Cpu, || Ok(())).unwrap();
-        let Draws::Own(g) = &rng else {
-            panic!("a CPU generator of its own")
-        };
-        let start = g.state().unwrap();
-        // The inner gradients need autograd: no `no_grad` around the loss.
-        let loss = |rng: &mut Draws| -> Tensor {
-            if let Draws::Own(g) = rng {
-                g.set_state(&start).unwrap();
+        // Unbounded steps, and every row's step shortened to 1e-3 (all of
+        // them are longer: the bounded branch's derivative).
+        for max_step in [None, Some(1e-3)] {
+            let r = Refine {
+                max_step,
+                ..*method.refine().unwrap()
+            };
+            let ((), mut rng) = crate::rng::seeded(11, Device::Cpu, || Ok(())).unwrap();
+            let Draws::Own(g) = &rng else {
+                panic!("a CPU generator of its own")
+            };
+            let start = g.state().unwrap();
+            // The inner gradients need autograd: no `no_grad` around the loss.
+            let loss = |rng: &mut Draws| -> Tensor {
+                if let Draws::Own(g) = rng {
+                    g.set_state(&start).unwrap();
+                }
+                step_loss(&model, &var, &x, &r, 4, Entropy::Mc, None, rng)
+                    .unwrap()
+                    .0
+            };
+            let params = var.vs.trainable_variables();
+            for p in &params {
+                let _ = p.grad().f_zero_();
             }
-            step_loss(&model, &var, &x, &r, 4, Entropy::Mc, None, rng)
-                .unwrap()
-                .0
-        };
-        let params = var.vs.trainable_variables();
-        for p in &params {
-            let _ = p.grad().f_zero_();
-        }
-        loss(&mut rng).backward();
-        let h = 1e-5;
-        let mut worst: f64 = 0.0;
-        for p in &params {
-            let grad = crate::family::host_vec(&p.grad()).unwrap();
-            let flat = p.view([-1]);
-            for (j, want) in grad.iter().enumerate() {
-                let at = |delta: f64| {
-                    tch::no_grad(|| {
-                        let _ = flat.get(j as i64).f_add_scalar_(delta).unwrap();
-                    });
-                };
-                at(h);
-                let up = loss(&mut rng).double_value(&[]);
-                at(-2.0 * h);
-                let down = loss(&mut rng).double_value(&[]);
-                at(h);
-                let fd = (up - down) / (2.0 * h);
-                let rel = (fd - want).abs() / want.abs().max(1.0);
-                worst = worst.max(rel);
-                assert!(
-                    rel < 1e-5,
-                    "parameter element {j}: autograd {want}, FD {fd}"
-                );
+            loss(&mut rng).backward();
+            let h = 1e-5;
+            let mut worst: f64 = 0.0;
+            for p in &params {
+                let grad = crate::family::host_vec(&p.grad()).unwrap();
+                let flat = p.view([-1]);
+                for (j, want) in grad.iter().enumerate() {
+                    let at = |delta: f64| {
+                        tch::no_grad(|| {
+                            let _ = flat.get(j as i64).f_add_scalar_(delta).unwrap();
+                        });
+                    };
+                    at(h);
+                    let up = loss(&mut rng).double_value(&[]);
+                    at(-2.0 * h);
+                    let down = loss(&mut rng).double_value(&[]);
+                    at(h);
+                    let fd = (up - down) / (2.0 * h);
+                    let rel = (fd - want).abs() / want.abs().max(1.0);
+                    worst = worst.max(rel);
+                    assert!(
+                        rel < 1e-5,
+                        "max_step {max_step:?}, parameter element {j}: autograd {want}, FD {fd}"
+                    );
+                }
             }
+            eprintln!("max_step {max_step:?}: worst relative difference {worst:e}");
         }
-        eprintln!("worst relative difference {worst:e}");
+    }
+
+    /// Bounded steps: a row longer than c is shortened to length c in its
+    /// own direction, a shorter one (and a zero row) is kept; the gradient
+    /// at a zero row is finite.
+    #[test]
+    fn bounded_steps_shorten_only_long_rows() {
+        let d = Tensor::from_slice(&[3.0, 4.0, 0.3, 0.4, 0.0, 0.0]).view([3, 2]);
+        let got =
+            crate::family::host_vec(&bounded(d.shallow_clone(), Some(1.0)).view([-1])).unwrap();
+        let want = [0.6, 0.8, 0.3, 0.4, 0.0, 0.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-15, "{got:?}");
+        }
+        assert!(bounded(d.shallow_clone(), None).equal(&d));
+        let z =
+            Tensor::zeros([1, 2], (tch::Kind::Double, tch::Device::Cpu)).set_requires_grad(true);
+        bounded(&z * 2.0, Some(1.0))
+            .sum(tch::Kind::Double)
+            .backward();
+        let g = crate::family::host_vec(&z.grad().view([-1])).unwrap();
+        assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
     }
 
     /// The mini-batch estimator [`rows_at`] against the full one
@@ -552,6 +609,16 @@ mod tests {
                 Engine::Auto,
                 "method.refine.lr",
             );
+        }
+        for c in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let bad = semi(
+                Some(Refine {
+                    max_step: Some(c),
+                    ..refine(1, 0.1).unwrap()
+                }),
+                None,
+            );
+            refused(&bad, &opts, Engine::Auto, "method.refine.max_step");
         }
         for s in [0, 100, 1000] {
             refused(
