@@ -62,6 +62,23 @@ fn poly0_avi() -> MethodConfig {
     }
 }
 
+/// Semi-amortized VI with the degree-0 polynomial refined by K = 10 steps
+/// of η = 0.5 (below 2 / the curvature of a factor's term: 1/σ² + 1/τ² for
+/// a mean, 2 for a log-sd), trained through the steps or not.
+fn poly0_refined(through: bool) -> MethodConfig {
+    semi(
+        POLY0,
+        [0, 0],
+        Some(Refine {
+            steps: 10,
+            lr: 0.5,
+            through,
+            max_step: None,
+        }),
+        None,
+    )
+}
+
 /// How far below the optimum a refined fit may end: the optimisation slack
 /// of [`linear_gap_tolerance`] plus the noise that plain stochastic
 /// gradient steps leave in the refined factors. With M draws per inner
@@ -95,17 +112,7 @@ fn refinement_lifts_a_constant_encoder_to_the_fvi_optimum() {
     assert!(a_gap > 10.0, "A-VI's gap {a_gap}");
     assert!(a.semi.is_none());
     for through in [true, false] {
-        let method = semi(
-            POLY0,
-            [0, 0],
-            Some(Refine {
-                steps: 10,
-                lr: 0.5,
-                through,
-                max_step: None,
-            }),
-            None,
-        );
+        let method = poly0_refined(through);
         let f = fit_cpu(&model, &x, &method, &opts);
         // Fit::q_z holds the refined factors: their exact ELBO.
         let exact = linear_exact_elbo(&model, &x, &f);
@@ -176,17 +183,7 @@ fn refinement_on_mini_batches_reaches_the_fvi_optimum() {
         ..linear_options(steps)
     };
     for through in [true, false] {
-        let method = semi(
-            POLY0,
-            [0, 0],
-            Some(Refine {
-                steps: 10,
-                lr: 0.5,
-                through,
-                max_step: None,
-            }),
-            None,
-        );
+        let method = poly0_refined(through);
         let f = fit_cpu(&model, &x, &method, &opts);
         let gap = opt.elbo - linear_exact_elbo(&model, &x, &f);
         eprintln!(

@@ -1446,7 +1446,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.refine().unwrap().max_step, Some(0.5));
-        assert!(serde_json::to_string(&c).unwrap().contains(r#""max_step":0.5"#));
+        assert!(serde_json::to_string(&c)
+            .unwrap()
+            .contains(r#""max_step":0.5"#));
         assert!(!serde_json::to_string(&d).unwrap().contains("max_step"));
         let cases = [
             (

@@ -280,32 +280,18 @@ impl<'a> Trainer<'a> {
             _ => None,
         };
         let batch = batch.as_ref().map(|(i, s)| (i, *s));
-        if let Some(r) = &self.refine {
-            let (loss, elbo) = crate::semi::step_loss(
-                self.model,
-                &self.var,
-                &self.x,
-                r,
-                self.opts.draws,
-                self.opts.entropy,
-                batch,
-                &self.rng,
-            )?;
-            self.optimizer.minimise(&loss)?;
-            return Ok(elbo);
-        }
-        let elbo = draws_from(
-            self.model,
-            &self.var,
-            &self.x,
-            self.opts.draws,
-            self.opts.entropy,
-            batch,
-            &self.rng,
-        )?
-        .mean(self.opts.dtype.kind());
-        self.optimizer.minimise(&elbo.neg())?;
-        Ok(elbo.detach())
+        let (model, var, x, rng) = (self.model, &self.var, &self.x, &self.rng);
+        let (draws, entropy) = (self.opts.draws, self.opts.entropy);
+        let (loss, elbo) = match &self.refine {
+            Some(r) => crate::semi::step_loss(model, var, x, r, draws, entropy, batch, rng)?,
+            None => {
+                let elbo = draws_from(model, var, x, draws, entropy, batch, rng)?
+                    .mean(self.opts.dtype.kind());
+                (elbo.neg(), elbo.detach())
+            }
+        };
+        self.optimizer.minimise(&loss)?;
+        Ok(elbo)
     }
 
     /// The same problem continued on F-VI's free factors started at the
