@@ -137,8 +137,10 @@ fn estimate(
     opts: &FitOptions,
     runs: usize,
 ) -> Estimate {
-    // A semi-amortized method's family is A-VI's (the estimate leaves out
-    // the K inner steps' graph kept by `refine` with `through`).
+    // A semi-amortized method's family is A-VI's; its step keeps more
+    // graphs (below), and `switch_at` adds F-VI's free factors.
+    let refine = method.refine().copied();
+    let switches = method.switch_at().is_some();
     let encoder = method.encoder();
     let method = &encoder;
     let elem: usize = match opts.dtype {
@@ -162,6 +164,16 @@ fn estimate(
     let work = model.work_per_observation();
     let batch = opts.batch_size.unwrap_or(n).min(n);
     let m = opts.draws;
+    // Refinement on mini-batches draws z for the batch's rows only.
+    let rows = if refine.is_some() { batch } else { n };
+    // Graphs alive at once in one step: the K + 1 ELBO evaluations that
+    // `through` differentiates through (second order: twice each), or the
+    // refined and the encoder's ELBO of a detached refinement.
+    let graphs: usize = match refine {
+        Some(r) if r.through => r.steps.saturating_add(1).saturating_mul(2),
+        Some(_) => 2,
+        None => 1,
+    };
 
     // Parameters: q(θ), the local family; each with its gradient and
     // Adam's two moments (4 copies).
@@ -256,7 +268,7 @@ fn estimate(
     // gradients on the batch (3 × M × B × work), θ's draws (4 × M × D).
     let fused = opts.engine == Engine::Fused;
     let step_elems = match output {
-        Output::Gaussian { .. } if !fused => prod(&[6, m, n, l])
+        Output::Gaussian { .. } if !fused => prod(&[6, m, rows, l])
             .saturating_add(prod(&[3, m, batch, work]))
             .saturating_add(prod(&[4, m, d])),
         // The chain's scan keeps 3 [M, N] tensors per doubling round.
@@ -268,15 +280,31 @@ fn estimate(
         _ => prod(&[4, m, d]).saturating_add(prod(&[4, n, w])),
     };
     let step = Part {
-        field: "draws",
-        bytes: step_elems.saturating_mul(prod(&[runs, elem])),
+        field: if graphs > 2 {
+            "method.refine.steps"
+        } else {
+            "draws"
+        },
+        bytes: step_elems.saturating_mul(prod(&[runs, elem, graphs])),
         what: format!(
-            "{m} draws per step × N = {n} × {} values per draw and observation",
+            "{m} draws per step × N = {n} × {} values per draw and observation{}",
             6usize
                 .saturating_mul(l)
-                .saturating_add(3usize.saturating_mul(work))
+                .saturating_add(3usize.saturating_mul(work)),
+            if graphs > 1 {
+                format!(", {graphs} graphs at once (semi-amortized refinement)")
+            } else {
+                String::new()
+            }
         ),
     };
+    if switches {
+        resident.push(Part {
+            field: "data",
+            bytes: prod(&[4, runs, elem, n, w]),
+            what: format!("after the switch, F-VI's N = {n} × {w} local parameters"),
+        });
+    }
 
     // The final evaluation, in chunks of draws, without gradients (ε, z and
     // two model terms: 4 × N × L, and 2 × N × work per draw), plus every
@@ -492,6 +520,7 @@ pub(crate) fn check_data_size(
 mod tests {
     use super::*;
     use crate::function::Activation;
+    use crate::method::Refine;
     use crate::options::{MAX_DRAWS, MAX_STEPS};
     use avi_models::{BnnModel, LinearModel};
 
@@ -659,6 +688,55 @@ mod tests {
         let bnn = BnnModel::default();
         let b = memory_estimate(&bnn, 1000, &fvi, &opts);
         assert!(b > 100 * 1000 * 784 * 4, "{b}");
+    }
+
+    /// A semi-amortized step keeps more graphs than A-VI's: 2(K + 1) with
+    /// `through` (the K + 1 ELBO evaluations and their second-order
+    /// gradients), 2 detached; refinement on mini-batches draws only the
+    /// batch's rows; `switch_at` adds F-VI's free factors (4 copies of N × W).
+    #[test]
+    fn semi_amortized_steps_count_their_graphs() {
+        let linear = LinearModel::new(1.155, 2.43).unwrap();
+        let opts = FitOptions {
+            draws: 100,
+            eval_draws: 10,
+            ..FitOptions::default()
+        };
+        let n = 100_000;
+        let semi = |refine: Option<Refine>, switch_at: Option<usize>| MethodConfig::Semi {
+            function: FunctionConfig::Poly { degree: 1 },
+            standardize: true,
+            window: [0, 0],
+            edges: Edges::Pad,
+            refine,
+            switch_at,
+        };
+        let refine = |steps, through| {
+            Some(Refine {
+                steps,
+                lr: 0.1,
+                through,
+                max_step: None,
+            })
+        };
+        let est = |m: &MethodConfig, o: &FitOptions| estimate(&linear, n, m, o, 1);
+        let avi = est(&semi(None, Some(10)).encoder(), &opts).step.bytes;
+        let through = est(&semi(refine(20, true), None), &opts).step.bytes;
+        let detached = est(&semi(refine(20, false), None), &opts).step.bytes;
+        assert_eq!(through, 42 * avi);
+        assert_eq!(detached, 2 * avi);
+        let e = est(&semi(refine(20, true), None), &opts);
+        assert_eq!(e.largest().field, "method.refine.steps");
+        let batched = FitOptions {
+            batch_size: Some(n / 10),
+            ..opts.clone()
+        };
+        let b = est(&semi(refine(20, true), None), &batched).step.bytes;
+        assert!(b * 9 < through && b * 11 > through, "{b} vs {through}");
+        let plain = est(&semi(None, Some(10)).encoder(), &opts).resident;
+        let switch = est(&semi(None, Some(10)), &opts).resident;
+        let sum = |parts: &[Part]| parts.iter().map(|p| p.bytes).sum::<u128>();
+        assert_eq!(sum(&switch) - sum(&plain), 4 * 4 * n as u128 * 2);
     }
 
     /// The estimate takes unchecked sizes: at their extremes it saturates
