@@ -356,6 +356,42 @@ fn saved_semi_fits_load_back() {
             _ => panic!("{}: the loaded family differs", method.label()),
         }
     }
+    // A switch fit that stopped before its switch (Ctrl-C, a stopping rule)
+    // holds the encoder: it saves and loads back as that encoder, its
+    // manifest still naming the switch method. Its state is that of A-VI
+    // with the same function fitted as long.
+    let switch = semi(POLY0, [0, 0], None, Some(10));
+    let early = fit(&model, &xt, &switch.encoder())
+        .options(linear_options(8))
+        .run()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("early");
+    let before = early.variational.predict_raw(&x_new).unwrap().unwrap();
+    Fitted::new(
+        &model,
+        &switch,
+        early.variational,
+        &xt,
+        serde_json::Value::Null,
+    )
+    .unwrap()
+    .save(&path)
+    .unwrap();
+    let expect = Expect {
+        method: Some(&switch),
+        ..Expect::model(&model)
+    };
+    let g = Fitted::load(&path, &expect, tch::Device::Cpu).unwrap();
+    let after = g
+        .variational
+        .predict_raw(&x_new)
+        .unwrap()
+        .expect("the encoder, loaded back");
+    assert_eq!(
+        avi_inference::host_vec(&before).unwrap(),
+        avi_inference::host_vec(&after).unwrap()
+    );
 }
 
 /// `switch_at` refuses checkpoints before any step, naming the reason;

@@ -866,8 +866,15 @@ fn rebuild(
     };
     let n = m.n as i64;
     // A semi-amortized fit holds A-VI's family (`refine`) or F-VI's
-    // (`switch_at`).
-    let (local, n_rows) = match &m.method.fitted_family() {
+    // (`switch_at`), unless it stopped before the switch (interrupted, or
+    // a stopping rule): then it holds the encoder, and the state has no
+    // free factors.
+    let has_free = named.tensors.iter().any(|(n, _)| n == "z");
+    let family = match m.method.switch_at() {
+        Some(_) if !has_free => m.method.encoder(),
+        _ => m.method.fitted_family(),
+    };
+    let (local, n_rows) = match &family {
         MethodConfig::Markov(_) => {
             return Err(InferenceError::config(
                 "method.structure",
