@@ -62,13 +62,37 @@ fn experiment_folders(dir: &Path) -> Result<Vec<PathBuf>> {
 /// unchanged, unless both are equal as JSON. Then each compact report is
 /// written atomically (temporary file, fsync, rename) and its full report
 /// removed. Interrupted runs stay full. Nothing else (summary, figures,
-/// REPORT.md) is rewritten. A folder with no full report is an error.
+/// REPORT.md) is rewritten. A folder with no full report, or with runs
+/// claimed by a running grid (lock files), is an error.
 pub fn compact(dir: &Path) -> Result<Vec<Compacted>> {
     let folders = experiment_folders(dir)?;
     let mut out = Vec::new();
     for f in &folders {
         out.push(compact_folder(f)?);
     }
+    Ok(out)
+}
+
+/// The names of `runs_dir`'s lock files (`*.lock`), sorted; none when the
+/// folder does not exist.
+fn lock_files(runs_dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    if runs_dir.is_dir() {
+        for e in std::fs::read_dir(runs_dir)
+            .with_context(|| format!("cannot read {}", runs_dir.display()))?
+        {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "lock") {
+                out.push(
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    out.sort();
     Ok(out)
 }
 
@@ -86,6 +110,17 @@ fn compact_folder(dir: &Path) -> Result<Compacted> {
         }
     }
     full.sort();
+    // A grid in progress claims its runs with lock files: its folder is
+    // not compacted under it (compact a copy, or after the grid).
+    let locks = lock_files(&runs_dir)?;
+    if let Some(first) = locks.first() {
+        bail!(
+            "{}: {} run(s) are claimed by a running grid ({first}{}): compact after it has finished (`avi reproduce --resume` clears stale locks), or compact a copy",
+            dir.display(),
+            locks.len(),
+            if locks.len() > 1 { ", …" } else { "" }
+        );
+    }
     if full.is_empty() {
         bail!(
             "{}: no full run report (runs/*.json) to compact",

@@ -1,9 +1,9 @@
 //! `avi compact DIR` through the real binary: a small grid's run reports
 //! rewritten in compact form (`runs/*.json.gz`) rebuild the same
 //! summary.json, byte for byte; `avi reproduce --resume` keeps them as
-//! finished runs (nothing refitted, nothing rewritten); a second compaction,
-//! a missing folder and a run stored in both forms are refused with exit 2
-//! and one line.
+//! finished runs (nothing refitted, nothing rewritten); a folder with runs
+//! claimed by a running grid, a second compaction, a missing folder and a
+//! run stored in both forms are refused with exit 2 and one line.
 
 mod common;
 
@@ -78,6 +78,20 @@ fn compact_runs_rebuild_the_same_summary_and_resume_keeps_them() {
     let full = files(&runs);
     assert_eq!(full.len(), 9);
     assert!(full.keys().all(|n| n.ends_with(".json")));
+
+    // A run claimed by a grid in progress (its lock file): refused,
+    // nothing changed.
+    let lock = runs.join("const-1954.lock");
+    std::fs::write(&lock, "host 1 0").unwrap();
+    refused(
+        &avi(&["compact"], &[&exp]),
+        &["claimed by a running grid", "const-1954.lock"],
+    );
+    std::fs::remove_file(&lock).unwrap();
+    assert!(
+        files(&runs) == full,
+        "a refused compaction changed the runs"
+    );
 
     ok(&avi(&["compact"], &[&exp]));
     let compact = files(&runs);
