@@ -183,6 +183,11 @@ pub struct Provenance {
     pub engine: String,
     /// The git commit avi was built from, `unknown` outside git.
     pub git_commit: String,
+    /// Whether the code it was built from had uncommitted changes to that
+    /// commit (under `crates/`, `build/` or the manifests). Absent outside
+    /// git and in reports written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub git_dirty: Option<bool>,
 }
 
 impl Provenance {
@@ -194,6 +199,7 @@ impl Provenance {
             git_commit: option_env!("AVI_GIT_COMMIT")
                 .unwrap_or("unknown")
                 .to_string(),
+            git_dirty: option_env!("AVI_GIT_DIRTY").map(|d| d == "1"),
         }
     }
 }
@@ -841,6 +847,28 @@ impl RunReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A build inside git records its commit and whether its code had
+    /// uncommitted changes; a report written before `git_dirty` existed
+    /// reads with none and writes back without it.
+    #[test]
+    fn provenance_says_whether_the_tree_was_dirty() {
+        let p = Provenance::here("torch");
+        if p.git_commit != "unknown" {
+            assert!(p.git_dirty.is_some(), "{p:?}");
+        }
+        let old = r#"{"avi_version":"0.1.0","engine":"fused","git_commit":"abc"}"#;
+        let q: Provenance = serde_json::from_str(old).unwrap();
+        assert_eq!(q.git_dirty, None);
+        assert_eq!(serde_json::to_string(&q).unwrap(), old);
+        let dirty = Provenance {
+            git_dirty: Some(true),
+            ..q
+        };
+        assert!(serde_json::to_string(&dirty)
+            .unwrap()
+            .ends_with(r#""git_commit":"abc","git_dirty":true}"#));
+    }
 
     /// A full trace of `len` noisy entries rising towards -100.
     fn trace(len: usize) -> TraceSection {
