@@ -596,7 +596,10 @@ mod tests {
         assert!(b.iter().all(|v| v.abs() <= bound), "{b:?}");
         let wt = crate::family::host_vec(&tch_default.ws.view([-1])).unwrap();
         for (o, t) in w.iter().zip(&wt) {
-            assert!((o - t / 6f64.sqrt()).abs() <= 1e-12 * o.abs().max(1e-3), "{o} vs {t}");
+            assert!(
+                (o - t / 6f64.sqrt()).abs() <= 1e-12 * o.abs().max(1e-3),
+                "{o} vs {t}"
+            );
         }
         let bt = crate::family::host_vec(tch_default.bs.as_ref().unwrap()).unwrap();
         assert_eq!(b, bt);
